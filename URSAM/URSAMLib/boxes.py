@@ -1,0 +1,175 @@
+"""3D organ boxes: the box file, boxes from label maps, margins and clipping.
+
+Box corners are voxel indices of the image in SimpleITK (x, y, z) order,
+inclusive at both ends, as in the box file:
+``{"boxes": [{"label": 1, "name": "liver", "min_ijk": [x, y, z], "max_ijk": [x, y, z]}]}``.
+"""
+import json
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import URSAMError
+
+#: On SAM's 1024-pixel grid; converted to slice pixels with the slice's longest side.
+SAM_GRID = 1024
+
+
+@dataclass
+class OrganBox:
+    label: int
+    name: str
+    min_ijk: list
+    max_ijk: list
+    notes: list = field(default_factory=list)
+
+    @property
+    def z_range(self):
+        return range(int(self.min_ijk[2]), int(self.max_ijk[2]) + 1)
+
+    def xyxy(self):
+        """The in-plane box as SAM wants it: [x_min, y_min, x_max, y_max]."""
+        return np.array([self.min_ijk[0], self.min_ijk[1], self.max_ijk[0], self.max_ijk[1]], dtype=np.float64)
+
+    def to_json(self):
+        d = {"label": int(self.label), "name": self.name,
+             "min_ijk": [int(v) for v in self.min_ijk], "max_ijk": [int(v) for v in self.max_ijk]}
+        if self.notes:
+            d["notes"] = list(self.notes)
+        return d
+
+
+def grid_px_to_slice_px(px, size_xyz):
+    """Pixels on SAM's 1024 grid to pixels of this image's slice (longest side)."""
+    return px * max(size_xyz[0], size_xyz[1]) / SAM_GRID
+
+
+def load_boxes(path, size_xyz=None, warn=None):
+    """Read and check a box file. Boxes partly outside the image are clipped (with a warning)."""
+    path = Path(path)
+    if not path.exists():
+        raise URSAMError("box file not found", path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise URSAMError(f"box file is not valid JSON ({err.msg if hasattr(err, 'msg') else err})", path) from None
+    items = data.get("boxes") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise URSAMError('box file must be a JSON object with a "boxes" list', path)
+    if not items:
+        raise URSAMError("box file has no boxes", path)
+    boxes, seen = [], set()
+    for n, item in enumerate(items):
+        try:
+            label = int(item["label"])
+            name = str(item.get("name") or f"label_{label}")
+            lo = [int(round(float(v))) for v in item["min_ijk"]]
+            hi = [int(round(float(v))) for v in item["max_ijk"]]
+        except (KeyError, TypeError, ValueError):
+            raise URSAMError(f"box {n} must have an integer label and min_ijk/max_ijk of 3 numbers", path) from None
+        if len(lo) != 3 or len(hi) != 3:
+            raise URSAMError(f"box {n} ({name}) must have 3 values in min_ijk and max_ijk", path)
+        if label <= 0 or label > 65535:
+            raise URSAMError(f"box {n} ({name}) has label {label}; labels must be 1..65535", path)
+        if label in seen:
+            raise URSAMError(f"label {label} appears twice in the box file", path)
+        seen.add(label)
+        if any(a > b for a, b in zip(lo, hi)):
+            raise URSAMError(f"box {n} ({name}) has min_ijk {lo} above max_ijk {hi}", path)
+        box = OrganBox(label, name, lo, hi)
+        if size_xyz is not None:
+            box = clip_box(box, size_xyz, path, warn)
+        boxes.append(box)
+    return boxes
+
+
+def clip_box(box, size_xyz, path=None, warn=None):
+    lo, hi = list(box.min_ijk), list(box.max_ijk)
+    if any(h < 0 for h in hi) or any(l > s - 1 for l, s in zip(lo, size_xyz)):
+        raise URSAMError(f"box of {box.name} ({lo}..{hi}) lies outside the image of size {list(size_xyz)}", path)
+    clo = [max(0, v) for v in lo]
+    chi = [min(s - 1, v) for v, s in zip(hi, size_xyz)]
+    if clo != lo or chi != hi:
+        msg = f"box of {box.name} was partly outside the image and was clipped to {clo}..{chi}"
+        if warn:
+            warn(msg)
+        box = OrganBox(box.label, box.name, clo, chi, box.notes + [msg])
+    return box
+
+
+def save_boxes(boxes, path, extra=None):
+    from .outputs import atomic_write_text
+
+    data = {"boxes": [b.to_json() for b in boxes]}
+    if extra:
+        data.update(extra)
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def boxes_from_labels(labels_zyx, names, perturb_px=0.0, seed=0, labels=None):
+    """Tight 3D boxes of each label present; ``names`` maps label value to name.
+
+    ``perturb_px`` > 0 moves each in-plane side outward by a random 0..perturb_px
+    pixels on SAM's 1024 grid: the paper's simulated manual prompt.
+    """
+    rng = np.random.default_rng(seed)
+    size_xyz = labels_zyx.shape[::-1]
+    wanted = sorted(int(v) for v in (labels if labels is not None else names))
+    boxes = []
+    # One pass of find_objects gives every label's bounding slices.
+    from scipy import ndimage
+
+    found = ndimage.find_objects(labels_zyx.astype(np.int32, copy=False))
+    for value in wanted:
+        if value < 1 or value > len(found) or found[value - 1] is None:
+            continue
+        sz, sy, sx = found[value - 1]
+        lo = [sx.start, sy.start, sz.start]
+        hi = [sx.stop - 1, sy.stop - 1, sz.stop - 1]
+        if perturb_px > 0:
+            scale = grid_px_to_slice_px(1.0, size_xyz)
+            d = rng.uniform(0, perturb_px, size=4) * scale
+            lo[0] = max(0, int(np.floor(lo[0] - d[0])))
+            lo[1] = max(0, int(np.floor(lo[1] - d[1])))
+            hi[0] = min(size_xyz[0] - 1, int(np.ceil(hi[0] + d[2])))
+            hi[1] = min(size_xyz[1] - 1, int(np.ceil(hi[1] + d[3])))
+        boxes.append(OrganBox(value, names.get(value, names.get(str(value), f"label_{value}")), lo, hi))
+    return boxes
+
+
+def add_margin(box, margin_z, margin_grid_px, size_xyz):
+    """METHOD.md §1 margin: ``margin_z`` slices, ``margin_grid_px`` px of the 1024 grid in-plane."""
+    d = grid_px_to_slice_px(margin_grid_px, size_xyz)
+    lo = [int(np.floor(box.min_ijk[0] - d)), int(np.floor(box.min_ijk[1] - d)), box.min_ijk[2] - margin_z]
+    hi = [int(np.ceil(box.max_ijk[0] + d)), int(np.ceil(box.max_ijk[1] + d)), box.max_ijk[2] + margin_z]
+    lo = [max(0, v) for v in lo]
+    hi = [min(s - 1, v) for v, s in zip(hi, size_xyz)]
+    return OrganBox(box.label, box.name, lo, hi, list(box.notes))
+
+
+def read_names(path):
+    """Label names from a dataset.json (``{"labels": {"1": "liver"}}``) or a plain mapping."""
+    path = Path(path)
+    if not path.exists():
+        raise URSAMError("names file not found", path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise URSAMError(f"names file is not valid JSON ({err.msg})", path) from None
+    table = data.get("labels", data) if isinstance(data, dict) else None
+    try:
+        return {int(k): str(v) for k, v in table.items()}
+    except (AttributeError, ValueError):
+        raise URSAMError('names file must map label values to names, e.g. {"labels": {"1": "liver"}}',
+                         path) from None
+
+
+def box_iou(a, b):
+    """IoU of two boxes in voxels (inclusive corners)."""
+    lo = np.maximum(a.min_ijk, b.min_ijk)
+    hi = np.minimum(a.max_ijk, b.max_ijk)
+    inter = np.prod(np.clip(np.array(hi) - lo + 1, 0, None))
+    va = np.prod(np.array(a.max_ijk) - a.min_ijk + 1)
+    vb = np.prod(np.array(b.max_ijk) - b.min_ijk + 1)
+    return float(inter / (va + vb - inter))

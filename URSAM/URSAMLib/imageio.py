@@ -1,0 +1,141 @@
+"""Reading and writing images through SimpleITK, with the input checks.
+
+Arrays follow SimpleITK's numpy view: ``array[z, y, x]``. Every image the
+engine writes copies origin, spacing and direction from the input.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import URSAMError
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def _read_dicom_series(folder):
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise URSAMError("no DICOM series found in the folder", folder)
+    # The largest series is the CT; scouts and dose reports are small.
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_image(path, what="image"):
+    """Read a file or a DICOM folder, without checking what it holds."""
+    path = Path(path)
+    if not path.exists():
+        raise URSAMError(f"{what} not found", path)
+    try:
+        if path.is_dir():
+            return _read_dicom_series(path)
+        return sitk.ReadImage(str(path))
+    except URSAMError:
+        raise
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = next((ln for ln in first if "ERROR" in ln or "Could not" in ln or "Unable" in ln), "")
+        detail = f" ({detail.split(':')[-1].strip()})" if detail else ""
+        raise URSAMError(f"cannot read {what}: not an image or a corrupt file{detail}", path) from None
+
+
+def read_ct(path):
+    """Read a 3D scan and check that the pipeline can use it.
+
+    Returns ``(image, array)``, ``array`` as float32 [z, y, x].
+    """
+    image = read_image(path, "image")
+    check_volume(image, path)
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise URSAMError("image has NaN or infinite voxels", path)
+    if float(array.max()) == float(array.min()):
+        raise URSAMError("image is constant (every voxel has the same value)", path)
+    ref = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    ref.CopyInformation(image)
+    return ref, array
+
+
+def check_volume(image, path):
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise URSAMError(
+            f"image is a vector image ({image.GetNumberOfComponentsPerPixel()} components); "
+            "a scalar 3D CT is needed", path)
+    if image.GetDimension() != 3:
+        raise URSAMError(f"image is {image.GetDimension()}D; a 3D CT is needed", path)
+    size = image.GetSize()
+    if min(size) < 2:
+        raise URSAMError(f"image has size {size}; at least 2 voxels along every axis are needed", path)
+
+
+def read_labels(path, reference=None, what="label map"):
+    """Read an integer label map; if ``reference`` is given, its grid must match."""
+    path = Path(path)
+    if str(path).endswith(".seg.nrrd"):
+        image = read_seg_nrrd_as_labelmap(path)
+    else:
+        image = read_image(path, what)
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        raise URSAMError(f"{what} must be a scalar 3D image", path)
+    if reference is not None:
+        check_same_grid(image, reference, path, what)
+    return image, sitk.GetArrayFromImage(image).astype(np.int32, copy=False)
+
+
+def check_same_grid(image, reference, path, what):
+    if image.GetSize() != reference.GetSize():
+        raise URSAMError(f"{what} size {image.GetSize()} does not match the image size {reference.GetSize()}",
+                         path)
+    for name, a, b in (("spacing", image.GetSpacing(), reference.GetSpacing()),
+                       ("origin", image.GetOrigin(), reference.GetOrigin()),
+                       ("direction", image.GetDirection(), reference.GetDirection())):
+        if not np.allclose(a, b, atol=1e-3 * max(1.0, float(np.max(np.abs(b))))):
+            raise URSAMError(f"{what} {name} {tuple(round(v, 4) for v in a)} does not match the image's", path)
+
+
+def read_seg_nrrd_as_labelmap(path):
+    """A Slicer .seg.nrrd as one label map, label values from the segments."""
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(path))
+    except Exception as err:  # slicerio raises plain errors for bad headers
+        raise URSAMError(f"cannot read segmentation ({err})", path) from None
+    voxels = seg["voxels"]
+    if voxels.ndim == 4:
+        # Several layers: flatten, later layers win; overlapping segments are rare in templates.
+        out = np.zeros(voxels.shape[:3], dtype=np.uint16)
+        for segment in seg["segments"]:
+            layer = segment.get("layer", 0)
+            out[voxels[..., layer] == segment["labelValue"]] = segment["labelValue"]
+        voxels = out
+    # slicerio gives [i, j, k]; SimpleITK wants [k, j, i].
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(voxels, (2, 1, 0))).astype(np.uint16))
+    ijk_to_lps = np.array(seg["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    image.SetSpacing(tuple(spacing))
+    image.SetOrigin(tuple(ijk_to_lps[:3, 3]))
+    image.SetDirection(tuple((ijk_to_lps[:3, :3] / spacing).flatten()))
+    image.segments = seg["segments"]  # names travel with the image for templates
+    return image
+
+
+def array_to_image(array, reference):
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def write_image(array, reference, path, compress=True):
+    """Write ``array`` on ``reference``'s grid, atomically (temp name, then rename)."""
+    path = Path(path)
+    image = array_to_image(array, reference)
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    sitk.WriteImage(image, str(tmp), compress)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,62 @@
+"""Scores: Dice, HD95 in mm, box IoU and centre error, AUROC of uncertainty."""
+import numpy as np
+from scipy import ndimage
+
+
+def dice(pred, truth):
+    """Dice of two boolean masks; 1.0 when both are empty (nothing to find, nothing found)."""
+    pred = np.asarray(pred, bool)
+    truth = np.asarray(truth, bool)
+    s = pred.sum() + truth.sum()
+    if s == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(pred, truth).sum() / s)
+
+
+def _surface(mask):
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred, truth, spacing_zyx):
+    """95th percentile symmetric surface distance in mm; inf where one mask is empty."""
+    pred = np.asarray(pred, bool)
+    truth = np.asarray(truth, bool)
+    if not pred.any() and not truth.any():
+        return 0.0
+    if not pred.any() or not truth.any():
+        return float("inf")
+    # Crop to the union's bounding box (plus one voxel) to keep the transforms small.
+    idx = np.argwhere(pred | truth)
+    lo = np.maximum(idx.min(0) - 1, 0)
+    hi = idx.max(0) + 2
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    p, t = pred[sl], truth[sl]
+    sp, st = _surface(p), _surface(t)
+    dt_t = ndimage.distance_transform_edt(~st, sampling=spacing_zyx)
+    dt_p = ndimage.distance_transform_edt(~sp, sampling=spacing_zyx)
+    d = np.concatenate([dt_t[sp], dt_p[st]])
+    return float(np.percentile(d, 95))
+
+
+def auroc(scores, positives):
+    """Area under the ROC curve of ``scores`` for finding ``positives`` (rank formula, ties halved)."""
+    scores = np.asarray(scores, np.float64).ravel()
+    positives = np.asarray(positives, bool).ravel()
+    n_pos = int(positives.sum())
+    n_neg = positives.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    r = np.empty(scores.size, np.float64)
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    r[order] = np.repeat(avg, counts)
+    return float((r[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def box_centre_error_mm(a, b, spacing_xyz):
+    ca = (np.array(a.min_ijk) + a.max_ijk) / 2.0
+    cb = (np.array(b.min_ijk) + b.max_ijk) / 2.0
+    return float(np.linalg.norm((ca - cb) * np.asarray(spacing_xyz)))

@@ -1,0 +1,146 @@
+"""Writing a run's results: label maps, the .seg.nrrd, report.json, overview.png.
+
+All files go to a temporary folder beside the output folder, which is renamed
+into place at the end, so an interrupted run leaves the old outputs or the new
+ones, never a mix.
+"""
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import URSAMError
+from . import terminology
+
+
+def atomic_write_text(path, text):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent) if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(out_dir, overwrite=False):
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise URSAMError("output path exists and is not a folder", out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise URSAMError("output folder is not empty (use --overwrite to replace its contents)", out)
+    return out
+
+
+@contextmanager
+def staged_output_dir(out_dir, overwrite=False):
+    """Yield a temporary folder; on success it replaces ``out_dir`` as a whole."""
+    out = check_output_dir(out_dir, overwrite).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=str(out.parent)))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ijk_to_lps(reference):
+    spacing = np.array(reference.GetSpacing())
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = direction * spacing
+    m[:3, 3] = reference.GetOrigin()
+    return m
+
+
+def segment_entries(organs):
+    """Segment dicts (name, colour, terminology) for ``(label, name)`` pairs."""
+    out = []
+    for label, name in organs:
+        display, color, term = terminology.lookup(name, label)
+        seg = {"id": f"Segment_{label}", "name": name, "labelValue": int(label), "layer": 0,
+               "color": [round(c, 6) for c in color], "status": "inprogress"}
+        if term:
+            seg["terminology"] = term
+        out.append(seg)
+    return out
+
+
+def write_seg_nrrd(labels_zyx, reference, organs, path):
+    """A Slicer segmentation, one named, coloured segment per organ, from a label map."""
+    import slicerio
+
+    voxels = np.ascontiguousarray(np.transpose(labels_zyx, (2, 1, 0)))
+    dtype = np.uint8 if labels_zyx.max(initial=0) < 256 else np.uint16
+    seg = {"voxels": voxels.astype(dtype), "ijkToLPS": ijk_to_lps(reference),
+           "segments": segment_entries(organs), "containedRepresentationNames": ["Binary labelmap"],
+           "masterRepresentation": "Binary labelmap"}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.seg.nrrd")
+    slicerio.write_segmentation(str(tmp), seg)
+    os.replace(tmp, path)
+
+
+def write_overview(volume, labels, uncertainty, organs, path, n_slices=4):
+    """A few axial slices: CT, rectified contours, uncertainty as a heat overlay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zs = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1))
+    if zs.size == 0:
+        zs = np.arange(volume.shape[0])
+    picks = np.unique(zs[np.linspace(0, zs.size - 1, min(n_slices, zs.size)).round().astype(int)])
+    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
+    colors = {label: terminology.lookup(name, label)[1] for label, name in organs}
+    umax = max(float(uncertainty.max()), 1e-6)
+    for ax, z in zip(axes[0], picks):
+        ax.imshow(np.clip(volume[z], -160, 240), cmap="gray", origin="upper")
+        heat = np.ma.masked_less_equal(uncertainty[z], 0.05 * umax)
+        ax.imshow(heat, cmap="hot", alpha=0.55, vmin=0, vmax=np.log(2), origin="upper")
+        for label, color in colors.items():
+            m = labels[z] == label
+            if m.any():
+                ax.contour(m, levels=[0.5], colors=[color], linewidths=1.2)
+        ax.set_title(f"slice z={z}")
+        ax.axis("off")
+    fig.suptitle("UR-SAM: rectified contours, uncertainty heat overlay")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(data, path):
+    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

@@ -1,0 +1,219 @@
+"""The UR-SAM pipeline for one scan (METHOD.md §0): boxes in, per-organ maps out.
+
+Data flows one way: for every axial slice inside any box, the backend embeds
+the slice once; every organ's box on that slice, its n augmented copies, and
+any further prompt set (the manual baseline) are decoded in batches against
+that one embedding. Per-organ maps are kept only over each organ's box region,
+padded in-plane so that SAM's spill past the box is still scored, which keeps
+memory bounded by the boxes, not by the scan.
+"""
+import time
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+
+from . import baselines
+from .prompt_augmentation import augment_box, organ_rngs
+from .rectification import RectifyOptions, rectify
+from .baselines import FnpcOptions
+from .uncertainty import binary_entropy
+from .progress import Progress
+
+#: every mask the pipeline can produce, in the paper's table order
+METHODS = ("auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", "ursam")
+
+
+@dataclass
+class Params:
+    n_aug: int = 3
+    ratio: float = 0.01
+    seed: int = 0
+    rectify: RectifyOptions = field(default_factory=RectifyOptions)
+    fnpc: FnpcOptions = field(default_factory=FnpcOptions)
+    #: in-plane padding of each organ's stored region, as a fraction of the box side
+    region_pad: float = 0.25
+    #: boxes decoded per decoder call
+    decode_batch: int = 64
+
+    def to_json(self):
+        return asdict(self)
+
+
+@dataclass
+class OrganMaps:
+    """One organ of one prompt set, over its region ``sl`` (z, y, x slices of the volume)."""
+    box: object
+    prompt_set: str
+    n_aug: int
+    sl: tuple
+    box_in_region: tuple
+    p_auto: np.ndarray
+    p_mean: np.ndarray = None
+    intensity: np.ndarray = None
+    masks: dict = field(default_factory=dict)
+    u: np.ndarray = None
+    m_unc: np.ndarray = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def label(self):
+        return self.box.label
+
+    @property
+    def name(self):
+        return self.box.name
+
+
+def _region(box, shape_zyx, pad):
+    z0, z1 = box.min_ijk[2], box.max_ijk[2] + 1
+    sx = box.max_ijk[0] - box.min_ijk[0] + 1
+    sy = box.max_ijk[1] - box.min_ijk[1] + 1
+    px, py = max(4, int(np.ceil(pad * sx))), max(4, int(np.ceil(pad * sy)))
+    y0, y1 = max(0, box.min_ijk[1] - py), min(shape_zyx[1], box.max_ijk[1] + 1 + py)
+    x0, x1 = max(0, box.min_ijk[0] - px), min(shape_zyx[2], box.max_ijk[0] + 1 + px)
+    sl = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    inner = (slice(0, z1 - z0), slice(box.min_ijk[1] - y0, box.max_ijk[1] + 1 - y0),
+             slice(box.min_ijk[0] - x0, box.max_ijk[0] + 1 - x0))
+    return sl, inner
+
+
+def distinct_slices(prompt_sets):
+    zs = set()
+    for boxes in prompt_sets.values():
+        for b in boxes:
+            zs.update(b.z_range)
+    return sorted(zs)
+
+
+def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None):
+    """Segment ``volume`` (float32 [z, y, x], HU) inside ``boxes`` with one encoder pass per slice.
+
+    ``extra_sets`` maps a name to more boxes decoded once each without
+    augmentation against the same embeddings (the manual-prompt baseline).
+    Returns ``(organs, timings)``: a list of :class:`OrganMaps` and seconds by stage.
+    """
+    progress = progress or Progress()
+    timings = {}
+    sets = {"main": list(boxes)}
+    sets.update(extra_sets or {})
+    shape = volume.shape
+    height, width = shape[1], shape[2]
+    backend.set_volume(volume)
+
+    organs, aug_boxes = [], {}
+    rngs = organ_rngs(params.seed, [b.label for b in boxes])
+    for set_name, set_boxes in sets.items():
+        n = params.n_aug if set_name == "main" else 0
+        for b in set_boxes:
+            sl, inner = _region(b, shape, params.region_pad)
+            rshape = tuple(s.stop - s.start for s in sl)
+            o = OrganMaps(b, set_name, n, sl, inner, np.zeros(rshape, np.float32))
+            if n:
+                o.p_mean = np.zeros(rshape, np.float32)
+                aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[b.label])
+            o.intensity = np.zeros(rshape, np.float32)
+            organs.append(o)
+
+    zs = distinct_slices(sets)
+    by_slice = {z: [o for o in organs if o.sl[0].start <= z < o.sl[0].stop] for z in zs}
+    t0 = time.perf_counter()
+    t_enc = t_dec = 0.0
+    progress.stage("embedding slices", total=len(zs))
+    for i, z in enumerate(zs):
+        progress.step(i, len(zs))
+        slice2d = volume[z]
+        ta = time.perf_counter()
+        emb = backend.embed(slice2d)
+        t_enc += time.perf_counter() - ta
+        norm = backend.intensity(slice2d)
+        prompts, owners = [], []
+        for o in by_slice[z]:
+            prompts.append(o.box.xyxy()); owners.append((o, "auto"))
+            for k in range(o.n_aug):
+                prompts.append(aug_boxes[id(o)][k]); owners.append((o, "member"))
+        ta = time.perf_counter()
+        probs = np.concatenate([backend.decode(emb, np.asarray(prompts[j:j + params.decode_batch]))
+                                for j in range(0, len(prompts), params.decode_batch)])
+        t_dec += time.perf_counter() - ta
+        for o in by_slice[z]:
+            k = z - o.sl[0].start
+            yx = (o.sl[1], o.sl[2])
+            o.intensity[k] = norm[yx]
+        for p, (o, kind) in zip(probs, owners):
+            k = z - o.sl[0].start
+            crop = p[o.sl[1], o.sl[2]]
+            if kind == "auto":
+                o.p_auto[k] = crop
+            else:
+                o.p_mean[k] += crop / o.n_aug
+        del emb
+    progress.step(len(zs), len(zs))
+    timings["sam_seconds"] = time.perf_counter() - t0
+    timings["encoder_seconds"] = t_enc
+    timings["decoder_seconds"] = t_dec
+    timings["distinct_slices"] = len(zs)
+
+    t0 = time.perf_counter()
+    progress.stage("rectifying")
+    for o in organs:
+        finish_organ(o, params)
+    timings["rectify_seconds"] = time.perf_counter() - t0
+    progress.done()
+    return organs, timings
+
+
+def finish_organ(o, params):
+    """Ensemble, uncertainty, rectification and baselines of one organ, from its stored maps.
+
+    Also the entry point for re-rectifying with new options: it reads only
+    p_auto, p_mean and intensity, never SAM.
+    """
+    o.masks = {"auto": o.p_auto > 0.5}
+    if o.p_mean is None:
+        return o
+    y_hat = o.p_mean > 0.5
+    o.masks["ensemble"] = y_hat
+    o.u = binary_entropy(o.p_mean)
+    inner = o.box_in_region
+    yb, ub, ib = y_hat[inner], o.u[inner], o.intensity[inner]
+    rect_b, munc_b, info = rectify(yb, ub, ib, params.rectify)
+    o.m_unc = np.zeros_like(y_hat)
+    o.m_unc[inner] = munc_b
+    o.info = info
+    for name, fn in baselines.METHODS.items():
+        m = y_hat.copy()
+        m[inner] = fn(yb, ub, ib, params.fnpc)
+        o.masks[name] = m
+    rect = y_hat.copy()
+    rect[inner] = rect_b
+    o.masks["ursam"] = rect
+    return o
+
+
+def label_map(organs, method, shape, prompt_set="main"):
+    """One label map of ``method``; overlaps go to the organ of the higher probability."""
+    labels = np.zeros(shape, np.uint16)
+    best = np.full(shape, -1.0, np.float32)
+    for o in organs:
+        if o.prompt_set != prompt_set or method not in o.masks:
+            continue
+        p = o.p_auto if method == "auto" or o.p_mean is None else o.p_mean
+        m = o.masks[method] & (p > best[o.sl])
+        labels[o.sl][m] = o.label
+        best[o.sl][m] = p[m]
+    return labels
+
+
+def uncertainty_maps(organs, shape):
+    """The entropy map (max over organs) and the label map of M_unc (organ of the higher u)."""
+    u_full = np.zeros(shape, np.float32)
+    unc_labels = np.zeros(shape, np.uint16)
+    best = np.full(shape, -1.0, np.float32)
+    for o in organs:
+        if o.u is None:
+            continue
+        np.maximum(u_full[o.sl], o.u, out=u_full[o.sl])
+        m = o.m_unc & (o.u > best[o.sl])
+        unc_labels[o.sl][m] = o.label
+        best[o.sl][m] = o.u[m]
+    return u_full, unc_labels

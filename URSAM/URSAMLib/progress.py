@@ -1,0 +1,61 @@
+"""Progress reporting and cancellation, shared by the CLI and the Slicer logic.
+
+The engine calls ``Progress.step(stage, i, n)``; the CLI shows a tqdm bar on
+stderr, Slicer maps the same calls onto its progress bar. ``check_cancel`` is
+called between slices so a cancel takes effect within one slice's work.
+"""
+import sys
+
+from .errors import Cancelled
+
+
+class Progress:
+    def __init__(self, callback=None, cancel=None, quiet=True):
+        self.callback = callback
+        self.cancel = cancel
+        self.quiet = quiet
+        self._bar = None
+        self._stage = None
+
+    def stage(self, name, total=None):
+        self.check_cancel()
+        self._close_bar()
+        self._stage = name
+        if self.callback:
+            self.callback(name, 0, total or 0)
+        if not self.quiet:
+            if total:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=name, file=sys.stderr, unit="slice", leave=False,
+                                 dynamic_ncols=True)
+            else:
+                print(f"[ursam] {name}", file=sys.stderr, flush=True)
+
+    def step(self, i, n):
+        self.check_cancel()
+        if self.callback:
+            self.callback(self._stage, i, n)
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def info(self, message):
+        if not self.quiet:
+            print(f"[ursam] {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message):
+        # Warnings are shown even with --quiet: they change what the output means.
+        print(f"[ursam] warning: {message}", file=sys.stderr, flush=True)
+
+    def check_cancel(self):
+        if self.cancel is not None and self.cancel():
+            self._close_bar()
+            raise Cancelled("cancelled by the user")
+
+    def done(self):
+        self._close_bar()
+
+    def _close_bar(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

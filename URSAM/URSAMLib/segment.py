@@ -1,0 +1,119 @@
+"""One scan from boxes to results: the headless entry point the CLI and Slicer share."""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import pipeline
+from .imageio import write_image
+from .outputs import staged_output_dir, write_seg_nrrd, write_overview, write_json
+from .progress import Progress
+
+OUTPUT_FILES = ("ensemble.nii.gz", "uncertainty.nii.gz", "uncertain.nii.gz", "rectified.nii.gz",
+                "rectified.seg.nrrd", "report.json", "overview.png")
+
+
+@dataclass
+class SegmentationResult:
+    reference: object  # SimpleITK image giving the grid
+    volume: np.ndarray
+    boxes: list
+    organs: list
+    params: pipeline.Params
+    backend: dict
+    timings: dict
+    warnings: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def shape(self):
+        return self.volume.shape
+
+    @property
+    def voxel_ml(self):
+        return float(np.prod(self.reference.GetSpacing())) / 1000.0
+
+    def label_map(self, method, prompt_set="main"):
+        return pipeline.label_map(self.organs, method, self.shape, prompt_set)
+
+    def uncertainty_maps(self):
+        return pipeline.uncertainty_maps(self.organs, self.shape)
+
+    def rerectify(self, rectify_options):
+        """New rectification options on the cached maps: no SAM rerun."""
+        self.params.rectify = rectify_options
+        t0 = time.perf_counter()
+        for o in self.organs:
+            pipeline.finish_organ(o, self.params)
+        self.timings["rectify_seconds"] = time.perf_counter() - t0
+        return self
+
+    def main_organs(self):
+        return [o for o in self.organs if o.prompt_set == "main"]
+
+    def report(self, ensemble=None, rectified=None):
+        ensemble = self.label_map("ensemble") if ensemble is None else ensemble
+        rectified = self.label_map("ursam") if rectified is None else rectified
+        organs = []
+        for o in self.main_organs():
+            inner = o.box_in_region
+            u_box = o.u[inner] if o.u is not None else None
+            n_ens = int(np.count_nonzero(ensemble == o.label))
+            n_rect = int(np.count_nonzero(rectified == o.label))
+            organs.append({
+                "label": o.label, "name": o.name, "box": o.box.to_json(),
+                "ensemble_voxels": n_ens, "ensemble_ml": round(n_ens * self.voxel_ml, 3),
+                "rectified_voxels": n_rect, "rectified_ml": round(n_rect * self.voxel_ml, 3),
+                "mean_uncertainty_in_box": float(u_box.mean()) if u_box is not None else None,
+                "flagged_voxels": int(np.count_nonzero(o.m_unc)) if o.m_unc is not None else 0,
+                "threshold_T": o.info.get("T"),
+                "I_t": o.info.get("I_t"), "I_b": o.info.get("I_b"),
+                "notes": list(o.box.notes),
+            })
+        return {"ursam_version": __version__, "inputs": self.inputs, "backend": self.backend,
+                "parameters": self.params.to_json(), "timings_seconds": self.timings,
+                "image": {"size_xyz": list(self.reference.GetSize()),
+                          "spacing_xyz": list(self.reference.GetSpacing()),
+                          "origin": list(self.reference.GetOrigin()),
+                          "direction": list(self.reference.GetDirection())},
+                "organs": organs, "warnings": list(self.warnings)}
+
+
+def segment_volume(volume, reference, boxes, backend, params=None, extra_sets=None, progress=None,
+                   inputs=None):
+    """Run the pipeline on an array already read; returns a :class:`SegmentationResult`."""
+    params = params or pipeline.Params()
+    progress = progress or Progress()
+    t0 = time.perf_counter()
+    organs, timings = pipeline.run(volume, backend, boxes, params, extra_sets, progress)
+    timings["total_seconds"] = time.perf_counter() - t0
+    timings["encoder_calls"] = backend.encoder_calls
+    return SegmentationResult(reference, volume, list(boxes), organs, params, backend.describe(), timings,
+                              inputs=dict(inputs or {}))
+
+
+def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None):
+    """Write every output of ``ursam segment`` into ``out_dir``, atomically as a folder."""
+    progress = progress or Progress()
+    progress.stage("writing results")
+    t0 = time.perf_counter()
+    ensemble = result.label_map("ensemble")
+    rectified = result.label_map("ursam")
+    u_full, unc_labels = result.uncertainty_maps()
+    names = [(o.label, o.name) for o in result.main_organs()]
+    with staged_output_dir(out_dir, overwrite) as stage:
+        ref = result.reference
+        write_image(ensemble, ref, stage / "ensemble.nii.gz")
+        write_image(u_full, ref, stage / "uncertainty.nii.gz")
+        write_image(unc_labels, ref, stage / "uncertain.nii.gz")
+        write_image(rectified, ref, stage / "rectified.nii.gz")
+        write_seg_nrrd(rectified, ref, names, stage / "rectified.seg.nrrd")
+        write_overview(result.volume, rectified, u_full, names, stage / "overview.png")
+        for name, writer in (extra_files or {}).items():
+            writer(stage / name)
+        result.timings["write_seconds"] = time.perf_counter() - t0
+        write_json(result.report(ensemble, rectified), stage / "report.json")
+    progress.done()
+    return Path(out_dir)
