@@ -37,6 +37,9 @@ def add_sam_options(p):
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     g.add_argument("--encoder", default="auto",
                    help="LiteMedSAM image encoder path: auto (the fastest available), eager, or a fast path name")
+    g.add_argument("--modality", choices=["auto", "ct", "other"], default="auto",
+                   help="ct: CT window in HU; other (MR, ...): 0.5-99.5 percentile normalization; "
+                        "auto: decide from the intensities (default)")
     g.add_argument("--window", type=lambda s: _floats(s, 2, "--window"), default=None,
                    help="CT window LO,HI in HU before min-max (default: the backend's published window)")
     m = p.add_argument_group("UR-SAM method (METHOD.md §3-§4)")
@@ -66,6 +69,21 @@ def params_from_args(args):
     if args.alpha_h is not None:
         rect.alpha_h = args.alpha_h
     return Params(n_aug=args.n_aug, ratio=args.ratio, seed=args.seed, rectify=rect)
+
+
+def percentile_for(args, volume, image_path, progress):
+    """Whether CT windowing applies; warns when it does not."""
+    from .imageio import looks_like_ct
+
+    if args.modality == "ct":
+        return False
+    if args.modality == "other":
+        return True
+    if looks_like_ct(volume):
+        return False
+    progress.warn(f"{image_path} does not look like a CT in HU (no air near -1000): CT windowing does not "
+                  "apply, using 0.5-99.5 percentile normalization (set --modality ct to override)")
+    return True
 
 
 def backend_from_args(args, progress=None, percentile=False):

@@ -60,6 +60,16 @@ def read_ct(path):
     return ref, array
 
 
+def looks_like_ct(array):
+    """CT in HU has air near -1000; MR and other scans have no negative values of that size.
+
+    Judged on a strided sample so it stays cheap on big scans.
+    """
+    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
+    low = float(np.percentile(sample, 0.5))
+    return low < -300.0
+
+
 def check_volume(image, path):
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise URSAMError(

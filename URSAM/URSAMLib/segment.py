@@ -50,6 +50,17 @@ class SegmentationResult:
         self.timings["rectify_seconds"] = time.perf_counter() - t0
         return self
 
+    def dice_table(self, truth_zyx, methods=pipeline.METHODS, prompt_set="main"):
+        """Per-method, per-organ Dice against a reference label map (same label values as the boxes)."""
+        from .metrics import dice
+
+        table = {}
+        for method in methods:
+            labels = self.label_map(method, prompt_set)
+            table[method] = {o.name: dice(labels == o.label, truth_zyx == o.label)
+                             for o in self.organs if o.prompt_set == prompt_set}
+        return table
+
     def main_organs(self):
         return [o for o in self.organs if o.prompt_set == "main"]
 
@@ -94,7 +105,18 @@ def segment_volume(volume, reference, boxes, backend, params=None, extra_sets=No
                               inputs=dict(inputs or {}))
 
 
-def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None):
+def format_dice_table(table):
+    """A Markdown table: one row per method, one column per organ, then the mean."""
+    methods = list(table)
+    organs = list(table[methods[0]]) if methods else []
+    lines = ["| method | " + " | ".join(organs) + " | Avg |", "|---" * (len(organs) + 2) + "|"]
+    for m in methods:
+        vals = [table[m][o] for o in organs]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} |")
+    return "\n".join(lines)
+
+
+def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None, reference=None):
     """Write every output of ``ursam segment`` into ``out_dir``, atomically as a folder."""
     progress = progress or Progress()
     progress.stage("writing results")
@@ -114,6 +136,9 @@ def write_results(result, out_dir, overwrite=False, progress=None, extra_files=N
         for name, writer in (extra_files or {}).items():
             writer(stage / name)
         result.timings["write_seconds"] = time.perf_counter() - t0
-        write_json(result.report(ensemble, rectified), stage / "report.json")
+        report = result.report(ensemble, rectified)
+        if reference is not None:
+            report["dice_vs_reference"] = result.dice_table(reference)
+        write_json(report, stage / "report.json")
     progress.done()
     return Path(out_dir)

@@ -22,6 +22,8 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--margin", default="0,0",
                    help="box margin Z,XY: Z slices, XY px of SAM's 1024 grid (default 0,0 for --boxes)")
+    p.add_argument("--reference", help="reference label map (same label values as the boxes): "
+                                        "scores every method and prints the Dice table")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sam_options(p)
@@ -38,7 +40,9 @@ def parse_margin(text):
 
 
 def main(args):
-    from ..cli import params_from_args, backend_from_args
+    from ..cli import params_from_args, backend_from_args, percentile_for
+    from ..imageio import read_labels
+    from ..segment import format_dice_table
 
     progress = Progress(quiet=args.quiet)
     check_output_dir(args.out, args.overwrite)
@@ -49,11 +53,15 @@ def main(args):
     boxes = load_boxes(args.boxes, size, warn=progress.warn)
     if margin != (0, 0.0):
         boxes = [add_margin(b, margin[0], margin[1], size) for b in boxes]
-    backend = backend_from_args(args, progress)
+    truth = read_labels(args.reference, reference, "reference label map")[1] if args.reference else None
+    percentile = percentile_for(args, volume, args.image, progress)
+    backend = backend_from_args(args, progress, percentile)
     inputs = {"image": str(Path(args.image).absolute()), "boxes": str(Path(args.boxes).absolute()),
-              "margin_z_xy": list(margin)}
+              "margin_z_xy": list(margin), "normalization": "percentile" if percentile else "ct-window"}
     result = segment_volume(volume, reference, boxes, backend, params, progress=progress, inputs=inputs)
-    write_results(result, args.out, args.overwrite, progress)
+    write_results(result, args.out, args.overwrite, progress, reference=truth)
+    if truth is not None:
+        print(format_dice_table(result.dice_table(truth)))
     if not args.quiet:
         t = result.timings
         print(f"wrote {len(boxes)} organs to {args.out} in {t['total_seconds']:.1f} s "
