@@ -16,6 +16,7 @@ class Progress:
         self.quiet = quiet
         self._bar = None
         self._stage = None
+        self.warnings = []
 
     def stage(self, name, total=None):
         self.check_cancel()
@@ -45,6 +46,7 @@ class Progress:
 
     def warn(self, message):
         # Warnings are shown even with --quiet: they change what the output means.
+        self.warnings.append(message)
         print(f"[ursam] warning: {message}", file=sys.stderr, flush=True)
 
     def check_cancel(self):

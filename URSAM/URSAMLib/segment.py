@@ -102,7 +102,7 @@ def segment_volume(volume, reference, boxes, backend, params=None, extra_sets=No
     timings["total_seconds"] = time.perf_counter() - t0
     timings["encoder_calls"] = backend.encoder_calls
     return SegmentationResult(reference, volume, list(boxes), organs, params, backend.describe(), timings,
-                              inputs=dict(inputs or {}))
+                              warnings=list(progress.warnings), inputs=dict(inputs or {}))
 
 
 def format_dice_table(table):
