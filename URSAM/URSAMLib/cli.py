@@ -14,6 +14,8 @@ from .errors import URSAMError, Cancelled
 COMMAND_MODULES = [
     "URSAMLib.commands.segment",
     "URSAMLib.commands.boxes_from_labels",
+    "URSAMLib.commands.templates",
+    "URSAMLib.commands.localize",
 ]
 
 

@@ -1,0 +1,75 @@
+"""``ursam localize``: organ boxes of a CT from a template library, no SAM."""
+from ..boxes import save_boxes
+from ..errors import URSAMError
+from ..progress import Progress
+
+
+def add_localizer_options(p, required=False):
+    """Template library options shared by localize, segment and evaluate."""
+    from ..localize import LOCALIZERS
+
+    g = p.add_argument_group("auto-localization (METHOD.md §1)")
+    if p.prog.split()[-1] != "evaluate":
+        g.add_argument("--templates", metavar="LIB", required=required,
+                       help="template library: dataset.json + cases/<id>/image.* and labels.*")
+    g.add_argument("--organs", help="comma-separated organ names or label values (default: all of the library)")
+    g.add_argument("--localizer", default="registration", choices=sorted(LOCALIZERS),
+                   help="how supports are matched to the query (default: registration)")
+    g.add_argument("--box-margin", default="2,10", metavar="Z,XY",
+                   help="margin added to localized boxes: Z slices, XY px of SAM's 1024 grid (default 2,10)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="support scans registered at once (default: one per core)")
+    g.add_argument("--deformable", action="store_true",
+                   help="add a B-spline stage after the affine registration (slower)")
+
+
+def parse_pair(text, option):
+    try:
+        z, xy = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise URSAMError(f"{option} must be Z,XY (two numbers), got {text!r}") from None
+    if z < 0 or xy < 0:
+        raise URSAMError(f"{option} must not be negative, got {text!r}")
+    return int(round(z)), xy
+
+
+def localizer_options(args):
+    """Keyword options of :func:`URSAMLib.localize.localize` from parsed arguments."""
+    opts = {"margin": parse_pair(args.box_margin, "--box-margin")}
+    if args.localizer == "registration":
+        if args.workers is not None:
+            if args.workers < 1:
+                raise URSAMError(f"--workers must be at least 1, got {args.workers}")
+            opts["workers"] = args.workers
+        if args.deformable:
+            opts["deformable"] = True
+    return opts
+
+
+def add_parser(sub):
+    p = sub.add_parser("localize", help="find organ boxes in a CT from a template library",
+                       description="Register each support scan of a template library to the CT, carry each "
+                                   "organ's extreme points across, fuse them (median) and write the 3D boxes "
+                                   "as a box file for `ursam segment --boxes`.")
+    p.add_argument("image", help="CT: NIfTI, NRRD, MHA, or a DICOM series folder")
+    p.add_argument("--out", required=True, help="box file to write (JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_localizer_options(p, required=True)
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args):
+    from ..localize import localize
+
+    progress = Progress(quiet=args.quiet)
+    boxes, info = localize(args.image, args.templates, organs=args.organs, method=args.localizer,
+                           progress=progress, **localizer_options(args))
+    if not boxes:
+        raise URSAMError("no organ could be localized", args.image)
+    save_boxes(boxes, args.out, extra={"localization": info})
+    if not args.quiet:
+        secs = info.get("registration_seconds", {})
+        per = f", {max(secs.values()):.1f} s per support at most" if secs else ""
+        print(f"wrote {len(boxes)} boxes to {args.out} ({info.get('seconds', 0):.1f} s{per})")
+    return 0
