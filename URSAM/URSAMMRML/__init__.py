@@ -1,0 +1,17 @@
+"""URSAMMRML: the MRML side of the URSAM Slicer module (Slicer's scene, no Qt).
+
+It turns Slicer nodes into the engine's inputs and the engine's results into
+nodes; every computation is delegated to URSAMLib. Modules:
+
+- ``geometry``: volume nodes and ROIs <-> the engine's grid (SimpleITK LPS, arrays [z, y, x]).
+- ``segmentations``: label maps <-> segmentation nodes, segment edits, content hashes.
+- ``outputs``: the subject-hierarchy folder and the output nodes of one input volume.
+- ``display``: the uncertainty overlay and its colour legend, slice-view jumps.
+- ``review``: flagged connected components, the review and statistics tables.
+- ``logic``: the headless ``process(...)``, split into prepare / compute / apply so that
+  the widget can run ``compute`` off the main thread.
+- ``dependencies``: which Python packages a run needs and which are missing.
+
+Nothing here imports Qt, so scripts, Slicer's Python console and the pytest
+suite (PyPI ``slicer-core``) use it as the module's widget does.
+"""

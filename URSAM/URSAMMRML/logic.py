@@ -1,0 +1,500 @@
+"""The headless URSAM logic: Slicer nodes in, URSAMLib runs, Slicer nodes out. No Qt.
+
+Every run has three steps so that the panel can keep Slicer responsive:
+
+1. ``prepare*`` (main thread): check the input nodes and copy what the engine
+   needs (voxels, geometry, boxes from ROIs) into a job;
+2. ``compute*`` (any thread): run URSAMLib on the job; it reads no node and
+   writes no node, and honours ``cancel`` between slices;
+3. ``apply*`` (main thread): write the result into output nodes.
+
+``process(...)`` does the three in a row, for scripts, Slicer's Python
+console and tests. A cancelled or failed run raises before step 3, so the
+scene is left exactly as it was.
+"""
+import re
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from URSAMLib.errors import Cancelled, URSAMError
+from URSAMLib.progress import Progress
+
+from . import display, outputs, review, segmentations
+from .geometry import arrayToMatrix, boxFromRoi, ijkToRas, roiPlacement, snapshotVolume
+
+BACKENDS = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: named progress stages, as the panel shows them
+STAGE_MODEL = "loading model"
+STAGE_LOCALIZE = "localizing"
+STAGE_EMBED = "embedding slices"
+STAGE_RECTIFY = "rectifying"
+STAGE_WRITE = "writing results"
+
+
+@dataclass
+class RunOptions:
+    """Model and method parameters of a run (defaults: METHOD.md, the paper's best setting)."""
+    backend: str = "litemedsam"
+    checkpoint: str = ""
+    device: str = "auto"
+    nAug: int = 3
+    ratio: float = 0.01
+    seed: int = 0
+    #: margin added around localized boxes: slices in z, pixels of SAM's 1024 grid in-plane (METHOD.md §1)
+    marginZ: int = 2
+    marginXY: float = 10.0
+    thresholdScope: str = "box"
+    lowerBound: str = "written"
+    #: None: URSAMLib's default
+    alphaH: float = None
+    #: None: the class-specific threshold of eq. 4
+    fixedThreshold: float = None
+    #: flagged regions smaller than this are left out of the review table
+    minComponentVoxels: int = 1
+
+    def check(self):
+        if self.backend not in BACKENDS:
+            raise URSAMError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.backend != "litemedsam" and not self.checkpoint:
+            raise URSAMError(f"backend {self.backend} needs a checkpoint file; nothing is downloaded")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise URSAMError(f"unknown device {self.device!r}; use auto, cpu or cuda")
+        if int(self.nAug) < 1:
+            raise URSAMError(f"n (augmented boxes) must be at least 1, got {self.nAug}")
+        if not 0 <= float(self.ratio) < 0.5:
+            raise URSAMError(f"ratio must be in [0, 0.5), got {self.ratio}")
+        if self.thresholdScope not in ("box", "slice"):
+            raise URSAMError(f"threshold scope must be box or slice, got {self.thresholdScope!r}")
+        if self.lowerBound not in ("written", "midpoint"):
+            raise URSAMError(f"lower bound must be written or midpoint, got {self.lowerBound!r}")
+        if self.alphaH is not None and float(self.alphaH) <= 0:
+            raise URSAMError(f"alpha_h must be positive, got {self.alphaH}")
+        if self.fixedThreshold is not None and not 0 <= float(self.fixedThreshold) <= np.log(2):
+            raise URSAMError(f"fixed threshold must be in [0, log 2 = 0.693], got {self.fixedThreshold}")
+        if int(self.marginZ) < 0 or float(self.marginXY) < 0:
+            raise URSAMError("margins must not be negative")
+        return self
+
+    def rectifyOptions(self):
+        from URSAMLib.rectification import RectifyOptions
+
+        rect = RectifyOptions(scope=self.thresholdScope, lower=self.lowerBound,
+                              fixed_threshold=None if self.fixedThreshold is None else float(self.fixedThreshold))
+        if self.alphaH is not None:
+            rect.alpha_h = float(self.alphaH)
+        return rect
+
+    def params(self):
+        from URSAMLib.pipeline import Params
+
+        return Params(n_aug=int(self.nAug), ratio=float(self.ratio), seed=int(self.seed),
+                      rectify=self.rectifyOptions())
+
+    def backendKey(self):
+        return (self.backend, self.checkpoint or None, self.device)
+
+
+@dataclass
+class SegmentJob:
+    """Everything a segmentation run needs, copied from the scene (prepare step)."""
+    snapshot: object
+    options: RunOptions
+    boxes: list = None  # OrganBox from ROIs; None: localize from ``library``
+    library: str = None
+    organs: list = None
+    warnings: list = field(default_factory=list)
+
+
+@dataclass
+class SegmentComputed:
+    """A finished computation, not yet in the scene (the compute step's result)."""
+    job: SegmentJob
+    result: object  # URSAMLib.segment.SegmentationResult
+    localized: list = None  # boxes from the localizer, when it ran
+    localizeInfo: dict = None
+    maps: dict = field(default_factory=dict)
+    components: list = field(default_factory=list)
+    statistics: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class LocalizeJob:
+    snapshot: object
+    library: str
+    organs: list
+    options: RunOptions
+
+
+def _progress(progress, cancel):
+    if isinstance(progress, Progress):
+        if cancel is not None:
+            progress.cancel = cancel
+        return progress
+    return Progress(callback=progress, cancel=cancel)
+
+
+def _organNames(organs):
+    if organs is None:
+        return None
+    if isinstance(organs, str):
+        organs = [o.strip() for o in organs.split(",") if o.strip()]
+    return [str(o) for o in organs]
+
+
+class URSAMProcessLogic:
+    """Headless UR-SAM for Slicer scenes; the module's URSAMLogic is this plus Slicer's conveniences.
+
+    ``appLogic`` (Slicer's application logic) gives the Colors module for the
+    uncertainty legend; it may be None.
+    """
+
+    def __init__(self, appLogic=None):
+        self.appLogic = appLogic
+        self._backends = {}
+        self._backendLock = threading.Lock()
+        #: input volume node ID -> the last SegmentComputed, for Rectify without SAM
+        self._cache = {}
+
+    # -- model --------------------------------------------------------------------------------
+    def backend(self, options, progress=None):
+        """The SAM backend for these options, loaded once and kept (loading costs seconds)."""
+        key = options.backendKey()
+        with self._backendLock:
+            if key not in self._backends:
+                from URSAMLib.sam_backend import make_backend
+
+                if progress is not None:
+                    progress.stage(f"{STAGE_MODEL} {options.backend}")
+                self._backends = {key: make_backend(options.backend, options.checkpoint or None, options.device)}
+            return self._backends[key]
+
+    # -- localize -------------------------------------------------------------------------------
+    def prepareLocalization(self, inputVolume, library, organs=None, options=None):
+        options = (options or RunOptions()).check()
+        if not library:
+            raise URSAMError("no template library folder is selected")
+        self._library(library)  # fail early, on the main thread, with the library's own message
+        return LocalizeJob(snapshotVolume(inputVolume), str(library), _organNames(organs), options)
+
+    def computeLocalization(self, job, progress=None, cancel=None):
+        from URSAMLib.localize import localize
+
+        progress = _progress(progress, cancel)
+        progress.stage(STAGE_LOCALIZE)
+        boxes, info = localize(job.snapshot.image(), self._library(job.library), organs=job.organs,
+                               progress=progress, margin=(int(job.options.marginZ), float(job.options.marginXY)))
+        if not boxes:
+            raise URSAMError(f"the template library localized none of the organs in '{job.snapshot.name}'")
+        return boxes, info
+
+    def applyLocalization(self, job, boxes):
+        """One ROI per organ, named after it, in the input's output folder; returns the ROI nodes."""
+        inputVolume = self._liveInput(job.snapshot)
+        scene = inputVolume.GetScene()
+        created, rois = [], []
+        try:
+            folder = outputs.outputFolder(scene, inputVolume)
+            for box in boxes:
+                roi = outputs.obtainRoi(scene, inputVolume, box.name, box.label, folder, created)
+                objectToNode, radius = roiPlacement(box, job.snapshot.ijkToRas)
+                wasModified = roi.StartModify()
+                roi.SetAndObserveObjectToNodeMatrix(arrayToMatrix(objectToNode))
+                roi.SetRadiusXYZ(*[float(r) for r in radius])
+                roi.EndModify(wasModified)
+                if roi.GetDisplayNode() is None:
+                    roi.CreateDefaultDisplayNodes()
+                rois.append(roi)
+        except Exception:
+            outputs.removeNodes(scene, created)
+            raise
+        return rois
+
+    def localize(self, inputVolume, library, organs=None, options=None, progress=None, cancel=None):
+        """Localize organs from the template library: one editable ROI per organ (synchronous)."""
+        job = self.prepareLocalization(inputVolume, library, organs, options)
+        boxes, _ = self.computeLocalization(job, progress, cancel)
+        return self.applyLocalization(job, boxes)
+
+    # -- segment --------------------------------------------------------------------------------
+    def prepareSegmentation(self, inputVolume, library=None, rois=None, organs=None, options=None, **overrides):
+        """Check the inputs and copy them into a :class:`SegmentJob` (main thread).
+
+        ``rois``: ROI nodes, one per organ, named after it; used as they stand.
+        Without ROIs, ``library`` (a template library folder) localizes the organs.
+        """
+        options = replace(options or RunOptions(), **overrides).check()
+        snapshot = snapshotVolume(inputVolume)
+        names = _organNames(organs)
+        job = SegmentJob(snapshot, options, library=str(library) if library else None, organs=names)
+        if rois:
+            job.boxes = self._boxesFromRois(rois, snapshot, library, names, job.warnings)
+        elif not library:
+            raise URSAMError("give organ ROIs or a template library to localize the organs")
+        else:
+            self._library(library)
+        return job
+
+    def computeSegmentation(self, job, progress=None, cancel=None, backend=None):
+        """Run URSAMLib on a prepared job (no scene access; safe off the main thread)."""
+        from URSAMLib.segment import segment_volume
+
+        t0 = time.perf_counter()
+        progress = _progress(progress, cancel)
+        progress.check_cancel()
+        computed = SegmentComputed(job, None)
+        boxes = job.boxes
+        if boxes is None:
+            boxes, info = self.computeLocalization(
+                LocalizeJob(job.snapshot, job.library, job.organs, job.options), progress)
+            computed.localized, computed.localizeInfo = boxes, info
+        sam = backend if backend is not None else self.backend(job.options, progress)
+        inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in boxes]}
+        computed.result = segment_volume(job.snapshot.array, job.snapshot.reference(), boxes, sam,
+                                         job.options.params(), progress=progress, inputs=inputs)
+        computed.result.warnings.extend(job.warnings)
+        self._derive(computed)
+        progress.check_cancel()
+        computed.seconds = time.perf_counter() - t0
+        return computed
+
+    def _derive(self, computed):
+        """Label maps, flagged components and statistics from the engine's result (no SAM)."""
+        result = computed.result
+        organs = [(o.label, o.name) for o in result.main_organs()]
+        ensemble = result.label_map("ensemble")
+        rectified = result.label_map("ursam")
+        uncertainty, uncLabels = result.uncertainty_maps()
+        computed.maps = {"ensemble": ensemble, "rectified": rectified, "uncertainty": uncertainty,
+                         "flagged": uncLabels, "organs": organs}
+        computed.components = review.flaggedComponents(uncLabels, uncertainty, organs, result.voxel_ml,
+                                                       int(computed.job.options.minComponentVoxels))
+        computed.statistics = review.organStatistics(result, rectified, ensemble, uncLabels, computed.components)
+
+    def applySegmentation(self, computed, progress=None, roles=None):
+        """Write a computation into the output nodes of its input (main thread)."""
+        progress = _progress(progress, None)
+        progress.stage(STAGE_WRITE)
+        snapshot = computed.job.snapshot
+        inputVolume = self._liveInput(snapshot)
+        scene = inputVolume.GetScene()
+        roles = roles or ("ensemble", "rectified", "uncertainty", "flagged", "review", "statistics")
+        result = outputs.Outputs()
+        created = []
+        sh = scene.GetSubjectHierarchyNode()
+        folderExisted = bool(outputs.outputFolder(scene, inputVolume, create=False))
+        try:
+            result.folderItemID = outputs.outputFolder(scene, inputVolume)
+            if computed.localized is not None:
+                result.rois = self.applyLocalization(
+                    LocalizeJob(snapshot, computed.job.library, computed.job.organs, computed.job.options),
+                    computed.localized)
+            maps = computed.maps
+            localToWorld = np.linalg.inv(snapshot.worldToLocal) @ snapshot.ijkToRas
+            for role in roles:
+                node = outputs.obtainOutput(scene, inputVolume, role, result.folderItemID, created, result.notes)
+                result.nodes[role] = node
+                if role in ("ensemble", "rectified", "flagged"):
+                    segmentations.setSegmentsFromLabelmap(node, maps[role], maps["organs"], snapshot.ijkToRas,
+                                                          inputVolume)
+                    outputs.markWritten(node)
+                elif role == "uncertainty":
+                    display.setScalarVolume(node, maps["uncertainty"], snapshot.ijkToRas)
+                elif role == "review":
+                    review.fillReviewTable(node, computed.components, localToWorld)
+                elif role == "statistics":
+                    review.fillStatisticsTable(node, computed.statistics)
+            self._styleOutputs(scene, inputVolume, result)
+        except Exception:
+            outputs.removeNodes(scene, created)
+            if not folderExisted and result.folderItemID:
+                sh.RemoveItem(result.folderItemID)
+            raise
+        self._cache[snapshot.nodeID] = computed
+        progress.done()
+        return result
+
+    def _styleOutputs(self, scene, inputVolume, result):
+        nodes = result.nodes
+        if "uncertainty" in nodes:
+            display.showUncertainty(scene, nodes["uncertainty"], inputVolume, self.appLogic)
+        if "rectified" in nodes:
+            display.showSegmentation(nodes["rectified"], visible=True)
+        if "ensemble" in nodes:
+            display.showSegmentation(nodes["ensemble"], visible=False)
+        if "flagged" in nodes:
+            display.showSegmentation(nodes["flagged"], visible=False, outlineOnly=True)
+
+    def process(self, inputVolume, library=None, rois=None, organs=None, options=None, progress=None,
+                cancel=None, backend=None, **overrides):
+        """Segment the organs of ``inputVolume`` with UR-SAM and write the output nodes.
+
+        - ``rois``: ROI nodes named after the organs (used as they stand), or
+        - ``library``: a template library folder; the organs are localized first
+          and their ROIs written too.
+        - ``organs``: organ names to keep (None: every ROI / every library organ).
+        - ``options``: :class:`RunOptions`; keyword ``overrides`` set single fields
+          (``nAug=5``, ``backend="sam-vit-b"``, ``checkpoint=...``).
+        - ``progress(stage, i, n)`` and ``cancel() -> bool`` callbacks; a cancel
+          raises ``URSAMLib.errors.Cancelled`` and leaves the scene unchanged.
+        - ``backend``: an already built URSAMLib backend (else built from the options).
+
+        Returns :class:`URSAMMRML.outputs.Outputs` (``.rectified``, ``.uncertainty``, ...).
+        """
+        job = self.prepareSegmentation(inputVolume, library, rois, organs, options, **overrides)
+        computed = self.computeSegmentation(job, progress, cancel, backend)
+        return self.applySegmentation(computed, progress)
+
+    # -- rectify ---------------------------------------------------------------------------------
+    def hasCachedResult(self, inputVolume):
+        return inputVolume is not None and inputVolume.GetID() in self._cache
+
+    def forget(self, inputVolumeID):
+        self._cache.pop(inputVolumeID, None)
+
+    def rectify(self, inputVolume, options=None, progress=None, **overrides):
+        """Rerun only the rectification with new options, from the cached maps (no SAM).
+
+        Rewrites the rectified and flagged segmentations, the review and the
+        statistics tables (an edited rectified segmentation is kept, as always).
+        """
+        if not self.hasCachedResult(inputVolume):
+            raise URSAMError(f"no UR-SAM result of '{inputVolume.GetName() if inputVolume else None}' in this "
+                             "session to rectify; run Segment first")
+        cached = self._cache[inputVolume.GetID()]
+        newOptions = replace(options or cached.job.options, **overrides).check()
+        progress = _progress(progress, None)
+        progress.stage(STAGE_RECTIFY)
+        job = replace(cached.job, options=newOptions)
+        result = cached.result.rerectify(newOptions.rectifyOptions())
+        computed = SegmentComputed(job, result, maps={}, seconds=cached.seconds)
+        self._derive(computed)
+        return self.applySegmentation(computed, progress, roles=("rectified", "flagged", "review", "statistics"))
+
+    # -- review ----------------------------------------------------------------------------------
+    def reviewComponent(self, reviewTable, row, accept):
+        """Accept (add to the organ's rectified segment) or reject (remove from it) one flagged region."""
+        scene = reviewTable.GetScene()
+        inputID = reviewTable.GetAttribute(outputs.INPUT)
+        inputVolume = scene.GetNodeByID(inputID) if inputID else None
+        if inputVolume is None:
+            raise URSAMError(f"the input volume of '{reviewTable.GetName()}' is no longer in the scene")
+        flagged = outputs.findOutput(scene, inputID, "flagged")
+        rectified = outputs.findOutput(scene, inputID, "rectified")
+        if flagged is None or rectified is None:
+            raise URSAMError(f"the UR-SAM segmentations of '{inputVolume.GetName()}' are missing; run Segment again")
+        component = review.componentFromTable(reviewTable, row)
+        snapshotIjkToRas = ijkToRas(inputVolume)
+        flaggedId = segmentations.findOrganSegment(flagged, component.organ)
+        if flaggedId is None:
+            raise URSAMError(f"'{flagged.GetName()}' has no segment of {component.organ}")
+        mask = review.componentMask(segmentations.segmentMask(flagged, flaggedId, snapshotIjkToRas, component.region),
+                                    component)
+        if mask is None:
+            raise URSAMError(f"flagged region {component.id} ({component.organ}) is no longer in "
+                             f"'{flagged.GetName()}'")
+        target = segmentations.findOrganSegment(rectified, component.organ)
+        if target is None:
+            raise URSAMError(f"'{rectified.GetName()}' has no segment of {component.organ}")
+        shape = tuple(inputVolume.GetImageData().GetDimensions())[::-1]
+        offset = tuple(s.start for s in component.region)
+        segmentations.modifySegmentRegion(rectified, target, mask, offset, snapshotIjkToRas, shape, add=accept)
+        review.setStatus(reviewTable, row, review.ACCEPTED if accept else review.REJECTED)
+        return int(mask.sum())
+
+    def jumpToComponent(self, reviewTable, row):
+        display.jumpSlices(reviewTable.GetScene(), review.rowCentre(reviewTable, row))
+
+    # -- template library ------------------------------------------------------------------------
+    def addToLibrary(self, library, inputVolume, segmentationNode, caseId=None, progress=None):
+        """Add a labelled scan (volume + segmentation) to a template library; creates the library if needed.
+
+        Segments are matched to the library's organs by name; organs new to the
+        library get new label values. The files are written by URSAMLib.templates.
+        """
+        import os
+        import tempfile
+        from pathlib import Path
+
+        import SimpleITK as sitk
+        from URSAMLib.templates import Library
+
+        snapshot = snapshotVolume(inputVolume)
+        if segmentationNode is None:
+            raise URSAMError("select the segmentation that labels the volume's organs")
+        seg = segmentationNode.GetSegmentation()
+        if seg.GetNumberOfSegments() == 0:
+            raise URSAMError(f"segmentation '{segmentationNode.GetName()}' has no segments")
+        names = {}
+        for i in range(seg.GetNumberOfSegments()):
+            segmentId = seg.GetNthSegmentID(i)
+            names[i + 1] = segmentations.organNameOfSegment(seg.GetSegment(segmentId), segmentId)
+        labels = np.zeros(snapshot.array.shape, np.uint16)
+        region = tuple(slice(0, s) for s in labels.shape)
+        for value, name in names.items():
+            mask = segmentations.segmentMask(segmentationNode, seg.GetNthSegmentID(value - 1), snapshot.ijkToRas, region)
+            labels[mask] = value
+        if not labels.any():
+            raise URSAMError(f"segmentation '{segmentationNode.GetName()}' is empty")
+        path = Path(str(library))
+        lib = Library(path) if (path / "dataset.json").is_file() else Library.create(path, names)
+        with tempfile.TemporaryDirectory(prefix="ursam-template-") as tmp:
+            imagePath = os.path.join(tmp, "image.nii.gz")
+            labelsPath = os.path.join(tmp, "labels.nii.gz")
+            sitk.WriteImage(snapshot.image(), imagePath, True)
+            labelImage = sitk.GetImageFromArray(labels)
+            labelImage.CopyInformation(snapshot.reference())
+            sitk.WriteImage(labelImage, labelsPath, True)
+            return lib.add(imagePath, labelsPath, case_id=caseId or _caseId(snapshot.name), names=names)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _library(self, library):
+        from URSAMLib.templates import Library
+
+        return library if isinstance(library, Library) else Library(library)
+
+    def _boxesFromRois(self, rois, snapshot, library, organs, warnings):
+        libNames = {}
+        if library:
+            libNames = {v.lower(): k for k, v in self._library(library).names.items()}
+        boxes, seen, used = [], set(), set()
+        pending = []
+        for roi in rois:
+            name = roi.GetAttribute(outputs.ORGAN_NAME) or roi.GetName()
+            if organs is not None and name not in organs:
+                continue
+            if name.lower() in seen:
+                raise URSAMError(f"two ROIs are named '{name}'; give each organ one ROI")
+            seen.add(name.lower())
+            label = roi.GetAttribute(outputs.ORGAN_LABEL)
+            label = int(label) if label else libNames.get(name.lower())
+            if label in used:
+                label = None
+            if label is not None:
+                used.add(label)
+            pending.append((roi, name, label))
+        if not pending:
+            raise URSAMError("none of the given ROIs is one of the selected organs")
+        free = (v for v in range(1, 65536) if v not in used)
+        for roi, name, label in pending:
+            boxes.append(boxFromRoi(roi, snapshot, label if label is not None else next(free), name,
+                                    warn=warnings.append))
+        return boxes
+
+    def _liveInput(self, snapshot):
+        """The input node, still in the scene (it may have been deleted while the run was computing)."""
+        node = snapshot.scene.GetNodeByID(snapshot.nodeID) if snapshot.scene is not None else None
+        if node is None:
+            raise URSAMError(f"the input volume '{snapshot.name}' was removed from the scene during the run")
+        return node
+
+
+def _caseId(name):
+    """A library case id from a volume name (letters, digits, _ . - only)."""
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")
+    return text or "case"

@@ -1,0 +1,33 @@
+"""Fixtures for the Slicer-side tests: real MRML scenes from the PyPI package slicer-core (see slicer_scene.py)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE_DIR = ROOT / "URSAM"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))  # as Slicer puts a scripted module's folder on sys.path
+
+slicer = pytest.importorskip("slicer", reason="the Slicer-side tests need the PyPI package slicer-core")
+
+import os  # noqa: E402
+
+DATA = Path(os.environ.get("URSAM_DATA", ROOT.parent / "shared" / "data"))
+ABD = DATA / "abdomen-ts"
+
+
+@pytest.fixture
+def app():
+    from slicer_scene import SlicerApp
+
+    return SlicerApp()
+
+
+@pytest.fixture(scope="session")
+def slab_paths():
+    folder = ABD / "cases" / "tsA_slab"
+    image, labels = folder / "image.nii.gz", folder / "labels.nii.gz"
+    if not image.is_file():
+        pytest.fail(f"missing shared CT: {image} (tests read ../shared/data, or URSAM_DATA)")
+    return image, labels

@@ -1,0 +1,364 @@
+"""The headless Slicer logic on a real MRML scene (slicer-core) with a real CT and LiteMedSAM.
+
+One LiteMedSAM run (2 organs, 2 slices of tsA_slab) is shared by the module;
+tests that change nodes write that run into a fresh scene of their own.
+"""
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import slicer
+from slicer_scene import SlicerApp, voxel_hash
+from URSAMLib.boxes import boxes_from_labels
+from URSAMLib.errors import Cancelled, URSAMError
+from URSAMMRML import geometry, outputs, review, segmentations
+from URSAMMRML.logic import RunOptions, URSAMProcessLogic
+
+ORGANS = {2: "kidney_right", 3: "spleen"}
+SLICES = (12, 13)
+ROLES = ("ensemble", "rectified", "uncertainty", "flagged", "review", "statistics")
+
+
+def make_rois(scene, volume, label_volume):
+    """One ROI per organ, named after it, around the organ's voxels on SLICES only (the small crop)."""
+    labels = slicer.util.arrayFromVolume(label_volume)
+    boxes = boxes_from_labels(labels, ORGANS)
+    snapshot = geometry.snapshotVolume(volume)
+    rois = []
+    for box in boxes:
+        box.min_ijk[2], box.max_ijk[2] = SLICES
+        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", box.name)
+        objectToNode, radius = geometry.roiPlacement(box, snapshot.ijkToRas)
+        roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
+        roi.SetRadiusXYZ(*radius)
+        rois.append(roi)
+    return boxes, rois
+
+
+class Run:
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(slab_paths, litemedsam):
+    r = Run()
+    r.app = SlicerApp()
+    r.volume = r.app.loadVolume(slab_paths[0], "tsA_slab")
+    r.labels = r.app.loadVolume(slab_paths[1], "tsA_slab labels")
+    r.hash_before = voxel_hash(r.volume)
+    r.boxes, r.rois = make_rois(r.app.scene, r.volume, r.labels)
+    r.logic = URSAMProcessLogic(r.app.appLogic)
+    r.stages = []
+    r.outputs = r.logic.process(r.volume, rois=r.rois, backend=litemedsam,
+                                progress=lambda stage, i, n: r.stages.append((stage, i, n)))
+    r.computed = r.logic._cache[r.volume.GetID()]
+    return r
+
+
+def fresh_outputs(run):
+    """The module's computation written into a new scene (same CT file), for tests that change nodes."""
+    app = SlicerApp()
+    volume = app.loadVolume(run.volume.GetStorageNode().GetFileName(), "tsA_slab")
+    snapshot = replace(run.computed.job.snapshot, scene=app.scene, nodeID=volume.GetID())
+    computed = replace(run.computed, job=replace(run.computed.job, snapshot=snapshot))
+    logic = URSAMProcessLogic(app.appLogic)
+    return app, volume, logic, logic.applySegmentation(computed)
+
+
+def full_mask(node, organ, volume):
+    shape = slicer.util.arrayFromVolume(volume).shape
+    segment_id = segmentations.findOrganSegment(node, organ)
+    assert segment_id is not None, f"{node.GetName()} has no segment of {organ}"
+    return segmentations.segmentMask(node, segment_id, geometry.ijkToRas(volume), tuple(slice(0, s) for s in shape))
+
+
+def test_rois_give_the_boxes_they_were_made_from(run):
+    got = {b.name: (b.min_ijk, b.max_ijk) for b in run.computed.result.boxes}
+    assert got == {b.name: (b.min_ijk, b.max_ijk) for b in run.boxes}
+    assert run.computed.result.timings["distinct_slices"] == len(SLICES)
+
+
+def test_progress_names_the_stages(run):
+    stages = [s for s, _, _ in run.stages]
+    assert "embedding slices" in stages and "rectifying" in stages and "writing results" in stages
+    embed = [(i, n) for s, i, n in run.stages if s == "embedding slices"]
+    assert embed[-1] == (len(SLICES), len(SLICES))
+
+
+def test_outputs_are_in_a_folder_named_after_the_input(run):
+    scene = run.app.scene
+    sh = scene.GetSubjectHierarchyNode()
+    assert sh.GetItemName(run.outputs.folderItemID) == "UR-SAM tsA_slab"
+    for role in ROLES:
+        node = run.outputs.nodes[role]
+        assert node.GetName() == outputs.NODES[role][1]
+        assert node.GetAttribute(outputs.INPUT) == run.volume.GetID()
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == run.outputs.folderItemID
+
+
+def test_segments_are_nonempty_named_and_equal_to_the_engine(run):
+    result = run.computed.result
+    # without a library, ROIs get label values in order
+    assert sorted((b.label, b.name) for b in result.boxes) == [(1, "kidney_right"), (2, "spleen")]
+    for role, method in (("ensemble", "ensemble"), ("rectified", "ursam")):
+        node = run.outputs.nodes[role]
+        expected = result.label_map(method)
+        seg = node.GetSegmentation()
+        assert sorted(seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())) == sorted(ORGANS.values())
+        for label, organ in ((b.label, b.name) for b in result.boxes):
+            mask = full_mask(node, organ, run.volume)
+            assert mask.sum() > 20, f"{role} {organ} is (nearly) empty"
+            assert np.array_equal(mask, expected == label), f"{role} {organ} differs from the engine's label map"
+            assert mask[[z for z in range(mask.shape[0]) if z not in SLICES]].sum() == 0
+    rectified = run.outputs.rectified.GetSegmentation()
+    spleen = rectified.GetSegment("spleen")
+    assert spleen.GetName() == "Spleen"
+    assert "SCT^78961009^Spleen" in segmentations.segmentTag(spleen, slicer.vtkSegment.GetTerminologyEntryTagName())
+    assert rectified.GetSegment("kidney_right").GetName() == "Right kidney"
+    assert np.allclose(spleen.GetColor(), np.array([157, 108, 162]) / 255.0, atol=1e-3)
+
+
+def test_geometry_equals_the_input(run):
+    m_in = geometry.ijkToRas(run.volume)
+    unc = run.outputs.uncertainty
+    assert np.allclose(geometry.ijkToRas(unc), m_in)
+    assert unc.GetImageData().GetDimensions() == run.volume.GetImageData().GetDimensions()
+    for role in ("ensemble", "rectified", "flagged"):
+        node = run.outputs.nodes[role]
+        labelmap = run.app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"export {role}")
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+            node, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        assert ok
+        assert labelmap.GetImageData().GetDimensions() == run.volume.GetImageData().GetDimensions()
+        assert np.allclose(geometry.ijkToRas(labelmap), m_in)
+        run.app.scene.RemoveNode(labelmap)
+
+
+def test_uncertainty_is_the_entropy_map_within_0_and_log2(run):
+    u = slicer.util.arrayFromVolume(run.outputs.uncertainty)
+    assert u.dtype == np.float32
+    assert u.min() >= 0.0 and u.max() <= math.log(2) + 1e-6
+    assert u.max() > 0.3  # SAM is unsure somewhere along organ borders
+    expected, _ = run.computed.result.uncertainty_maps()
+    assert np.array_equal(u, expected)
+    display = run.outputs.uncertainty.GetDisplayNode()
+    assert display.GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    assert display.GetApplyThreshold()
+    legends = run.app.logics["Colors"].GetNumberOfColorLegendDisplayNodes(run.outputs.uncertainty)
+    assert legends == 1
+    for i in range(run.app.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = run.app.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        assert composite.GetForegroundVolumeID() == run.outputs.uncertainty.GetID()
+        assert composite.GetBackgroundVolumeID() == run.volume.GetID()
+
+
+def test_review_rows_are_the_connected_components_of_the_flagged_segments(run):
+    table = run.outputs.review.GetTable()
+    rows = [{table.GetColumnName(c): table.GetValue(r, c).ToString() for c in range(table.GetNumberOfColumns())}
+            for r in range(table.GetNumberOfRows())]
+    assert rows, "no flagged region at all"
+    spacing = np.prod(run.volume.GetSpacing()) / 1000.0
+    u = slicer.util.arrayFromVolume(run.outputs.uncertainty)
+    for organ in ORGANS.values():
+        flagged = full_mask(run.outputs.flagged, organ, run.volume)
+        components, n = ndimage.label(flagged, np.ones((3, 3, 3)))
+        sizes = sorted((np.bincount(components.ravel())[1:] * spacing).round(3).tolist(), reverse=True)
+        organ_rows = [row for row in rows if row["Organ"] == organ]
+        assert len(organ_rows) == n
+        assert [round(float(row["Volume"]), 3) for row in organ_rows] == sizes
+        for row in organ_rows:
+            i, j, k = (int(v) for v in row["Seed IJK"].split(","))
+            assert flagged[k, j, i]
+            assert 0 < float(row["Mean uncertainty"]) <= float(row["Max uncertainty"]) <= math.log(2) + 1e-6
+            comp = components == components[k, j, i]
+            assert float(row["Mean uncertainty"]) == pytest.approx(float(u[comp].mean()), abs=1e-4)
+            assert row["Status"] == "pending"
+    assert [int(row["ID"]) for row in rows] == list(range(1, len(rows) + 1))
+
+
+def test_statistics_table_has_one_row_per_organ(run):
+    table = run.outputs.statistics.GetTable()
+    assert table.GetNumberOfRows() == len(ORGANS)
+    col = {table.GetColumnName(c): c for c in range(table.GetNumberOfColumns())}
+    spacing = np.prod(run.volume.GetSpacing()) / 1000.0
+    for r in range(table.GetNumberOfRows()):
+        organ = table.GetValue(r, col["Organ"]).ToString()
+        rect = full_mask(run.outputs.rectified, organ, run.volume)
+        assert table.GetValue(r, col["Volume"]).ToDouble() == pytest.approx(rect.sum() * spacing)
+        assert 0.0 <= table.GetValue(r, col["Flagged fraction"]).ToDouble() <= 1.0
+        assert 0.0 < table.GetValue(r, col["Mean uncertainty"]).ToDouble() <= math.log(2)
+
+
+def test_input_voxels_are_unchanged(run):
+    assert voxel_hash(run.volume) == run.hash_before
+    assert run.volume.GetImageData().GetScalarType() == 4  # still the int16 it was read as
+
+
+def test_rectified_saves_to_seg_nrrd_and_reads_back_equal(run, tmp_path):
+    scene = run.app.scene
+    path = tmp_path / "rectified.seg.nrrd"
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.WriteData(run.outputs.rectified)
+    back = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(path))
+    assert reader.ReadData(back)
+    a, b = run.outputs.rectified.GetSegmentation(), back.GetSegmentation()
+    assert [a.GetNthSegmentID(i) for i in range(a.GetNumberOfSegments())] == \
+        [b.GetNthSegmentID(i) for i in range(b.GetNumberOfSegments())]
+    for organ in ORGANS.values():
+        sa, sb = a.GetSegment(organ), b.GetSegment(organ)
+        assert sa.GetName() == sb.GetName()
+        assert np.allclose(sa.GetColor(), sb.GetColor())
+        tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+        assert segmentations.segmentTag(sa, tag) == segmentations.segmentTag(sb, tag)
+        assert np.array_equal(full_mask(run.outputs.rectified, organ, run.volume), full_mask(back, organ, run.volume))
+    assert segmentations.contentHash(back) == segmentations.contentHash(run.outputs.rectified)
+    for node in (back, storage, reader):
+        scene.RemoveNode(node)
+
+
+def test_rerun_replaces_only_its_own_nodes(run):
+    app, volume, logic, first = fresh_outputs(run)
+    scene = app.scene
+    # a user's node with the same name as an output, and an unrelated segmentation
+    decoy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "UR-SAM rectified")
+    decoy.GetSegmentation().AddEmptySegment("mine")
+    decoy_hash = segmentations.contentHash(decoy)
+    ids_before = app.nodeIDs()
+    second = logic.applySegmentation(logic._cache[volume.GetID()])
+    assert {r: n.GetID() for r, n in second.nodes.items()} == {r: n.GetID() for r, n in first.nodes.items()}
+    assert app.nodeIDs() == ids_before
+    assert second.notes == []
+    assert segmentations.contentHash(decoy) == decoy_hash and decoy.GetAttribute(outputs.ROLE) is None
+
+
+def test_edited_rectified_segmentation_is_kept_and_a_new_node_made(run):
+    app, volume, logic, first = fresh_outputs(run)
+    edited = first.rectified
+    mask = np.ones((1, 3, 3), bool)
+    shape = slicer.util.arrayFromVolume(volume).shape
+    segmentations.modifySegmentRegion(edited, "spleen", mask, (SLICES[0], 5, 5), geometry.ijkToRas(volume), shape,
+                                      add=True)
+    edited_hash = segmentations.contentHash(edited)
+    again = logic.rectify(volume)  # a rerun of rectification: writes the rectified segmentation again
+    assert again.rectified is not edited
+    assert again.rectified.GetName() != edited.GetName()
+    assert segmentations.contentHash(edited) == edited_hash
+    assert edited.GetAttribute(outputs.ROLE) == "rectified-kept"
+    assert again.notes and "edited" in again.notes[0]
+    assert full_mask(edited, "spleen", volume)[SLICES[0], 5:8, 5:8].all()
+    assert not full_mask(again.rectified, "spleen", volume)[SLICES[0], 5:8, 5:8].any()
+    # the next rerun writes into the new node, not into the kept one
+    third = logic.rectify(volume)
+    assert third.rectified is again.rectified and third.notes == []
+
+
+def test_accept_and_reject_change_only_that_region_of_that_organ(run):
+    app, volume, logic, out = fresh_outputs(run)
+    table = out.review
+    rows = table.GetTable().GetNumberOfRows()
+    col = {table.GetTable().GetColumnName(c): c for c in range(table.GetTable().GetNumberOfColumns())}
+    row = max(range(rows), key=lambda r: table.GetTable().GetValue(r, col["Volume"]).ToDouble())
+    organ = table.GetTable().GetValue(row, col["Organ"]).ToString()
+    other = next(o for o in ORGANS.values() if o != organ)
+    component = review.componentFromTable(table, row)
+    flagged = full_mask(out.flagged, organ, volume)
+    labels, _ = ndimage.label(flagged, np.ones((3, 3, 3)))
+    i, j, k = component.seedIjk
+    region = labels == labels[k, j, i]
+    before = full_mask(out.rectified, organ, volume)
+    before_other = full_mask(out.rectified, other, volume)
+
+    n = logic.reviewComponent(table, row, accept=True)
+    after = full_mask(out.rectified, organ, volume)
+    assert n == region.sum()
+    assert np.array_equal(after, before | region)
+    assert table.GetTable().GetValue(row, col["Status"]).ToString() == "accepted"
+
+    logic.reviewComponent(table, row, accept=False)
+    after = full_mask(out.rectified, organ, volume)
+    assert np.array_equal(after, before & ~region)
+    assert table.GetTable().GetValue(row, col["Status"]).ToString() == "rejected"
+    assert np.array_equal(full_mask(out.rectified, other, volume), before_other & ~region)
+
+
+def test_selecting_a_row_jumps_the_slice_views_to_it(run):
+    app, volume, logic, out = fresh_outputs(run)
+    centre = review.rowCentre(out.review, 0)
+    logic.jumpToComponent(out.review, 0)
+    red = app.scene.GetSingletonNode("Red", "vtkMRMLSliceNode")
+    sliceToRas = geometry.matrixToArray(red.GetSliceToRAS())
+    # the axial view's plane passes through the region's centre
+    assert sliceToRas[2, 3] == pytest.approx(centre[2], abs=1e-3)
+
+
+def test_rectify_reruns_only_the_rectification(run, litemedsam):
+    app, volume, logic, out = fresh_outputs(run)
+    calls = litemedsam.encoder_calls
+    ensemble_hash = segmentations.contentHash(out.ensemble)
+    fixed = logic.rectify(volume, fixedThreshold=0.05)
+    assert litemedsam.encoder_calls == calls
+    assert fixed.rectified is out.rectified  # not edited, so rewritten in place
+    assert "ensemble" not in fixed.nodes and segmentations.contentHash(out.ensemble) == ensemble_hash
+    # a low fixed threshold flags more than the class-specific one
+    loose = sum(full_mask(fixed.flagged, o, volume).sum() for o in ORGANS.values())
+    logic.rectify(volume, fixedThreshold=None)
+    strict = sum(full_mask(out.flagged, o, volume).sum() for o in ORGANS.values())
+    assert loose > strict
+
+
+def test_cancel_in_mid_run_leaves_the_scene_unchanged(run, litemedsam):
+    app = SlicerApp()
+    volume = app.loadVolume(run.volume.GetStorageNode().GetFileName(), "tsA_slab")
+    labels = app.loadVolume(run.labels.GetStorageNode().GetFileName(), "labels")
+    _, rois = make_rois(app.scene, volume, labels)
+    ids_before = app.nodeIDs()
+    sh = app.scene.GetSubjectHierarchyNode()
+    items = vtk_ids(sh)
+    seen = []
+
+    def cancel():
+        # stop once the first slice has been embedded: a cancel in the middle of the SAM loop
+        return any(s == "embedding slices" and i >= 1 for s, i, _ in seen)
+
+    logic = URSAMProcessLogic(app.appLogic)
+    with pytest.raises(Cancelled):
+        logic.process(volume, rois=rois, backend=litemedsam, cancel=cancel,
+                      progress=lambda s, i, n: seen.append((s, i, n)))
+    assert app.nodeIDs() == ids_before
+    assert vtk_ids(sh) == items
+    assert not logic.hasCachedResult(volume)
+    assert max(i for s, i, _ in seen if s == "embedding slices") == 1
+
+
+def vtk_ids(sh):
+    import vtk
+
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
+    return sorted(ids.GetId(i) for i in range(ids.GetNumberOfIds()))
+
+
+def test_bad_inputs_get_one_line_messages(run):
+    logic = URSAMProcessLogic()
+    with pytest.raises(URSAMError, match="ROIs or a template library"):
+        logic.prepareSegmentation(run.volume)
+    with pytest.raises(URSAMError, match="not a scalar CT volume"):
+        label_map = run.app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "a label map")
+        logic.prepareSegmentation(label_map, rois=run.rois)
+    far = run.app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "liver")
+    far.SetCenter(5000.0, 5000.0, 5000.0)
+    far.SetRadiusXYZ(10.0, 10.0, 10.0)
+    with pytest.raises(URSAMError, match="ROI 'liver' lies outside the input volume 'tsA_slab'"):
+        logic.prepareSegmentation(run.volume, rois=[far])
+    with pytest.raises(URSAMError, match="needs a checkpoint"):
+        logic.prepareSegmentation(run.volume, rois=run.rois, backend="sam-vit-b")
+    with pytest.raises(URSAMError, match="ratio"):
+        logic.prepareSegmentation(run.volume, rois=run.rois, options=RunOptions(ratio=0.7))
+    for node in (label_map, far):
+        run.app.scene.RemoveNode(node)
