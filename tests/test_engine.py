@@ -97,3 +97,17 @@ def test_ts_a_auto_dice_with_boxes_from_labels(litemedsam):
     auto = result.label_map("auto")
     scores = [dice(auto == b.label, truth == b.label) for b in boxes]
     assert np.mean(scores) >= 0.62, scores
+
+
+def test_same_seed_gives_bit_identical_results(crop, litemedsam):
+    ref, volume = read_ct(crop / "image.nii.gz")
+    _, labels = read_labels(crop / "labels.nii.gz", ref)
+    boxes = boxes_from_labels(labels[1:4], names(ABD), labels=[2, 3])
+    runs = [segment_volume(volume[1:4], ref[:, :, 1:4], boxes, litemedsam, Params(seed=s)) for s in (5, 5, 6)]
+    a, b, c = runs
+    for oa, ob in zip(a.organs, b.organs):
+        assert np.array_equal(oa.p_mean, ob.p_mean) and np.array_equal(oa.u, ob.u)
+    assert np.array_equal(a.label_map("ursam"), b.label_map("ursam"))
+    assert np.array_equal(a.uncertainty_maps()[0], b.uncertainty_maps()[0])
+    # Another seed shifts the boxes differently, so the ensemble differs.
+    assert any(not np.array_equal(oa.p_mean, oc.p_mean) for oa, oc in zip(a.organs, c.organs))
