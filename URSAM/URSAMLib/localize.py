@@ -399,7 +399,7 @@ def fuse_boxes(reference, registrations, organs, margin=DEFAULT_MARGIN, warn=Non
 
 
 def localize_registration(image, library, organs=None, progress=None, margin=DEFAULT_MARGIN,
-                          keep_transforms=False, **options):
+                          keep_transforms=False, missing="error", **options):
     """The registration localizer; see :func:`localize`. ``options`` set :class:`RegistrationOptions`."""
     progress = progress or Progress()
     try:
@@ -413,9 +413,9 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
     regs = register_supports(query, templates, wanted, opts, progress)
     seconds = time.perf_counter() - t0
     present = set().union(*(r.points for r in regs)) if regs else set()
-    missing = [name for v, name in wanted.items() if v not in present]
-    if organs is not None and missing:
-        raise URSAMError(f"no support scan of the library labels {', '.join(missing)}", library.meta_path)
+    absent = [name for v, name in wanted.items() if v not in present]
+    if organs is not None and absent and missing == "error":
+        raise URSAMError(f"no support scan of the library labels {', '.join(absent)}", library.meta_path)
     boxes, raw, skipped, spread = fuse_boxes(query, regs, wanted, margin, progress.warn)
     info = {"method": "registration", "library": str(Path(library.path).absolute()),
             "supports": [r.case_id for r in regs], "margin_z_xy": [int(margin[0]), float(margin[1])],
@@ -442,8 +442,10 @@ def localize(image, library, organs=None, method="registration", progress=None, 
     ``method``: a key of :data:`LOCALIZERS`. ``progress``: a :class:`Progress`
     (its cancel callback is honoured between supports).
     Options of the registration localizer: ``margin=(z_slices, grid_px)``
-    (METHOD.md §1, default (2, 10)), ``keep_transforms``, and the fields of
-    :class:`RegistrationOptions`.
+    (METHOD.md §1, default (2, 10)); ``missing``: "error" (default) raises
+    URSAMError when a requested organ is labelled in no support, "skip" warns
+    and records it in ``info["skipped"]``; ``keep_transforms``; and the fields
+    of :class:`RegistrationOptions`.
 
     ``boxes`` are :class:`OrganBox` in the query's voxel indices (margin
     included); ``info`` is JSON-ready: per-support registration seconds,
@@ -456,3 +458,34 @@ def localize(image, library, organs=None, method="registration", progress=None, 
     if not isinstance(library, Library):
         library = Library(library)
     return LOCALIZERS[method](image, library, organs=organs, progress=progress, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# The atlas baseline: support labels warped by the same registrations, majority vote
+
+def warp_labels(reference, registration, template, values):
+    """A support's label map (only ``values``) resampled onto the query grid, nearest neighbour."""
+    label_image, labels = template.read_labels()
+    keep = np.where(np.isin(labels, list(values)), labels, 0).astype(np.uint16)
+    moving = sitk.GetImageFromArray(keep)
+    moving.CopyInformation(label_image)
+    return sitk.Resample(moving, reference, registration.transform, sitk.sitkNearestNeighbor, 0,
+                         sitk.sitkUInt16)
+
+
+def atlas_labels(reference, registrations, library, values):
+    """Multi-atlas segmentation of the query: every support's labels warped, then a majority vote.
+
+    The classic baseline without SAM (``ursam evaluate`` method ``atlas``).
+    A voxel takes the label most supports give it, background included; ties
+    go to background. Returns an int32 array [z, y, x] on ``reference``'s grid.
+    """
+    by_id = {t.case_id: t for t in library.templates()}
+    warped = [warp_labels(reference, r, by_id[r.case_id], values) for r in registrations]
+    if not warped:
+        raise URSAMError("no registered support scan to build the atlas from", library.meta_path)
+    if len(warped) == 1:
+        voted = warped[0]
+    else:
+        voted = sitk.LabelVoting(warped, 0)
+    return sitk.GetArrayFromImage(voted).astype(np.int32)

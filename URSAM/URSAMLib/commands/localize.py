@@ -4,19 +4,28 @@ from ..errors import URSAMError
 from ..progress import Progress
 
 
-def add_localizer_options(p, required=False):
-    """Template library options shared by localize, segment and evaluate."""
+TEMPLATES_HELP = "template library: dataset.json + cases/<id>/image.* and labels.*"
+
+
+def add_localizer_options(p, templates=True, margin=True, required=False):
+    """Template library options shared by localize, segment and evaluate.
+
+    ``templates=False`` leaves out --templates (segment puts it beside --boxes;
+    evaluate names its supports otherwise); ``margin=False`` leaves out
+    --box-margin (segment has its own --margin).
+    """
     from ..localize import LOCALIZERS
 
     g = p.add_argument_group("auto-localization (METHOD.md §1)")
-    if p.prog.split()[-1] != "evaluate":
-        g.add_argument("--templates", metavar="LIB", required=required,
-                       help="template library: dataset.json + cases/<id>/image.* and labels.*")
+    if templates:
+        g.add_argument("--templates", metavar="LIB", required=required, help=TEMPLATES_HELP)
     g.add_argument("--organs", help="comma-separated organ names or label values (default: all of the library)")
     g.add_argument("--localizer", default="registration", choices=sorted(LOCALIZERS),
                    help="how supports are matched to the query (default: registration)")
-    g.add_argument("--box-margin", default="2,10", metavar="Z,XY",
-                   help="margin added to localized boxes: Z slices, XY px of SAM's 1024 grid (default 2,10)")
+    if margin:
+        g.add_argument("--box-margin", default="2,10", metavar="Z,XY",
+                       help="margin added to localized boxes: Z slices, XY px of SAM's 1024 grid "
+                            "(default 2,10, METHOD.md §1)")
     g.add_argument("--workers", type=int, default=None,
                    help="support scans registered at once (default: one per core)")
     g.add_argument("--deformable", action="store_true",
@@ -33,9 +42,9 @@ def parse_pair(text, option):
     return int(round(z)), xy
 
 
-def localizer_options(args):
+def localizer_options(args, margin=None):
     """Keyword options of :func:`URSAMLib.localize.localize` from parsed arguments."""
-    opts = {"margin": parse_pair(args.box_margin, "--box-margin")}
+    opts = {"margin": margin if margin is not None else parse_pair(args.box_margin, "--box-margin")}
     if args.localizer == "registration":
         if args.workers is not None:
             if args.workers < 1:

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from ..boxes import load_boxes, add_margin
+from ..boxes import load_boxes, add_margin, save_boxes
 from ..errors import URSAMError
 from ..imageio import read_ct
 from ..outputs import check_output_dir
@@ -19,16 +19,34 @@ def add_parser(sub):
     p.add_argument("image", help="CT: NIfTI, NRRD, MHA, or a DICOM series folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--boxes", help="box file (JSON, voxel indices)")
+    src.add_argument("--templates", metavar="LIB",
+                     help="localize the organs from this template library first (also saves boxes.json)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--margin", default="0,0",
-                   help="box margin Z,XY: Z slices, XY px of SAM's 1024 grid (default 0,0 for --boxes)")
+    p.add_argument("--margin", default=None,
+                   help="box margin Z,XY: Z slices, XY px of SAM's 1024 grid "
+                        "(default 0,0 for --boxes, 2,10 for --templates as in METHOD.md §1)")
     p.add_argument("--reference", help="reference label map (same label values as the boxes): "
                                         "scores every method and prints the Dice table")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sam_options(p)
+    from .localize import add_localizer_options
+
+    add_localizer_options(p, templates=False, margin=False)
     p.set_defaults(func=main)
     return p
+
+
+def _localize(args, margin, progress):
+    """Boxes from the template library (METHOD.md §1), with the margin; see URSAMLib.localize."""
+    from ..localize import localize
+    from .localize import localizer_options
+
+    boxes, info = localize(args.image, args.templates, organs=args.organs, method=args.localizer,
+                           progress=progress, **localizer_options(args, margin=margin))
+    if not boxes:
+        raise URSAMError("no organ could be localized from the template library", args.templates)
+    return boxes, info
 
 
 def parse_margin(text):
@@ -47,19 +65,33 @@ def main(args):
     progress = Progress(quiet=args.quiet)
     check_output_dir(args.out, args.overwrite)
     params = params_from_args(args)
-    margin = parse_margin(args.margin)
+    margin = parse_margin(args.margin or ("2,10" if args.templates else "0,0"))
     reference, volume = read_ct(args.image)
     size = reference.GetSize()
-    boxes = load_boxes(args.boxes, size, warn=progress.warn)
-    if margin != (0, 0.0):
-        boxes = [add_margin(b, margin[0], margin[1], size) for b in boxes]
+    extra_files, localization = {}, None
+    if args.templates:
+        boxes, localization = _localize(args, margin, progress)
+        extra_files["boxes.json"] = lambda path: save_boxes(boxes, path, extra={"localization": localization})
+    else:
+        if args.organs:
+            raise URSAMError("--organs goes with --templates; with --boxes, edit the box file")
+        boxes = load_boxes(args.boxes, size, warn=progress.warn)
+        if margin != (0, 0.0):
+            boxes = [add_margin(b, margin[0], margin[1], size) for b in boxes]
     truth = read_labels(args.reference, reference, "reference label map")[1] if args.reference else None
     percentile = percentile_for(args, volume, args.image, progress)
     backend = backend_from_args(args, progress, percentile)
-    inputs = {"image": str(Path(args.image).absolute()), "boxes": str(Path(args.boxes).absolute()),
+    source = {"templates": str(Path(args.templates).absolute())} if args.templates else \
+        {"boxes": str(Path(args.boxes).absolute())}
+    inputs = {"image": str(Path(args.image).absolute()), **source,
               "margin_z_xy": list(margin), "normalization": "percentile" if percentile else "ct-window"}
+    if localization is not None:
+        inputs["localization"] = localization
     result = segment_volume(volume, reference, boxes, backend, params, progress=progress, inputs=inputs)
-    write_results(result, args.out, args.overwrite, progress, reference=truth)
+    if localization is not None:
+        result.warnings += [f"{name} was not localized ({why}); it was skipped"
+                            for name, why in localization.get("skipped", {}).items()]
+    write_results(result, args.out, args.overwrite, progress, reference=truth, extra_files=extra_files)
     if truth is not None:
         print(format_dice_table(result.dice_table(truth)))
     if not args.quiet:

@@ -1,0 +1,52 @@
+"""``ursam evaluate``: every method on every query case of a dataset, the paper's table."""
+from ..errors import URSAMError
+from ..progress import Progress
+
+
+def add_parser(sub):
+    from ..cli import add_sam_options
+    from ..evaluate import ALL_METHODS
+    from .localize import add_localizer_options
+
+    p = sub.add_parser("evaluate", help="score every method on a dataset's query cases",
+                       description="Localize from the support scans, run SAM once per slice for all methods, "
+                                   "score Dice/HD95 over the whole volume and write results.csv, table.md "
+                                   "(the paper's layout) and a box plot. A rerun skips finished cases.")
+    p.add_argument("dataset", metavar="DATASET", help="dataset folder: dataset.json with query cases, cases/<id>/")
+    p.add_argument("--support-from", metavar="LIB",
+                   help="template library of the supports (default: DATASET's own support list)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated methods (default: all: {','.join(ALL_METHODS)})")
+    p.add_argument("--cases", help="comma-separated case ids (default: DATASET's query list)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also score UR-SAM under the rectification settings of METHOD.md §4 "
+                        "(sweep.csv, sweep.md; no extra SAM run)")
+    p.add_argument("--out", required=True, help="output folder (reused by a rerun)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew where the folder holds an evaluation with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_localizer_options(p, templates=False)
+    add_sam_options(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args):
+    from ..cli import params_from_args, backend_from_args
+    from ..evaluate import evaluate, parse_methods, markdown_table, pivot, organ_order
+    from .localize import localizer_options
+
+    progress = Progress(quiet=args.quiet)
+    methods = parse_methods(args.methods)
+    params = params_from_args(args)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
+                       backend_factory=lambda: backend_from_args(args, progress), params=params,
+                       localizer=args.localizer, localizer_options=localizer_options(args), sweep=args.sweep,
+                       backend_name=args.backend, progress=progress, overwrite=args.overwrite,
+                       organs=args.organs)
+    table = summary["dice_table"]
+    organs = [o for o in next(iter(table.values())) if o != "Avg"] if table else []
+    print(markdown_table(table, organs))
+    print(f"wrote results.csv, table.md and dice_boxplot.png to {args.out} ({len(summary['cases'])} cases)")
+    return 0

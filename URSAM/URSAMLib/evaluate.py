@@ -1,0 +1,513 @@
+"""``ursam evaluate``: every method on every query case of a dataset, scored as the paper does.
+
+For each query case (METHOD.md §6): the organs are localized from the
+support scans, SAM runs once per slice for all methods (auto, ensemble,
+Unc-FPC/FNC/FPNC, UR-SAM and the simulated manual prompt share the
+embeddings), the atlas baseline warps the support labels with the
+localizer's own registrations, and every mask is scored over the whole
+volume (false positives outside the box count). Results are kept per case in
+``DIR/cases/<id>.json``, so a rerun skips finished cases; the tables are
+rebuilt from all finished cases at the end.
+
+Outputs: ``results.csv`` (one row per case, organ and method), ``table.md``
+(the paper's layout: one row per method, one column per organ, then Avg),
+``dice_boxplot.png``, ``summary.json``; with ``sweep``, ``sweep.csv`` and
+``sweep.md`` compare rectification settings (METHOD.md §4) on the same SAM maps.
+"""
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+import zlib
+from dataclasses import replace, asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, pipeline
+from .boxes import OrganBox, boxes_from_labels, box_iou
+from .errors import URSAMError
+from .imageio import read_ct, read_labels
+from .metrics import auroc, box_centre_error_mm, dice, hd95
+from .outputs import atomic_write_text, write_json
+from .progress import Progress
+from .rectification import RectifyOptions
+
+SAM_METHODS = pipeline.METHODS
+#: every method ``ursam evaluate`` knows, in the paper's table order
+ALL_METHODS = SAM_METHODS + ("manual", "atlas")
+LABELS = {"auto": "Auto prompting", "ensemble": "Ensemble", "unc-fpc": "Unc-FPC", "unc-fnc": "Unc-FNC",
+          "unc-fpnc": "Unc-FPNC", "ursam": "UR-SAM", "manual": "Manual prompting",
+          "atlas": "Atlas (registration, majority vote)"}
+#: the paper's simulated user: each side of the true box moved out by 0..20 px of the 1024 grid
+MANUAL_PERTURB_PX = 20.0
+COLUMNS = ("case", "organ", "label", "method", "dice", "hd95_mm", "dice_gt_slices", "box_iou",
+           "centre_error_mm", "mean_uncertainty", "uncertainty_auroc", "pred_voxels", "truth_voxels")
+#: METHOD.md §4 open points, tried with ``sweep=True``
+SWEEP_GRID = [RectifyOptions(scope=s, lower=lo, alpha_h=a)
+              for s in ("box", "slice") for lo in ("written", "midpoint") for a in (1.0, 1.1, 1.2, 1.5)]
+
+
+def parse_methods(text):
+    methods = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise URSAMError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {','.join(ALL_METHODS)}")
+    return [m for m in ALL_METHODS if m in methods]
+
+
+def variant_name(opts):
+    if opts.fixed_threshold is not None:
+        return f"ursam[fixed T={opts.fixed_threshold:g}]"
+    return f"ursam[{opts.scope},{opts.lower},a={opts.alpha_h:g}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+def _z_slices(mask):
+    return np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1))
+
+
+def score_mask(pred, truth, spacing_zyx):
+    """Dice and HD95 over the whole volume, and Dice over the slices where the truth has the organ."""
+    zs = _z_slices(truth)
+    return {"dice": dice(pred, truth), "hd95_mm": hd95(pred, truth, spacing_zyx),
+            "dice_gt_slices": dice(pred[zs], truth[zs]) if len(zs) else float("nan"),
+            "pred_voxels": int(np.count_nonzero(pred)), "truth_voxels": int(np.count_nonzero(truth))}
+
+
+def box_scores(box, truth_box, spacing_xyz):
+    if box is None or truth_box is None:
+        return {"box_iou": float("nan"), "centre_error_mm": float("nan")}
+    return {"box_iou": box_iou(box, truth_box), "centre_error_mm": box_centre_error_mm(box, truth_box, spacing_xyz)}
+
+
+def mask_box(mask, label, name):
+    idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return None
+    return OrganBox(label, name, idx.min(0)[::-1].tolist(), idx.max(0)[::-1].tolist())
+
+
+def uncertainty_scores(o, truth_region):
+    """Mean u inside the box, and AUROC of u for the ensemble's error voxels there."""
+    inner = o.box_in_region
+    u = o.u[inner]
+    errors = o.masks["ensemble"][inner] != truth_region[inner]
+    return {"mean_uncertainty": float(u.mean()) if u.size else float("nan"),
+            "uncertainty_auroc": auroc(u, errors)}
+
+
+# ----------------------------------------------------------------------------------------------
+# One case
+
+class CaseInputs:
+    """What one query case needs: CT, truth, the organs to score (dataset values and names)."""
+
+    def __init__(self, dataset, case_id, organs):
+        t = dataset.case(case_id)
+        self.case_id = case_id
+        self.image_path = t.image_path
+        self.reference, self.volume = read_ct(t.image_path)
+        _, self.truth = t.read_labels(reference=self.reference)
+        self.organs = organs  # {dataset value: name}
+        self.spacing_xyz = np.array(self.reference.GetSpacing())
+        self.spacing_zyx = self.spacing_xyz[::-1]
+        present = set(np.unique(self.truth).tolist())
+        self.scored = {v: n for v, n in organs.items() if v in present}
+        self.truth_boxes = {b.label: b for b in boxes_from_labels(self.truth, organs, labels=list(self.scored))}
+
+
+def _to_dataset_values(boxes, lib_to_ds):
+    out = []
+    for b in boxes:
+        if b.label in lib_to_ds:
+            out.append(OrganBox(lib_to_ds[b.label], b.name, list(b.min_ijk), list(b.max_ijk), list(b.notes)))
+    return out
+
+
+def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, localizer, localizer_options,
+             sweep=False, progress=None):
+    """Every method on one case: ``(rows, sweep_rows, info)``."""
+    from .localize import localize, atlas_labels
+
+    progress = progress or Progress()
+    t_case = time.perf_counter()
+    info = {"case": case.case_id, "warnings": []}
+    warn = progress.warn
+
+    def note(msg):
+        info["warnings"].append(msg)
+        warn(f"{case.case_id}: {msg}")
+
+    lib_values = [v for v, d in lib_to_ds.items() if d in case.scored]
+    missing = [n for v, n in case.organs.items() if v not in case.scored]
+    if missing:
+        note(f"no ground truth for {', '.join(missing)} in this case; not scored")
+    need_atlas = "atlas" in methods
+    keep = need_atlas and localizer == "registration"
+    t0 = time.perf_counter()
+    sub = Progress(callback=progress.callback, cancel=progress.cancel, quiet=True)
+    sub.warn = lambda m: note(m)
+    boxes, loc_info = localize(case.image_path, support_lib, organs=lib_values, method=localizer,
+                               progress=sub, keep_transforms=keep, missing="skip", **localizer_options)
+    registrations = loc_info.pop("registrations", None)
+    info["localization"] = loc_info
+    info["localize_seconds"] = round(time.perf_counter() - t0, 2)
+    boxes = [b for b in _to_dataset_values(boxes, lib_to_ds) if b.label in case.scored]
+    raw = {lib_to_ds[b["label"]]: OrganBox(lib_to_ds[b["label"]], b["name"], b["min_ijk"], b["max_ijk"])
+           for b in loc_info.get("raw_boxes", []) if b["label"] in lib_to_ds}
+    rows, sweep_rows = [], []
+
+    def add_row(value, method, pred, box, extra=None):
+        row = {"case": case.case_id, "organ": case.organs[value], "label": value, "method": method}
+        row.update(score_mask(pred, case.truth == value, case.spacing_zyx))
+        row.update(box_scores(box, case.truth_boxes.get(value), case.spacing_xyz))
+        row.update({"mean_uncertainty": float("nan"), "uncertainty_auroc": float("nan")})
+        row.update(extra or {})
+        rows.append(row)
+
+    sam_methods = [m for m in methods if m in SAM_METHODS]
+    if sam_methods or "manual" in methods:
+        extra_sets = {}
+        manual_boxes = []
+        if "manual" in methods:
+            seed = (params.seed * 1000003 + zlib.crc32(case.case_id.encode())) % (2 ** 32)
+            manual_boxes = boxes_from_labels(case.truth, case.organs, MANUAL_PERTURB_PX, seed,
+                                             labels=list(case.scored))
+            extra_sets["manual"] = manual_boxes
+        backend = backend_factory()
+        calls0 = backend.encoder_calls
+        organs, timings = pipeline.run(case.volume, backend, boxes, params, extra_sets, progress)
+        timings["encoder_calls"] = backend.encoder_calls - calls0
+        info["sam_timings"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in timings.items()}
+        shape = case.volume.shape
+        main = {o.label: o for o in organs if o.prompt_set == "main"}
+        for method in sam_methods:
+            labels = pipeline.label_map(organs, method, shape)
+            for value in case.scored:
+                extra = None
+                if method == "ensemble" and value in main and main[value].u is not None:
+                    o = main[value]
+                    extra = uncertainty_scores(o, case.truth[o.sl] == value)
+                add_row(value, method, labels == value, raw.get(value), extra)
+        if "manual" in methods:
+            labels = pipeline.label_map(organs, "auto", shape, prompt_set="manual")
+            mboxes = {b.label: b for b in manual_boxes}
+            for value in case.scored:
+                add_row(value, "manual", labels == value, mboxes.get(value))
+        if sweep:
+            sweep_rows = _sweep(case, organs, params, shape)
+    if need_atlas:
+        if registrations is None:
+            from .localize import localize_registration
+
+            _, reg_info = localize_registration(case.image_path, support_lib, organs=lib_values,
+                                                progress=sub, keep_transforms=True, missing="skip")
+            registrations = reg_info["registrations"]
+        t0 = time.perf_counter()
+        atlas = atlas_labels(case.reference, registrations, support_lib, lib_values)
+        ds_atlas = np.zeros_like(atlas)
+        for lv, dv in lib_to_ds.items():
+            ds_atlas[atlas == lv] = dv
+        info["atlas_seconds"] = round(time.perf_counter() - t0, 2)
+        for value in case.scored:
+            m = ds_atlas == value
+            add_row(value, "atlas", m, mask_box(m, value, case.organs[value]))
+    info["seconds"] = round(time.perf_counter() - t_case, 2)
+    return rows, sweep_rows, info
+
+
+def _sweep(case, organs, params, shape):
+    """UR-SAM under each rectification setting of SWEEP_GRID, on the cached SAM maps (no SAM rerun)."""
+    rows = []
+    main = [o for o in organs if o.prompt_set == "main"]
+    saved = [dict(o.masks) for o in main], [o.m_unc for o in main], [o.info for o in main]
+    try:
+        for opts in SWEEP_GRID:
+            p = replace(params, rectify=opts)
+            for o in main:
+                pipeline.finish_organ(o, p)
+            labels = pipeline.label_map(main, "ursam", shape)
+            for value in case.scored:
+                pred = labels == value
+                t = case.truth == value
+                zs = _z_slices(t)
+                rows.append({"case": case.case_id, "organ": case.organs[value], "label": value,
+                             "method": variant_name(opts), "scope": opts.scope, "lower": opts.lower,
+                             "alpha_h": opts.alpha_h, "dice": dice(pred, t),
+                             "dice_gt_slices": dice(pred[zs], t[zs]) if len(zs) else float("nan")})
+    finally:
+        for o, masks, m_unc, inf in zip(main, *saved):
+            o.masks, o.m_unc, o.info = masks, m_unc, inf
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}"
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _median(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.median(vals)) if vals else float("nan")
+
+
+def pivot(rows, key, methods, organs, agg=_mean):
+    """{method: {organ: aggregate over cases}}, with "Avg" the mean over organs."""
+    table = {}
+    for m in methods:
+        per = {}
+        for organ in organs:
+            vals = [r[key] for r in rows if r["method"] == m and r["organ"] == organ]
+            per[organ] = agg(vals) if vals else float("nan")
+        finite = [v for v in per.values() if not math.isnan(v) and not math.isinf(v)]
+        per["Avg"] = float(np.mean(finite)) if finite else float("nan")
+        table[m] = per
+    return table
+
+
+def markdown_table(table, organs, label_of=lambda m: LABELS.get(m, m), digits=3):
+    head = "| method | " + " | ".join(organs) + " | Avg |"
+    sep = "|---|" + "---|" * (len(organs) + 1)
+    lines = [head, sep]
+    for m, per in table.items():
+        lines.append(f"| {label_of(m)} | " + " | ".join(_fmt(per[o], digits) for o in organs)
+                     + f" | {_fmt(per['Avg'], digits)} |")
+    return "\n".join(lines)
+
+
+def organ_order(rows, names):
+    seen = {r["organ"] for r in rows}
+    return [n for n in names.values() if n in seen]
+
+
+def write_tables(out, rows, sweep_rows, names, methods, header):
+    organs = organ_order(rows, names)
+    cases = sorted({r["case"] for r in rows})
+    present = [m for m in methods if any(r["method"] == m for r in rows)]
+    parts = [f"# {header}", "",
+             f"{len(cases)} query case(s): {', '.join(cases)}.", "",
+             "## Dice, every slice of the predicted box and the whole volume (METHOD.md §6)", "",
+             markdown_table(pivot(rows, "dice", present, organs), organs), "",
+             "## Dice on ground-truth slices only (the paper's protocol; shown for comparison)", "",
+             markdown_table(pivot(rows, "dice_gt_slices", present, organs), organs), "",
+             "## HD95 (mm), median over cases (an empty mask counts as inf)", "",
+             markdown_table(pivot(rows, "hd95_mm", present, organs, _median), organs, digits=1), ""]
+    loc = [m for m in ("auto", "manual", "atlas") if m in present]
+    if loc:
+        label = {"auto": "Localized box (before margin)", "manual": "Manual box (simulated)",
+                 "atlas": "Atlas mask's box"}
+        parts += ["## Localization: box IoU with the true box", "",
+                  markdown_table(pivot(rows, "box_iou", loc, organs), organs, lambda m: label[m]), "",
+                  "## Localization: box centre error (mm)", "",
+                  markdown_table(pivot(rows, "centre_error_mm", loc, organs), organs, lambda m: label[m],
+                                 digits=1), ""]
+    if "ensemble" in present:
+        unc = {"mean u": pivot(rows, "mean_uncertainty", ["ensemble"], organs)["ensemble"],
+               "AUROC": pivot(rows, "uncertainty_auroc", ["ensemble"], organs)["ensemble"]}
+        parts += ["## Uncertainty inside the box: mean entropy, and AUROC of the entropy for the ensemble's "
+                  "error voxels", "", markdown_table(unc, organs, lambda m: m), ""]
+    atomic_write_text(out / "table.md", "\n".join(parts))
+    if sweep_rows:
+        variants = list(dict.fromkeys(r["method"] for r in sweep_rows))
+        t = pivot(sweep_rows, "dice", variants, organs)
+        base = pivot(rows, "dice", [m for m in ("auto", "ensemble", "ursam") if m in present], organs)
+        lines = ["# Rectification settings (METHOD.md §4) on the same SAM maps", "",
+                 "Mean Dice (whole volume). The UR-SAM row of table.md uses the run's own setting.", "",
+                 markdown_table({**base, **t}, organs), ""]
+        ranked = sorted(variants, key=lambda v: -t[v]["Avg"])
+        lines += ["Best settings by Avg: " + "; ".join(f"{v} {t[v]['Avg']:.3f}" for v in ranked[:3]), ""]
+        atomic_write_text(out / "sweep.md", "\n".join(lines))
+    return organs, present
+
+
+def write_csv(path, rows, columns):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (_csv_value(r.get(k))) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.6g}"
+    return v
+
+
+def write_boxplot(path, rows, organs, methods):
+    """Dice per organ (groups) and method (colours)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(organs) * max(1, len(methods)) / 3), 4.5))
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        data = [[r["dice"] for r in rows if r["method"] == m and r["organ"] == o] or [np.nan] for o in organs]
+        pos = np.arange(len(organs)) + (j - (len(methods) - 1) / 2) * width
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True,
+                        manage_ticks=False)
+        for patch in bp["boxes"]:
+            patch.set_facecolor(colors(j % 10))
+            patch.set_alpha(0.75)
+        ax.plot([], [], color=colors(j % 10), lw=6, label=LABELS.get(m, m))
+    ax.set_xticks(np.arange(len(organs)))
+    ax.set_xticklabels(organs, rotation=30, ha="right")
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=min(4, len(methods)), loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole evaluation
+
+def _config_hash(config):
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, backend_factory=None,
+             params=None, localizer="registration", localizer_options=None, sweep=False, backend_name="litemedsam",
+             progress=None, overwrite=False, organs=None):
+    """Run and score every method on the query cases of ``dataset``; returns the summary dict.
+
+    ``backend_factory()`` returns the SAM backend (called once, only if a case
+    needs SAM). Finished cases in ``out_dir/cases`` are reused when the
+    configuration matches; a different configuration is an error unless
+    ``overwrite``.
+    """
+    from .templates import Library
+
+    progress = progress or Progress()
+    params = params or pipeline.Params()
+    localizer_options = dict(localizer_options or {})
+    methods = list(methods)
+    ds = Library(dataset, role="query")
+    support = Library(support_from) if support_from else Library(dataset, role="support")
+    query_ids = list(cases) if cases else ds.case_ids("query")
+    support_ids = set(support.case_ids())
+    if not query_ids:
+        raise URSAMError("dataset has no query cases", ds.meta_path)
+    known = set(ds.case_ids("query")) | set(ds.meta.get("extra", [])) | set(ds.meta.get("support", []))
+    for c in query_ids:
+        if c not in known and not (ds.path / "cases" / c).is_dir():
+            raise URSAMError(f"case {c!r} is not in the dataset", ds.meta_path)
+        if Path(support.path).resolve() == Path(ds.path).resolve() and c in support_ids:
+            raise URSAMError(f"case {c!r} is a support scan; it cannot also be a query", ds.meta_path)
+    by_name = {n.lower(): v for v, n in ds.names.items()}
+    lib_to_ds = {v: by_name[n.lower()] for v, n in support.names.items() if n.lower() in by_name}
+    if not lib_to_ds:
+        raise URSAMError("the support library and the dataset share no organ name", support.meta_path)
+    if organs is not None:
+        wanted = set(ds.resolve_organs(organs))
+        lib_to_ds = {k: v for k, v in lib_to_ds.items() if v in wanted}
+        if not lib_to_ds:
+            raise URSAMError("the support library labels none of the requested organs", support.meta_path)
+    organs = {d: ds.names[d] for d in sorted(lib_to_ds.values())}
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise URSAMError("output path exists and is not a folder", out)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    config = {"ursam_version": __version__, "dataset": str(ds.path.absolute()),
+              "supports": str(Path(support.path).absolute()), "support_ids": sorted(support_ids),
+              "methods": methods, "params": params.to_json(), "backend": backend_name,
+              "localizer": localizer, "localizer_options": localizer_options, "sweep": bool(sweep),
+              "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values())}
+    digest = _config_hash(config)
+    config_path = out / "config.json"
+    if config_path.exists():
+        old = json.loads(config_path.read_text())
+        if old.get("hash") != digest:
+            if not overwrite:
+                raise URSAMError("output folder holds an evaluation with other settings (use --overwrite to "
+                                 "start it anew, or another folder)", config_path)
+            for f in (out / "cases").glob("*.json"):
+                f.unlink()
+    write_json({**config, "hash": digest}, config_path)
+
+    backend_holder = []
+
+    def get_backend():
+        if not backend_holder:
+            if backend_factory is None:
+                from .sam_backend import make_backend
+
+                backend_holder.append(make_backend(backend_name))
+            else:
+                backend_holder.append(backend_factory())
+        return backend_holder[0]
+
+    all_rows, all_sweep, infos = [], [], {}
+    for i, case_id in enumerate(query_ids):
+        path = out / "cases" / f"{case_id}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("hash") == digest:
+                progress.info(f"[{i + 1}/{len(query_ids)}] {case_id}: finished before, skipped")
+                all_rows += saved["rows"]; all_sweep += saved.get("sweep_rows", []); infos[case_id] = saved["info"]
+                continue
+        progress.info(f"[{i + 1}/{len(query_ids)}] {case_id}")
+        case = CaseInputs(ds, case_id, organs)
+        rows, sweep_rows, info = run_case(case, support, lib_to_ds, methods, get_backend, params, localizer,
+                                          localizer_options, sweep, progress)
+        write_json({"hash": digest, "rows": rows, "sweep_rows": sweep_rows, "info": info}, path)
+        all_rows += rows; all_sweep += sweep_rows; infos[case_id] = info
+        by_m = {m: _mean([r["dice"] for r in rows if r["method"] == m]) for m in methods}
+        progress.info(f"{case_id}: " + ", ".join(f"{m} {v:.3f}" for m, v in by_m.items())
+                      + f" ({info['seconds']:.0f} s)")
+    write_csv(out / "results.csv", all_rows, COLUMNS)
+    if all_sweep:
+        write_csv(out / "sweep.csv", all_sweep,
+                  ("case", "organ", "label", "method", "scope", "lower", "alpha_h", "dice", "dice_gt_slices"))
+    header = f"UR-SAM evaluation: {ds.meta.get('name', ds.path.name)}, backend {backend_name}"
+    organ_names, present = write_tables(out, all_rows, all_sweep, ds.names, methods, header)
+    write_boxplot(out / "dice_boxplot.png", all_rows, organ_names, present)
+    table = pivot(all_rows, "dice", present, organ_names)
+    reg_secs = [s for inf in infos.values() for s in inf.get("localization", {}).get("registration_seconds", {}).values()]
+    summary = {"config": config, "cases": list(infos), "mean_dice": {m: table[m]["Avg"] for m in present},
+               "dice_table": table, "registration_seconds_per_support": {
+                   "mean": _mean(reg_secs), "max": max(reg_secs) if reg_secs else None},
+               "case_info": infos}
+    write_json(_strict_json(summary), out / "summary.json")
+    return summary
+
+
+def _strict_json(v):
+    """NaN as null and inf as "inf", so summary.json is strict JSON for other tools."""
+    if isinstance(v, dict):
+        return {k: _strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict_json(x) for x in v]
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None if math.isnan(v) else "inf"
+    return v
