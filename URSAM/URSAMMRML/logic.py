@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from URSAMLib.errors import Cancelled, URSAMError
+from URSAMLib.errors import URSAMError
 from URSAMLib.progress import Progress
 
 from . import display, outputs, review, segmentations
@@ -415,13 +415,13 @@ class URSAMProcessLogic:
 
         Segments are matched to the library's organs by name; organs new to the
         library get new label values. The files are written by URSAMLib.templates.
+        Returns the new case id.
         """
         import os
         import tempfile
-        from pathlib import Path
 
         import SimpleITK as sitk
-        from URSAMLib.templates import Library
+        from URSAMLib.templates import open_or_create
 
         snapshot = snapshotVolume(inputVolume)
         if segmentationNode is None:
@@ -440,16 +440,21 @@ class URSAMProcessLogic:
             labels[mask] = value
         if not labels.any():
             raise URSAMError(f"segmentation '{segmentationNode.GetName()}' is empty")
-        path = Path(str(library))
-        lib = Library(path) if (path / "dataset.json").is_file() else Library.create(path, names)
+        lib = open_or_create(str(library), names)
         with tempfile.TemporaryDirectory(prefix="ursam-template-") as tmp:
-            imagePath = os.path.join(tmp, "image.nii.gz")
+            # the library names a new case after the image file
+            imagePath = os.path.join(tmp, f"{caseId or _caseId(snapshot.name)}.nii.gz")
             labelsPath = os.path.join(tmp, "labels.nii.gz")
-            sitk.WriteImage(snapshot.image(), imagePath, True)
+            image = snapshot.image()
+            values = snapshot.array
+            if np.array_equal(values, np.round(values)) and values.min() >= -32768 and values.max() <= 32767:
+                image = sitk.Cast(image, sitk.sitkInt16)  # HU as read: a quarter of the float32 file
+            sitk.WriteImage(image, imagePath, True)
             labelImage = sitk.GetImageFromArray(labels)
             labelImage.CopyInformation(snapshot.reference())
             sitk.WriteImage(labelImage, labelsPath, True)
-            return lib.add(imagePath, labelsPath, case_id=caseId or _caseId(snapshot.name), names=names)
+            added, _ = lib.add(imagePath, labelsPath, case_id=caseId, names=names)
+        return added
 
     # -- helpers ---------------------------------------------------------------------------------
     def _library(self, library):

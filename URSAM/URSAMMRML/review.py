@@ -16,8 +16,6 @@ import numpy as np
 import vtk
 from scipy import ndimage
 
-import slicer
-
 #: 26-connectivity: diagonal neighbours join, so one blob is one row
 STRUCTURE = ndimage.generate_binary_structure(3, 3)
 
