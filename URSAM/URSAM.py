@@ -250,9 +250,11 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-                self._parameterNode.inputVolume = firstVolumeNode
+            # the first CT, not a label map and not one of URSAM's own outputs
+            for volume in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+                if not volume.IsA("vtkMRMLLabelMapVolumeNode") and volume.GetAttribute("URSAM.role") is None:
+                    self._parameterNode.inputVolume = volume
+                    break
 
     def setParameterNode(self, inputParameterNode: Optional[URSAMParameterNode]) -> None:
         if self._parameterNode:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from URSAMLib import terminology
 from URSAMLib.errors import URSAMError
 from URSAMLib.progress import Progress
 
@@ -208,6 +209,7 @@ class URSAMProcessLogic:
                 roi.EndModify(wasModified)
                 if roi.GetDisplayNode() is None:
                     roi.CreateDefaultDisplayNodes()
+                roi.GetDisplayNode().SetSelectedColor(*terminology.lookup(box.name, box.label)[1])
                 rois.append(roi)
         except Exception:
             outputs.removeNodes(scene, created)
