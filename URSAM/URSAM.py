@@ -7,7 +7,6 @@ that reads and writes no node; the results are written on the main thread.
 import logging
 import math
 import os
-import pathlib
 import threading
 import time
 from typing import Annotated, Optional
@@ -79,13 +78,15 @@ class URSAMParameterNode:
     """The panel's settings, saved with the scene.
 
     organs: the checked organs, comma-separated (the checklist is filled from the library).
+    libraryPath, checkpoint: folder and file paths; kept as text and synchronized with their
+    ctkPathLineEdit by the widget, because the wrapper's pathlib default would show "." when unset.
     """
     inputVolume: vtkMRMLScalarVolumeNode
-    libraryPath: pathlib.Path
+    libraryPath: str = ""
     templateSegmentation: vtkMRMLSegmentationNode
     organs: str = ""
     backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "litemedsam"
-    checkpoint: pathlib.Path
+    checkpoint: str = ""
     device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
     nAug: Annotated[int, WithinRange(1, 50)] = 3
     ratio: Annotated[float, WithinRange(0.0, 0.49)] = 0.01
@@ -101,9 +102,8 @@ class URSAMParameterNode:
 
 
 def _pathText(path):
-    """A path parameter as text; the unset default Path() reads "."."""
-    text = str(path) if path is not None else ""
-    return "" if text in ("", ".") else text
+    """A path parameter or line-edit value as text ("" when unset)."""
+    return str(path or "").strip()
 
 
 #
@@ -199,7 +199,8 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.organListWidget.itemChanged.connect(self.onOrganItemChanged)
         self.ui.selectAllOrgansButton.clicked.connect(lambda: self.setAllOrgans(True))
         self.ui.selectNoOrgansButton.clicked.connect(lambda: self.setAllOrgans(False))
-        self.ui.libraryPathLineEdit.currentPathChanged.connect(self.refreshOrganList)
+        self.ui.libraryPathLineEdit.currentPathChanged.connect(self.onLibraryPathChanged)
+        self.ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointChanged)
         self.ui.addToLibraryButton.clicked.connect(self.onAddToLibrary)
         self.ui.localizeButton.clicked.connect(self.onLocalize)
         self.ui.segmentButton.clicked.connect(self.onSegment)
@@ -273,6 +274,11 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        if _pathText(self.ui.checkpointPathLineEdit.currentPath) != p.checkpoint:
+            self.ui.checkpointPathLineEdit.currentPath = p.checkpoint
+        if _pathText(self.ui.libraryPathLineEdit.currentPath) != p.libraryPath:
+            self.ui.libraryPathLineEdit.currentPath = p.libraryPath
+            self.refreshOrganList()  # e.g. a scene with another library was loaded
         needsCheckpoint = p.backend != "litemedsam"
         self.ui.checkpointPathLineEdit.enabled = needsCheckpoint
         self.ui.checkpointLabel.enabled = needsCheckpoint
@@ -303,12 +309,21 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Run UR-SAM inside the checked organ boxes as they stand.") if hasRois else
             _("No organ box is checked: Segment localizes the checked organs from the template library first."))
 
+    def onLibraryPathChanged(self, path) -> None:
+        if self._parameterNode is not None and _pathText(path) != self._parameterNode.libraryPath:
+            self._parameterNode.libraryPath = _pathText(path)
+            self.refreshOrganList()
+
+    def onCheckpointChanged(self, path) -> None:
+        if self._parameterNode is not None and _pathText(path) != self._parameterNode.checkpoint:
+            self._parameterNode.checkpoint = _pathText(path)
+
     def refreshOrganList(self, *args) -> None:
         """Fill the organ checklist from the template library; checked organs come from the parameter node."""
         p = self._parameterNode
         if p is None:
             return
-        path = _pathText(self.ui.libraryPathLineEdit.currentPath)
+        path = _pathText(p.libraryPath)
         self._libraryNames = {}
         message = ""
         if path:
@@ -783,7 +798,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
         slicer.util.selectModule("URSAM")
         widget = slicer.util.getModuleWidget("URSAM")
         widget._parameterNode.inputVolume = volume
-        widget._parameterNode.libraryPath = pathlib.Path(os.path.join(self.dataFolder(), "abdomen-ts"))
+        widget._parameterNode.libraryPath = os.path.join(self.dataFolder(), "abdomen-ts")
         logic = widget.logic
         # one small ROI (3 slices of the spleen) as the only organ box
         import numpy as np

@@ -123,9 +123,13 @@ def test_every_bound_widget_matches_a_parameter_of_a_connectable_type(script_ast
             assert "Choice(" in params[param], f"{param}: a QComboBox needs a Choice annotation"
         if cls == "ctkSliderWidget" or (cls == "QSlider"):
             assert "WithinRange(" in params[param], f"{param}: a slider needs a WithinRange annotation"
-    # every parameter is either bound or kept by the code itself
+    # every parameter is either bound or kept in step with its widget by the code itself
+    manual = {"organs": "organListWidget", "libraryPath": "libraryPathLineEdit", "checkpoint": "checkpointPathLineEdit"}
     unbound = set(params) - set(bound)
-    assert unbound <= {"organs"}, f"parameters with no widget: {unbound}"
+    assert unbound <= set(manual), f"parameters with no widget: {unbound - set(manual)}"
+    text = SCRIPT.read_text()
+    for param in unbound:
+        assert f"ui.{manual[param]}" in text and f".{param}" in text, f"{param} is not kept in step with its widget"
 
 
 def _cmake_list(text, var):
