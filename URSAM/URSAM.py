@@ -331,7 +331,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._libraryNames = self.logic.libraryOrganNames(path)
             except Exception as err:
                 message = str(err)
-        checked = {o for o in p.organs.split(",") if o}
+        checked = {o for o in p.organs.split(",") if o} & set(self._libraryNames.values())
         self._updatingOrgans = True
         try:
             self.ui.organListWidget.clear()
