@@ -233,3 +233,28 @@ def test_killed_run_leaves_no_partial_output(small, tmp_path, sig):
     if sig == signal.SIGTERM:
         # A graceful kill also removes its temporary folder.
         assert not list(tmp_path.glob(".out.partial-*"))
+
+
+# ---- unusual but usable input: run and warn ------------------------------------------------------
+
+def test_mr_like_scan_and_box_partly_outside_run_with_warnings(capsys, small, tmp_path):
+    # Shifted so that no voxel is near -1000: no CT window applies, as for an MR scan.
+    img = sitk.ReadImage(str(small / "image.nii.gz")) + 1024
+    mr = write(sitk.Cast(img, sitk.sitkUInt16), tmp_path / "mr.nrrd")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"boxes": [
+        {"label": 1, "name": "liver", "min_ijk": [10, 20, 0], "max_ijk": [60, 80, 2]},
+        {"label": 3, "name": "spleen", "min_ijk": [80, 30, -4], "max_ijk": [140, 70, 2]}]}))
+    out = tmp_path / "out"
+    code = main(["segment", str(mr), "--boxes", str(boxes), "--out", str(out), "--quiet", "--n-aug", "1",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "does not look like a CT" in err and "percentile" in err
+    assert "spleen was partly outside the image and was clipped to [80, 30, 0]..[121, 70, 2]" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"]["normalization"] == "percentile"
+    assert report["backend"]["percentile_normalization"] is True
+    spleen = next(o for o in report["organs"] if o["name"] == "spleen")
+    assert spleen["box"]["max_ijk"] == [121, 70, 2] and "clipped" in spleen["notes"][0]
+    assert len(report["warnings"]) == 2
