@@ -343,10 +343,13 @@ class URSAMProcessLogic:
           (``nAug=5``, ``backend="sam-vit-b"``, ``checkpoint=...``).
         - ``progress(stage, i, n)`` and ``cancel() -> bool`` callbacks; a cancel
           raises ``URSAMLib.errors.Cancelled`` and leaves the scene unchanged.
-        - ``backend``: an already built URSAMLib backend (else built from the options).
+        - ``backend``: a model name (``"litemedsam"``, ``"sam-vit-b"``, ...; same as
+          ``options.backend``) or an already built URSAMLib backend object.
 
         Returns :class:`URSAMMRML.outputs.Outputs` (``.rectified``, ``.uncertainty``, ...).
         """
+        if isinstance(backend, str):
+            overrides["backend"], backend = backend, None
         job = self.prepareSegmentation(inputVolume, library, rois, organs, options, **overrides)
         computed = self.computeSegmentation(job, progress, cancel, backend)
         return self.applySegmentation(computed, progress)

@@ -357,7 +357,9 @@ def test_bad_inputs_get_one_line_messages(run):
     with pytest.raises(URSAMError, match="ROI 'liver' lies outside the input volume 'tsA_slab'"):
         logic.prepareSegmentation(run.volume, rois=[far])
     with pytest.raises(URSAMError, match="needs a checkpoint"):
-        logic.prepareSegmentation(run.volume, rois=run.rois, backend="sam-vit-b")
+        logic.process(run.volume, rois=run.rois, backend="sam-vit-b")
+    with pytest.raises(URSAMError, match="checkpoint not found"):
+        logic.process(run.volume, rois=run.rois, backend="medsam", checkpoint="/nonexistent/medsam.pth")
     with pytest.raises(URSAMError, match="ratio"):
         logic.prepareSegmentation(run.volume, rois=run.rois, options=RunOptions(ratio=0.7))
     for node in (label_map, far):
