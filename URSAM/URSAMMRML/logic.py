@@ -193,11 +193,15 @@ class URSAMProcessLogic:
             raise URSAMError(f"the template library localized none of the organs in '{job.snapshot.name}'")
         return boxes, info
 
-    def applyLocalization(self, job, boxes):
-        """One ROI per organ, named after it, in the input's output folder; returns the ROI nodes."""
+    def applyLocalization(self, job, boxes, created=None):
+        """One ROI per organ, named after it, in the input's output folder; returns the ROI nodes.
+
+        New nodes are appended to ``created`` (if given) so that a caller can undo them.
+        """
         inputVolume = self._liveInput(job.snapshot)
         scene = inputVolume.GetScene()
-        created, rois = [], []
+        created = [] if created is None else created
+        rois = []
         try:
             folder = outputs.outputFolder(scene, inputVolume)
             for box in boxes:
@@ -294,7 +298,7 @@ class URSAMProcessLogic:
             if computed.localized is not None:
                 result.rois = self.applyLocalization(
                     LocalizeJob(snapshot, computed.job.library, computed.job.organs, computed.job.options),
-                    computed.localized)
+                    computed.localized, created)
             maps = computed.maps
             localToWorld = np.linalg.inv(snapshot.worldToLocal) @ snapshot.ijkToRas
             for role in roles:
