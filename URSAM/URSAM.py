@@ -9,6 +9,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from typing import Annotated, Optional
 
 import ctk
@@ -124,6 +125,7 @@ class BackgroundTask:
         self.progress = ("starting", 0, 0)
         self.result = None
         self.error = None
+        self.warnings = []
         self.done = False
         self.started = time.time()
         self._thread = threading.Thread(target=self._run, name=f"URSAM {name}", daemon=True)
@@ -133,12 +135,17 @@ class BackgroundTask:
         return self
 
     def _run(self):
-        try:
-            self.result = self._fn(self._onProgress, self.cancelEvent.is_set)
-        except BaseException as err:  # handed to the main thread, which reports it
-            self.error = err
-        finally:
-            self.done = True
+        # Python warnings raised here (e.g. by a package imported while loading the model) are kept
+        # and logged by the main thread: this thread writes nothing to Slicer's console.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                self.result = self._fn(self._onProgress, self.cancelEvent.is_set)
+            except BaseException as err:  # handed to the main thread, which reports it
+                self.error = err
+            finally:
+                self.warnings = [str(w.message) for w in caught]
+                self.done = True
 
     def _onProgress(self, stage, i, n):
         self.progress = (stage, i, n)
@@ -483,7 +490,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         flagged = outputs.review.GetTable().GetNumberOfRows() if "review" in outputs.nodes else 0
         message = _("Done in {s:.0f} s: {n} organs, {f} flagged regions to review.").format(
             s=computed.seconds, n=len(computed.maps["organs"]), f=flagged)
-        self.setStatus(" ".join([message] + outputs.notes + list(computed.result.warnings)))
+        self.setStatus(" ".join([message] + outputs.notes))
 
     def onRectify(self) -> None:
         p = self._parameterNode
@@ -534,6 +541,9 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def reportTaskEnd(self, task, finish) -> None:
         from URSAMLib.errors import Cancelled, URSAMError
+
+        for message in task.warnings:
+            logging.warning(f"URSAM {task.name}: {message}")
 
         if isinstance(task.error, Cancelled) or (task.error is None and task.cancelEvent.is_set()):
             self.setStatus(_("{name} cancelled; nothing was changed.").format(name=task.name))

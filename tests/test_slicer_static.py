@@ -189,7 +189,7 @@ def _top_level_imports(tree):
 
 def test_module_imports_nothing_that_needs_installing(script_ast):
     """Loading the module must not need torch or the engine's packages: they are installed on first use."""
-    allowed = {"logging", "math", "os", "pathlib", "threading", "time", "typing", "ctk", "qt", "vtk", "slicer",
+    allowed = {"logging", "math", "os", "pathlib", "threading", "time", "typing", "warnings", "ctk", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
                "URSAMMRML.dependencies"}
     extra = set(_top_level_imports(script_ast)) - allowed

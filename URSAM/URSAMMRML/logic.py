@@ -131,12 +131,30 @@ class LocalizeJob:
     options: RunOptions
 
 
+class CollectingProgress(Progress):
+    """URSAMLib's Progress that keeps warnings instead of printing them.
+
+    Runs may compute off Slicer's main thread, where nothing should write to
+    the Python console; the warnings reach the user with the results.
+    """
+
+    def __init__(self, callback=None, cancel=None):
+        super().__init__(callback=callback, cancel=cancel, quiet=True)
+        self.warnings = []
+
+    def warn(self, message):
+        self.warnings.append(str(message))
+
+    def info(self, message):
+        pass
+
+
 def _progress(progress, cancel):
     if isinstance(progress, Progress):
         if cancel is not None:
             progress.cancel = cancel
         return progress
-    return Progress(callback=progress, cancel=cancel)
+    return CollectingProgress(callback=progress, cancel=cancel)
 
 
 def _organNames(organs):
@@ -262,7 +280,7 @@ class URSAMProcessLogic:
         inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in boxes]}
         computed.result = segment_volume(job.snapshot.array, job.snapshot.reference(), boxes, sam,
                                          job.options.params(), progress=progress, inputs=inputs)
-        computed.result.warnings.extend(job.warnings)
+        computed.result.warnings.extend(job.warnings + getattr(progress, "warnings", []))
         self._derive(computed)
         progress.check_cancel()
         computed.seconds = time.perf_counter() - t0
@@ -320,6 +338,7 @@ class URSAMProcessLogic:
             if not folderExisted and result.folderItemID:
                 sh.RemoveItem(result.folderItemID)
             raise
+        result.notes.extend(w for w in computed.result.warnings if w not in result.notes)
         self._cache[snapshot.nodeID] = computed
         progress.done()
         return result
@@ -333,7 +352,7 @@ class URSAMProcessLogic:
         if "ensemble" in nodes:
             display.showSegmentation(nodes["ensemble"], visible=False)
         if "flagged" in nodes:
-            display.showSegmentation(nodes["flagged"], visible=False, outlineOnly=True)
+            display.showSegmentation(nodes["flagged"], visible=True, outlineOnly=True)
 
     def process(self, inputVolume, library=None, rois=None, organs=None, options=None, progress=None,
                 cancel=None, backend=None, **overrides):

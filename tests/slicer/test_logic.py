@@ -364,3 +364,18 @@ def test_bad_inputs_get_one_line_messages(run):
         logic.prepareSegmentation(run.volume, rois=run.rois, options=RunOptions(ratio=0.7))
     for node in (label_map, far):
         run.app.scene.RemoveNode(node)
+
+
+def test_an_roi_partly_outside_is_clipped_and_the_user_told(run):
+    logic = URSAMProcessLogic()
+    snapshot = geometry.snapshotVolume(run.volume)
+    roi = run.app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "liver")
+    box = boxes_from_labels(slicer.util.arrayFromVolume(run.labels), {1: "liver"})[0]
+    box.min_ijk[0] = -10  # beyond the image's first column
+    objectToNode, radius = geometry.roiPlacement(box, snapshot.ijkToRas)
+    roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
+    roi.SetRadiusXYZ(*radius)
+    job = logic.prepareSegmentation(run.volume, rois=[roi])
+    assert job.boxes[0].min_ijk[0] == 0
+    assert len(job.warnings) == 1 and "liver" in job.warnings[0] and "clipped" in job.warnings[0]
+    run.app.scene.RemoveNode(roi)
