@@ -19,6 +19,7 @@ import vtk
 import slicer
 from URSAMLib.boxes import OrganBox, clip_box
 from URSAMLib.errors import URSAMError
+from URSAMLib.outputs import ijk_to_lps
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -52,12 +53,7 @@ def lpsGeometry(ijkToRasArray):
 
 def ijkToRasFromImage(image):
     """The IJKToRAS matrix of a SimpleITK image (inverse of :func:`lpsGeometry`)."""
-    spacing = np.array(image.GetSpacing())
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    ijkToLps = np.eye(4)
-    ijkToLps[:3, :3] = direction * spacing
-    ijkToLps[:3, 3] = image.GetOrigin()
-    return RAS_TO_LPS @ ijkToLps
+    return RAS_TO_LPS @ ijk_to_lps(image)  # the flip is its own inverse
 
 
 def sitkImage(arrayZyx, ijkToRasArray):

@@ -232,6 +232,7 @@ class URSAMProcessLogic:
                 if roi.GetDisplayNode() is None:
                     roi.CreateDefaultDisplayNodes()
                 roi.GetDisplayNode().SetSelectedColor(*terminology.lookup(box.name, box.label)[1])
+                roi.GetDisplayNode().SetHandlesInteractive(True)  # move and resize with the mouse
                 rois.append(roi)
         except Exception:
             outputs.removeNodes(scene, created)
