@@ -77,6 +77,16 @@ def test_segment_writes_every_output_with_input_geometry(crop, tmp_path):
     assert report["parameters"]["n_aug"] == 3 and report["parameters"]["seed"] == 0
     assert report["timings_seconds"]["encoder_calls"] == 5
     assert set(report["dice_vs_reference"]) == {"auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", "ursam"}
+    # Flagged regions for review: one per connected component of each organ's M_unc.
+    from scipy import ndimage
+
+    unc = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertain.nii.gz")))
+    for name, organ in organs.items():
+        n = ndimage.label(unc == organ["label"], np.ones((3, 3, 3)))[1]
+        assert organ["flagged_regions"] == n
+        listed = [c for c in report["flagged_components"] if c["label"] == organ["label"]]
+        assert len(listed) == n
+        assert sum(c["voxels"] for c in listed) == int((unc == organ["label"]).sum()) == organ["flagged_voxels"]
     # The segmentation file: one named, coloured segment per organ, voxels equal to the label map.
     import slicerio
 

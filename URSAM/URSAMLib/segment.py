@@ -10,6 +10,7 @@ from . import pipeline
 from .imageio import write_image
 from .outputs import staged_output_dir, write_seg_nrrd, write_overview, write_json
 from .progress import Progress
+from .review import flagged_components
 
 OUTPUT_FILES = ("ensemble.nii.gz", "uncertainty.nii.gz", "uncertain.nii.gz", "rectified.nii.gz",
                 "rectified.seg.nrrd", "report.json", "overview.png")
@@ -64,9 +65,10 @@ class SegmentationResult:
     def main_organs(self):
         return [o for o in self.organs if o.prompt_set == "main"]
 
-    def report(self, ensemble=None, rectified=None):
+    def report(self, ensemble=None, rectified=None, unc_labels=None):
         ensemble = self.label_map("ensemble") if ensemble is None else ensemble
         rectified = self.label_map("ursam") if rectified is None else rectified
+        unc_labels = self.uncertainty_maps()[1] if unc_labels is None else unc_labels
         organs = []
         for o in self.main_organs():
             inner = o.box_in_region
@@ -78,7 +80,8 @@ class SegmentationResult:
                 "ensemble_voxels": n_ens, "ensemble_ml": round(n_ens * self.voxel_ml, 3),
                 "rectified_voxels": n_rect, "rectified_ml": round(n_rect * self.voxel_ml, 3),
                 "mean_uncertainty_in_box": float(u_box.mean()) if u_box is not None else None,
-                "flagged_voxels": int(np.count_nonzero(o.m_unc)) if o.m_unc is not None else 0,
+                # counted on uncertain.nii.gz, where overlaps went to the organ of the higher u
+                "flagged_voxels": int(np.count_nonzero(unc_labels == o.label)),
                 "threshold_T": o.info.get("T"),
                 "I_t": o.info.get("I_t"), "I_b": o.info.get("I_b"),
                 "notes": list(o.box.notes),
@@ -136,7 +139,11 @@ def write_results(result, out_dir, overwrite=False, progress=None, extra_files=N
         for name, writer in (extra_files or {}).items():
             writer(stage / name)
         result.timings["write_seconds"] = time.perf_counter() - t0
-        report = result.report(ensemble, rectified)
+        report = result.report(ensemble, rectified, unc_labels)
+        components = flagged_components(unc_labels, u_full, names, result.voxel_ml)
+        report["flagged_components"] = [c.to_json() for c in components]
+        for organ in report["organs"]:
+            organ["flagged_regions"] = sum(c.label == organ["label"] for c in components)
         if reference is not None:
             report["dice_vs_reference"] = result.dice_table(reference)
         write_json(report, stage / "report.json")
