@@ -1,24 +1,7 @@
-"""Shared test fixtures: the real data in ../shared/data, and small crops of it."""
-import json
-import os
-from pathlib import Path
-
-import numpy as np
+"""Shared test fixtures: the real data in ../shared/data (see shared_data.py)."""
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("URSAM_DATA", ROOT.parent / "shared" / "data"))
-ABD = DATA / "abdomen-ts"
-HN = DATA / "hn-openkbp"
-
-
-def case(dataset, case_id):
-    folder = dataset / "cases" / case_id
-    return folder / "image.nii.gz", folder / "labels.nii.gz"
-
-
-def names(dataset):
-    return {int(k): v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()}
+from shared_data import DATA
 
 
 @pytest.fixture(scope="session")

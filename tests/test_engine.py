@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ABD, case, names
+from shared_data import ABD, case, names
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.cli import main
 from URSAMLib.imageio import read_ct, read_labels

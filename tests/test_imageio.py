@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ABD, case
+from shared_data import ABD, case
 from URSAMLib.imageio import read_ct, write_image
 
 

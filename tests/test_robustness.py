@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ABD, case
+from shared_data import ABD, case
 from URSAMLib.cli import main
 
 
