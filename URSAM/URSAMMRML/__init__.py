@@ -7,7 +7,7 @@ nodes; every computation is delegated to URSAMLib. Modules:
 - ``segmentations``: label maps <-> segmentation nodes, segment edits, content hashes.
 - ``outputs``: the subject-hierarchy folder and the output nodes of one input volume.
 - ``display``: the uncertainty overlay and its colour legend, slice-view jumps.
-- ``review``: flagged connected components, the review and statistics tables.
+- ``review``: the review and statistics tables (the flagged regions come from URSAMLib.review).
 - ``logic``: the headless ``process(...)``, split into prepare / compute / apply so that
   the widget can run ``compute`` off the main thread.
 - ``dependencies``: which Python packages a run needs and which are missing.

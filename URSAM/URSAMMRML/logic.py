@@ -296,9 +296,9 @@ class URSAMProcessLogic:
         uncertainty, uncLabels = result.uncertainty_maps()
         computed.maps = {"ensemble": ensemble, "rectified": rectified, "uncertainty": uncertainty,
                          "flagged": uncLabels, "organs": organs}
-        computed.components = review.flaggedComponents(uncLabels, uncertainty, organs, result.voxel_ml,
-                                                       int(computed.job.options.minComponentVoxels))
-        computed.statistics = review.organStatistics(result, rectified, ensemble, uncLabels, computed.components)
+        computed.components = review.flagged_components(uncLabels, uncertainty, organs, result.voxel_ml,
+                                                        int(computed.job.options.minComponentVoxels))
+        computed.statistics = review.organ_statistics(result, rectified, ensemble, uncLabels, computed.components)
 
     def applySegmentation(self, computed, progress=None, roles=None):
         """Write a computation into the output nodes of its input (main thread)."""
@@ -421,8 +421,8 @@ class URSAMProcessLogic:
         flaggedId = segmentations.findOrganSegment(flagged, component.organ)
         if flaggedId is None:
             raise URSAMError(f"'{flagged.GetName()}' has no segment of {component.organ}")
-        mask = review.componentMask(segmentations.segmentMask(flagged, flaggedId, snapshotIjkToRas, component.region),
-                                    component)
+        mask = review.component_mask(
+            segmentations.segmentMask(flagged, flaggedId, snapshotIjkToRas, component.region), component)
         if mask is None:
             raise URSAMError(f"flagged region {component.id} ({component.organ}) is no longer in "
                              f"'{flagged.GetName()}'")

@@ -1,23 +1,15 @@
-"""Reviewing flagged regions: connected components, the review and statistics tables.
+"""The review and statistics tables of a run, and reading a flagged region back from its row.
 
-A flagged region is a connected component (26-connectivity) of one organ's
-high-uncertainty voxels (M_unc of METHOD.md §4, as shown in "UR-SAM flagged").
-Each row of "UR-SAM review" is one component; it records a seed voxel and the
-component's voxel box, so Accept and Reject can find it again from the scene
-alone (after a scene reload too): the component is the connected part of the
-organ's flagged segment, inside the box, that contains the seed.
-
-The component bookkeeping is plain numpy; it would belong in URSAMLib (see
-/work/notes/requests_slicer.md) and moves there once the engine offers it.
+The flagged regions (connected components of each organ's high-uncertainty
+voxels) and the per-organ statistics are computed by ``URSAMLib.review``. Each
+row of "UR-SAM review" records a seed voxel and the region's voxel box, so
+Accept and Reject find the region again from the scene alone (after a scene
+reload too): it is the connected part of the organ's flagged segment, inside
+the box, that holds the seed (``URSAMLib.review.component_mask``).
 """
-from dataclasses import dataclass
-
 import numpy as np
 import vtk
-from scipy import ndimage
-
-#: 26-connectivity: diagonal neighbours join, so one blob is one row
-STRUCTURE = ndimage.generate_binary_structure(3, 3)
+from URSAMLib.review import Component, component_mask, flagged_components, organ_statistics  # noqa: F401
 
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
 
@@ -48,102 +40,11 @@ STATISTICS_COLUMNS = [
 ]
 #: columns the panel hides (bookkeeping)
 HIDDEN_REVIEW_COLUMNS = ("Label", "Seed IJK", "Box IJK")
-
-
-@dataclass
-class Component:
-    id: int
-    label: int
-    organ: str
-    voxels: int
-    ml: float
-    meanUncertainty: float
-    maxUncertainty: float
-    centreIjk: tuple  # (i, j, k), float
-    seedIjk: tuple  # (i, j, k), int
-    boxIjk: tuple  # (i0, i1, j0, j1, k0, k1), inclusive
-    status: str = PENDING
-
-    @property
-    def region(self):
-        """(z, y, x) slices of the component's box."""
-        i0, i1, j0, j1, k0, k1 = self.boxIjk
-        return slice(k0, k1 + 1), slice(j0, j1 + 1), slice(i0, i1 + 1)
-
-
-def flaggedComponents(uncLabels, uncertainty, organs, voxelMl, minVoxels=1):
-    """Connected components of each organ's flagged voxels; ``organs`` is ``[(label, name)]``.
-
-    Rows are ordered by organ, then largest first; ids count from 1.
-    """
-    found = ndimage.find_objects(np.asarray(uncLabels).astype(np.int32, copy=False))
-    out = []
-    for label, name in organs:
-        if label < 1 or label > len(found) or found[label - 1] is None:
-            continue
-        box = found[label - 1]
-        mask = uncLabels[box] == label
-        u = uncertainty[box]
-        components, n = ndimage.label(mask, STRUCTURE)
-        if n == 0:
-            continue
-        index = np.arange(1, n + 1)
-        counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
-        sums = ndimage.sum_labels(u, components, index)
-        maxima = ndimage.maximum(u, components, index)
-        centres = ndimage.center_of_mass(mask, components, index)
-        rows = []
-        for k, sl in enumerate(ndimage.find_objects(components)):
-            if counts[k] < minVoxels:
-                continue
-            local = np.argwhere(components[sl] == k + 1)[0]
-            seed = [int(local[a] + sl[a].start + box[a].start) for a in range(3)]  # z, y, x
-            lo = [sl[a].start + box[a].start for a in range(3)]
-            hi = [sl[a].stop - 1 + box[a].start for a in range(3)]
-            centre = [float(centres[k][a] + box[a].start) for a in range(3)]
-            rows.append(Component(0, int(label), name, int(counts[k]), float(counts[k] * voxelMl),
-                                  float(sums[k] / counts[k]), float(maxima[k]), tuple(centre[::-1]),
-                                  tuple(seed[::-1]), (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])))
-        rows.sort(key=lambda c: -c.voxels)
-        out.extend(rows)
-    for i, c in enumerate(out, start=1):
-        c.id = i
-    return out
-
-
-def componentMask(flaggedMaskInBox, component):
-    """The component inside its box: the connected part of the organ's flagged mask holding the seed."""
-    components, _ = ndimage.label(flaggedMaskInBox, STRUCTURE)
-    i0, _, j0, _, k0, _ = component.boxIjk
-    si, sj, sk = component.seedIjk
-    value = components[sk - k0, sj - j0, si - i0]
-    if value == 0:
-        return None
-    return components == value
-
-
-def organStatistics(result, rectified, ensemble, uncLabels, components):
-    """One dict per organ of the main prompt set: volumes, mean uncertainty, flagged fraction."""
-    voxelMl = result.voxel_ml
-    regions = {}
-    for c in components:
-        regions[c.label] = regions.get(c.label, 0) + 1
-    rows = []
-    for o in result.main_organs():
-        rect = rectified == o.label
-        flagged = uncLabels == o.label
-        nRect, nFlag = int(np.count_nonzero(rect)), int(np.count_nonzero(flagged))
-        union = int(np.count_nonzero(rect | flagged))
-        uBox = o.u[o.box_in_region] if o.u is not None else None
-        rows.append({
-            "Organ": o.name, "Label": int(o.label),
-            "Volume": nRect * voxelMl, "Ensemble volume": int(np.count_nonzero(ensemble == o.label)) * voxelMl,
-            "Mean uncertainty": float(uBox.mean()) if uBox is not None and uBox.size else 0.0,
-            "Flagged volume": nFlag * voxelMl, "Flagged fraction": nFlag / union if union else 0.0,
-            "Flagged regions": regions.get(o.label, 0),
-            "Threshold T": float(o.info.get("T", float("nan"))),
-        })
-    return rows
+#: statistics table column <- URSAMLib.review.organ_statistics key
+STATISTICS_KEYS = {"Organ": "organ", "Label": "label", "Volume": "rectified_ml", "Ensemble volume": "ensemble_ml",
+                   "Mean uncertainty": "mean_uncertainty_in_box", "Flagged volume": "flagged_ml",
+                   "Flagged fraction": "flagged_fraction", "Flagged regions": "flagged_regions",
+                   "Threshold T": "threshold_T"}
 
 
 def _newArray(kind):
@@ -180,13 +81,13 @@ def fillTable(tableNode, columns, rows):
         tableNode.EndModify(wasModified)
 
 
-def componentRow(c, ijkToRasWorld):
-    r, a, s, _ = ijkToRasWorld @ np.append(np.asarray(c.centreIjk, float), 1.0)
+def componentRow(c, ijkToRasWorld, status=PENDING):
+    r, a, s, _ = ijkToRasWorld @ np.append(np.asarray(c.centre_ijk, float), 1.0)
     return {"ID": c.id, "Organ": c.organ, "Volume": round(c.ml, 4),
-            "Mean uncertainty": round(c.meanUncertainty, 4), "Max uncertainty": round(c.maxUncertainty, 4),
+            "Mean uncertainty": round(c.mean_uncertainty, 4), "Max uncertainty": round(c.max_uncertainty, 4),
             "R": round(float(r), 2), "A": round(float(a), 2), "S": round(float(s), 2),
-            "Status": c.status, "Label": c.label, "Seed IJK": ",".join(str(v) for v in c.seedIjk),
-            "Box IJK": ",".join(str(v) for v in c.boxIjk)}
+            "Status": status, "Label": c.label, "Seed IJK": ",".join(str(v) for v in c.seed_ijk),
+            "Box IJK": ",".join(str(v) for v in c.box_ijk)}
 
 
 def fillReviewTable(tableNode, components, ijkToRasWorld):
@@ -194,7 +95,8 @@ def fillReviewTable(tableNode, components, ijkToRasWorld):
 
 
 def fillStatisticsTable(tableNode, rows):
-    fillTable(tableNode, STATISTICS_COLUMNS, rows)
+    """``rows``: URSAMLib.review.organ_statistics."""
+    fillTable(tableNode, STATISTICS_COLUMNS, [{col: row[key] for col, key in STATISTICS_KEYS.items()} for row in rows])
 
 
 def componentFromTable(tableNode, row):
@@ -212,7 +114,7 @@ def componentFromTable(tableNode, row):
     ints = lambda text: tuple(int(v) for v in str(text).split(","))  # noqa: E731
     return Component(int(value("ID")), int(value("Label")), str(value("Organ")), 0, float(value("Volume")),
                      float(value("Mean uncertainty")), float(value("Max uncertainty")),
-                     (), ints(value("Seed IJK")), ints(value("Box IJK")), str(value("Status")))
+                     (), ints(value("Seed IJK")), ints(value("Box IJK")))
 
 
 def setStatus(tableNode, row, status):

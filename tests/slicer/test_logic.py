@@ -269,7 +269,7 @@ def test_accept_and_reject_change_only_that_region_of_that_organ(run):
     component = review.componentFromTable(table, row)
     flagged = full_mask(out.flagged, organ, volume)
     labels, _ = ndimage.label(flagged, np.ones((3, 3, 3)))
-    i, j, k = component.seedIjk
+    i, j, k = component.seed_ijk
     region = labels == labels[k, j, i]
     before = full_mask(out.rectified, organ, volume)
     before_other = full_mask(out.rectified, other, volume)
