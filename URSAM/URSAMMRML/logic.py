@@ -99,6 +99,10 @@ class RunOptions:
         return (self.backend, self.checkpoint or None, self.device)
 
 
+#: the RunOptions that Rectify may change (the others need a new SAM run)
+RECTIFY_FIELDS = ("thresholdScope", "lowerBound", "alphaH", "fixedThreshold", "minComponentVoxels")
+
+
 @dataclass
 class SegmentJob:
     """Everything a segmentation run needs, copied from the scene (prepare step)."""
@@ -395,7 +399,9 @@ class URSAMProcessLogic:
             raise URSAMError(f"no UR-SAM result of '{inputVolume.GetName() if inputVolume else None}' in this "
                              "session to rectify; run Segment first")
         cached = self._cache[inputVolume.GetID()]
-        newOptions = replace(options or cached.job.options, **overrides).check()
+        given = replace(options or cached.job.options, **overrides)
+        # only the rectification options can change without SAM; the rest stays what the maps were made with
+        newOptions = replace(cached.job.options, **{name: getattr(given, name) for name in RECTIFY_FIELDS}).check()
         progress = _progress(progress, None)
         progress.stage(STAGE_RECTIFY)
         job = replace(cached.job, options=newOptions)

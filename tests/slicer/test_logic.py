@@ -301,8 +301,10 @@ def test_rectify_reruns_only_the_rectification(run, litemedsam):
     app, volume, logic, out = fresh_outputs(run)
     calls = litemedsam.encoder_calls
     ensemble_hash = segmentations.contentHash(out.ensemble)
-    fixed = logic.rectify(volume, fixedThreshold=0.05)
+    fixed = logic.rectify(volume, fixedThreshold=0.05, nAug=7)  # n needs SAM: ignored by Rectify
     assert litemedsam.encoder_calls == calls
+    assert logic._cache[volume.GetID()].job.options.nAug == 3
+    assert logic._cache[volume.GetID()].job.options.fixedThreshold == 0.05
     assert fixed.rectified is out.rectified  # not edited, so rewritten in place
     assert "ensemble" not in fixed.nodes and segmentations.contentHash(out.ensemble) == ensemble_hash
     # a low fixed threshold flags more than the class-specific one
