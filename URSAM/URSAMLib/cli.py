@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "URSAMLib.commands.templates",
     "URSAMLib.commands.localize",
     "URSAMLib.commands.evaluate",
+    "URSAMLib.commands.demo",
     "URSAMLib.commands.train_localizer",
 ]
 

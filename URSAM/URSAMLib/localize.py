@@ -398,6 +398,17 @@ def fuse_boxes(reference, registrations, organs, margin=DEFAULT_MARGIN, warn=Non
     return boxes, raw, skipped, spread
 
 
+def _require_organs(library, templates, wanted):
+    """Fail before any registration when a requested organ is labelled in no support."""
+    found = set()
+    for t in templates:
+        found.update(int(v) for v in np.unique(t.read_labels()[1]))
+        if all(v in found for v in wanted):
+            return
+    absent = [name for v, name in wanted.items() if v not in found]
+    raise URSAMError(f"no support scan of the library labels {', '.join(absent)}", library.meta_path)
+
+
 def localize_registration(image, library, organs=None, progress=None, margin=DEFAULT_MARGIN,
                           keep_transforms=False, missing="error", **options):
     """The registration localizer; see :func:`localize`. ``options`` set :class:`RegistrationOptions`."""
@@ -408,6 +419,8 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
         raise URSAMError(f"unknown registration localizer option: {err}") from None
     wanted = library.resolve_organs(organs)
     templates = library.templates()
+    if organs is not None and missing == "error":
+        _require_organs(library, templates, wanted)
     query = _as_float_image(image)
     t0 = time.perf_counter()
     regs = register_supports(query, templates, wanted, opts, progress)

@@ -1,0 +1,99 @@
+"""The registration localizer on real H&N CT (METHOD.md §1): boxes from 2 support scans."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from shared_data import HN, case, names
+from URSAMLib.boxes import OrganBox, boxes_from_labels, box_iou, load_boxes
+from URSAMLib.cli import main as ursam
+from URSAMLib.localize import (SupportRegistration, extreme_points, fuse_boxes, invert_points, localize)
+
+
+@pytest.fixture(scope="module")
+def hn_two_supports(tmp_path_factory):
+    """A library of 2 H&N supports (links to the shared data, nothing copied)."""
+    lib = tmp_path_factory.mktemp("hn2")
+    (lib / "cases").mkdir()
+    for c in ("pt_4", "pt_13"):
+        (lib / "cases" / c).symlink_to(HN / "cases" / c, target_is_directory=True)
+    meta = json.loads((HN / "dataset.json").read_text())
+    (lib / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "support": ["pt_4", "pt_13"]}))
+    return lib
+
+
+def test_localize_cli_boxes_overlap_the_truth(hn_two_supports, tmp_path, capsys):
+    image, labels = case(HN, "pt_34")
+    out = tmp_path / "boxes.json"
+    assert ursam(["localize", str(image), "--templates", str(hn_two_supports), "--out", str(out),
+                  "--organs", "Mandible,Brainstem,Parotid_L", "--quiet"]) == 0
+    size = sitk.ReadImage(str(image)).GetSize()
+    boxes = {b.name: b for b in load_boxes(out, size)}
+    assert sorted(boxes) == ["Brainstem", "Mandible", "Parotid_L"]
+    data = json.loads(out.read_text())
+    info = data["localization"]
+    assert set(info["registration_seconds"]) == {"pt_4", "pt_13"}
+    assert all(s > 0 for s in info["registration_seconds"].values())
+    assert info["margin_z_xy"] == [2, 10.0]
+    truth = {b.name: b for b in boxes_from_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(labels))),
+                                                  names(HN))}
+    raw = {b["name"]: OrganBox(b["label"], b["name"], b["min_ijk"], b["max_ijk"]) for b in info["raw_boxes"]}
+    for organ in ("Mandible", "Brainstem", "Parotid_L"):
+        assert box_iou(raw[organ], truth[organ]) >= 0.3, (organ, raw[organ], truth[organ])
+        # The saved box is the raw box plus the METHOD.md §1 margin: 2 slices in z.
+        assert boxes[organ].min_ijk[2] == max(0, raw[organ].min_ijk[2] - 2)
+        assert boxes[organ].max_ijk[2] == min(size[2] - 1, raw[organ].max_ijk[2] + 2)
+
+
+def test_extreme_points_lie_on_the_organ():
+    labels = np.zeros((20, 30, 40), np.uint8)
+    labels[5:12, 10:20, 8:30] = 3
+    pts = extreme_points(labels, 3)
+    assert pts.shape == (6, 3)
+    xs, ys, zs = pts[:, 0], pts[:, 1], pts[:, 2]
+    assert (xs.min(), xs.max(), ys.min(), ys.max(), zs.min(), zs.max()) == (8, 29, 10, 19, 5, 11)
+    for x, y, z in pts.astype(int):
+        assert labels[z, y, x] == 3
+    assert extreme_points(labels, 1) is None
+
+
+def _reference(size=(50, 40, 30)):
+    ref = sitk.Image(size, sitk.sitkUInt8)
+    ref.SetSpacing((2.0, 2.0, 3.0))
+    return ref
+
+
+def test_fusion_takes_the_median_and_skips_organs_outside(capsys):
+    ref = _reference()
+    phys = lambda idx: np.array([ref.TransformContinuousIndexToPhysicalPoint(p) for p in idx])  # noqa: E731
+    inside = phys([[10, 10, 5], [20, 10, 5], [15, 5, 5], [15, 15, 5], [15, 10, 2], [15, 10, 8]])
+    outlier = inside + 200.0  # one support registered badly: the median of three ignores it
+    far = inside + 1000.0
+    regs = [SupportRegistration(c, sitk.Transform(), 1.0, 0.0, {1: p, 2: far})
+            for c, p in (("a", inside), ("b", inside), ("c", outlier))]
+    warnings = []
+    boxes, raw, skipped, spread = fuse_boxes(ref, regs, {1: "liver", 2: "spleen", 3: "pancreas"},
+                                             margin=(2, 0), warn=warnings.append)
+    assert [b.name for b in boxes] == ["liver"]
+    assert raw[0].min_ijk == [10, 5, 2] and raw[0].max_ijk == [20, 15, 8]
+    assert boxes[0].min_ijk[2] == 0 and boxes[0].max_ijk[2] == 10
+    assert skipped == {"spleen": "its box lies outside the image", "pancreas": "no support scan labels it"}
+    assert any("spleen was not localized" in w for w in warnings)
+
+
+def test_points_go_through_the_inverse_of_a_deformable_transform():
+    ref = _reference()
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.05, 0.02, 0, -0.03, 0.97, 0, 0, 0.01, 1.02))
+    affine.SetTranslation((4.0, -3.0, 6.0))
+    bspline = sitk.BSplineTransformInitializer(ref, [3, 3, 3], 3)
+    rng = np.random.default_rng(0)
+    bspline.SetParameters(tuple(rng.normal(0, 1.5, len(bspline.GetParameters()))))
+    composite = sitk.CompositeTransform([affine, bspline])
+    targets = np.array([[20.0, 30.0, 40.0], [50.0, 10.0, 20.0], [70.0, 60.0, 45.0]])
+    found = invert_points(composite, targets)
+    back = np.array([composite.TransformPoint(q.tolist()) for q in found])
+    np.testing.assert_allclose(back, targets, atol=0.1)
+    np.testing.assert_allclose(invert_points(affine, [affine.TransformPoint((1.0, 2.0, 3.0))]), [[1, 2, 3]],
+                               atol=1e-6)
