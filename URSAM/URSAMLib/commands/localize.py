@@ -30,6 +30,10 @@ def add_localizer_options(p, templates=True, margin=True, required=False):
                    help="support scans registered at once (default: one per core)")
     g.add_argument("--deformable", action="store_true",
                    help="add a B-spline stage after the affine registration (slower)")
+    g.add_argument("--localizer-checkpoint", metavar="PATH",
+                   help="MedLAM checkpoint for --localizer medlam (from `ursam train-localizer`)")
+    g.add_argument("--localizer-device", default="auto",
+                   help="device of the MedLAM network: auto, cpu or cuda (default: auto)")
 
 
 def parse_pair(text, option):
@@ -52,6 +56,12 @@ def localizer_options(args, margin=None):
             opts["workers"] = args.workers
         if args.deformable:
             opts["deformable"] = True
+    if args.localizer == "medlam":
+        if not args.localizer_checkpoint:
+            raise URSAMError("--localizer medlam needs --localizer-checkpoint PATH "
+                             "(train one with `ursam train-localizer`)")
+        opts["checkpoint"] = args.localizer_checkpoint
+        opts["device"] = args.localizer_device
     return opts
 
 

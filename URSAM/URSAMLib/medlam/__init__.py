@@ -1,0 +1,17 @@
+"""MedLAM, the paper's learned landmark localizer (METHOD.md §1), as a second localizer.
+
+- network.py: the 3D U-Net with the latent-position head and multi-scale features;
+- preprocessing.py: LPS orientation, 3 mm voxels, HU mapping, padding, extreme points;
+- sampling.py, losses.py, training.py: self-supervised training on unlabelled CT;
+- checkpoint.py: checkpoint files (settings, weights, resumable training state);
+- inference.py: support latents and kernels, query crops, offset, local refinement, boxes.
+
+Importing this package does not import torch; the localizer loads it on first use.
+"""
+
+
+def localize_medlam(image, library, organs=None, progress=None, **options):
+    """``localize.LOCALIZERS["medlam"]``: see :func:`URSAMLib.medlam.inference.localize_medlam`."""
+    from .inference import localize_medlam as run
+
+    return run(image, library, organs=organs, progress=progress, **options)
