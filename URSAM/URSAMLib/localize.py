@@ -422,9 +422,9 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
     if organs is not None and missing == "error":
         _require_organs(library, templates, wanted)
     query = _as_float_image(image)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     regs = register_supports(query, templates, wanted, opts, progress)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     present = set().union(*(r.points for r in regs)) if regs else set()
     absent = [name for v, name in wanted.items() if v not in present]
     if organs is not None and absent and missing == "error":
@@ -434,6 +434,9 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
             "supports": [r.case_id for r in regs], "margin_z_xy": [int(margin[0]), float(margin[1])],
             "options": opts.to_json(), "seconds": round(seconds, 2),
             "registration_seconds": {r.case_id: round(r.seconds, 2) for r in regs},
+            # CPU time of all registrations, which other processes on the machine do not inflate:
+            # cpu_seconds / cores is the time per support on that many free cores.
+            "registration_cpu_seconds": round(cpu, 2), "cores": _cores(),
             "supports_detail": [r.to_json() for r in regs],
             "raw_boxes": [b.to_json() for b in raw], "point_spread_mm": spread,
             "skipped": skipped}
@@ -444,9 +447,6 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
 
 #: localizers by name: ``fn(image, library, organs=None, progress=None, **options) -> (boxes, info)``
 LOCALIZERS = {"registration": localize_registration}
-# METHOD.md §1's learned localizer (URSAMLib.medlam; torch is imported on its first use)
-from .medlam import localize_medlam  # noqa: E402
-LOCALIZERS["medlam"] = localize_medlam
 
 
 def localize(image, library, organs=None, method="registration", progress=None, **options):

@@ -1,0 +1,85 @@
+"""`ursam evaluate` on one real H&N query with two supports: files, scores, resume."""
+import csv
+import json
+import math
+
+import pytest
+
+from shared_data import HN
+from URSAMLib.cli import main as ursam
+from URSAMLib.evaluate import ALL_METHODS, parse_methods
+from URSAMLib.errors import URSAMError
+
+ORGANS = ("Brainstem", "Parotid_L")
+
+
+@pytest.fixture(scope="module")
+def one_query_dataset(tmp_path_factory):
+    """pt_34 as the query, pt_4 and pt_13 as supports (links to the shared data)."""
+    ds = tmp_path_factory.mktemp("hn1")
+    (ds / "cases").mkdir()
+    for c in ("pt_4", "pt_13", "pt_34"):
+        (ds / "cases" / c).symlink_to(HN / "cases" / c, target_is_directory=True)
+    meta = json.loads((HN / "dataset.json").read_text())
+    (ds / "dataset.json").write_text(json.dumps({"name": "hn-one", "labels": meta["labels"],
+                                                 "support": ["pt_4", "pt_13"], "query": ["pt_34"]}))
+    return ds
+
+
+def test_evaluate_writes_results_table_and_plot_then_resumes(one_query_dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", str(one_query_dataset), "--organs", ",".join(ORGANS), "--out", str(out)]
+    assert ursam(args + ["--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| UR-SAM |" in printed and "| Atlas" in printed
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(ORGANS) * len(ALL_METHODS)
+    assert {r["method"] for r in rows} == set(ALL_METHODS)
+    assert {r["organ"] for r in rows} == set(ORGANS)
+    assert {r["case"] for r in rows} == {"pt_34"}
+    by = {(r["organ"], r["method"]): r for r in rows}
+    for organ in ORGANS:
+        for m in ALL_METHODS:
+            d = float(by[organ, m]["dice"])
+            assert 0.0 <= d <= 1.0
+        # Real outcomes: SAM inside the localized box and the atlas both find the organ.
+        assert float(by[organ, "ensemble"]["dice"]) > 0.3, by[organ, "ensemble"]
+        assert float(by[organ, "atlas"]["dice"]) > 0.3, by[organ, "atlas"]
+        assert float(by[organ, "auto"]["box_iou"]) >= 0.3
+        assert float(by[organ, "auto"]["centre_error_mm"]) < 20
+        # Uncertainty is scored on the ensemble rows: mean entropy in (0, log 2], AUROC a probability.
+        u = float(by[organ, "ensemble"]["mean_uncertainty"])
+        assert 0 < u <= math.log(2)
+        assert 0.5 < float(by[organ, "ensemble"]["uncertainty_auroc"]) <= 1.0
+        assert float(by[organ, "ensemble"]["truth_voxels"]) > 0
+
+    table = (out / "table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert header == "| method | Brainstem | Parotid_L | Avg |"
+    for label in ("Auto prompting", "Ensemble", "Unc-FPC", "Unc-FNC", "Unc-FPNC", "UR-SAM", "Manual prompting",
+                  "Atlas"):
+        assert f"| {label}" in table
+    assert "ground-truth slices only" in table
+    png = (out / "dice_boxplot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["case_info"]["pt_34"]["localization"]["registration_seconds"]) == {"pt_4", "pt_13"}
+
+    # A rerun skips the finished case: same rows, and no model is loaded.
+    before = (out / "results.csv").read_text()
+    assert ursam(args) == 0
+    err = capsys.readouterr().err
+    assert "pt_34: finished before, skipped" in err and "loading model" not in err
+    assert (out / "results.csv").read_text() == before
+    # Other settings in the same folder are refused rather than mixed in.
+    assert ursam(args + ["--n-aug", "5", "--quiet"]) == 2
+    assert "output folder holds an evaluation with other settings" in capsys.readouterr().err
+
+
+def test_bad_methods_and_cases(one_query_dataset, tmp_path, capsys):
+    with pytest.raises(URSAMError, match="unknown method"):
+        parse_methods("auto,magic")
+    assert parse_methods("atlas,auto") == ["auto", "atlas"]
+    assert ursam(["evaluate", str(one_query_dataset), "--cases", "pt_4", "--out", str(tmp_path / "x")]) == 2
+    assert "case 'pt_4' is a support scan; it cannot also be a query" in capsys.readouterr().err
