@@ -447,6 +447,9 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
 
 #: localizers by name: ``fn(image, library, organs=None, progress=None, **options) -> (boxes, info)``
 LOCALIZERS = {"registration": localize_registration}
+# METHOD.md §1's learned localizer (URSAMLib.medlam; torch is imported on its first use)
+from .medlam import localize_medlam  # noqa: E402
+LOCALIZERS["medlam"] = localize_medlam
 
 
 def localize(image, library, organs=None, method="registration", progress=None, **options):
