@@ -64,7 +64,10 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(one_query_dataset, 
     png = (out / "dice_boxplot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["case_info"]["pt_34"]["localization"]["registration_seconds"]) == {"pt_4", "pt_13"}
+    info = summary["case_info"]["pt_34"]
+    assert set(info["localization"]["registration_seconds"]) == {"pt_4", "pt_13"}
+    # All methods, the manual prompts included, shared one encoder pass per slice.
+    assert info["sam_timings"]["encoder_calls"] == info["sam_timings"]["distinct_slices"] > 0
 
     # A rerun skips the finished case: same rows, and no model is loaded.
     before = (out / "results.csv").read_text()

@@ -108,3 +108,24 @@ def test_label_geometry_must_match_the_image(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "origin" in err and "does not match" in err and str(moved) in err
     assert not (tmp_path / "lib" / "cases" / "moved_labels").exists()
+
+
+def test_a_case_may_keep_its_labels_as_seg_nrrd(tmp_path):
+    """labels.seg.nrrd in a case folder: organs are matched to dataset.json by segment name."""
+    from URSAMLib.outputs import write_seg_nrrd
+
+    image, labels = case(HN, "pt_22")
+    lab = sitk.ReadImage(str(labels))
+    arr = sitk.GetArrayFromImage(lab)
+    folder = tmp_path / "lib" / "cases" / "pt_22"
+    folder.mkdir(parents=True)
+    (folder / "image.nii.gz").symlink_to(image)
+    # Segment label values 101..107, names as in dataset.json but in other case.
+    write_seg_nrrd(np.where(arr > 0, arr + 100, 0).astype(np.uint8), lab,
+                   [(v + 100, n.upper()) for v, n in names(HN).items()], folder / "labels.seg.nrrd")
+    (tmp_path / "lib" / "dataset.json").write_text(json.dumps({"labels": {str(k): v for k, v in names(HN).items()}}))
+    library = Library(tmp_path / "lib")
+    report = library.check(organs=["Mandible", "Larynx"])
+    assert report["organs"] == {n: 1 for n in names(HN).values()}
+    _, relabelled = library.case("pt_22").read_labels()
+    np.testing.assert_array_equal(relabelled, arr)
