@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "URSAMLib.commands.evaluate",
     "URSAMLib.commands.demo",
     "URSAMLib.commands.train_localizer",
+    "URSAMLib.commands.bench",
 ]
 
 

@@ -8,6 +8,7 @@ Each backend applies its own published preprocessing; ``intensity`` returns the
 slice in the normalized intensity the encoder sees (before resizing), which is
 what rectification compares (METHOD.md §4).
 """
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -63,6 +64,31 @@ def tune_malloc():
           and mallopt(_M_TOP_PAD, 64 << 20) == 1)
     _malloc_tuned = ok
     return ok
+
+
+@contextlib.contextmanager
+def decoder_threads():
+    """One torch thread for the fast decoder while the CPUs are oversubscribed.
+
+    The fast decoder is a hundred medium-sized operations per batch; with
+    more runnable threads than cores, every parallel operation waits at its
+    barrier for a descheduled worker, and two threads ran 8x slower than one
+    (measured on a 2-core machine under load 15). On an idle machine the
+    decoder keeps torch's thread count.
+    """
+    try:
+        busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
+    except (OSError, AttributeError):
+        busy = False
+    threads = torch.get_num_threads()
+    if not busy or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def resolve_device(device):
@@ -174,7 +200,8 @@ class SamBackend:
         boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
         if len(boxes) != len(regions):
             raise ValueError("one region per box")
-        with torch.inference_mode():
+        with torch.inference_mode(), (decoder_threads() if self._fast is not None and self.device.type == "cpu"
+                                      else contextlib.nullcontext()):
             return self._decode_regions(embedding, boxes, list(regions), max(1, int(batch)))
 
     def _decode_regions(self, emb, boxes, regions, batch):
@@ -199,6 +226,19 @@ class SamBackend:
             if decoder == "fast":
                 raise URSAMError(f"the fast decoder does not fit this model ({err}); use --decoder eager") from None
 
+    def use_decoder(self, name):
+        """Switch between the ``fast`` and ``eager`` decoder of a built backend (to compare them)."""
+        if name == "eager":
+            self._fast_off, self._fast = self._fast or getattr(self, "_fast_off", None), None
+            self.decoder_name = "eager"
+        elif name == "fast":
+            fast = self._fast or getattr(self, "_fast_off", None)
+            if fast is None:
+                raise URSAMError("this backend has no fast decoder")
+            self._fast, self.decoder_name = fast, "fast"
+        else:
+            raise URSAMError(f"unknown decoder path {name!r}; use fast or eager")
+
     def _decoder_state(self, emb):
         """The fast decoder's per-slice work, done once per embedding and kept with it."""
         state = emb.get("decoder_state")
@@ -211,9 +251,9 @@ class SamBackend:
         if self._fast is None:
             return self._run_decoder(model, emb["features"], boxes_grid)
         state = self._decoder_state(emb)
-        keys, hyper = self._fast.tokens_and_keys(state, boxes_grid)
+        keys = self._fast.tokens_and_keys(state, boxes_grid)
         gh, gw = state.grid_hw
-        return self._fast.upscale(keys, hyper, state.grid_hw, slice(0, gh), slice(0, gw))[:, None]
+        return self._fast.upscale(keys, slice(0, gh), slice(0, gw))[:, None]
 
     def _run_decoder(self, model, features, boxes_grid):
         box_t = torch.as_tensor(boxes_grid, dtype=torch.float32, device=self.device)[:, None, :]
@@ -305,7 +345,7 @@ class LiteMedSAM(SamBackend):
         taps = {}
         out = [None] * len(boxes)
         for j in range(0, len(boxes), batch):
-            keys, hyper = self._fast.tokens_and_keys(state, boxes[j:j + batch] * emb["scale"])
+            keys = self._fast.tokens_and_keys(state, boxes[j:j + batch] * emb["scale"])
             groups = {}
             for i, (ys, xs) in enumerate(regions[j:j + batch]):
                 key = (ys.start, ys.stop, xs.start, xs.stop)
@@ -317,7 +357,7 @@ class LiteMedSAM(SamBackend):
                 r0, r1 = int(ty[0].min()) // up, int(ty[1].max()) // up + 1
                 c0, c1 = int(tx[0].min()) // up, int(tx[1].max()) // up + 1
                 sel = torch.as_tensor(idx)
-                low = self._fast.upscale(keys[sel], hyper[sel], state.grid_hw, slice(r0, r1), slice(c0, c1))
+                low = self._fast.upscale(keys, slice(r0, r1), slice(c0, c1), index=sel)
                 ty = (ty[0] - r0 * up, ty[1] - r0 * up, ty[2], ty[3])
                 tx = (tx[0] - c0 * up, tx[1] - c0 * up, tx[2], tx[3])
                 probs = torch.sigmoid(_resize_region(low, ty, tx)).float().cpu().numpy()
