@@ -19,4 +19,4 @@ def case(dataset, case_id):
 
 
 def names(dataset):
-    return {int(k): v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()}
+    return {int(k): v for k, v in json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}

@@ -67,7 +67,7 @@ def test_segment_writes_every_output_with_input_geometry(crop, tmp_path):
     # Large organs on these slices are found: liver and spleen well above chance.
     assert dice(rect == 1, truth == 1) > 0.8
     assert dice(rect == 3, truth == 3) > 0.7
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     organs = {o["name"]: o for o in report["organs"]}
     assert set(organs) == {"liver", "kidney_right", "spleen", "kidney_left"}
     liver = organs["liver"]

@@ -20,7 +20,7 @@ def one_query_dataset(tmp_path_factory):
     (ds / "cases").mkdir()
     for c in ("pt_4", "pt_13", "pt_34"):
         (ds / "cases" / c).symlink_to(HN / "cases" / c, target_is_directory=True)
-    meta = json.loads((HN / "dataset.json").read_text())
+    meta = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))
     (ds / "dataset.json").write_text(json.dumps({"name": "hn-one", "labels": meta["labels"],
                                                  "support": ["pt_4", "pt_13"], "query": ["pt_34"]}))
     return ds
@@ -54,7 +54,7 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(one_query_dataset, 
         assert 0.5 < float(by[organ, "ensemble"]["uncertainty_auroc"]) <= 1.0
         assert float(by[organ, "ensemble"]["truth_voxels"]) > 0
 
-    table = (out / "table.md").read_text()
+    table = (out / "table.md").read_text(encoding="utf-8")
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
     assert header == "| method | Brainstem | Parotid_L | Avg |"
     for label in ("Auto prompting", "Ensemble", "Unc-FPC", "Unc-FNC", "Unc-FPNC", "UR-SAM", "Manual prompting",
@@ -63,18 +63,18 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(one_query_dataset, 
     assert "ground-truth slices only" in table
     png = (out / "dice_boxplot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     info = summary["case_info"]["pt_34"]
     assert set(info["localization"]["registration_seconds"]) == {"pt_4", "pt_13"}
     # All methods, the manual prompts included, shared one encoder pass per slice.
     assert info["sam_timings"]["encoder_calls"] == info["sam_timings"]["distinct_slices"] > 0
 
     # A rerun skips the finished case: same rows, and no model is loaded.
-    before = (out / "results.csv").read_text()
+    before = (out / "results.csv").read_text(encoding="utf-8")
     assert ursam(args) == 0
     err = capsys.readouterr().err
     assert "pt_34: finished before, skipped" in err and "loading model" not in err
-    assert (out / "results.csv").read_text() == before
+    assert (out / "results.csv").read_text(encoding="utf-8") == before
     # Other settings in the same folder are refused rather than mixed in.
     assert ursam(args + ["--n-aug", "5", "--quiet"]) == 2
     assert "output folder holds an evaluation with other settings" in capsys.readouterr().err

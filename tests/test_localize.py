@@ -18,7 +18,7 @@ def hn_two_supports(tmp_path_factory):
     (lib / "cases").mkdir()
     for c in ("pt_4", "pt_13"):
         (lib / "cases" / c).symlink_to(HN / "cases" / c, target_is_directory=True)
-    meta = json.loads((HN / "dataset.json").read_text())
+    meta = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))
     (lib / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "support": ["pt_4", "pt_13"]}))
     return lib
 
@@ -31,7 +31,7 @@ def test_localize_cli_boxes_overlap_the_truth(hn_two_supports, tmp_path, capsys)
     size = sitk.ReadImage(str(image)).GetSize()
     boxes = {b.name: b for b in load_boxes(out, size)}
     assert sorted(boxes) == ["Brainstem", "Mandible", "Parotid_L"]
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     info = data["localization"]
     assert set(info["registration_seconds"]) == {"pt_4", "pt_13"}
     assert all(s > 0 for s in info["registration_seconds"].values())

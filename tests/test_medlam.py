@@ -202,12 +202,12 @@ def test_inference_end_to_end_on_a_real_case(trained):
     image, _ = case(HN, "pt_34")
     boxes, info = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu")
     size = sitk.ReadImage(str(image)).GetSize()
-    names = json.loads((HN / "dataset.json").read_text())["labels"]
+    names = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))["labels"]
     assert sorted(b.name for b in boxes) == sorted(names.values())
     for b in boxes:
         assert all(0 <= lo <= hi < s for lo, hi, s in zip(b.min_ijk, b.max_ijk, size)), b
     assert info["method"] == "medlam" and info["checkpoint_step"] == 3
-    assert info["supports"] == json.loads((HN / "dataset.json").read_text())["support"]
+    assert info["supports"] == json.loads((HN / "dataset.json").read_text(encoding="utf-8"))["support"]
     assert len(info["points"]["Brainstem"]["refined_ijk"]) == 6
     # Seeded: the same boxes again (support features reused from the cache).
     again, info2 = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu")
@@ -226,7 +226,7 @@ def test_localizer_needs_a_usable_checkpoint(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "URSAMLib.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "URSAMLib.cli", *args], capture_output=True, encoding="utf-8", errors="replace")
 
 
 def test_cli_errors(tmp_path, trained):

@@ -200,7 +200,7 @@ def test_non_empty_output_folder_is_refused_and_untouched(capsys, small, tmp_pat
                            "--out", out, "--quiet")
     assert code == 2 and "not empty" in errors[0] and str(out) in errors[0]
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
-    assert (out / "mine.txt").read_text() == "keep me"
+    assert (out / "mine.txt").read_text(encoding="utf-8") == "keep me"
 
 
 def test_input_files_are_not_modified(capsys, small, tmp_path):
@@ -216,7 +216,7 @@ def test_killed_run_leaves_no_partial_output(small, tmp_path, sig):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "URSAMLib.cli", "segment", str(small / "image.nii.gz"), "--boxes",
            str(small / "boxes.json"), "--out", str(out), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     # Wait until SAM is running on the slices, then kill.
     deadline = time.time() + 120
     seen = ""
@@ -252,7 +252,7 @@ def test_mr_like_scan_and_box_partly_outside_run_with_warnings(capsys, small, tm
     assert code == 0
     assert "does not look like a CT" in err and "percentile" in err
     assert "spleen was partly outside the image and was clipped to [80, 30, 0]..[121, 70, 2]" in err
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["inputs"]["normalization"] == "percentile"
     assert report["backend"]["percentile_normalization"] is True
     spleen = next(o for o in report["organs"] if o["name"] == "spleen")

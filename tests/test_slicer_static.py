@@ -50,7 +50,7 @@ def widgets(ui_tree):
 
 @pytest.fixture(scope="module")
 def script_ast():
-    return ast.parse(SCRIPT.read_text(), filename=str(SCRIPT))
+    return ast.parse(SCRIPT.read_text(encoding="utf-8"), filename=str(SCRIPT))
 
 
 def test_ui_file_parses_as_a_qt_designer_form(ui_tree):
@@ -79,7 +79,7 @@ def test_script_compiles():
 
 
 def test_every_widget_the_script_uses_is_in_the_ui(widgets):
-    used = set(re.findall(r"\bui\.(\w+)", SCRIPT.read_text()))
+    used = set(re.findall(r"\bui\.(\w+)", SCRIPT.read_text(encoding="utf-8")))
     assert used, "the script uses no widget?"
     missing = sorted(used - set(widgets))
     assert not missing, f"URSAM.py uses widgets that URSAM.ui lacks: {missing}"
@@ -127,7 +127,7 @@ def test_every_bound_widget_matches_a_parameter_of_a_connectable_type(script_ast
     manual = {"organs": "organListWidget", "libraryPath": "libraryPathLineEdit", "checkpoint": "checkpointPathLineEdit"}
     unbound = set(params) - set(bound)
     assert unbound <= set(manual), f"parameters with no widget: {unbound - set(manual)}"
-    text = SCRIPT.read_text()
+    text = SCRIPT.read_text(encoding="utf-8")
     for param in unbound:
         assert f"ui.{manual[param]}" in text and f".{param}" in text, f"{param} is not kept in step with its widget"
 
@@ -139,7 +139,7 @@ def _cmake_list(text, var):
 
 
 def test_every_file_the_cmake_lists_name_exists():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     for var in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES"):
         for rel in _cmake_list(text, var):
             assert (MODULE / rel).is_file(), f"{var} names {rel}, which does not exist"
@@ -154,22 +154,22 @@ def test_every_committed_module_file_is_packaged():
                                  check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    listed = set(_cmake_list((MODULE / "CMakeLists.txt").read_text(), "MODULE_PYTHON_SCRIPTS"))
+    listed = set(_cmake_list((MODULE / "CMakeLists.txt").read_text(encoding="utf-8"), "MODULE_PYTHON_SCRIPTS"))
     files = {p[len("URSAM/"):] for p in tracked if p.endswith(".py") and "egg-info" not in p}
     missing = sorted(f for f in files if (MODULE / f).is_file() and f not in listed)
     assert not missing, f"add to MODULE_PYTHON_SCRIPTS in URSAM/CMakeLists.txt: {missing}"
 
 
 def test_extension_depends_on_pytorch_and_module_is_in_segmentation():
-    root = (ROOT / "CMakeLists.txt").read_text()
+    root = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r'set\(EXTENSION_DEPENDS\s+"?PyTorch"?\)', root)
     assert re.search(r'EXTENSION_CATEGORY\s+"Segmentation"', root)
-    text = SCRIPT.read_text()
+    text = SCRIPT.read_text(encoding="utf-8")
     assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in text
 
 
 def test_module_metadata_cites_the_paper_and_acknowledges_the_models():
-    text = SCRIPT.read_text()
+    text = SCRIPT.read_text(encoding="utf-8")
     for needed in ("UR-SAM", "arXiv:2311.10529", "Segment Anything", "MedSAM", "LiteMedSAM", "helpText",
                    "acknowledgementText"):
         assert needed in text, needed
@@ -194,7 +194,7 @@ def test_module_imports_nothing_that_needs_installing(script_ast):
                "URSAMMRML.dependencies"}
     extra = set(_top_level_imports(script_ast)) - allowed
     assert not extra, f"URSAM.py imports at load time: {extra}"
-    deps = ast.parse((MODULE / "URSAMMRML" / "dependencies.py").read_text())
+    deps = ast.parse((MODULE / "URSAMMRML" / "dependencies.py").read_text(encoding="utf-8"))
     assert set(_top_level_imports(deps)) <= {"importlib.metadata", "importlib.util"}
 
 
@@ -202,7 +202,7 @@ def test_module_imports_nothing_that_needs_installing(script_ast):
                                                ("URSAMMRML", ("qt", "ctk"))])
 def test_layers_do_not_import_what_they_must_not(package, forbidden):
     for path in sorted((MODULE / package).rglob("*.py")):
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]

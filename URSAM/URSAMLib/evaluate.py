@@ -446,7 +446,7 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     digest = _config_hash(config)
     config_path = out / "config.json"
     if config_path.exists():
-        old = json.loads(config_path.read_text())
+        old = json.loads(config_path.read_text(encoding="utf-8"))
         if old.get("hash") != digest:
             if not overwrite:
                 raise URSAMError("output folder holds an evaluation with other settings (use --overwrite to "
@@ -471,7 +471,7 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     for i, case_id in enumerate(query_ids):
         path = out / "cases" / f"{case_id}.json"
         if path.exists():
-            saved = json.loads(path.read_text())
+            saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("hash") == digest:
                 progress.info(f"[{i + 1}/{len(query_ids)}] {case_id}: finished before, skipped")
                 all_rows += saved["rows"]; all_sweep += saved.get("sweep_rows", []); infos[case_id] = saved["info"]

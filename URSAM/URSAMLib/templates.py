@@ -88,7 +88,7 @@ class Library:
         if not self.meta_path.is_file():
             raise URSAMError("template library has no dataset.json", self.meta_path)
         try:
-            meta = json.loads(self.meta_path.read_text())
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise URSAMError(f"dataset.json is not valid JSON ({getattr(err, 'msg', err)})",
                              self.meta_path) from None

@@ -98,7 +98,7 @@ def test_add_volume_and_segmentation_to_a_new_library(localized, tmp_path):
     assert case == "tsA_slab"
     lib = Library(lib_path)
     assert sorted(lib.names.values()) == sorted(ORGANS.values())
-    assert json.loads((lib_path / "dataset.json").read_text())["support"] == ["tsA_slab"]
+    assert json.loads((lib_path / "dataset.json").read_text(encoding="utf-8"))["support"] == ["tsA_slab"]
     template = lib.templates()[0]
     image = template.read_image()
     assert image.GetSize() == tuple(volume.GetImageData().GetDimensions())

@@ -31,7 +31,7 @@ def find_images(source, role="extra"):
             raise URSAMError("--images needs a folder or a text file listing scans, not one image", src)
         base = src.parent
         try:
-            lines = src.read_text().splitlines()
+            lines = src.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
             raise URSAMError("--images list is not a text file (one scan path per line)", src) from None
         paths = []
@@ -49,7 +49,7 @@ def find_images(source, role="extra"):
     meta = src / "dataset.json"
     if meta.exists():
         try:
-            data = json.loads(meta.read_text())
+            data = json.loads(meta.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise URSAMError(f"dataset.json is not valid JSON ({err.msg})", meta) from None
         ids = data.get(role) if isinstance(data, dict) else None
