@@ -23,20 +23,41 @@ class OrganBox:
     min_ijk: list
     max_ijk: list
     notes: list = field(default_factory=list)
+    #: optional in-plane box per slice, ``{z: [x0, y0, x1, y1]}`` (prompt modes slice and propagate,
+    #: URSAMLib.prompts); None: the paper's prompt, the same box on every slice of the 3D box,
+    #: which stays the bounding region either way
+    slice_boxes: dict | None = None
 
     @property
     def z_range(self):
         return range(int(self.min_ijk[2]), int(self.max_ijk[2]) + 1)
 
+    @property
+    def prompt_slices(self):
+        """The slices that get a prompt: every slice of the box, or those with a per-slice box."""
+        if self.slice_boxes is None:
+            return self.z_range
+        return sorted(self.slice_boxes)
+
     def xyxy(self):
         """The in-plane box as SAM wants it: [x_min, y_min, x_max, y_max]."""
         return np.array([self.min_ijk[0], self.min_ijk[1], self.max_ijk[0], self.max_ijk[1]], dtype=np.float64)
+
+    def xyxy_at(self, z):
+        """The in-plane box of slice ``z``; None where a per-slice box file gives that slice none."""
+        if self.slice_boxes is None:
+            return self.xyxy()
+        b = self.slice_boxes.get(int(z))
+        return None if b is None else np.asarray(b, dtype=np.float64)
 
     def to_json(self):
         d = {"label": int(self.label), "name": self.name,
              "min_ijk": [int(v) for v in self.min_ijk], "max_ijk": [int(v) for v in self.max_ijk]}
         if self.notes:
             d["notes"] = list(self.notes)
+        if self.slice_boxes is not None:
+            d["slice_boxes"] = {str(int(z)): [int(round(float(v))) for v in b]
+                                for z, b in sorted(self.slice_boxes.items())}
         return d
 
 
@@ -51,7 +72,7 @@ def load_boxes(path, size_xyz=None, warn=None):
     if not path.exists():
         raise URSAMError("box file not found", path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise URSAMError(f"box file is not valid JSON ({err.msg if hasattr(err, 'msg') else err})", path) from None
     items = data.get("boxes") if isinstance(data, dict) else None
@@ -77,11 +98,40 @@ def load_boxes(path, size_xyz=None, warn=None):
         seen.add(label)
         if any(a > b for a, b in zip(lo, hi)):
             raise URSAMError(f"box {n} ({name}) has min_ijk {lo} above max_ijk {hi}", path)
-        box = OrganBox(label, name, lo, hi)
+        box = OrganBox(label, name, lo, hi, slice_boxes=_parse_slice_boxes(item, n, name, lo, hi, path))
         if size_xyz is not None:
             box = clip_box(box, size_xyz, path, warn)
         boxes.append(box)
     return boxes
+
+
+def _parse_slice_boxes(item, n, name, lo, hi, path):
+    """The optional ``"slice_boxes": {"z": [x0, y0, x1, y1]}`` of a box, inside its 3D box."""
+    raw = item.get("slice_boxes")
+    if raw is None:
+        return None
+    try:
+        out = {int(z): [int(round(float(v))) for v in b] for z, b in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise URSAMError(f'box {n} ({name}) "slice_boxes" must map slice numbers to [x0, y0, x1, y1]',
+                         path) from None
+    for z, b in out.items():
+        if (len(b) != 4 or b[0] > b[2] or b[1] > b[3] or not lo[2] <= z <= hi[2]
+                or b[0] < lo[0] or b[1] < lo[1] or b[2] > hi[0] or b[3] > hi[1]):
+            raise URSAMError(f"box {n} ({name}) has a bad slice box {b} on slice {z} (it must be "
+                             f"x0<=x1, y0<=y1 inside its 3D box {lo}..{hi})", path)
+    return out
+
+
+def _clip_slice_boxes(slice_boxes, lo, hi):
+    if slice_boxes is None:
+        return None
+    out = {}
+    for z, b in slice_boxes.items():
+        if lo[2] <= z <= hi[2]:
+            out[z] = [min(max(b[0], lo[0]), hi[0]), min(max(b[1], lo[1]), hi[1]),
+                      min(max(b[2], lo[0]), hi[0]), min(max(b[3], lo[1]), hi[1])]
+    return out
 
 
 def clip_box(box, size_xyz, path=None, warn=None):
@@ -94,7 +144,8 @@ def clip_box(box, size_xyz, path=None, warn=None):
         msg = f"box of {box.name} was partly outside the image and was clipped to {clo}..{chi}"
         if warn:
             warn(msg)
-        box = OrganBox(box.label, box.name, clo, chi, box.notes + [msg])
+        box = OrganBox(box.label, box.name, clo, chi, box.notes + [msg],
+                       slice_boxes=_clip_slice_boxes(box.slice_boxes, clo, chi))
     return box
 
 
@@ -145,7 +196,11 @@ def add_margin(box, margin_z, margin_grid_px, size_xyz):
     hi = [int(np.ceil(box.max_ijk[0] + d)), int(np.ceil(box.max_ijk[1] + d)), box.max_ijk[2] + margin_z]
     lo = [max(0, v) for v in lo]
     hi = [min(s - 1, v) for v, s in zip(hi, size_xyz)]
-    return OrganBox(box.label, box.name, lo, hi, list(box.notes))
+    # Per-slice boxes grow in-plane by the same margin; the slices they cover stay as they are.
+    sb = None if box.slice_boxes is None else _clip_slice_boxes(
+        {z: [int(np.floor(b[0] - d)), int(np.floor(b[1] - d)), int(np.ceil(b[2] + d)), int(np.ceil(b[3] + d))]
+         for z, b in box.slice_boxes.items()}, lo, hi)
+    return OrganBox(box.label, box.name, lo, hi, list(box.notes), slice_boxes=sb)
 
 
 def read_names(path):
@@ -154,7 +209,7 @@ def read_names(path):
     if not path.exists():
         raise URSAMError("names file not found", path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise URSAMError(f"names file is not valid JSON ({err.msg})", path) from None
     table = data.get("labels", data) if isinstance(data, dict) else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, asdict
 import numpy as np
 
 from . import baselines
-from .prompt_augmentation import augment_box, organ_rngs
+from .prompt_augmentation import augment_box, organ_rngs, shift_box
 from .rectification import RectifyOptions, rectify
 from .baselines import FnpcOptions
 from .uncertainty import binary_entropy
@@ -81,15 +81,20 @@ def distinct_slices(prompt_sets):
     zs = set()
     for boxes in prompt_sets.values():
         for b in boxes:
-            zs.update(b.z_range)
+            zs.update(b.prompt_slices)
     return sorted(zs)
 
 
-def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None):
+def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None, plan=None):
     """Segment ``volume`` (float32 [z, y, x], HU) inside ``boxes`` with one encoder pass per slice.
 
     ``extra_sets`` maps a name to more boxes decoded once each without
     augmentation against the same embeddings (the manual-prompt baseline).
+    A box decodes ``box.xyxy_at(z)`` on each of its ``prompt_slices``.
+    ``plan`` (prompt mode propagate, URSAMLib.prompts): called with the
+    organ maps, it yields ``(z, organs, keep)`` steps in the order to run
+    them, choosing boxes from the maps decoded so far; an embedding is kept
+    for a later step of the same slice only where ``keep`` says so.
     Returns ``(organs, timings)``: a list of :class:`OrganMaps` and seconds by stage.
     """
     progress = progress or Progress()
@@ -115,22 +120,41 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None)
             organs.append(o)
 
     zs = distinct_slices(sets)
-    by_slice = {z: [o for o in organs if o.sl[0].start <= z < o.sl[0].stop] for z in zs}
+    region_zs = sorted({z for o in organs for z in range(o.sl[0].start, o.sl[0].stop)})
+    by_slice = {z: [o for o in organs if o.sl[0].start <= z < o.sl[0].stop] for z in region_zs}
+    if plan is None:
+        prompted = {id(o): set(o.box.prompt_slices) for o in organs}
+        steps = ((z, [o for o in by_slice[z] if z in prompted[id(o)]], False) for z in zs)
+    else:
+        steps = plan(organs)
+    total = len(zs) if plan is None else len(region_zs)
+    cache, embedded = {}, set()
     t0 = time.perf_counter()
     t_enc = t_dec = 0.0
-    progress.stage("embedding slices", total=len(zs))
-    for i, z in enumerate(zs):
-        progress.step(i, len(zs))
+    progress.stage("embedding slices", total=total)
+    for z, group, keep in steps:
+        if not group:
+            cache.pop(z, None)
+            continue
+        progress.step(len(embedded), total)
         slice2d = volume[z]
-        ta = time.perf_counter()
-        emb = backend.embed(slice2d)
-        t_enc += time.perf_counter() - ta
+        emb = cache.pop(z, None)
+        if emb is None:
+            ta = time.perf_counter()
+            emb = backend.embed(slice2d)
+            t_enc += time.perf_counter() - ta
+        embedded.add(z)
         norm = backend.intensity(slice2d)
         prompts, owners = [], []
-        for o in by_slice[z]:
-            prompts.append(o.box.xyxy()); owners.append((o, "auto"))
+        for o in group:
+            box = o.box.xyxy_at(z)
+            prompts.append(box); owners.append((o, "auto"))
+            members = aug_boxes.get(id(o))
+            if o.n_aug and o.box.slice_boxes is not None:
+                # The organ's shifts, applied to this slice's box.
+                members = shift_box(box, members - o.box.xyxy(), (width, height))
             for k in range(o.n_aug):
-                prompts.append(aug_boxes[id(o)][k]); owners.append((o, "member"))
+                prompts.append(members[k]); owners.append((o, "member"))
         ta = time.perf_counter()
         # Only each organ's region is kept, so only that is decoded at full resolution.
         crops = backend.decode_regions(emb, np.asarray(prompts), [(o.sl[1], o.sl[2]) for o, _ in owners],
@@ -146,12 +170,20 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None)
                 o.p_auto[k] = crop
             else:
                 o.p_mean[k] += crop / o.n_aug
+        if keep:
+            cache[z] = emb
         del emb
-    progress.step(len(zs), len(zs))
+    # Slices of a region that got no prompt still need their intensity for rectification.
+    for z in region_zs:
+        if z not in embedded:
+            norm = backend.intensity(volume[z])
+            for o in by_slice[z]:
+                o.intensity[z - o.sl[0].start] = norm[o.sl[1], o.sl[2]]
+    progress.step(total, total)
     timings["sam_seconds"] = time.perf_counter() - t0
     timings["encoder_seconds"] = t_enc
     timings["decoder_seconds"] = t_dec
-    timings["distinct_slices"] = len(zs)
+    timings["distinct_slices"] = len(embedded)
 
     t0 = time.perf_counter()
     progress.stage("rectifying")

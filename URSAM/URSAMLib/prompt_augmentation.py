@@ -19,6 +19,16 @@ def augment_box(box_xyxy, n, ratio, side, rng):
     width, height = side
     reach = ratio * max(width, height)
     shifts = rng.uniform(-reach, reach, size=(n, 4))
+    return shift_box(box, shifts, side)
+
+
+def shift_box(box_xyxy, shifts, side):
+    """``box_xyxy`` moved by each row of ``shifts`` (n, 4), clipped and ordered as in augment_box.
+
+    Per-slice prompts (URSAMLib.prompts) move each slice's box by its organ's shifts.
+    """
+    box = np.asarray(box_xyxy, dtype=np.float64)
+    width, height = side
     out = box[None, :] + shifts
     out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width - 1)
     out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height - 1)

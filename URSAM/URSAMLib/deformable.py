@@ -1,0 +1,224 @@
+"""A fast deformable stage after the affine registration of each support (issue 8).
+
+The localizer registers every support scan to the query with an affine
+transform (``localize.register``). The slice-adaptive prompts (``prompts.py``)
+and the atlas baseline warp the supports' label maps with those transforms;
+a deformable stage on top makes the warped labels follow the query's anatomy
+(curved spinal cord, jaw opening, neck flexion) where an affine map cannot.
+
+Three stages, chosen by :attr:`DeformableOptions.method`, all on the same
+isotropic grid (about 3 mm) and all returning a transform that maps query
+points to support points, so ``sitk.Resample(support, query, transform)``
+works unchanged:
+
+- ``demons``: SimpleITK's fast symmetric-forces demons on a displacement
+  field, coarse to fine (default: the fastest, see benchmarks/deformable_options.py);
+- ``bspline``: a coarse B-spline (control points about every 80 mm), one
+  L-BFGS-B level on Mattes mutual information;
+- ``elastix``: itk-elastix (optional dependency, extra ``elastix``) with its
+  standard B-spline parameter map; without it the call raises URSAMError
+  naming the extra to install.
+
+The affine part is applied first by resampling the support onto the query's
+grid, so each stage registers two images that already overlap; the result is
+``CompositeTransform([affine, displacement])`` (the displacement acts first).
+"""
+import time
+from dataclasses import dataclass, asdict, replace
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import URSAMError
+
+METHODS = ("none", "demons", "bspline", "elastix")
+
+
+@dataclass
+class DeformableOptions:
+    method: str = "demons"
+    #: isotropic grid of the deformable stage, mm
+    spacing_mm: float = 3.0
+    #: CT window (HU) of the images the stage compares: soft tissue, fat, air and bone all keep contrast
+    window: tuple = (-400.0, 600.0)
+    # demons: iterations per level (coarse to fine), shrink factors, field smoothing (mm)
+    demons_iterations: tuple = (40, 30, 15)
+    demons_shrink: tuple = (4, 2, 1)
+    demons_sigma_mm: float = 6.0
+    #: largest update per iteration, mm (keeps a level from tearing the field)
+    demons_max_step_mm: float = 3.0
+    # coarse B-spline: control grid spacing (mm), L-BFGS-B iterations, metric samples
+    bspline_mm: float = 80.0
+    bspline_iterations: int = 30
+    bspline_samples: int = 10000
+    # elastix: the standard "bspline" map with this final grid spacing (mm) and iterations per level
+    elastix_grid_mm: float = 30.0
+    elastix_iterations: int = 200
+    elastix_resolutions: int = 3
+    #: ITK threads of one stage (None: ITK's default)
+    threads: int | None = None
+    seed: int = 0
+
+    def to_json(self):
+        return asdict(self)
+
+
+def check_method(method):
+    if method not in METHODS:
+        raise URSAMError(f"unknown deformable method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "elastix" and not elastix_available():
+        raise URSAMError("the elastix deformable stage needs itk-elastix: pip install 'ursam[elastix]' "
+                         "(or choose --deformable demons)")
+    return method
+
+
+def elastix_available():
+    try:
+        import itk  # noqa: F401
+
+        return hasattr(itk, "elastix_registration_method")
+    except ImportError:
+        return False
+
+
+def _grid(image, spacing_mm, window):
+    """``image`` (float, HU) on an isotropic grid, windowed and scaled to [0, 1]."""
+    from .localize import resample_iso
+
+    iso = resample_iso(image, spacing_mm)
+    lo, hi = window
+    iso = sitk.Clamp(iso, sitk.sitkFloat32, lo, hi)
+    return sitk.Cast((iso - lo) / (hi - lo), sitk.sitkFloat32)
+
+
+def _affine_on_grid(moving, fixed_grid, affine, options):
+    """The support, moved by the affine transform, on the query's isotropic grid (windowed)."""
+    lo, hi = options.window
+    m = sitk.Cast(moving, sitk.sitkFloat32)
+    sigma = [max(0.01, (options.spacing_mm - s) / 2.0) for s in m.GetSpacing()]
+    if max(sigma) > 0.1:
+        m = sitk.SmoothingRecursiveGaussian(m, sigma)
+    m = sitk.Resample(m, fixed_grid, affine, sitk.sitkLinear, lo, sitk.sitkFloat32)
+    m = sitk.Clamp(m, sitk.sitkFloat32, lo, hi)
+    return sitk.Cast((m - lo) / (hi - lo), sitk.sitkFloat32)
+
+
+def _demons(fixed, moving, options):
+    """Displacement field (on ``fixed``'s grid) of symmetric-forces demons, coarse to fine."""
+    field = None
+    for shrink, iters in zip(options.demons_shrink, options.demons_iterations):
+        f = sitk.Shrink(fixed, [shrink] * 3) if shrink > 1 else fixed
+        m = sitk.Shrink(moving, [shrink] * 3) if shrink > 1 else moving
+        demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        demons.SetNumberOfIterations(int(iters))
+        demons.SetStandardDeviations(options.demons_sigma_mm)
+        demons.SetUseImageSpacing(True)
+        demons.SetMaximumUpdateStepLength(options.demons_max_step_mm)
+        demons.SetSmoothDisplacementField(True)
+        demons.SetSmoothUpdateField(False)
+        if options.threads:
+            demons.SetNumberOfThreads(int(options.threads))
+        if field is None:
+            field = demons.Execute(f, m)
+        else:
+            # The coarser level's field, resampled onto this level's grid, starts this level.
+            init = sitk.Resample(field, f, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+            field = demons.Execute(f, m, init)
+    if field.GetSize() != fixed.GetSize():
+        field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+    return field
+
+
+def _bspline(fixed, moving, options):
+    """A coarse B-spline transform (query grid points to affinely moved support points)."""
+    size = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
+    mesh = [max(1, int(round(s / options.bspline_mm))) for s in size]
+    bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    n = int(np.prod(fixed.GetSize()))
+    reg.SetMetricSamplingPercentage(float(min(1.0, options.bspline_samples * 8 / n)), options.seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetShrinkFactorsPerLevel([2])
+    reg.SetSmoothingSigmasPerLevel([1.0])
+    if options.threads:
+        reg.SetNumberOfThreads(int(options.threads))
+    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=options.bspline_iterations,
+                             maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=200)
+    reg.SetInitialTransform(bspline, inPlace=True)
+    reg.Execute(fixed, moving)
+    return bspline
+
+
+def _elastix(fixed, moving, options):
+    """Displacement field of itk-elastix's standard B-spline map (query grid)."""
+    import itk
+
+    f = itk.image_from_array(sitk.GetArrayFromImage(fixed).astype(np.float32))
+    m = itk.image_from_array(sitk.GetArrayFromImage(moving).astype(np.float32))
+    for img in (f, m):
+        img.SetSpacing(fixed.GetSpacing())
+        img.SetOrigin(fixed.GetOrigin())
+        img.SetDirection(itk.matrix_from_array(np.array(fixed.GetDirection()).reshape(3, 3)))
+    params = itk.ParameterObject.New()
+    pmap = params.GetDefaultParameterMap("bspline", int(options.elastix_resolutions),
+                                         float(options.elastix_grid_mm))
+    pmap["MaximumNumberOfIterations"] = [str(int(options.elastix_iterations))]
+    pmap["RandomSeed"] = [str(int(options.seed) + 1)]
+    if options.threads:
+        # (the number_of_threads keyword of itk-elastix 0.25 crashes; the map entry does the same)
+        pmap["MaximumNumberOfThreads"] = [str(int(options.threads))]
+    params.AddParameterMap(pmap)
+    _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
+    field = itk.transformix_deformation_field(m, result)
+    arr = itk.array_from_image(field).astype(np.float64)
+    out = sitk.GetImageFromArray(arr, isVector=True)
+    out.CopyInformation(fixed)
+    return out
+
+
+def refine(fixed, moving, affine, options=DeformableOptions()):
+    """The deformable stage of one support: ``(transform, stage seconds)``.
+
+    ``fixed`` (query) and ``moving`` (support) are float images in HU,
+    ``affine`` maps query points to support points (``localize.register``).
+    The returned transform does the same, with the deformation.
+    """
+    method = check_method(options.method)
+    t0 = time.perf_counter()
+    if method == "none":
+        return affine, 0.0
+    f = _grid(fixed, options.spacing_mm, options.window)
+    m = _affine_on_grid(moving, f, affine, options)
+    if method == "bspline":
+        local = _bspline(f, m, options)
+    else:
+        field = _demons(f, m, options) if method == "demons" else _elastix(f, m, options)
+        local = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return sitk.CompositeTransform([affine, local]), time.perf_counter() - t0
+
+
+def refine_registrations(query, registrations, library, options=DeformableOptions(), progress=None):
+    """Every support registration of ``localize`` with the deformable stage on top.
+
+    ``query``: the query CT (SimpleITK image in HU, or a path); ``registrations``:
+    ``info["registrations"]`` of ``localize(..., keep_transforms=True)``.
+    Returns new registrations (the originals are left as they are), each with
+    ``stages["deformable"]`` seconds.
+    """
+    from .localize import _as_float_image
+
+    if options.method == "none" or not registrations:
+        return list(registrations)
+    fixed = _as_float_image(query)
+    by_id = {t.case_id: t for t in library.templates()}
+    out = []
+    for i, r in enumerate(registrations):
+        if progress:
+            progress.check_cancel()
+        moving = by_id[r.case_id].read_image()
+        transform, seconds = refine(fixed, moving, r.transform, options)
+        out.append(replace(r, transform=transform, seconds=r.seconds + seconds,
+                           stages={**r.stages, "deformable": seconds}))
+    return out
