@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,8 @@ def _export_onnx(image_encoder, path):
     x = torch.rand(1, 3, INPUT_SIZE, INPUT_SIZE, generator=torch.Generator().manual_seed(0))
     tmp = _atomic_target(path)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's tracer notes say nothing to a user
             try:
                 # The TorchScript exporter keeps GELU as one ONNX Gelu node (opset 20), which
                 # ONNX Runtime runs fused; the dynamo exporter spells it out in five nodes.
@@ -140,6 +142,10 @@ def _session(path, threads):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle ORT threads must not spin while torch runs the decoder on the same cores.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No arena of its own: freed activations go back to malloc, where the decoder reuses them
+    # (with its arena and memory patterns ONNX Runtime held 600 MiB more, at the same speed).
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
