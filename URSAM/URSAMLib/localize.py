@@ -184,6 +184,18 @@ def initial_translation(fixed, moving, options):
     return np.array(tx.GetOffset())
 
 
+def _linear_stage(f, m, transform, options, mask, n_body, shrink, learning_rate, min_step):
+    """One rigid or affine stage (in place on ``transform``): step gradient descent on Mattes MI."""
+    reg = _method(options, mask, shrink, n_body)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step,
+                                                 numberOfIterations=options.iterations,
+                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(f, m)
+    return reg.GetMetricValue()
+
+
 def register(fixed, moving, options=RegistrationOptions(), fixed_prepared=None):
     """Register ``moving`` (support) to ``fixed`` (query): returns (transform, metric, stage seconds).
 
@@ -203,13 +215,7 @@ def register(fixed, moving, options=RegistrationOptions(), fixed_prepared=None):
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(((flo + fhi) / 2).tolist())
     rigid.SetTranslation(offset.tolist())
-    reg = _method(options, mask, (4, 2, 1), n_body)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=0.01,
-                                                 numberOfIterations=options.iterations,
-                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetInitialTransform(rigid, inPlace=True)
-    reg.Execute(f, m)
+    _linear_stage(f, m, rigid, options, mask, n_body, (4, 2, 1), learning_rate=2.0, min_step=0.01)
     stages["rigid"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -217,14 +223,7 @@ def register(fixed, moving, options=RegistrationOptions(), fixed_prepared=None):
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    reg = _method(options, mask, (2, 1), n_body)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=0.005,
-                                                 numberOfIterations=options.iterations,
-                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetInitialTransform(affine, inPlace=True)
-    reg.Execute(f, m)
-    metric = reg.GetMetricValue()
+    metric = _linear_stage(f, m, affine, options, mask, n_body, (2, 1), learning_rate=1.0, min_step=0.005)
     stages["affine"] = time.perf_counter() - t0
     transform = affine
 
