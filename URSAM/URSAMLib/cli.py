@@ -35,6 +35,8 @@ def _floats(text, n=None, what="value"):
 
 def add_sam_options(p):
     """Backend and method options shared by segment, evaluate and bench."""
+    from .rectification import RectifyOptions
+
     g = p.add_argument_group("SAM backend")
     g.add_argument("--backend", default="litemedsam",
                    choices=["litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam"],
@@ -53,11 +55,14 @@ def add_sam_options(p):
     m.add_argument("--ratio", type=float, default=0.01,
                    help="box shift as a fraction of the slice side (default 0.01)")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    m.add_argument("--threshold-scope", choices=["box", "slice"], default="box",
-                   help="region of the class-specific threshold T (default: box)")
-    m.add_argument("--lower-bound", choices=["written", "midpoint"], default="written",
-                   help="rectification lower bound: (I_t-I_b)/2 as written, or (I_t+I_b)/2")
-    m.add_argument("--alpha-h", type=float, default=None, help="upper bound factor on I_t")
+    defaults = RectifyOptions()
+    m.add_argument("--threshold-scope", choices=["box", "slice"], default=defaults.scope,
+                   help=f"region of the class-specific threshold T (default: {defaults.scope})")
+    m.add_argument("--lower-bound", choices=["written", "midpoint"], default=defaults.lower,
+                   help="rectification lower bound: (I_t-I_b)/2 as written in the paper, or the midpoint "
+                        f"(I_t+I_b)/2 (default: {defaults.lower}, the better one on the dev data)")
+    m.add_argument("--alpha-h", type=float, default=defaults.alpha_h,
+                   help=f"upper bound factor on I_t (default: {defaults.alpha_h})")
     m.add_argument("--fixed-threshold", type=float, default=None,
                    help="use this fixed uncertainty threshold instead of eq. 4 (ablation)")
 
@@ -70,10 +75,10 @@ def params_from_args(args):
         raise URSAMError(f"--n-aug must be at least 1, got {args.n_aug}")
     if not 0 <= args.ratio < 0.5:
         raise URSAMError(f"--ratio must be in [0, 0.5), got {args.ratio}")
-    rect = RectifyOptions(scope=args.threshold_scope, lower=args.lower_bound,
+    if args.alpha_h <= 0:
+        raise URSAMError(f"--alpha-h must be positive, got {args.alpha_h}")
+    rect = RectifyOptions(scope=args.threshold_scope, lower=args.lower_bound, alpha_h=args.alpha_h,
                           fixed_threshold=args.fixed_threshold)
-    if args.alpha_h is not None:
-        rect.alpha_h = args.alpha_h
     return Params(n_aug=args.n_aug, ratio=args.ratio, seed=args.seed, rectify=rect)
 
 
