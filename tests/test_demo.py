@@ -43,3 +43,39 @@ def test_demo_runs_end_to_end_on_a_small_cohort(tmp_path, capsys):
     rect = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segment" / "rectified.nii.gz")))
     inter = np.logical_and(rect == 1, truth == 1).sum()
     assert 2 * inter / ((rect == 1).sum() + (truth == 1).sum()) > 0.6
+
+
+def test_segment_with_templates_saves_boxes_and_records_skipped_organs(tmp_path, capsys):
+    """`ursam segment --templates`: localize, segment, boxes.json; an organ no support labels is skipped."""
+    from URSAMLib.phantom import make_cohort
+
+    grid = PhantomGrid((64, 64, 16), (6.0, 6.0, 11.25))
+    lib = make_cohort(tmp_path / "cohort", n_templates=2, n_queries=1, seed=3, grid=grid)
+    meta = json.loads((lib / "dataset.json").read_text())
+    meta["labels"]["6"] = "pancreas"  # named, but labelled in no scan
+    (lib / "dataset.json").write_text(json.dumps(meta))
+    query = lib / "cases" / "phantom_03"
+    out = tmp_path / "seg"
+    assert ursam(["segment", str(query / "image.nii.gz"), "--templates", str(lib), "--out", str(out),
+                  "--reference", str(query / "labels.nii.gz"), "--quiet", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "pancreas was not localized: no support scan labels it" in captured.err
+    report = json.loads((out / "report.json").read_text())
+    loc = report["inputs"]["localization"]
+    assert loc["skipped"] == {"pancreas": "no support scan labels it"}
+    assert any("pancreas" in w for w in report["warnings"])
+    assert set(loc["registration_seconds"]) == {"phantom_01", "phantom_02"}
+    assert report["inputs"]["margin_z_xy"] == [2, 10.0]
+    boxes = json.loads((out / "boxes.json").read_text())
+    assert sorted(b["name"] for b in boxes["boxes"]) == sorted(ORGANS.values())
+    assert [o["name"] for o in report["organs"]] == [b["name"] for b in boxes["boxes"]]
+    # The Dice table printed against the reference: the ensemble finds the liver.
+    lines = captured.out.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| method")).split("|")]
+    ensemble = [c.strip() for c in next(line for line in lines if line.startswith("| ensemble")).split("|")]
+    assert float(ensemble[header.index("liver")]) > 0.6
+    # Asking for the unlabelled organ by name is an error, before any registration.
+    assert ursam(["segment", str(query / "image.nii.gz"), "--templates", str(lib), "--organs", "pancreas",
+                  "--out", str(tmp_path / "seg2"), "--quiet"]) == 2
+    assert "no support scan of the library labels pancreas" in capsys.readouterr().err
+    assert not (tmp_path / "seg2").exists()
