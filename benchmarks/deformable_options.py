@@ -45,6 +45,38 @@ def support_library(dataset, ids, folder):
     return Library(folder)
 
 
+def overrides(items):
+    """``FIELD=VALUE`` items as DeformableOptions keywords: ``a=4`` a number, ``a=60,40,20`` a tuple."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        nums = [float(v) for v in value.split(",")]
+        nums = [int(v) if v.is_integer() and key != "window" else v for v in nums]
+        out[key] = tuple(nums) if "," in value else nums[0]
+    return out
+
+
+def _affine(image_path, lib, case_id, args):
+    """The localizer's affine registrations of the supports (from ``--cache`` when there)."""
+    import pickle
+
+    path = Path(args.cache) / f"{case_id}_{'-'.join(lib.case_ids())}.pkl" if args.cache else None
+    if path is not None and path.exists():
+        from URSAMLib.localize import SupportRegistration
+
+        saved = pickle.loads(path.read_bytes())
+        return [SupportRegistration(c, sitk.ReadTransform(str(path.with_suffix(f".{c}.tfm"))), s, m, {}, {})
+                for c, s, m in saved]
+    _, info = localize(image_path, lib, keep_transforms=True, workers=1, threads=args.threads)
+    regs = info["registrations"]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for r in regs:
+            sitk.WriteTransform(r.transform, str(path.with_suffix(f".{r.case_id}.tfm")))
+        path.write_bytes(pickle.dumps([(r.case_id, r.seconds, r.metric) for r in regs]))
+    return regs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("dataset")
@@ -52,6 +84,10 @@ def main(argv=None):
     p.add_argument("--supports", help="comma-separated support ids (default: the dataset's support list)")
     p.add_argument("--methods", default="none,demons,bspline,elastix")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a DeformableOptions field for every method, e.g. demons_sigma_mm=4 or "
+                        "demons_iterations=60,40,20 (repeatable)")
+    p.add_argument("--cache", help="folder keeping the affine registrations between runs")
     p.add_argument("--out", help="JSON file of the results")
     args = p.parse_args(argv)
 
@@ -67,14 +103,13 @@ def main(argv=None):
         query = t.read_image()
         ref_labels, truth = t.read_labels(reference=query)
         t0 = time.perf_counter()
-        _, info = localize(t.image_path, lib, keep_transforms=True, workers=1, threads=args.threads)
+        regs = _affine(t.image_path, lib, case_id, args)
         affine_s = time.perf_counter() - t0
-        regs = info["registrations"]
         for method in args.methods.split(","):
             if method == "elastix" and not deformable.elastix_available():
                 print(f"{case_id}: elastix skipped (itk-elastix is not installed)")
                 continue
-            opts = deformable.DeformableOptions(method=method, threads=args.threads)
+            opts = deformable.DeformableOptions(method=method, threads=args.threads, **overrides(args.set))
             walls, cpus, refined = [], [], []
             for r in regs:
                 w0, c0 = time.perf_counter(), time.process_time()
@@ -83,7 +118,7 @@ def main(argv=None):
                 cpus.append(time.process_time() - c0)
             atlas = atlas_labels(query, refined, lib, list(lib.names))
             per = {n: round(dice(atlas == v, truth == v), 3) for v, n in lib.names.items() if (truth == v).any()}
-            row = {"case": case_id, "method": method, "supports": len(regs),
+            row = {"case": case_id, "method": method, "options": args.set, "supports": len(regs),
                    "wall_s_per_support": round(float(np.mean(walls)), 1),
                    "cpu_s_per_support": round(float(np.mean(cpus)), 1),
                    "affine_wall_s_all_supports": round(affine_s, 1),

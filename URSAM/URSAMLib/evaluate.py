@@ -130,8 +130,13 @@ def _to_dataset_values(boxes, lib_to_ds):
 
 
 def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, localizer, localizer_options,
-             sweep=False, progress=None):
-    """Every method on one case: ``(rows, sweep_rows, info)``."""
+             sweep=False, progress=None, prompt_modes=("box3d",), prompt_options=None, deformable_options=None):
+    """Every method on one case: ``(rows, sweep_rows, info)``.
+
+    ``prompt_modes`` (URSAMLib.prompts): the SAM methods run once per mode,
+    sharing the slice embeddings; with several modes their rows are named
+    ``method@mode`` (the manual baseline and ``sweep`` go with the first mode).
+    """
     from .localize import localize, atlas_labels
 
     progress = progress or Progress()
@@ -148,7 +153,9 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
     if missing:
         note(f"no ground truth for {', '.join(missing)} in this case; not scored")
     need_atlas = "atlas" in methods
-    keep = need_atlas and localizer == "registration"
+    prompt_modes = list(prompt_modes)
+    need_prior = any(m != "box3d" for m in prompt_modes) and any(m in SAM_METHODS for m in methods)
+    keep = (need_atlas or need_prior) and localizer == "registration"
     t0 = time.perf_counter()
     sub = Progress(callback=progress.callback, cancel=progress.cancel, quiet=True)
     sub.warn = lambda m: note(m)
@@ -180,20 +187,41 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
                                              labels=list(case.scored))
             extra_sets["manual"] = manual_boxes
         backend = backend_factory()
-        calls0 = backend.encoder_calls
-        organs, timings = pipeline.run(case.volume, backend, boxes, params, extra_sets, progress)
-        timings["encoder_calls"] = backend.encoder_calls - calls0
-        info["sam_timings"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in timings.items()}
-        shape = case.volume.shape
-        main = {o.label: o for o in organs if o.prompt_set == "main"}
-        for method in sam_methods:
-            labels = pipeline.label_map(organs, method, shape)
-            for value in case.scored:
-                extra = None
-                if method == "ensemble" and value in main and main[value].u is not None:
-                    o = main[value]
-                    extra = uncertainty_scores(o, case.truth[o.sl] == value)
-                add_row(value, method, labels == value, raw.get(value), extra)
+        if len(prompt_modes) > 1:
+            from .prompts import SharedEmbeddings
+
+            backend = SharedEmbeddings(backend)
+        first_organs = None
+        for i_mode, mode in enumerate(prompt_modes):
+            mode_boxes, plan = boxes, None
+            if mode != "box3d":
+                mode_boxes, plan = _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode,
+                                                 prompt_options, deformable_options, info, sub)
+            suffix = "" if len(prompt_modes) == 1 else f"@{mode}"
+            calls0 = backend.encoder_calls
+            organs, timings = pipeline.run(case.volume, backend, mode_boxes, params,
+                                           extra_sets if i_mode == 0 else None, progress, plan=plan)
+            timings["encoder_calls"] = backend.encoder_calls - calls0
+            timings = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in timings.items()}
+            if i_mode == 0:
+                info["sam_timings"] = timings
+                first_organs = organs
+            info.setdefault("mode_timings", {})[mode] = timings
+            if plan is not None:
+                info.setdefault("propagation", {})[mode] = {str(k): v for k, v in plan.describe().items()}
+            shape = case.volume.shape
+            main = {o.label: o for o in organs if o.prompt_set == "main"}
+            for method in sam_methods:
+                labels = pipeline.label_map(organs, method, shape)
+                for value in case.scored:
+                    extra = None
+                    if method == "ensemble" and value in main and main[value].u is not None:
+                        o = main[value]
+                        extra = uncertainty_scores(o, case.truth[o.sl] == value)
+                    add_row(value, method + suffix, labels == value, raw.get(value), extra)
+        organs = first_organs
+        if len(prompt_modes) > 1:
+            _mode_seconds(info, backend)
         if "manual" in methods:
             labels = pipeline.label_map(organs, "auto", shape, prompt_set="manual")
             mboxes = {b.label: b for b in manual_boxes}
@@ -217,8 +245,52 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
         for value in case.scored:
             m = ds_atlas == value
             add_row(value, "atlas", m, mask_box(m, value, case.organs[value]))
+        if info.get("warped_with"):
+            # The same majority vote with the deformable registrations the slice-adaptive prompts used.
+            name = f"atlas@{info['warped_with']}"
+            atlas = atlas_labels(case.reference, info.pop("_warp_regs"), support_lib, lib_values)
+            for value in case.scored:
+                m = np.isin(atlas, [lv for lv, dv in lib_to_ds.items() if dv == value])
+                add_row(value, name, m, mask_box(m, value, case.organs[value]))
+    info.pop("_warp_regs", None)
+    info.pop("_priors", None)
     info["seconds"] = round(time.perf_counter() - t_case, 2)
     return rows, sweep_rows, info
+
+
+def _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode, prompt_options, deformable_options,
+                  info, progress):
+    """One prompt mode's boxes and plan; the warped prior is built once per case and kept in ``info``."""
+    from dataclasses import replace as _replace
+    from .prompts import PromptOptions, make_prompts, warped_priors
+
+    if "_priors" not in info:
+        t0 = time.perf_counter()
+        priors, pinfo, regs = warped_priors(case.reference, boxes, registrations, support_lib, deformable_options,
+                                            case.image_path, lib_to_ds, progress)
+        pinfo["seconds"] = round(time.perf_counter() - t0, 2)
+        info["prior"] = pinfo
+        info["_priors"] = priors
+        if deformable_options is not None and deformable_options.method != "none":
+            info["warped_with"] = deformable_options.method
+            info["_warp_regs"] = regs
+    opts = _replace(prompt_options or PromptOptions(), mode=mode)
+    return make_prompts(boxes, info["_priors"], opts, case.reference.GetSize())
+
+
+def _mode_seconds(info, backend):
+    """Seconds per case of each prompt mode as if it ran alone: the modes shared their slice embeddings,
+    so each is charged its own slices at this case's mean encoder seconds per slice."""
+    info.pop("_priors", None)
+    enc = list(getattr(backend, "encoder_seconds", {}).values())
+    per_slice = float(np.mean(enc)) if enc else float("nan")
+    prior = info.get("prior", {}).get("seconds", 0.0)
+    out = {}
+    for mode, t in info.get("mode_timings", {}).items():
+        sam = t["distinct_slices"] * per_slice + t.get("decoder_seconds", 0.0) + t.get("rectify_seconds", 0.0)
+        out[mode] = round(info["localize_seconds"] + (prior if mode != "box3d" else 0.0) + sam, 1)
+    info["encoder_seconds_per_slice"] = round(per_slice, 3)
+    info["mode_seconds_alone"] = out
 
 
 def _sweep(case, organs, params, shape):
@@ -281,7 +353,52 @@ def pivot(rows, key, methods, organs, agg=_mean):
     return table
 
 
-def markdown_table(table, organs, label_of=lambda m: LABELS.get(m, m), digits=3):
+def method_label(m):
+    """A method's name in the tables: ``ursam@slice`` is "UR-SAM [slice]"."""
+    base, _, mode = m.partition("@")
+    return f"{LABELS.get(base, base)} [{mode}]" if mode else LABELS.get(m, m)
+
+
+def table_methods(methods, prompt_modes, deformable_options=None):
+    """The row names of the tables: each SAM method once per prompt mode where several are compared."""
+    prompt_modes = list(prompt_modes)
+    out = []
+    for m in methods:
+        if m in SAM_METHODS and len(prompt_modes) > 1:
+            out += [f"{m}@{mode}" for mode in prompt_modes]
+        else:
+            out.append(m)
+        if m == "atlas" and deformable_options is not None and deformable_options.method != "none" \
+                and any(mode != "box3d" for mode in prompt_modes):
+            out.append(f"atlas@{deformable_options.method}")
+    return out
+
+
+def modes_section(rows, infos, prompt_modes, shown):
+    """Markdown: mean Dice of the ensemble and UR-SAM per prompt mode, beside the atlas, with seconds per case."""
+    if len(prompt_modes) < 2:
+        return ""
+    lines = ["", "## Prompt modes (issue 8): mean Dice over organs and cases, seconds per case", "",
+             "| prompt mode | Ensemble | UR-SAM | seconds per case (alone) |", "|---|---|---|---|"]
+    for mode in prompt_modes:
+        ens = _mean([r["dice"] for r in rows if r["method"] == f"ensemble@{mode}"])
+        urs = _mean([r["dice"] for r in rows if r["method"] == f"ursam@{mode}"])
+        secs = _mean([inf.get("mode_seconds_alone", {}).get(mode) for inf in infos.values()])
+        lines.append(f"| {mode} | {_fmt(ens)} | {_fmt(urs)} | {_fmt(secs, 0)} |")
+    for m in shown:
+        if m.startswith("atlas"):
+            secs = _mean([inf.get("localize_seconds", float("nan")) + inf.get("atlas_seconds", 0.0)
+                          + (inf.get("prior", {}).get("seconds", 0.0) if "@" in m else 0.0)
+                          for inf in infos.values()])
+            lines.append(f"| {method_label(m)} | – | {_fmt(_mean([r['dice'] for r in rows if r['method'] == m]))} "
+                         f"| {_fmt(secs, 0)} |")
+    lines += ["", "Seconds alone: localization, the deformable stage and warped prior (slice, propagate), "
+              "the mode's own slices at the case's mean encoder seconds per slice, its decoder and "
+              "rectification seconds (the modes share one encoder pass per slice in this run).", ""]
+    return "\n".join(lines)
+
+
+def markdown_table(table, organs, label_of=method_label, digits=3):
     head = "| method | " + " | ".join(organs) + " | Avg |"
     sep = "|---|" + "---|" * (len(organs) + 1)
     lines = [head, sep]
@@ -296,7 +413,7 @@ def organ_order(rows, names):
     return [n for n in names.values() if n in seen]
 
 
-def write_tables(out, rows, sweep_rows, names, methods, header):
+def write_tables(out, rows, sweep_rows, names, methods, header, extra=""):
     organs = organ_order(rows, names)
     cases = sorted({r["case"] for r in rows})
     present = [m for m in methods if any(r["method"] == m for r in rows)]
@@ -322,6 +439,8 @@ def write_tables(out, rows, sweep_rows, names, methods, header):
                "AUROC": pivot(rows, "uncertainty_auroc", ["ensemble"], organs)["ensemble"]}
         parts += ["## Uncertainty inside the box: mean entropy, and AUROC of the entropy for the ensemble's "
                   "error voxels", "", markdown_table(unc, organs, lambda m: m), ""]
+    if extra:
+        parts += [extra]
     atomic_write_text(out / "table.md", "\n".join(parts))
     if sweep_rows:
         variants = list(dict.fromkeys(r["method"] for r in sweep_rows))
@@ -397,8 +516,13 @@ def _config_hash(config):
 
 def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, backend_factory=None,
              params=None, localizer="registration", localizer_options=None, sweep=False, backend_name="litemedsam",
-             progress=None, overwrite=False, organs=None):
+             progress=None, overwrite=False, organs=None, prompt_modes=None, prompt_options=None,
+             deformable_options=None):
     """Run and score every method on the query cases of ``dataset``; returns the summary dict.
+
+    ``prompt_modes``: prompt modes to compare (URSAMLib.prompts; default the
+    engine's default mode); ``prompt_options``, ``deformable_options``: their
+    settings (URSAMLib.prompts.PromptOptions, URSAMLib.deformable.DeformableOptions).
 
     ``backend_factory()`` returns the SAM backend (called once, only if a case
     needs SAM). Finished cases in ``out_dir/cases`` are reused when the
@@ -411,6 +535,17 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     params = params or pipeline.Params()
     localizer_options = dict(localizer_options or {})
     methods = list(methods)
+    from .prompts import DEFAULT_MODE, PromptOptions, check_mode
+
+    prompt_modes = [check_mode(m) for m in (prompt_modes or [DEFAULT_MODE])]
+    if any(m != "box3d" for m in prompt_modes) and localizer != "registration":
+        raise URSAMError(f"prompt modes {', '.join(m for m in prompt_modes if m != 'box3d')} need the "
+                         "registration localizer (the support labels are warped with its registrations)")
+    prompt_options = prompt_options or PromptOptions()
+    if deformable_options is None:
+        from .deformable import DeformableOptions
+
+        deformable_options = DeformableOptions()
     ds = Library(dataset, role="query")
     support = Library(support_from) if support_from else Library(dataset, role="support")
     query_ids = list(cases) if cases else ds.case_ids("query")
@@ -443,6 +578,9 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
               "methods": methods, "params": params.to_json(), "backend": backend_name,
               "localizer": localizer, "localizer_options": localizer_options, "sweep": bool(sweep),
               "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values())}
+    if prompt_modes != ["box3d"]:
+        config["prompts"] = {"modes": prompt_modes, "options": prompt_options.to_json(),
+                             "deformable": deformable_options.to_json()}
     digest = _config_hash(config)
     config_path = out / "config.json"
     if config_path.exists():
@@ -479,10 +617,12 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
         progress.info(f"[{i + 1}/{len(query_ids)}] {case_id}")
         case = CaseInputs(ds, case_id, organs)
         rows, sweep_rows, info = run_case(case, support, lib_to_ds, methods, get_backend, params, localizer,
-                                          localizer_options, sweep, progress)
+                                          localizer_options, sweep, progress, prompt_modes, prompt_options,
+                                          deformable_options)
         write_json({"hash": digest, "rows": rows, "sweep_rows": sweep_rows, "info": info}, path)
         all_rows += rows; all_sweep += sweep_rows; infos[case_id] = info
-        by_m = {m: _mean([r["dice"] for r in rows if r["method"] == m]) for m in methods}
+        by_m = {m: _mean([r["dice"] for r in rows if r["method"] == m])
+                for m in table_methods(methods, prompt_modes, deformable_options) if any(r["method"] == m for r in rows)}
         progress.info(f"{case_id}: " + ", ".join(f"{m} {v:.3f}" for m, v in by_m.items())
                       + f" ({info['seconds']:.0f} s)")
     write_csv(out / "results.csv", all_rows, COLUMNS)
@@ -490,7 +630,9 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
         write_csv(out / "sweep.csv", all_sweep,
                   ("case", "organ", "label", "method", "scope", "lower", "alpha_h", "dice", "dice_gt_slices"))
     header = f"UR-SAM evaluation: {ds.meta.get('name', ds.path.name)}, backend {backend_name}"
-    organ_names, present = write_tables(out, all_rows, all_sweep, ds.names, methods, header)
+    shown = table_methods(methods, prompt_modes, deformable_options)
+    modes_table = modes_section(all_rows, infos, prompt_modes, shown)
+    organ_names, present = write_tables(out, all_rows, all_sweep, ds.names, shown, header, extra=modes_table)
     write_boxplot(out / "dice_boxplot.png", all_rows, organ_names, present)
     table = pivot(all_rows, "dice", present, organ_names)
     reg_secs = [s for inf in infos.values() for s in inf.get("localization", {}).get("registration_seconds", {}).values()]
@@ -498,6 +640,8 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
                "dice_table": table, "registration_seconds_per_support": {
                    "mean": _mean(reg_secs), "max": max(reg_secs) if reg_secs else None},
                "case_info": infos}
+    if modes_table:
+        summary["modes_table"] = modes_table
     write_json(_strict_json(summary), out / "summary.json")
     return summary
 

@@ -224,6 +224,17 @@ def _bounding(label, name, slice_boxes, notes):
     return OrganBox(int(label), name, lo, hi, list(notes), slice_boxes=sb)
 
 
+def _propagation_region(box, prior_boxes, options, size_xyz, notes):
+    """propagate's bounding region: the prior's slices plus ``reach`` slices at each end, in-plane
+    the prior's boxes grown by four times the mask margin (the sweep may follow the organ out of them)."""
+    region = _bounding(box.label, box.name, _with_ends(prior_boxes, options.reach, size_xyz[2]), notes)
+    d = grid_px_to_slice_px(4 * options.grow_px, size_xyz)
+    lo = _grow(np.array(region.min_ijk[:2] + region.max_ijk[:2], np.float64), d, size_xyz)
+    region.min_ijk[:2], region.max_ijk[:2] = [int(lo[0]), int(lo[1])], [int(lo[2]), int(lo[3])]
+    region.slice_boxes = {}
+    return region
+
+
 def make_prompts(boxes, priors, options, size_xyz):
     """The boxes of ``options.mode`` and the pipeline's slice plan (None but for ``propagate``).
 
@@ -247,17 +258,38 @@ def make_prompts(boxes, priors, options, size_xyz):
             out.append(_bounding(b.label, b.name, _with_ends(pboxes, options.end_slices, size_xyz[2]), [note]))
             continue
         # propagate: the region is the prior's reach; the boxes are chosen as the sweep goes.
-        region = _bounding(b.label, b.name, _with_ends(pboxes, options.reach, size_xyz[2]), [note])
-        d = grid_px_to_slice_px(4 * options.grow_px, size_xyz)
-        lo = _grow(np.array(region.min_ijk[:2] + region.max_ijk[:2], np.float64)[[0, 1, 2, 3]], d, size_xyz)
-        region.min_ijk[:2] = [int(lo[0]), int(lo[1])]
-        region.max_ijk[:2] = [int(lo[2]), int(lo[3])]
-        region.slice_boxes = {}
+        out.append(_propagation_region(b, pboxes, options, size_xyz, [note]))
         starts[b.label] = max(areas, key=lambda z: (areas[z], -z))
         fallbacks[b.label] = pboxes
-        out.append(region)
     plan = Propagation(starts, fallbacks, options, size_xyz) if mode == "propagate" else None
     return out, plan
+
+
+def prompts_from_box_file(boxes, options, size_xyz):
+    """``(boxes, plan)`` of ``options.mode`` for boxes read from a box file.
+
+    ``slice`` uses the file's per-slice boxes as they are; ``propagate`` takes
+    them as the prior's boxes (its fallback) and starts on the slice whose box
+    is largest. Boxes without per-slice boxes keep the paper's prompt.
+    """
+    mode = check_mode(options.mode)
+    if mode == "box3d":
+        return [OrganBox(b.label, b.name, list(b.min_ijk), list(b.max_ijk), list(b.notes)) for b in boxes], None
+    if not any(b.slice_boxes for b in boxes):
+        raise URSAMError(f"prompt mode {mode} needs per-slice boxes: give --templates, or a box file with "
+                         '"slice_boxes" (ursam localize --prompts slice writes one)')
+    if mode == "slice":
+        return list(boxes), None
+    out, starts, fallbacks = [], {}, {}
+    for b in boxes:
+        if not b.slice_boxes:
+            out.append(b)
+            continue
+        pboxes = {z: np.asarray(v, np.float64) for z, v in b.slice_boxes.items()}
+        out.append(_propagation_region(b, pboxes, options, size_xyz, b.notes))
+        starts[b.label] = max(pboxes, key=lambda z: (_area(pboxes[z]), -z))
+        fallbacks[b.label] = pboxes
+    return out, Propagation(starts, fallbacks, options, size_xyz)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,14 +432,27 @@ def prompts_from_registrations(reference, boxes, registrations, library, options
     library's label values to the boxes' values where they differ.
     ``info`` is JSON-ready: the mode, its options, the deformable stage's seconds.
     """
-    import time
-
     mode = check_mode(options.mode)
     info = {"mode": mode, "options": options.to_json()}
     if mode == "box3d":
         return list(boxes), None, info
+    priors, prior_info, _ = warped_priors(reference, boxes, registrations, library, deformable_options,
+                                          query, relabel, progress)
+    info.update(prior_info)
+    out, plan = make_prompts(boxes, priors, options, reference.GetSize())
+    return out, plan, info
+
+
+def warped_priors(reference, boxes, registrations, library, deformable_options=None, query=None, relabel=None,
+                  progress=None):
+    """``({label: Prior}, info, registrations)`` of the boxes' organs (see :func:`prompts_from_registrations`);
+    ``registrations`` are those the labels were warped with (refined where a deformable stage ran)."""
+    import time
+
+    info = {}
     if not registrations:
-        raise URSAMError(f"prompt mode {mode} needs the support registrations of the registration localizer")
+        raise URSAMError("prompt modes slice and propagate need the support registrations of the "
+                         "registration localizer")
     relabel = dict(relabel or {})
     back = {v: k for k, v in relabel.items()}
     values = [back.get(b.label, b.label) for b in boxes]
@@ -415,7 +460,8 @@ def prompts_from_registrations(reference, boxes, registrations, library, options
         from .deformable import refine_registrations
 
         if progress:
-            progress.stage(f"deformable registration of {len(registrations)} support scans ({deformable_options.method})")
+            progress.stage(f"deformable registration of {len(registrations)} support scans "
+                           f"({deformable_options.method})")
         t0 = time.perf_counter()
         registrations = refine_registrations(query if query is not None else reference, registrations, library,
                                              deformable_options, progress)
@@ -429,11 +475,8 @@ def prompts_from_registrations(reference, boxes, registrations, library, options
     for v, p in priors.items():
         p.label = v
     info["prior_seconds"] = round(time.perf_counter() - t0, 2)
-    out, plan = make_prompts(boxes, priors, options, reference.GetSize())
-    info["priors"] = {p.name: {"supports": p.n_supports, "slices": int((p.frac >= options.prior_threshold)
-                                                                        .any(axis=(1, 2)).sum())}
-                      for p in priors.values()}
-    return out, plan, info
+    info["prior_supports"] = {p.name: p.n_supports for p in priors.values()}
+    return priors, info, registrations
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,3 +531,21 @@ class SharedEmbeddings:
     def clear(self):
         self._volume = None
         self._cache = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The atlas vote as a prior in rectification (off by default)
+
+def prior_rectified(o, prior, min_vote=0.2):
+    """UR-SAM's rectified mask of organ maps ``o`` with the fused atlas vote as a prior.
+
+    Rectification adds uncertain voxels whose intensity looks like the organ;
+    here such a voxel is added only where at least ``min_vote`` of the
+    supports put the organ: where the atlas strongly disagrees, it is not.
+    Returns the mask over ``o.sl``; ``o.masks["ursam"]`` is left as it is.
+    """
+    rect = o.masks["ursam"]
+    if o.m_unc is None or prior is None:
+        return rect
+    added = rect & ~o.masks["ensemble"]
+    return rect & ~(added & (prior.on(o.sl) < min_vote))

@@ -96,12 +96,15 @@ class SegmentationResult:
 
 
 def segment_volume(volume, reference, boxes, backend, params=None, extra_sets=None, progress=None,
-                   inputs=None):
-    """Run the pipeline on an array already read; returns a :class:`SegmentationResult`."""
+                   inputs=None, plan=None):
+    """Run the pipeline on an array already read; returns a :class:`SegmentationResult`.
+
+    ``plan``: the slice plan of prompt mode propagate (URSAMLib.prompts), else None.
+    """
     params = params or pipeline.Params()
     progress = progress or Progress()
     t0 = time.perf_counter()
-    organs, timings = pipeline.run(volume, backend, boxes, params, extra_sets, progress)
+    organs, timings = pipeline.run(volume, backend, boxes, params, extra_sets, progress, plan=plan)
     timings["total_seconds"] = time.perf_counter() - t0
     timings["encoder_calls"] = backend.encoder_calls
     return SegmentationResult(reference, volume, list(boxes), organs, params, backend.describe(), timings,

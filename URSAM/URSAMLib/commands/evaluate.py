@@ -27,6 +27,9 @@ def add_parser(sub):
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     add_localizer_options(p, templates=False)
     add_sam_options(p)
+    from .segment import add_prompt_options
+
+    add_prompt_options(p, several=True)
     p.set_defaults(func=main)
     return p
 
@@ -40,13 +43,20 @@ def main(args):
     methods = parse_methods(args.methods)
     params = params_from_args(args)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    from ..deformable import DeformableOptions, check_method
+    from ..prompts import parse_modes
+
+    modes = parse_modes(args.prompts)
+    deformable_options = DeformableOptions(method=check_method(args.prompt_registration))
     summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
                        backend_factory=lambda: backend_from_args(args, progress), params=params,
                        localizer=args.localizer, localizer_options=localizer_options(args), sweep=args.sweep,
                        backend_name=args.backend, progress=progress, overwrite=args.overwrite,
-                       organs=args.organs)
+                       organs=args.organs, prompt_modes=modes, deformable_options=deformable_options)
     table = summary["dice_table"]
     organs = [o for o in next(iter(table.values())) if o != "Avg"] if table else []
     print(markdown_table(table, organs))
+    if summary.get("modes_table"):
+        print(summary["modes_table"])
     print(f"wrote results.csv, table.md and dice_boxplot.png to {args.out} ({len(summary['cases'])} cases)")
     return 0

@@ -74,6 +74,9 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="box file to write (JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     add_localizer_options(p, required=True)
+    from .segment import add_prompt_options
+
+    add_prompt_options(p)
     p.set_defaults(func=main)
     return p
 
@@ -82,11 +85,29 @@ def main(args):
     from ..localize import localize
 
     progress = Progress(quiet=args.quiet)
+    per_slice = args.prompts != "box3d"
+    if per_slice and args.localizer != "registration":
+        raise URSAMError(f"--prompts {args.prompts} needs --localizer registration (the warped support labels)")
     boxes, info = localize(args.image, args.templates, organs=args.organs, method=args.localizer,
-                           progress=progress, **localizer_options(args))
+                           progress=progress, keep_transforms=per_slice, **localizer_options(args))
     if not boxes:
         raise URSAMError("no organ could be localized", args.image)
-    save_boxes(boxes, args.out, extra={"localization": info})
+    extra = {"localization": info}
+    if per_slice:
+        # The box file carries the warped prior's box on each slice; `ursam segment --prompts slice`
+        # uses them as they are, `--prompts propagate` as its fallback.
+        from dataclasses import replace
+        from ..imageio import read_image
+        from ..prompts import prompts_from_registrations
+        from ..templates import Library
+        from .segment import prompt_options
+
+        popts, dopts = prompt_options(args)
+        reference = read_image(args.image, "image")
+        boxes, _, extra["prompts"] = prompts_from_registrations(
+            reference, boxes, info.pop("registrations"), Library(args.templates), replace(popts, mode="slice"),
+            dopts, query=args.image, progress=progress)
+    save_boxes(boxes, args.out, extra=extra)
     if not args.quiet:
         secs = info.get("registration_seconds", {})
         per = f", {max(secs.values()):.1f} s per support at most" if secs else ""

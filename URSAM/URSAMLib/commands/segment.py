@@ -30,6 +30,7 @@ def add_parser(sub):
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sam_options(p)
+    add_prompt_options(p)
     from .localize import add_localizer_options
 
     add_localizer_options(p, templates=False, margin=False)
@@ -37,13 +38,45 @@ def add_parser(sub):
     return p
 
 
-def _localize(args, margin, progress):
+def add_prompt_options(p, several=False):
+    """--prompts (and the registration behind the slice-adaptive modes), shared by segment and evaluate."""
+    from ..deformable import METHODS
+    from ..prompts import MODES, DEFAULT_MODE
+
+    g = p.add_argument_group("prompt mode (which 2D box each slice gets)")
+    if several:
+        g.add_argument("--prompts", default=DEFAULT_MODE, metavar="MODES",
+                       help=f"comma-separated prompt modes to compare ({', '.join(MODES)}; default {DEFAULT_MODE})")
+    else:
+        g.add_argument("--prompts", default=DEFAULT_MODE, choices=MODES,
+                       help="box3d: the paper's one box per organ on every slice; slice: a box per slice from "
+                            "the support labels warped into the scan; propagate: from the slice of largest "
+                            f"warped area outward, each slice boxed from the previous slice's mask "
+                            f"(default {DEFAULT_MODE}; slice and propagate need --templates or a box file "
+                            "with per-slice boxes)")
+    g.add_argument("--prompt-registration", default="demons", choices=METHODS,
+                   help="deformable stage after the affine registration, before the support labels are "
+                        "warped for slice/propagate prompts (default demons; elastix needs ursam[elastix])")
+
+
+def prompt_options(args):
+    from ..deformable import DeformableOptions, check_method
+    from ..prompts import PromptOptions
+
+    check_method(args.prompt_registration)
+    return PromptOptions(mode=args.prompts), DeformableOptions(method=args.prompt_registration)
+
+
+def _localize(args, margin, progress, keep_transforms=False):
     """Boxes from the template library (METHOD.md §1), with the margin; see URSAMLib.localize."""
     from ..localize import localize
     from .localize import localizer_options
 
+    if keep_transforms and args.localizer != "registration":
+        raise URSAMError(f"--prompts {args.prompts} needs --localizer registration (the warped support labels)")
     boxes, info = localize(args.image, args.templates, organs=args.organs, method=args.localizer,
-                           progress=progress, **localizer_options(args, margin=margin))
+                           progress=progress, keep_transforms=keep_transforms,
+                           **localizer_options(args, margin=margin))
     if not boxes:
         raise URSAMError("no organ could be localized from the template library", args.templates)
     return boxes, info
@@ -69,15 +102,30 @@ def main(args):
     reference, volume = read_ct(args.image)
     size = reference.GetSize()
     extra_files, localization = {}, None
+    popts, dopts = prompt_options(args)
+    plan, prompt_info = None, {"mode": popts.mode}
     if args.templates:
-        boxes, localization = _localize(args, margin, progress)
-        extra_files["boxes.json"] = lambda path: save_boxes(boxes, path, extra={"localization": localization})
+        boxes, localization = _localize(args, margin, progress, keep_transforms=popts.mode != "box3d")
+        registrations = localization.pop("registrations", None)
+        if popts.mode != "box3d":
+            from ..prompts import prompts_from_registrations
+            from ..templates import Library
+
+            boxes, plan, prompt_info = prompts_from_registrations(
+                reference, boxes, registrations, Library(args.templates), popts, dopts, query=args.image,
+                progress=progress)
+        # Written after the run, so propagate's file holds the boxes it chose on each slice.
+        extra_files["boxes.json"] = lambda path: save_boxes(boxes, path, extra={"localization": localization,
+                                                                                "prompts": prompt_info})
     else:
         if args.organs:
             raise URSAMError("--organs goes with --templates; with --boxes, edit the box file")
+        from ..prompts import prompts_from_box_file
+
         boxes = load_boxes(args.boxes, size, warn=progress.warn)
         if margin != (0, 0.0):
             boxes = [add_margin(b, margin[0], margin[1], size) for b in boxes]
+        boxes, plan = prompts_from_box_file(boxes, popts, size)
     truth = read_labels(args.reference, reference, "reference label map")[1] if args.reference else None
     percentile = percentile_for(args, volume, args.image, progress)
     backend = backend_from_args(args, progress, percentile)
@@ -87,7 +135,11 @@ def main(args):
               "margin_z_xy": list(margin), "normalization": "percentile" if percentile else "ct-window"}
     if localization is not None:
         inputs["localization"] = localization
-    result = segment_volume(volume, reference, boxes, backend, params, progress=progress, inputs=inputs)
+    inputs["prompts"] = prompt_info
+    result = segment_volume(volume, reference, boxes, backend, params, progress=progress, inputs=inputs,
+                            plan=plan)
+    if plan is not None:
+        prompt_info["propagation"] = {str(k): v for k, v in plan.describe().items()}
     if localization is not None:
         result.warnings += [f"{name} was not localized ({why}); it was skipped"
                             for name, why in localization.get("skipped", {}).items()]
