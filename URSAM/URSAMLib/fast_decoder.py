@@ -176,6 +176,9 @@ class BoxDecoder:
         self.w2 = w2.permute(0, 2, 3, 1).reshape(w2.shape[0], -1).contiguous()
         self.b2 = up[3].bias.detach().repeat(4)
         self.ln2d = up[1]
+        gamma2, beta2 = t.layers[1].norm4.weight.detach(), t.layers[1].norm4.bias.detach()
+        self.w1g = gamma2[:, None] * self.w1  # keys2's LayerNorm scale folded into the first convolution
+        self.c0 = beta2 @ self.w1 + self.b1
         a, b, f = self.a1_t2i, self.a1_i2t, self.af
         g2 = self.l1.norm4.weight.detach()
         # stacked image-side weights of prepare(): one matrix product each
@@ -360,10 +363,13 @@ class BoxDecoder:
         tokens = torch.arange(gh * gw).view(gh, gw)[rows, cols]
         th, tw = tokens.shape
         tokens = tokens.reshape(-1)
-        # the final image tokens, made explicit on this region only
-        x = torch.baddbmm(st.x1c[tokens] * s1[:, tokens, None], e[:, :, tokens].transpose(1, 2), w)  # (B, R, C)
-        x = x * s2[:, tokens, None] * self.l1.norm4.weight + self.l1.norm4.bias
-        x = torch.addmm(self.b1, x.reshape(-1, self.c), self.w1).view(-1, self.c1)  # (B*R*4, C1)
+        # The first transposed convolution of the final image tokens, on this region only. With
+        # keys2 = s2 * gamma2 * (s1 * x1c + e^T w) + beta2, it is
+        # s2 * (s1 * (x1c gamma2 W1) + e^T (w gamma2 W1)) + (beta2 W1 + b1): the image part is
+        # shared by the boxes of the call (one organ's boxes share a region).
+        y = st.x1c[tokens] @ self.w1g  # (R, 4*C1)
+        x = torch.baddbmm(y * s1[:, tokens, None], e[:, :, tokens].transpose(1, 2), torch.matmul(w, self.w1g))
+        x = (x * s2[:, tokens, None] + self.c0).view(-1, self.c1)  # (B*R*4, C1)
         x = F.layer_norm(x, (self.c1,), self.ln2d.weight, self.ln2d.bias, self.ln2d.eps)
         x = F.gelu(x)
         x = F.gelu(torch.addmm(self.b2, x, self.w2))  # (B*R*4, 4*C2)
