@@ -510,6 +510,14 @@ def write_boxplot(path, rows, organs, methods):
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation
 
+#: Params fields that change speed, never results: a rerun with other values still resumes
+SPEED_ONLY_PARAMS = ("decode_batch",)
+
+
+def _result_params(params):
+    return {k: v for k, v in params.to_json().items() if k not in SPEED_ONLY_PARAMS}
+
+
 def _config_hash(config):
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -575,7 +583,7 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     (out / "cases").mkdir(parents=True, exist_ok=True)
     config = {"ursam_version": __version__, "dataset": str(ds.path.absolute()),
               "supports": str(Path(support.path).absolute()), "support_ids": sorted(support_ids),
-              "methods": methods, "params": params.to_json(), "backend": backend_name,
+              "methods": methods, "params": _result_params(params), "backend": backend_name,
               "localizer": localizer, "localizer_options": localizer_options, "sweep": bool(sweep),
               "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values())}
     if prompt_modes != ["box3d"]:
