@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from shared_data import HN, case, names
 from URSAMLib.boxes import OrganBox, boxes_from_labels, box_iou, load_boxes
 from URSAMLib.cli import main as ursam
-from URSAMLib.localize import (SupportRegistration, extreme_points, fuse_boxes, invert_points, localize)
+from URSAMLib.localize import SupportRegistration, extreme_points, fuse_boxes, invert_points
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ Layout of ``DIR``: ``cohort/`` (all patients, dataset layout), ``templates/``
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import pipeline
 from .errors import URSAMError
 from .outputs import atomic_write_text, check_output_dir

@@ -21,7 +21,7 @@ import json
 import math
 import time
 import zlib
-from dataclasses import replace, asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from . import __version__, pipeline
 from .boxes import OrganBox, boxes_from_labels, box_iou
 from .errors import URSAMError
-from .imageio import read_ct, read_labels
+from .imageio import read_ct
 from .metrics import auroc, box_centre_error_mm, dice, hd95
 from .outputs import atomic_write_text, write_json
 from .progress import Progress

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import URSAMError
-from .imageio import IMAGE_SUFFIXES, check_same_grid, check_volume, read_image, read_labels
+from .imageio import IMAGE_SUFFIXES, check_volume, read_image, read_labels
 from .outputs import atomic_write_text
 
 #: name patterns of a case's files, in the order they are looked for

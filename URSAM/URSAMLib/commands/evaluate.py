@@ -1,5 +1,4 @@
 """``ursam evaluate``: every method on every query case of a dataset, the paper's table."""
-from ..errors import URSAMError
 from ..progress import Progress
 
 
@@ -36,7 +35,7 @@ def add_parser(sub):
 
 def main(args):
     from ..cli import params_from_args, backend_from_args
-    from ..evaluate import evaluate, parse_methods, markdown_table, pivot, organ_order
+    from ..evaluate import evaluate, parse_methods, markdown_table
     from .localize import localizer_options
 
     progress = Progress(quiet=args.quiet)

@@ -1,7 +1,6 @@
 """``ursam templates``: build and check a template library of labelled support scans."""
 from ..boxes import read_names
 from ..errors import URSAMError
-from ..progress import Progress
 
 
 def add_parser(sub):
