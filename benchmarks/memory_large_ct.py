@@ -1,16 +1,17 @@
 """Peak memory of a whole run on a large CT (issue: memory stays bounded as the scan grows).
 
-Resamples the shared abdomen CT tsA (3 mm) to a 512x512x400 grid with its labels, takes the boxes of
-every labelled organ, runs the whole pipeline (LiteMedSAM, n augmented boxes, rectification) and writes
-every output, then prints the peak resident memory of the process (ru_maxrss) and the run's seconds.
-The last line is one JSON object.
+Resamples the shared abdomen CT tsA (3 mm) to a 512x512x400 grid with its labels, writes it as NIfTI
+with the boxes of every labelled organ, runs `ursam segment` on it in its own process (LiteMedSAM, n
+augmented boxes, rectification, every output written), then prints that process's peak resident memory
+(ru_maxrss) and its seconds. The last line is one JSON object.
 
-    python3 benchmarks/memory_large_ct.py [--size 512,512,400] [--n-aug 3] [--out /tmp/ursam_mem]
+    python3 benchmarks/memory_large_ct.py [--size 512,512,400] [--n-aug 3] [--work /tmp/ursam_mem]
 """
 import argparse
 import json
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,11 +23,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "URSAM"))
 
-from URSAMLib.boxes import boxes_from_labels, read_names  # noqa: E402
-from URSAMLib.pipeline import Params  # noqa: E402
-from URSAMLib.progress import Progress  # noqa: E402
-from URSAMLib.sam_backend import make_backend  # noqa: E402
-from URSAMLib.segment import segment_volume, write_results  # noqa: E402
+from URSAMLib.boxes import boxes_from_labels, read_names, save_boxes  # noqa: E402
 
 
 def resample(image, size, interpolator):
@@ -42,35 +39,34 @@ def main():
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "abdomen-ts"))
     ap.add_argument("--size", default="512,512,400")
     ap.add_argument("--n-aug", type=int, default=3)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--work", default=None, help="folder for the large CT and the outputs (default: a temp folder)")
     args = ap.parse_args()
     size = [int(v) for v in args.size.split(",")]
     data = Path(args.data)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ursam_mem_"))
+    work.mkdir(parents=True, exist_ok=True)
     ct = resample(sitk.ReadImage(str(data / "cases/tsA/image.nii.gz")), size, sitk.sitkLinear)
     lab = resample(sitk.ReadImage(str(data / "cases/tsA/labels.nii.gz")), size, sitk.sitkNearestNeighbor)
-    volume = sitk.GetArrayFromImage(ct).astype(np.float32)
-    labels = sitk.GetArrayFromImage(lab)
-    reference = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
-    reference.CopyInformation(ct)
-    boxes = boxes_from_labels(labels, read_names(data / "dataset.json"))
+    sitk.WriteImage(ct, str(work / "ct.nii.gz"))
+    boxes = boxes_from_labels(sitk.GetArrayFromImage(lab), read_names(data / "dataset.json"))
+    save_boxes(boxes, work / "boxes.json")
     del ct, lab
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    backend = make_backend("litemedsam", device="cpu")
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "out"
+    # The run is its own process, as a user would start it: its peak is the tool's, not this script's.
+    cmd = [sys.executable, "-m", "URSAMLib.cli", "segment", str(work / "ct.nii.gz"), "--boxes",
+           str(work / "boxes.json"), "--out", str(work / "out"), "--overwrite", "--n-aug", str(args.n_aug),
+           "--device", "cpu"]
     t0 = time.perf_counter()
-    result = segment_volume(volume, reference, boxes, backend, Params(n_aug=args.n_aug),
-                            progress=Progress(quiet=False))
-    write_results(result, out, overwrite=True)
+    subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    figures = {"size_xyz": size, "organs": len(boxes), "distinct_slices": result.timings["distinct_slices"],
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    report = json.loads((work / "out" / "report.json").read_text(encoding="utf-8"))
+    figures = {"size_xyz": size, "organs": len(boxes), "distinct_slices": report["timings_seconds"]["distinct_slices"],
                "n_aug": args.n_aug, "seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1),
-               "rss_after_loading_ct_mb": round(rss_before, 1),
-               "volume_mb": round(volume.nbytes / 2**20, 1)}
-    print(f"{len(boxes)} organs on a {size} CT: peak RSS {peak:.0f} MB, {seconds:.0f} s")
+               "encoder": report["backend"].get("encoder")}
+    print(f"ursam segment, {len(boxes)} organs on a {size} CT: peak RSS {peak:.0f} MB, {seconds:.0f} s")
     print(json.dumps(figures))
-    if not args.out:
-        shutil.rmtree(out.parent, ignore_errors=True)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

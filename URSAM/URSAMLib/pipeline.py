@@ -31,7 +31,7 @@ class Params:
     rectify: RectifyOptions = field(default_factory=RectifyOptions)
     fnpc: FnpcOptions = field(default_factory=FnpcOptions)
     #: in-plane padding of each organ's stored region, as a fraction of the box side
-    region_pad: float = 0.25
+    region_pad: float = 0.1
     #: boxes decoded per decoder call (bounds the decoder's memory: about 20 MB a box)
     decode_batch: int = 16
 
@@ -116,7 +116,8 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
             if n:
                 o.p_mean = np.zeros(rshape, np.float32)
                 aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[b.label])
-            o.intensity = np.zeros(rshape, np.float32)
+            # float16 is ample for a [0, 1] intensity compared against means, and halves the largest map
+            o.intensity = np.zeros(rshape, np.float16)
             organs.append(o)
 
     zs = distinct_slices(sets)
@@ -207,7 +208,7 @@ def finish_organ(o, params):
     o.masks["ensemble"] = y_hat
     o.u = binary_entropy(o.p_mean)
     inner = o.box_in_region
-    yb, ub, ib = y_hat[inner], o.u[inner], o.intensity[inner]
+    yb, ub, ib = y_hat[inner], o.u[inner], o.intensity[inner].astype(np.float32)
     rect_b, munc_b, info = rectify(yb, ub, ib, params.rectify)
     o.m_unc = np.zeros_like(y_hat)
     o.m_unc[inner] = munc_b
@@ -222,17 +223,32 @@ def finish_organ(o, params):
     return o
 
 
+def _union_frame(organs, shape):
+    """The bounding box of all organ regions, and each region's slices inside it.
+
+    Overlap bookkeeping only needs this frame, not the whole scan: on a large CT the
+    organs cover a fraction of it.
+    """
+    if not organs:
+        return tuple(slice(0, 0) for _ in shape), {}
+    lo = [min(o.sl[a].start for o in organs) for a in range(3)]
+    hi = [max(o.sl[a].stop for o in organs) for a in range(3)]
+    frame = tuple(slice(a, b) for a, b in zip(lo, hi))
+    local = {id(o): tuple(slice(o.sl[a].start - lo[a], o.sl[a].stop - lo[a]) for a in range(3)) for o in organs}
+    return frame, local
+
+
 def label_map(organs, method, shape, prompt_set="main"):
     """One label map of ``method``; overlaps go to the organ of the higher probability."""
     labels = np.zeros(shape, np.uint16)
-    best = np.full(shape, -1.0, np.float32)
-    for o in organs:
-        if o.prompt_set != prompt_set or method not in o.masks:
-            continue
+    chosen = [o for o in organs if o.prompt_set == prompt_set and method in o.masks]
+    frame, local = _union_frame(chosen, shape)
+    best = np.full(tuple(s.stop - s.start for s in frame), -1.0, np.float32)
+    for o in chosen:
         p = o.p_auto if method == "auto" or o.p_mean is None else o.p_mean
-        m = o.masks[method] & (p > best[o.sl])
+        m = o.masks[method] & (p > best[local[id(o)]])
         labels[o.sl][m] = o.label
-        best[o.sl][m] = p[m]
+        best[local[id(o)]][m] = p[m]
     return labels
 
 
@@ -240,12 +256,12 @@ def uncertainty_maps(organs, shape):
     """The entropy map (max over organs) and the label map of M_unc (organ of the higher u)."""
     u_full = np.zeros(shape, np.float32)
     unc_labels = np.zeros(shape, np.uint16)
-    best = np.full(shape, -1.0, np.float32)
-    for o in organs:
-        if o.u is None:
-            continue
+    chosen = [o for o in organs if o.u is not None]
+    frame, local = _union_frame(chosen, shape)
+    best = np.full(tuple(s.stop - s.start for s in frame), -1.0, np.float32)
+    for o in chosen:
         np.maximum(u_full[o.sl], o.u, out=u_full[o.sl])
-        m = o.m_unc & (o.u > best[o.sl])
+        m = o.m_unc & (o.u > best[local[id(o)]])
         unc_labels[o.sl][m] = o.label
-        best[o.sl][m] = o.u[m]
+        best[local[id(o)]][m] = o.u[m]
     return u_full, unc_labels
