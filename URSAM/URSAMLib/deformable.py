@@ -170,9 +170,14 @@ def _elastix(fixed, moving, options):
         # (the number_of_threads keyword of itk-elastix 0.25 crashes; the map entry does the same)
         pmap["MaximumNumberOfThreads"] = [str(int(options.threads))]
     params.AddParameterMap(pmap)
-    _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
-    field = itk.transformix_deformation_field(m, result)
-    arr = itk.array_from_image(field).astype(np.float64)
+    import tempfile
+
+    # transformix writes its field to a file as well: into a folder of our own, never the caller's cwd.
+    with tempfile.TemporaryDirectory(prefix="ursam-elastix-") as tmp:
+        _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False,
+                                                    output_directory=tmp)
+        field = itk.transformix_deformation_field(m, result, output_directory=tmp, log_to_console=False)
+        arr = itk.array_from_image(field).astype(np.float64)
     out = sitk.GetImageFromArray(arr, isVector=True)
     out.CopyInformation(fixed)
     return out
