@@ -481,24 +481,30 @@ def write_boxplot(path, rows, organs, methods):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(organs) * max(1, len(methods)) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(20.0, max(6.0, 0.2 * len(organs) * max(1, len(methods)) + 2)), 4.5))
     colors = plt.get_cmap("tab10")
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
         data = [[r["dice"] for r in rows if r["method"] == m and r["organ"] == o] or [np.nan] for o in organs]
         pos = np.arange(len(organs)) + (j - (len(methods) - 1) / 2) * width
-        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True,
-                        manage_ticks=False)
+        color = colors(j % 10)
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False,
+                        manage_ticks=False, medianprops={"color": "black", "linewidth": 1})
         for patch in bp["boxes"]:
-            patch.set_facecolor(colors(j % 10))
-            patch.set_alpha(0.75)
-        ax.plot([], [], color=colors(j % 10), lw=6, label=LABELS.get(m, m))
+            patch.set_facecolor(color)
+            patch.set_alpha(0.6)
+        # Every case as a dot: with few cases a box alone hides them.
+        for x, vals in zip(pos, data):
+            ax.scatter(np.full(len(vals), x), vals, s=8, color=color, edgecolors="black", linewidths=0.3,
+                       zorder=3)
+        ax.plot([], [], color=color, lw=6, label=LABELS.get(m, m))
     ax.set_xticks(np.arange(len(organs)))
     ax.set_xticklabels(organs, rotation=30, ha="right")
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=min(4, len(methods)), loc="lower left")
+    ax.legend(fontsize=7, ncol=min(8, len(methods)), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              frameon=False)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
