@@ -104,6 +104,18 @@ def network_from_state(state, path=None):
     return net
 
 
+def pick_device(name):
+    """auto (CUDA when there is one), cpu, or cuda[:N]; URSAMError for anything else."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise URSAMError(f"device {name}: no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise URSAMError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    return name
+
+
 def load_network(path, device="cpu"):
     """(network in eval mode on ``device``, checkpoint dict) from a checkpoint file."""
     state = read_checkpoint(path)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..boxes import OrganBox, add_margin
 from ..errors import URSAMError
 from ..progress import Progress
-from .checkpoint import load_network
+from .checkpoint import load_network, pick_device
 from .network import FEATURE_SCALES
 from .preprocessing import crop, extreme_points, prepare
 
@@ -60,16 +60,6 @@ class SupportAtlas:
     supports: list = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
-
-
-def pick_device(name):
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise URSAMError(f"localizer device {name}: no CUDA device is available")
-    if name != "cpu" and not str(name).startswith("cuda"):
-        raise URSAMError(f"localizer device must be auto, cpu or cuda, got {name!r}")
-    return name
 
 
 def _patches(volume_u8, centres_zyx, size, device):

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import URSAMError
 from ..progress import Progress
-from .checkpoint import read_checkpoint, network_from_state, save_checkpoint
+from .checkpoint import network_from_state, pick_device, read_checkpoint, save_checkpoint
 from .losses import medlam_loss
 from .network import MedLAMNet, NetConfig
 from .preprocessing import prepare_path
@@ -64,16 +64,6 @@ class TrainSettings:
 
     #: what a resumed run may change: how long, and how often it reports and saves
     RUN_ONLY = ("steps", "max_minutes", "save_every", "log_every")
-
-
-def pick_device(name):
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise URSAMError(f"--device {name}: no CUDA device is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise URSAMError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return name
 
 
 def load_volumes(paths, config, progress, cache_dir=None):
