@@ -15,6 +15,7 @@ machine hits every path alike:
 It prints a short summary, then one JSON object as its last line.
 """
 import json
+import os
 import platform
 import resource
 import statistics
@@ -118,11 +119,12 @@ def decoder_ms_per_box(backend, volume, boxes, params, rounds):
 def whole_run(volume, reference, boxes, backend, params, out_root, tag):
     """One ``ursam segment`` run without reading the inputs: SAM, rectification, all outputs."""
     calls0 = backend.encoder_calls
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     result = segment_volume(volume, reference, boxes, backend, params, progress=Progress(quiet=True))
     write_results(result, Path(out_root) / tag, overwrite=False, progress=Progress(quiet=True))
-    seconds = time.perf_counter() - t0
-    return seconds, backend.encoder_calls - calls0, result
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    result.timings["encoder_calls"] = backend.encoder_calls - calls0  # this run's, not the backend's total
+    return seconds, cpu, backend.encoder_calls - calls0, result
 
 
 def organ_dice(result, labels):
@@ -150,6 +152,7 @@ def mask_agreement(a, b):
 def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "auto"), n_values=(1, 3),
               timing_slices=4, rounds=2, repeat=1, log=print):
     """Measure and return the bench record (a dict); ``make(encoder)`` builds a backend."""
+    load_start = _loadavg()
     reference, volume = read_ct(image)
     size = reference.GetSize()
     progress = Progress(quiet=True)
@@ -183,19 +186,22 @@ def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "
     log(f"decoder ms/box on slice {z_dec} ({n_boxes_slice} boxes): " + ", ".join(f"{k} {v}" for k, v in dec.items()))
 
     seconds = {n_lo: [], n_hi: []}
+    cpu_seconds = {n_lo: [], n_hi: []}
     calls = {}
     results = {}
     with tempfile.TemporaryDirectory(prefix="ursam-bench-") as tmp:
         for r in range(repeat):
             for n in (n_lo, n_hi):
-                s, c, res = whole_run(volume, reference, boxes, main, _with_n(params, n), tmp, f"{main_name}-n{n}-{r}")
+                s, cs, c, res = whole_run(volume, reference, boxes, main, _with_n(params, n), tmp,
+                                          f"{main_name}-n{n}-{r}")
                 seconds[n].append(s)
+                cpu_seconds[n].append(cs)
                 calls[n] = c
                 results[n] = res
-                log(f"whole run n={n} ({main_name} encoder): {s:.1f} s, {c} encoder calls")
+                log(f"whole run n={n} ({main_name} encoder): {s:.1f} s ({cs:.1f} CPU s), {c} encoder calls")
         eager_run = None
         if eager is not None and main is not eager:
-            s, c, eager_run = whole_run(volume, reference, boxes, eager, p_hi, tmp, f"eager-n{n_hi}")
+            s, _, c, eager_run = whole_run(volume, reference, boxes, eager, p_hi, tmp, f"eager-n{n_hi}")
             log(f"whole run n={n_hi} (eager encoder): {s:.1f} s")
             eager_seconds = s
         else:
@@ -213,6 +219,15 @@ def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "
         "seconds_n1": round(s_lo, 2),
         "seconds_n3": round(s_hi, 2),
         "ratio_n3_n1": round(s_hi / s_lo, 3),
+        # CPU seconds of the process: what a busy shared machine disturbs least
+        "cpu_seconds_n1": round(statistics.median(cpu_seconds[n_lo]), 2),
+        "cpu_seconds_n3": round(statistics.median(cpu_seconds[n_hi]), 2),
+        "ratio_n3_n1_cpu": round(statistics.median(cpu_seconds[n_hi]) / statistics.median(cpu_seconds[n_lo]), 3),
+        "seconds_all_runs": {f"n{n}": [round(v, 1) for v in seconds[n]] for n in seconds},
+        # 1-minute load average at the start and the end: above the core count, timings are shared
+        "load_average": [round(load_start[0], 1) if load_start else None,
+                         round(_loadavg()[0], 1) if _loadavg() else None],
+        "cpu_count": os.cpu_count(),
         "run_timings_n3": {k: round(v, 2) if isinstance(v, float) else v
                            for k, v in results[n_hi].timings.items()},
         "encoder_path": main_name,
@@ -240,10 +255,17 @@ def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "
 
     rule = "holds" if record["encoder_calls"] == record["distinct_slices"] else "BROKEN"
     log(f"encoder calls {record['encoder_calls']} for {record['distinct_slices']} distinct slices ({rule}); "
-        f"n={n_hi} vs n={n_lo}: {record['ratio_n3_n1']}x; fast encoder speedup "
+        f"n={n_hi} vs n={n_lo}: {record['ratio_n3_n1']}x ({record['ratio_n3_n1_cpu']}x in CPU time); fast encoder speedup "
         f"{record['speedup_fast_vs_eager']}; Dice delta {record['dice_delta_fast_vs_eager']}; "
         f"peak RSS {record['peak_rss_mb']} MiB")
     return record
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()
+    except (OSError, AttributeError):
+        return ()
 
 
 def _with_n(params, n):
