@@ -321,7 +321,7 @@ class BoxDecoder:
         beta1 = l0.norm4.bias.detach()
         w = torch.cat([v1m - v1m.mean(-1, keepdim=True), u2c,
                        (beta1 - beta1.mean()).expand(bsz, 1, c)], 1)  # (B, 2hT + 1, C)
-        e = torch.cat([c1, a2, torch.ones(bsz, 1, n)], 1)  # (B, 2hT + 1, N)
+        e = torch.cat([c1, a2, c1.new_ones(bsz, 1, n)], 1)  # (B, 2hT + 1, N)
         quad = (torch.bmm(torch.bmm(w, w.transpose(1, 2)), e) * e).sum(1)
         cross_v = _to_boxes(torch.bmm(_by_head(v1, h), state.wo1g).view(h, bsz, ntok, n))
         cross_v -= u1m * state.sg
@@ -360,7 +360,7 @@ class BoxDecoder:
         if index is not None:
             s1, s2, e, w, hyper = s1[index], s2[index], e[index], w[index], hyper[index]
         bsz = s1.shape[0]
-        tokens = torch.arange(gh * gw).view(gh, gw)[rows, cols]
+        tokens = torch.arange(gh * gw, device=s1.device).view(gh, gw)[rows, cols]
         th, tw = tokens.shape
         tokens = tokens.reshape(-1)
         # The first transposed convolution of the final image tokens, on this region only. With

@@ -356,7 +356,7 @@ class LiteMedSAM(SamBackend):
                 ty, tx = taps[(y0, y1, x0, x1)]
                 r0, r1 = int(ty[0].min()) // up, int(ty[1].max()) // up + 1
                 c0, c1 = int(tx[0].min()) // up, int(tx[1].max()) // up + 1
-                sel = torch.as_tensor(idx)
+                sel = torch.as_tensor(idx, device=self.device)
                 low = self._fast.upscale(keys, slice(r0, r1), slice(c0, c1), index=sel)
                 ty = (ty[0] - r0 * up, ty[1] - r0 * up, ty[2], ty[3])
                 tx = (tx[0] - c0 * up, tx[1] - c0 * up, tx[2], tx[3])
