@@ -84,7 +84,9 @@ def add_parser(sub):
                    help="dataset.json role to train on when --images is a dataset folder (default: extra; "
                         "never train on the scans you report on)")
     p.add_argument("--out", required=True, help="checkpoint file to write (atomically, every --save-every steps)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint at --out with its stored network and training settings "
+                        "(only the length, --max-minutes, --save-every and --log-every apply)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--iterations", type=int, help="optimizer steps in total")
     length.add_argument("--epochs", type=float,

@@ -78,7 +78,8 @@ def load_volumes(paths, config, progress, cache_dir=None):
         if cache:
             ident = json.dumps([str(Path(path).absolute()), config.spacing_mm, config.hu_points, config.hu_values])
             key = hashlib.sha1(ident.encode()).hexdigest()[:12]
-            f = cache / f"{Path(path).name.split('.')[0]}_{key}.npy"
+            # Scans are often all named image.nii.gz: the folder name makes the cache readable.
+            f = cache / f"{Path(path).parent.name}_{Path(path).name.split('.')[0]}_{key}.npy"
             if f.exists():
                 try:
                     vol = np.load(f)
