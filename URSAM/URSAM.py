@@ -95,8 +95,8 @@ class URSAMParameterNode:
     marginZ: Annotated[int, WithinRange(0, 50)] = 2
     marginXY: Annotated[float, WithinRange(0.0, 200.0)] = 10.0
     thresholdScope: Annotated[str, Choice(["box", "slice"])] = "box"
-    # midpoint won on the dev data (URSAMLib.rectification.RectifyOptions); "written" is the paper's text
-    lowerBound: Annotated[str, Choice(["written", "midpoint"])] = "midpoint"
+    # as URSAMLib.rectification.RectifyOptions: the paper's bound did best on the H&N dev cases
+    lowerBound: Annotated[str, Choice(["written", "midpoint"])] = "written"
     alphaH: Annotated[float, WithinRange(0.1, 10.0)] = DEFAULT_ALPHA_H
     useFixedThreshold: bool = False
     fixedThreshold: Annotated[float, WithinRange(0.0, 0.693)] = 0.2

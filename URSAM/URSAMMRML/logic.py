@@ -49,7 +49,7 @@ class RunOptions:
     marginZ: int = 2
     marginXY: float = 10.0
     thresholdScope: str = "box"
-    lowerBound: str = "midpoint"  # as URSAMLib.rectification.RectifyOptions: it won on the dev data
+    lowerBound: str = "written"  # as URSAMLib.rectification.RectifyOptions
     #: None: URSAMLib's default
     alphaH: float = None
     #: None: the class-specific threshold of eq. 4
