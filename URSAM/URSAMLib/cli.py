@@ -60,7 +60,7 @@ def add_sam_options(p):
                    help=f"region of the class-specific threshold T (default: {defaults.scope})")
     m.add_argument("--lower-bound", choices=["written", "midpoint"], default=defaults.lower,
                    help="rectification lower bound: (I_t-I_b)/2 as written in the paper, or the midpoint "
-                        f"(I_t+I_b)/2 (default: {defaults.lower}, the better one on the dev data)")
+                        f"(I_t+I_b)/2 (default: {defaults.lower})")
     m.add_argument("--alpha-h", type=float, default=defaults.alpha_h,
                    help=f"upper bound factor on I_t (default: {defaults.alpha_h})")
     m.add_argument("--fixed-threshold", type=float, default=None,
