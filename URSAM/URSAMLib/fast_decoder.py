@@ -1,31 +1,36 @@
-"""SAM's mask decoder for box prompts, rearranged so that a box costs a fraction of a full pass.
+"""SAM's mask decoder for box prompts, rearranged so that a box costs a tenth of a full pass.
 
 The pipeline decodes every organ box and its n augmented copies against one
 image embedding (METHOD.md §2-§3), so the decoder runs (1 + n) times per organ
-and slice. SAM's TwoWayTransformer spends almost all of its time projecting the
-4096 image tokens (64 x 64) through 256 x 128 matrices; yet only 7 prompt
-tokens ever meet them. This module computes exactly the same function in a
-cheaper order:
+and slice. SAM's TwoWayTransformer spends almost all of its time on the 4096
+image tokens (64 x 64): projecting them through 256 x 128 matrices in every
+attention, and normalizing them. Yet per box only 7 prompt tokens (8 heads x 7
+= 56 vectors) ever meet them. This module computes the same function in a
+cheaper order (the transformer needs about 165 M multiply-adds per box instead
+of 1.3 G, and the upscaling only its region's share of 0.4 G):
 
-- the first block's image-side projections (keys + PE through k_proj, keys
-  through v_proj, keys + PE through q_proj) depend only on the slice, since a
-  box prompt's dense embedding is the constant no-mask embedding: they are
-  computed once per slice (:meth:`BoxDecoder.prepare`), not once per box;
-- every other image-side projection is folded into the 7 prompt tokens:
-  ``softmax(q Wk (x + pe)^T)`` becomes ``softmax((Wk^T q) . (x + pe))``, and
-  ``out_proj(attn @ (v Wv^T))`` becomes ``attn @ (v Wv^T Wo^T)``, so the image
-  side meets 8 heads x 7 tokens = 56 vectors instead of a 256 x 128 matrix;
+- a box prompt's dense embedding is the constant no-mask embedding, so the
+  image tokens entering the transformer, and every projection of them that the
+  boxes share, are computed once per slice (:meth:`BoxDecoder.prepare`);
+- every image-side projection is folded into the prompt tokens, e.g.
+  ``softmax(q Wk (x + pe)^T)`` becomes ``softmax((Wk^T q) . (x + pe))`` and
+  ``out_proj(attn @ v)`` becomes ``attn @ (v Wo^T)``;
+- the image tokens after each block are never formed: each is its slice-wide
+  part times a per-token factor plus a rank-56 (then rank-113) update,
+  ``LN(x + a^T u) = s * gamma * (x_c + a^T u_c) + beta``, with the LayerNorm's
+  1/sigma per token ``s`` taken from per-slice statistics and small products;
 - the last token-to-image attention is computed for the one output token that
   the single-mask output reads;
 - the upscaling head (two stride-2 transposed convolutions, a per-pixel
-  LayerNorm and GELUs) acts on each image token alone, so it is evaluated only
-  on the tokens that cover the region the caller keeps.
+  LayerNorm and GELUs) acts on each image token alone, so the final image
+  tokens are made explicit, and upscaled, only on the tokens that cover the
+  region the caller keeps (:meth:`BoxDecoder.upscale`).
 
-Only the order of floating-point operations changes; results agree with the
-eager decoder to about 1e-5 in logits (tests/test_fast_encoder.py checks
-masks and Dice). Any decoder that does not have SAM's structure is refused at
-construction (:class:`UnsupportedDecoder`), and the backend then keeps the
-eager decoder.
+Only the order of floating-point operations changes: probabilities agree with
+the eager decoder to about 1e-5 (tests/test_pipeline_speed_rules.py checks
+LiteMedSAM on real slices and segment-anything's decoder). A decoder without
+SAM's structure is refused at construction (:class:`UnsupportedDecoder`), and
+the backend keeps the eager one.
 """
 import math
 
@@ -56,7 +61,6 @@ class _Attn:
         self.h = heads
         self.d = m.internal_dim // heads
         self.scale = 1.0 / math.sqrt(self.d)
-        self.m = m
         self.wq, self.bq = m.q_proj.weight.detach(), m.q_proj.bias.detach()
         self.wk, self.bk = m.k_proj.weight.detach(), m.k_proj.bias.detach()
         self.wv, self.bv = m.v_proj.weight.detach(), m.v_proj.bias.detach()
@@ -126,12 +130,6 @@ def _head_blocks(x, h, d):
     return torch.diagonal(x, dim1=1, dim2=3).permute(0, 3, 1, 2)
 
 
-def _softmax_small(s):
-    """Softmax over a short last axis (SAM's 7 prompt tokens), where torch's kernel is slow."""
-    e = torch.exp(s - s.amax(-1, keepdim=True))
-    return e.div_(e.sum(-1, keepdim=True))
-
-
 class BoxDecoder:
     """SAM's single-mask box decoder, exact up to float rounding, with shared per-slice work.
 
@@ -157,7 +155,6 @@ class BoxDecoder:
         _check(up[2].approximate == "none" and up[4].approximate == "none", "GELU is approximate")
         heads = t.num_heads
         self.pe_mod = prompt_encoder
-        self.md = mask_decoder
         self.l0, self.l1 = l0, l1
         self.a0_t2i, self.a0_i2t = _Attn(l0.cross_attn_token_to_image, heads), _Attn(l0.cross_attn_image_to_token, heads)
         self.a1_t2i, self.a1_i2t = _Attn(l1.cross_attn_token_to_image, heads), _Attn(l1.cross_attn_image_to_token, heads)
@@ -180,10 +177,9 @@ class BoxDecoder:
         self.w1g = gamma2[:, None] * self.w1  # keys2's LayerNorm scale folded into the first convolution
         self.c0 = beta2 @ self.w1 + self.b1
         a, b, f = self.a1_t2i, self.a1_i2t, self.af
-        g2 = self.l1.norm4.weight.detach()
         # stacked image-side weights of prepare(): one matrix product each
         self._w_x1 = torch.cat([a.wk, a.wv, b.wq], 0)
-        self._w_x1c = torch.cat([f.wk * g2, f.wv * g2, b.wo.t()], 0)
+        self._w_x1c = torch.cat([f.wk * gamma2, f.wv * gamma2, b.wo.t()], 0)
         self._w_o1t = self.a0_i2t.wo.t().contiguous()
         self._const = {}
 
@@ -216,12 +212,10 @@ class BoxDecoder:
         xpe = x0 + const["pe"]
         a, b = self.a0_t2i, self.a0_i2t
         g1 = self.l0.norm4.weight.detach()
-        g2 = self.l1.norm4.weight.detach()
         x0c = x0 - x0.mean(1, keepdim=True)
         x1 = x0c * g1  # block 1's LayerNorm, less its per-token 1/sigma (which depends on the box)
         x1c = x1 - x1.mean(1, keepdim=True)
         g1x1c = x1c * g1
-        a1, b1, f = self.a1_t2i, self.a1_i2t, self.af
         p1 = F.linear(x1, self._w_x1)  # (N, 3*h*d): k, v, q projections of block 2
         p2 = F.linear(x1c, self._w_x1c)  # (N, 3*h*d): final k, v (through gamma2), block 2 out_proj^T
         p3 = F.linear(torch.stack([x0c, g1x1c]), self._w_o1t)  # (2, N, h*d): block 1 out_proj^T
@@ -235,7 +229,7 @@ class BoxDecoder:
             kx1=_per_head(p1[:, :hd], h, d), vx1=_per_head(p1[:, hd:2 * hd], h, d),
             qx1=_per_head(p1[:, 2 * hd:], h, d),
             kfx=_per_head(p2[:, :hd], h, d), vfx=_per_head(p2[:, hd:2 * hd], h, d),
-            xo2=_per_head(p2[:, 2 * hd:], h, d), xb2=x1c @ b1.bo,
+            xo2=_per_head(p2[:, 2 * hd:], h, d), xb2=x1c @ self.a1_i2t.bo,
             wo1g=_per_head(p3[1], h, d), bg=g1x1c @ b.bo, sg=g1x1c.sum(1),
             sqx1c=(x1c * x1c).sum(1), xbeta=x1c @ self.l0.norm4.bias.detach(),
             kp=const["kp"], qp=const["qp"], kfp=const["kfp"])
