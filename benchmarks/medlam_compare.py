@@ -13,6 +13,8 @@ two side by side (Dice of auto prompting and UR-SAM, box scores, seconds)::
     ursam evaluate DATA --localizer medlam --localizer-checkpoint CKPT --out /tmp/ev_medlam
     python benchmarks/medlam_compare.py evaluations registration=/tmp/ev_reg medlam=/tmp/ev_medlam
 
+(a DIR may also hold several evaluations, e.g. one per case: all results.csv below it count).
+
 Both modes print a markdown table and write it (with the per-case numbers)
 to ``--out``. Finished cases of the boxes mode are kept in ``--out/cases``
 and reused, so an interrupted run continues where it stopped.
@@ -146,13 +148,16 @@ def run_evaluations(args):
             raise URSAMError(f"give NAME=DIR, got {item!r}")
         name, folder = item.split("=", 1)
         folder = Path(folder)
-        path = folder / "results.csv"
-        if not path.exists():
-            raise URSAMError("no results.csv (run `ursam evaluate` first)", path)
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
-        seconds = [json.loads(p.read_text())["info"].get("localize_seconds")
-                   for p in sorted((folder / "cases").glob("*.json"))]
+        # One evaluation, or a folder of them (one per case, say): every results.csv below it.
+        found = sorted(folder.glob("**/results.csv"))
+        if not found:
+            raise URSAMError("no results.csv (run `ursam evaluate` first)", folder)
+        rows, seconds = [], []
+        for path in found:
+            with path.open() as f:
+                rows += list(csv.DictReader(f))
+            seconds += [json.loads(p.read_text())["info"].get("localize_seconds")
+                        for p in sorted((path.parent / "cases").glob("*.json"))]
         runs[name] = (rows, seconds)
     organs = list(dict.fromkeys(r["organ"] for rows, _ in runs.values() for r in rows))
 
@@ -166,7 +171,7 @@ def run_evaluations(args):
     label = {"dice": "Dice", "box_iou": "box IoU", "centre_error_mm": "centre err (mm)"}
     cases = {n: sorted({r["case"] for r in rows}) for n, (rows, _) in runs.items()}
     lines = ["# Full pipeline with each localizer (from `ursam evaluate`)", "",
-             "Cases: " + "; ".join(f"{n}: {len(c)}" for n, c in cases.items()), "",
+             "Cases: " + "; ".join(f"{n}: {len(c)} ({', '.join(c)})" for n, c in cases.items()), "",
              "| organ | " + " | ".join(f"{label[k]} {m if k == 'dice' else ''} [{n}]".replace("  ", " ")
                                        for n, m, k in cols) + " |",
              "|" + "---|" * (1 + len(cols))]

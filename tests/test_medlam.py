@@ -209,8 +209,10 @@ def test_inference_end_to_end_on_a_real_case(trained):
     assert info["method"] == "medlam" and info["checkpoint_step"] == 3
     assert info["supports"] == json.loads((HN / "dataset.json").read_text(encoding="utf-8"))["support"]
     assert len(info["points"]["Brainstem"]["refined_ijk"]) == 6
-    # Seeded: the same boxes again (support features reused from the cache).
-    again, info2 = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu")
+    # Seeded: the same boxes again (support features reused from the cache); the options
+    # `ursam evaluate` passes to every localizer are accepted.
+    again, info2 = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu",
+                            keep_transforms=False, missing="skip")
     assert info2["support_features_reused"]
     assert [b.to_json() for b in again] == [b.to_json() for b in boxes]
 
