@@ -162,16 +162,19 @@ def test_a_decoder_of_another_shape_falls_back_to_eager(monkeypatch):
         backend._setup_decoder(Model, "quick")
 
 
-def test_decoder_uses_one_thread_only_while_the_cpus_are_oversubscribed(monkeypatch):
+def test_decoder_chunks_keep_an_organs_boxes_together_and_feed_every_worker():
+    regions = ["a"] * 4 + ["b"] * 4 + ["c"] * 4 + ["d"]  # four organs: box + 3 augmented, one manual box
+    chunks = sam_backend.plan_chunks(regions, batch=16, workers=2)
+    assert sorted(i for c in chunks for i in c) == list(range(13))
+    assert len(chunks) >= 2 and all(len(c) <= 7 for c in chunks)
+    assert all(len({regions[i] for i in c}) <= 2 for c in chunks)
+    assert [regions[i] for i in chunks[0]] == ["a"] * 4 + []  # a run is not split when it fits
+    assert sam_backend.plan_chunks(regions, batch=3, workers=1)[0] == [0, 1, 2]
+    assert sam_backend.plan_chunks([], batch=16, workers=2) == []
     threads = torch.get_num_threads()
-    seen = []
-    monkeypatch.setattr(sam_backend.os, "getloadavg", lambda: (1000.0, 0.0, 0.0))
-    with sam_backend.decoder_threads():
-        seen.append(torch.get_num_threads())
-    monkeypatch.setattr(sam_backend.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    with sam_backend.decoder_threads():
-        seen.append(torch.get_num_threads())
-    assert seen == [1, threads] and torch.get_num_threads() == threads
+    with sam_backend.one_torch_thread():
+        inside = torch.get_num_threads()
+    assert inside == 1 and torch.get_num_threads() == threads
 
 
 def test_malloc_tuning_is_applied_once_and_can_be_turned_off(monkeypatch):

@@ -67,21 +67,10 @@ def tune_malloc():
 
 
 @contextlib.contextmanager
-def decoder_threads():
-    """One torch thread for the fast decoder while the CPUs are oversubscribed.
-
-    The fast decoder is a hundred medium-sized operations per batch; with
-    more runnable threads than cores, every parallel operation waits at its
-    barrier for a descheduled worker, and two threads ran 8x slower than one
-    (measured on a 2-core machine under load 15). On an idle machine the
-    decoder keeps torch's thread count.
-    """
-    try:
-        busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
-    except (OSError, AttributeError):
-        busy = False
+def one_torch_thread():
+    """torch's intra-op pool at one thread for the duration (restored after)."""
     threads = torch.get_num_threads()
-    if not busy or threads == 1:
+    if threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -89,6 +78,36 @@ def decoder_threads():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def plan_chunks(regions, batch, workers):
+    """Split boxes into chunks for the fast decoder's workers: lists of box indices.
+
+    Each chunk has at most ``batch`` boxes and, where possible, whole runs of
+    boxes sharing a region (one organ's box and its augmented copies share
+    the upscaling of their region); there are at least ``workers`` chunks
+    when there are that many boxes.
+    """
+    n = len(regions)
+    if n == 0:
+        return []
+    size = max(1, min(batch, -(-n // max(1, workers))))
+    runs, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or regions[i] != regions[start]:
+            runs.append(list(range(start, i)))
+            start = i
+    chunks, cur = [], []
+    for run in runs:
+        while run:
+            if cur and len(cur) + len(run) > size:
+                chunks.append(cur)
+                cur = []
+            take = run[:size - len(cur)]
+            cur, run = cur + take, run[len(take):]
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def resolve_device(device):
@@ -200,8 +219,7 @@ class SamBackend:
         boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
         if len(boxes) != len(regions):
             raise ValueError("one region per box")
-        with torch.inference_mode(), (decoder_threads() if self._fast is not None and self.device.type == "cpu"
-                                      else contextlib.nullcontext()):
+        with torch.inference_mode():
             return self._decode_regions(embedding, boxes, list(regions), max(1, int(batch)))
 
     def _decode_regions(self, emb, boxes, regions, batch):
@@ -334,36 +352,60 @@ class LiteMedSAM(SamBackend):
         return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
 
     def _decode_regions(self, emb, boxes, regions, batch):
-        # The decoder's 256-pixel output is already the padded input grid, so each region maps
-        # straight to a block of image tokens: upscale only those (the transformer still sees all).
         if self._fast is None:
             return super()._decode_regions(emb, boxes, regions, batch)
+        state = self._decoder_state(emb)  # big products: with all of torch's threads
+        keys = [(r[0].start, r[0].stop, r[1].start, r[1].stop) for r in regions]
+        workers = torch.get_num_threads() if self.device.type == "cpu" else 1
+        chunks = plan_chunks(keys, batch, workers)
+        out = [None] * len(boxes)
+        if workers == 1 or len(chunks) == 1:
+            for idx in chunks:
+                self._decode_chunk(emb, state, boxes, keys, idx, out)
+            return out
+        # On CPU the decoder is a hundred medium-sized operations per chunk: split over torch's
+        # intra-op threads, each waits at a barrier per operation, and on a busy machine (more
+        # runnable threads than cores) two threads ran 8x slower than one. Chunks on a pool of
+        # one-thread workers have no barriers: they use every core when it is free and degrade
+        # gracefully when it is not.
+        with one_torch_thread():
+            list(self._pool(workers).map(
+                lambda idx: self._decode_chunk(emb, state, boxes, keys, idx, out, grad_off=True), chunks))
+        return out
+
+    def _pool(self, workers):
+        pool = getattr(self, "_decoder_pool", None)
+        if pool is None or pool._max_workers != workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = self._decoder_pool = ThreadPoolExecutor(workers, thread_name_prefix="ursam-decoder")
+        return pool
+
+    def _decode_chunk(self, emb, state, boxes, keys, idx, out, grad_off=False):
+        """Decode the boxes ``idx`` over their regions into ``out`` (each region's tokens upscaled once)."""
+        if grad_off:  # inference mode is per thread
+            with torch.inference_mode():
+                return self._decode_chunk(emb, state, boxes, keys, idx, out)
         h, w = emb["shape"]
         nh, nw = emb["new_size"]
-        state = self._decoder_state(emb)
         up = self.image_size // state.grid_hw[0]  # low-res pixels per image token
-        taps = {}
-        out = [None] * len(boxes)
-        for j in range(0, len(boxes), batch):
-            keys = self._fast.tokens_and_keys(state, boxes[j:j + batch] * emb["scale"])
-            groups = {}
-            for i, (ys, xs) in enumerate(regions[j:j + batch]):
-                key = (ys.start, ys.stop, xs.start, xs.stop)
-                groups.setdefault(key, []).append(i)
-            for (y0, y1, x0, x1), idx in groups.items():
-                if (y0, y1, x0, x1) not in taps:
-                    taps[(y0, y1, x0, x1)] = (_bilinear_taps(h, nh, y0, y1), _bilinear_taps(w, nw, x0, x1))
-                ty, tx = taps[(y0, y1, x0, x1)]
-                r0, r1 = int(ty[0].min()) // up, int(ty[1].max()) // up + 1
-                c0, c1 = int(tx[0].min()) // up, int(tx[1].max()) // up + 1
-                sel = torch.as_tensor(idx, device=self.device)
-                low = self._fast.upscale(keys, slice(r0, r1), slice(c0, c1), index=sel)
-                ty = (ty[0] - r0 * up, ty[1] - r0 * up, ty[2], ty[3])
-                tx = (tx[0] - c0 * up, tx[1] - c0 * up, tx[2], tx[3])
-                probs = torch.sigmoid(_resize_region(low, ty, tx)).float().cpu().numpy()
-                for k, i in enumerate(idx):
-                    out[j + i] = probs[k]
-        return out
+        # The decoder's 256-pixel output is the padded input grid, so a region of the slice maps
+        # straight to a block of image tokens: only those are upscaled (the transformer sees all).
+        factors = self._fast.tokens_and_keys(state, boxes[idx] * emb["scale"])
+        groups = {}
+        for k, i in enumerate(idx):
+            groups.setdefault(keys[i], []).append(k)
+        for (y0, y1, x0, x1), sel in groups.items():
+            ty, tx = _bilinear_taps(h, nh, y0, y1), _bilinear_taps(w, nw, x0, x1)
+            r0, r1 = int(ty[0].min()) // up, int(ty[1].max()) // up + 1
+            c0, c1 = int(tx[0].min()) // up, int(tx[1].max()) // up + 1
+            low = self._fast.upscale(factors, slice(r0, r1), slice(c0, c1),
+                                     index=torch.as_tensor(sel, device=self.device))
+            ty = (ty[0] - r0 * up, ty[1] - r0 * up, ty[2], ty[3])
+            tx = (tx[0] - c0 * up, tx[1] - c0 * up, tx[2], tx[3])
+            probs = torch.sigmoid(_resize_region(low, ty, tx)).float().cpu().numpy()
+            for k, p in zip(sel, probs):
+                out[idx[k]] = p
 
 
 _SAM_TYPES = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h", "medsam": "vit_b"}
