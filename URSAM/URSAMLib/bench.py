@@ -33,6 +33,7 @@ from .errors import URSAMError
 from .imageio import read_ct, read_labels
 from .metrics import dice
 from .progress import Progress
+from .sam_backend import one_torch_thread
 from .segment import segment_volume, write_results
 
 #: masks whose Dice is compared between encoder paths
@@ -60,15 +61,28 @@ def _spread(items, k):
 
 
 def encoder_ms(backends, volume, zs, rounds):
-    """Median milliseconds per slice of each backend's encoder, measured in interleaved rounds."""
-    samples = {name: [] for name in backends}
+    """Per encoder path, medians over interleaved rounds: wall ms per slice, and CPU ms per slice.
+
+    The CPU time is taken with torch at one thread (ONNX Runtime keeps its
+    non-spinning pool): on a shared machine it is the figure that other
+    processes disturb least, and no idle thread's spinning is counted.
+    """
+    wall = {name: [] for name in backends}
+    cpu = {name: [] for name in backends}
     for b in backends.values():  # first call: allocations, thread pools, ONNX session warm-up
         b.embed(volume[zs[0]])
     for _ in range(rounds):
         for z in zs:
             for name, b in backends.items():
-                samples[name].append(_timed(lambda: b.embed(volume[z]))[0] * 1e3)
-    return {name: round(statistics.median(v), 1) for name, v in samples.items()}
+                wall[name].append(_timed(lambda: b.embed(volume[z]))[0] * 1e3)
+            with one_torch_thread():
+                for name, b in backends.items():
+                    c0 = time.process_time()
+                    b.embed(volume[z])
+                    cpu[name].append((time.process_time() - c0) * 1e3)
+    med = statistics.median
+    return ({name: round(med(v), 1) for name, v in wall.items()},
+            {name: round(med(v), 1) for name, v in cpu.items()})
 
 
 def _slice_prompts(volume, boxes, params):
@@ -178,8 +192,9 @@ def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "
     log(f"backend {main.name} on {main.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"encoder paths {', '.join(backends)}")
 
-    enc = encoder_ms(backends, volume, zs, rounds)
-    log("encoder ms/slice: " + ", ".join(f"{k} {v}" for k, v in enc.items()))
+    enc, enc_cpu = encoder_ms(backends, volume, zs, rounds)
+    log("encoder ms/slice: " + ", ".join(f"{k} {v}" for k, v in enc.items())
+        + "; CPU ms/slice (torch at 1 thread): " + ", ".join(f"{k} {v}" for k, v in enc_cpu.items()))
 
     p_hi = _with_n(params, n_hi)
     dec, n_boxes_slice, z_dec = decoder_ms_per_box(main, volume, boxes, p_hi, rounds)
@@ -234,6 +249,9 @@ def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "
         "encoder_ms_per_slice": enc,
         "speedup_fast_vs_eager": (round(enc["eager"] / enc[fast_name], 2)
                                   if fast_name and "eager" in enc else None),
+        "encoder_cpu_ms_per_slice": enc_cpu,
+        "speedup_fast_vs_eager_cpu": (round(enc_cpu["eager"] / enc_cpu[fast_name], 2)
+                                      if fast_name and "eager" in enc_cpu else None),
         "decoder": main.decoder_name,
         "decoder_ms_per_box": dec,
         "decoder_speedup_fast_vs_eager": round(dec["eager"] / dec["fast"], 2) if "fast" in dec else None,
