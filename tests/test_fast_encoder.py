@@ -100,6 +100,35 @@ def test_auto_falls_back_to_eager_and_a_named_path_says_why(monkeypatch, eager):
     assert backend.encoder_name == "eager" and backend.describe()["encoder"] == "eager"
 
 
+def test_a_failed_export_is_remembered_until_weights_or_runtimes_change(tmp_path, monkeypatch, eager):
+    _need_runtime()
+    monkeypatch.setenv("URSAM_CACHE", str(tmp_path))
+    calls = []
+
+    def broken(encoder, path):
+        calls.append(path)
+        raise fast_encoder.Unavailable("the ONNX export differs from eager by 1.0e+00")
+
+    monkeypatch.setattr(fast_encoder, "_export_onnx", broken)
+    encoder = eager.model.image_encoder
+    for _ in range(2):
+        run, name = fast_encoder.make_encoder(encoder, "auto", "cpu")
+        assert run is encoder and name == "eager"
+    assert len(calls) == 1  # the second run read the note instead of exporting again
+    with pytest.raises(URSAMError, match="differs from eager"):
+        fast_encoder.make_encoder(encoder, "onnx", "cpu")
+    assert [p.name.endswith(".onnx.failed") for p in tmp_path.iterdir()] == [True]
+
+    def full_disk(encoder, path):
+        raise fast_encoder.Unavailable("cannot write the exported model: No space left", lasting=False)
+
+    monkeypatch.setattr(fast_encoder, "_export_onnx", full_disk)
+    for p in tmp_path.iterdir():
+        p.unlink()
+    assert fast_encoder.make_encoder(encoder, "auto", "cpu")[1] == "eager"
+    assert list(tmp_path.iterdir()) == []  # a passing failure leaves no note: the next run tries again
+
+
 def test_gpu_device_keeps_the_eager_encoder(eager):
     # ONNX paths are CPU-only; on a GPU "auto" must not try them (no GPU needed to check the rule)
     encoder = eager.model.image_encoder

@@ -44,7 +44,14 @@ EXACT_TOLERANCE = 1e-3
 
 
 class Unavailable(Exception):
-    """This path cannot run here (missing runtime, export failure, GPU device...)."""
+    """This path cannot run here (missing runtime, export failure, GPU device...).
+
+    ``lasting``: the same weights and runtimes would fail again (not so for a full disk).
+    """
+
+    def __init__(self, message, lasting=True):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 def cache_dir():
@@ -76,8 +83,11 @@ def _runtime():
 
 
 def _atomic_target(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    except OSError as err:
+        raise Unavailable(f"cannot write to the cache folder {path.parent}: {err}", lasting=False) from None
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is the user's, readable like any cache file
     return Path(tmp)
@@ -108,6 +118,8 @@ def _export_onnx(image_encoder, path):
         os.replace(tmp, path)
     except Unavailable:
         raise
+    except OSError as err:
+        raise Unavailable(f"cannot write the exported model: {err}", lasting=False) from None
     except Exception as err:
         raise Unavailable(f"ONNX export failed: {type(err).__name__}: {err}") from None
     finally:
@@ -126,6 +138,8 @@ def _quantize_int8(src, path):
         quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul", "Gemm"])
         os.replace(tmp, path)
+    except OSError as err:
+        raise Unavailable(f"cannot write the quantized model: {err}", lasting=False) from None
     except Exception as err:
         raise Unavailable(f"int8 quantization failed: {type(err).__name__}: {err}") from None
     finally:
@@ -174,17 +188,37 @@ class OrtEncoder:
         return torch.from_numpy(out).to(self.device)
 
 
+def _make_once(path, make):
+    """Make a cached file unless it exists; a failure is remembered beside it (``.failed``), so that
+    later runs fall back at once instead of exporting again, until the weights or runtimes change."""
+    if path.exists():
+        return
+    failed = path.with_name(path.name + ".failed")
+    if failed.exists():
+        raise Unavailable(failed.read_text().strip() or "an earlier export failed")
+    try:
+        make()
+    except Unavailable as err:
+        if not err.lasting:
+            raise
+        try:
+            tmp = _atomic_target(failed)
+            tmp.write_text(str(err) + "\n")
+            os.replace(tmp, failed)
+        except (OSError, Unavailable):
+            pass  # a read-only cache: retry next time
+        raise
+
+
 def _build(image_encoder, name, device):
     if torch.device(device).type != "cpu":
         raise Unavailable("the ONNX paths run on CPU; on a GPU the eager encoder is the fast one")
     fp32 = artifact_path(image_encoder, "fp32")
-    if not fp32.exists():
-        _export_onnx(image_encoder, fp32)
+    _make_once(fp32, lambda: _export_onnx(image_encoder, fp32))
     path = fp32
     if name == "onnx-int8":
         path = artifact_path(image_encoder, "int8")
-        if not path.exists():
-            _quantize_int8(fp32, path)
+        _make_once(path, lambda: _quantize_int8(fp32, path))
     try:
         return OrtEncoder(path, torch.device(device), torch.get_num_threads())
     except Exception as err:
