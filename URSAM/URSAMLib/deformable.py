@@ -44,7 +44,7 @@ class DeformableOptions:
     # demons: iterations per level (coarse to fine), shrink factors, field smoothing (mm)
     demons_iterations: tuple = (40, 30, 15)
     demons_shrink: tuple = (4, 2, 1)
-    demons_sigma_mm: float = 6.0
+    demons_sigma_mm: float = 3.0
     #: largest update per iteration, mm (keeps a level from tearing the field)
     demons_max_step_mm: float = 3.0
     # coarse B-spline: control grid spacing (mm), L-BFGS-B iterations, metric samples

@@ -40,7 +40,8 @@ SAM_METHODS = pipeline.METHODS
 ALL_METHODS = SAM_METHODS + ("manual", "atlas")
 LABELS = {"auto": "Auto prompting", "ensemble": "Ensemble", "unc-fpc": "Unc-FPC", "unc-fnc": "Unc-FNC",
           "unc-fpnc": "Unc-FPNC", "ursam": "UR-SAM", "manual": "Manual prompting",
-          "atlas": "Atlas (registration, majority vote)"}
+          "atlas": "Atlas (registration, majority vote)",
+          "ursam+atlas": "UR-SAM, atlas prior in rectification"}
 #: the paper's simulated user: each side of the true box moved out by 0..20 px of the 1024 grid
 MANUAL_PERTURB_PX = 20.0
 COLUMNS = ("case", "organ", "label", "method", "dice", "hd95_mm", "dice_gt_slices", "box_iou",
@@ -154,7 +155,9 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
         note(f"no ground truth for {', '.join(missing)} in this case; not scored")
     need_atlas = "atlas" in methods
     prompt_modes = list(prompt_modes)
-    need_prior = any(m != "box3d" for m in prompt_modes) and any(m in SAM_METHODS for m in methods)
+    need_prior = (any(m != "box3d" for m in prompt_modes) or (prompt_options is not None and
+                                                                prompt_options.prior_rectify)) \
+        and any(m in SAM_METHODS for m in methods)
     keep = (need_atlas or need_prior) and localizer == "registration"
     t0 = time.perf_counter()
     sub = Progress(callback=progress.callback, cancel=progress.cancel, quiet=True)
@@ -186,17 +189,20 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
             manual_boxes = boxes_from_labels(case.truth, case.organs, MANUAL_PERTURB_PX, seed,
                                              labels=list(case.scored))
             extra_sets["manual"] = manual_boxes
-        backend = backend_factory()
-        if len(prompt_modes) > 1:
-            from .prompts import SharedEmbeddings
+        from .prompts import PromptOptions, apply_prior_rectification
 
-            backend = SharedEmbeddings(backend)
-        first_organs = None
-        for i_mode, mode in enumerate(prompt_modes):
+        popts = prompt_options or PromptOptions()
+        setups = []
+        for mode in prompt_modes:
             mode_boxes, plan = boxes, None
-            if mode != "box3d":
+            if mode != "box3d" or (popts.prior_rectify and need_prior):
                 mode_boxes, plan = _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode,
                                                  prompt_options, deformable_options, info, sub)
+            setups.append((mode, mode_boxes, plan))
+        backend_for = _mode_backends(backend_factory(), setups, popts, case.volume.shape, params, info)
+        first_organs = None
+        for i_mode, (mode, mode_boxes, plan) in enumerate(setups):
+            backend = backend_for(mode)
             suffix = "" if len(prompt_modes) == 1 else f"@{mode}"
             calls0 = backend.encoder_calls
             organs, timings = pipeline.run(case.volume, backend, mode_boxes, params,
@@ -219,9 +225,18 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
                         o = main[value]
                         extra = uncertainty_scores(o, case.truth[o.sl] == value)
                     add_row(value, method + suffix, labels == value, raw.get(value), extra)
+            if "ursam" in sam_methods and "_priors" in info:
+                # The atlas vote as a prior in rectification (URSAMLib.prompts.prior_rectified).
+                apply_prior_rectification(organs, info["_priors"], popts)
+                labels = pipeline.label_map(organs, "ursam", shape)
+                for value in case.scored:
+                    add_row(value, "ursam+atlas" + suffix, labels == value, raw.get(value))
+                for o in organs:
+                    if "ursam-intensity" in o.masks:
+                        o.masks["ursam"] = o.masks.pop("ursam-intensity")
         organs = first_organs
         if len(prompt_modes) > 1:
-            _mode_seconds(info, backend)
+            _mode_seconds(info, backend_for.shared)
         if "manual" in methods:
             labels = pipeline.label_map(organs, "auto", shape, prompt_set="manual")
             mboxes = {b.label: b for b in manual_boxes}
@@ -278,11 +293,36 @@ def _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode, prom
     return make_prompts(boxes, info["_priors"], opts, case.reference.GetSize())
 
 
-def _mode_seconds(info, backend):
+def _mode_backends(raw, setups, popts, shape, params, info):
+    """``backend_for(mode)``: SAM as each mode sees it, zoomed or not (URSAMLib.zoom); modes that see
+    the same thing share one encoder pass per slice. The crop holds every zoomed mode's boxes."""
+    from .prompts import SharedEmbeddings
+    from .zoom import ZoomedBackend, organ_crop
+
+    zoomed = {mode for mode, _, _ in setups if popts.zoomed(mode)}
+    crop = None
+    if zoomed:
+        crop = organ_crop([b for mode, bxs, _ in setups if mode in zoomed for b in bxs], shape, params.region_pad)
+        info["zoom_crop_yx"] = list(crop)
+    views = {}
+    for want in (True, False):
+        n = sum(1 for mode, _, _ in setups if (mode in zoomed) == want)
+        if n:
+            view = ZoomedBackend(raw, crop) if want else raw
+            views[want] = SharedEmbeddings(view) if n > 1 else view
+
+    def backend_for(mode):
+        return views[mode in zoomed]
+
+    backend_for.shared = list(views.values())
+    return backend_for
+
+
+def _mode_seconds(info, backends):
     """Seconds per case of each prompt mode as if it ran alone: the modes shared their slice embeddings,
     so each is charged its own slices at this case's mean encoder seconds per slice."""
     info.pop("_priors", None)
-    enc = list(getattr(backend, "encoder_seconds", {}).values())
+    enc = [s for b in backends for s in getattr(b, "encoder_seconds", {}).values()]
     per_slice = float(np.mean(enc)) if enc else float("nan")
     prior = info.get("prior", {}).get("seconds", 0.0)
     out = {}
@@ -364,10 +404,13 @@ def table_methods(methods, prompt_modes, deformable_options=None):
     prompt_modes = list(prompt_modes)
     out = []
     for m in methods:
-        if m in SAM_METHODS and len(prompt_modes) > 1:
-            out += [f"{m}@{mode}" for mode in prompt_modes]
-        else:
-            out.append(m)
+        # (ursam+atlas rows exist where the warped prior was built: slice-adaptive modes or prior_rectify)
+        names = [m, "ursam+atlas"] if m == "ursam" else [m]
+        for name in names:
+            if m in SAM_METHODS and len(prompt_modes) > 1:
+                out += [f"{name}@{mode}" for mode in prompt_modes]
+            else:
+                out.append(name)
         if m == "atlas" and deformable_options is not None and deformable_options.method != "none" \
                 and any(mode != "box3d" for mode in prompt_modes):
             out.append(f"atlas@{deformable_options.method}")
@@ -379,19 +422,20 @@ def modes_section(rows, infos, prompt_modes, shown):
     if len(prompt_modes) < 2:
         return ""
     lines = ["", "## Prompt modes (issue 8): mean Dice over organs and cases, seconds per case", "",
-             "| prompt mode | Ensemble | UR-SAM | seconds per case (alone) |", "|---|---|---|---|"]
+             "| prompt mode | Ensemble | UR-SAM | UR-SAM, atlas prior in rectification | seconds per case (alone) |",
+             "|---|---|---|---|---|"]
     for mode in prompt_modes:
-        ens = _mean([r["dice"] for r in rows if r["method"] == f"ensemble@{mode}"])
-        urs = _mean([r["dice"] for r in rows if r["method"] == f"ursam@{mode}"])
+        ens, urs, ura = (_mean([r["dice"] for r in rows if r["method"] == f"{m}@{mode}"])
+                         for m in ("ensemble", "ursam", "ursam+atlas"))
         secs = _mean([inf.get("mode_seconds_alone", {}).get(mode) for inf in infos.values()])
-        lines.append(f"| {mode} | {_fmt(ens)} | {_fmt(urs)} | {_fmt(secs, 0)} |")
+        lines.append(f"| {mode} | {_fmt(ens)} | {_fmt(urs)} | {_fmt(ura)} | {_fmt(secs, 0)} |")
     for m in shown:
         if m.startswith("atlas"):
             secs = _mean([inf.get("localize_seconds", float("nan")) + inf.get("atlas_seconds", 0.0)
                           + (inf.get("prior", {}).get("seconds", 0.0) if "@" in m else 0.0)
                           for inf in infos.values()])
             lines.append(f"| {method_label(m)} | – | {_fmt(_mean([r['dice'] for r in rows if r['method'] == m]))} "
-                         f"| {_fmt(secs, 0)} |")
+                         f"| – | {_fmt(secs, 0)} |")
     lines += ["", "Seconds alone: localization, the deformable stage and warped prior (slice, propagate), "
               "the mode's own slices at the case's mean encoder seconds per slice, its decoder and "
               "rectification seconds (the modes share one encoder pass per slice in this run).", ""]

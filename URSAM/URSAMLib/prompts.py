@@ -40,7 +40,7 @@ DEFAULT_MODE = "box3d"
 class PromptOptions:
     mode: str = DEFAULT_MODE
     #: fraction of the supports that must label a voxel for the prior to have the organ there
-    prior_threshold: float = 0.5
+    prior_threshold: float = 0.2
     #: in-plane margin of each slice's box, px of SAM's 1024 grid (METHOD.md §1 uses 10)
     margin_px: float = 10.0
     #: k: slices past each end of the prior that still get the end slice's box (``slice``)
@@ -55,8 +55,21 @@ class PromptOptions:
     jump_iou: float = 0.1
     #: slices past each end of the prior that ``propagate`` may still follow the mask into
     reach: int = 4
-    #: embeddings ``propagate`` may hold at once, MiB (a full cache re-encodes, with a warning)
+    #: embeddings ``propagate`` keeps for later at once, MiB (past it, a slice is encoded again)
     cache_mib: float = 2048.0
+    #: SAM sees a crop around the organs (URSAMLib.zoom): "auto" (slice and propagate, not the
+    #: paper's box3d), "on" or "off"
+    zoom: str = "auto"
+    #: the atlas vote as a prior in rectification (:func:`prior_rectified`), and its two levels
+    prior_rectify: bool = False
+    prior_add: float = 0.5
+    prior_keep: float = 0.2
+
+    def zoomed(self, mode=None):
+        """Whether SAM sees the zoomed crop in ``mode`` (default: this options' mode)."""
+        if self.zoom not in ("auto", "on", "off"):
+            raise URSAMError(f"zoom must be auto, on or off, got {self.zoom!r}")
+        return self.zoom == "on" or (self.zoom == "auto" and (mode or self.mode) != "box3d")
 
     def to_json(self):
         return asdict(self)
@@ -318,8 +331,6 @@ class Propagation:
         self.options = options
         self.size_xyz = size_xyz
         self.stops = {}
-        self.cache_limit = None
-        self.reencoded = 0
 
     # -- the box of one slice -----------------------------------------------------------------
     def _mask(self, o, z):
@@ -431,16 +442,18 @@ def prompts_from_registrations(reference, boxes, registrations, library, options
     (``query``: the query CT in HU, needed then); ``relabel`` maps the
     library's label values to the boxes' values where they differ.
     ``info`` is JSON-ready: the mode, its options, the deformable stage's seconds.
+    Returns ``(boxes, plan, info, priors)``; ``priors`` (``{label: Prior}``) is
+    None in box3d mode unless ``options.prior_rectify`` asks for them.
     """
     mode = check_mode(options.mode)
     info = {"mode": mode, "options": options.to_json()}
-    if mode == "box3d":
-        return list(boxes), None, info
+    if mode == "box3d" and not options.prior_rectify:
+        return list(boxes), None, info, None
     priors, prior_info, _ = warped_priors(reference, boxes, registrations, library, deformable_options,
                                           query, relabel, progress)
     info.update(prior_info)
     out, plan = make_prompts(boxes, priors, options, reference.GetSize())
-    return out, plan, info
+    return out, plan, info, priors
 
 
 def warped_priors(reference, boxes, registrations, library, deformable_options=None, query=None, relabel=None,
@@ -534,18 +547,29 @@ class SharedEmbeddings:
 
 
 # ----------------------------------------------------------------------------------------------
-# The atlas vote as a prior in rectification (off by default)
+# The atlas vote as a prior in rectification (PromptOptions.prior_rectify)
 
-def prior_rectified(o, prior, min_vote=0.2):
-    """UR-SAM's rectified mask of organ maps ``o`` with the fused atlas vote as a prior.
+def prior_rectified(o, prior, add=0.5, keep=0.2):
+    """UR-SAM's rectified mask of organ maps ``o`` with the fused atlas vote ``v`` as a prior.
 
-    Rectification adds uncertain voxels whose intensity looks like the organ;
-    here such a voxel is added only where at least ``min_vote`` of the
-    supports put the organ: where the atlas strongly disagrees, it is not.
-    Returns the mask over ``o.sl``; ``o.masks["ursam"]`` is left as it is.
+    Algorithm 1 decides the uncertain voxels (M_unc) by their intensity; here
+    the supports have a say as well: an uncertain voxel where at least
+    ``add`` of the supports put the organ is added, and no voxel is kept
+    where fewer than ``keep`` of them do (the atlas strongly disagrees).
+    Certain voxels inside the supports' reach stay as SAM has them. Returns
+    the mask over ``o.sl``; ``o.masks`` is left as it is.
     """
     rect = o.masks["ursam"]
     if o.m_unc is None or prior is None:
         return rect
-    added = rect & ~o.masks["ensemble"]
-    return rect & ~(added & (prior.on(o.sl) < min_vote))
+    v = prior.on(o.sl)
+    return (rect & (v >= keep)) | (o.m_unc & (v >= add))
+
+
+def apply_prior_rectification(organs, priors, options):
+    """Replace each main organ's ``ursam`` mask by :func:`prior_rectified` (kept as ``ursam-intensity``)."""
+    for o in organs:
+        if o.prompt_set == "main" and "ursam" in o.masks and o.label in priors:
+            o.masks.setdefault("ursam-intensity", o.masks["ursam"])
+            o.masks["ursam"] = prior_rectified(o, priors[o.label], options.prior_add, options.prior_keep)
+    return organs

@@ -111,6 +111,54 @@ def segment_volume(volume, reference, boxes, backend, params=None, extra_sets=No
                               warnings=list(progress.warnings), inputs=dict(inputs or {}))
 
 
+def segment_with_prompts(volume, reference, boxes, backend, params=None, prompt_options=None,
+                         registrations=None, library=None, deformable_options=None, query=None, progress=None,
+                         inputs=None):
+    """Segment with a prompt mode (URSAMLib.prompts): the one path of ``ursam segment`` and Slicer.
+
+    ``boxes``: the localizer's boxes (or a box file's). ``registrations`` and
+    ``library``: the support registrations of the registration localizer
+    (``localize(..., keep_transforms=True)``) and its template library; the
+    slice-adaptive modes and the atlas prior need them. Without them, boxes
+    with per-slice boxes of their own (a box file written by propagate or
+    slice) keep those, and the others get the paper's box3d prompt.
+    ``query``: the query CT in HU (SimpleITK image or path) for the
+    deformable stage; default ``reference``. Returns ``(result, boxes,
+    prompt_info)``: the boxes each slice got, and what the mode did (JSON).
+    """
+    from .prompts import (PromptOptions, apply_prior_rectification, prompts_from_box_file,
+                          prompts_from_registrations)
+
+    params = params or pipeline.Params()
+    progress = progress or Progress()
+    popts = prompt_options or PromptOptions()
+    priors = None
+    size = reference.GetSize()
+    if registrations:
+        boxes, plan, info, priors = prompts_from_registrations(
+            reference, boxes, registrations, library, popts, deformable_options, query=query, progress=progress)
+    else:
+        boxes, plan = prompts_from_box_file(list(boxes), popts, size)
+        info = {"mode": popts.mode, "options": popts.to_json()}
+        if popts.prior_rectify:
+            progress.warn("the atlas prior in rectification needs the warped support labels (a template "
+                          "library); it is off for these boxes")
+    if popts.zoomed():
+        from .zoom import ZoomedBackend, organ_crop
+
+        backend = ZoomedBackend(backend, organ_crop(boxes, volume.shape, params.region_pad))
+        info["zoom_crop_yx"] = list(backend.crop)
+    inputs = dict(inputs or {})
+    inputs["prompts"] = info
+    result = segment_volume(volume, reference, boxes, backend, params, progress=progress, inputs=inputs,
+                            plan=plan)
+    if priors is not None and popts.prior_rectify:
+        apply_prior_rectification(result.organs, priors, popts)
+    if plan is not None:
+        info["propagation"] = {str(k): v for k, v in plan.describe().items()}
+    return result, boxes, info
+
+
 def format_dice_table(table):
     """A Markdown table: one row per method, one column per organ, then the mean."""
     methods = list(table)

@@ -42,16 +42,17 @@ def main(args):
     methods = parse_methods(args.methods)
     params = params_from_args(args)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    from ..deformable import DeformableOptions, check_method
     from ..prompts import parse_modes
+    from .segment import prompt_options as _prompt_options
 
     modes = parse_modes(args.prompts)
-    deformable_options = DeformableOptions(method=check_method(args.prompt_registration))
+    prompt_options, deformable_options = _prompt_options(args, mode=modes[0])
     summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
                        backend_factory=lambda: backend_from_args(args, progress), params=params,
                        localizer=args.localizer, localizer_options=localizer_options(args), sweep=args.sweep,
                        backend_name=args.backend, progress=progress, overwrite=args.overwrite,
-                       organs=args.organs, prompt_modes=modes, deformable_options=deformable_options)
+                       organs=args.organs, prompt_modes=modes, prompt_options=prompt_options,
+                       deformable_options=deformable_options)
     table = summary["dice_table"]
     organs = [o for o in next(iter(table.values())) if o != "Avg"] if table else []
     print(markdown_table(table, organs))

@@ -104,7 +104,7 @@ def main(args):
 
         popts, dopts = prompt_options(args)
         reference = read_image(args.image, "image")
-        boxes, _, extra["prompts"] = prompts_from_registrations(
+        boxes, _, extra["prompts"], _ = prompts_from_registrations(
             reference, boxes, info.pop("registrations"), Library(args.templates), replace(popts, mode="slice"),
             dopts, query=args.image, progress=progress)
     save_boxes(boxes, args.out, extra=extra)

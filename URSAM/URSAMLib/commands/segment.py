@@ -7,7 +7,7 @@ from ..errors import URSAMError
 from ..imageio import read_ct
 from ..outputs import check_output_dir
 from ..progress import Progress
-from ..segment import segment_volume, write_results
+from ..segment import write_results
 
 
 def add_parser(sub):
@@ -41,7 +41,7 @@ def add_parser(sub):
 def add_prompt_options(p, several=False):
     """--prompts (and the registration behind the slice-adaptive modes), shared by segment and evaluate."""
     from ..deformable import METHODS
-    from ..prompts import MODES, DEFAULT_MODE
+    from ..prompts import MODES, DEFAULT_MODE, PromptOptions
 
     g = p.add_argument_group("prompt mode (which 2D box each slice gets)")
     if several:
@@ -57,14 +57,24 @@ def add_prompt_options(p, several=False):
     g.add_argument("--prompt-registration", default="demons", choices=METHODS,
                    help="deformable stage after the affine registration, before the support labels are "
                         "warped for slice/propagate prompts (default demons; elastix needs ursam[elastix])")
+    g.add_argument("--zoom", default=PromptOptions.zoom, choices=["auto", "on", "off"],
+                   help="SAM sees a crop around the organs instead of the whole slice (auto: for slice and "
+                        "propagate, not for the paper's box3d; default auto)")
+    g.add_argument("--atlas-prior", default="on" if PromptOptions.prior_rectify else "off", choices=["on", "off"],
+                   help="rectification also follows the warped support labels: uncertain voxels most supports "
+                        "label are added, voxels almost none label are dropped (needs --templates; default "
+                        f"{'on' if PromptOptions.prior_rectify else 'off'})")
 
 
-def prompt_options(args):
+def prompt_options(args, mode=None):
+    """``(PromptOptions, DeformableOptions)`` from parsed arguments; ``mode`` overrides ``--prompts``
+    (evaluate, whose --prompts is a list, sets each mode in turn)."""
     from ..deformable import DeformableOptions, check_method
     from ..prompts import PromptOptions
 
     check_method(args.prompt_registration)
-    return PromptOptions(mode=args.prompts), DeformableOptions(method=args.prompt_registration)
+    popts = PromptOptions(mode=mode or args.prompts, zoom=args.zoom, prior_rectify=args.atlas_prior == "on")
+    return popts, DeformableOptions(method=args.prompt_registration)
 
 
 def _localize(args, margin, progress, keep_transforms=False):
@@ -93,7 +103,7 @@ def parse_margin(text):
 def main(args):
     from ..cli import params_from_args, backend_from_args, percentile_for
     from ..imageio import read_labels
-    from ..segment import format_dice_table
+    from ..segment import format_dice_table, segment_with_prompts
 
     progress = Progress(quiet=args.quiet)
     check_output_dir(args.out, args.overwrite)
@@ -103,29 +113,21 @@ def main(args):
     size = reference.GetSize()
     extra_files, localization = {}, None
     popts, dopts = prompt_options(args)
-    plan, prompt_info = None, {"mode": popts.mode}
+    registrations, library = None, None
     if args.templates:
-        boxes, localization = _localize(args, margin, progress, keep_transforms=popts.mode != "box3d")
+        needs_registrations = popts.mode != "box3d" or popts.prior_rectify
+        boxes, localization = _localize(args, margin, progress, keep_transforms=needs_registrations)
         registrations = localization.pop("registrations", None)
-        if popts.mode != "box3d":
-            from ..prompts import prompts_from_registrations
+        if needs_registrations:
             from ..templates import Library
 
-            boxes, plan, prompt_info = prompts_from_registrations(
-                reference, boxes, registrations, Library(args.templates), popts, dopts, query=args.image,
-                progress=progress)
-        # Written after the run, so propagate's file holds the boxes it chose on each slice.
-        extra_files["boxes.json"] = lambda path: save_boxes(boxes, path, extra={"localization": localization,
-                                                                                "prompts": prompt_info})
+            library = Library(args.templates)
     else:
         if args.organs:
             raise URSAMError("--organs goes with --templates; with --boxes, edit the box file")
-        from ..prompts import prompts_from_box_file
-
         boxes = load_boxes(args.boxes, size, warn=progress.warn)
         if margin != (0, 0.0):
             boxes = [add_margin(b, margin[0], margin[1], size) for b in boxes]
-        boxes, plan = prompts_from_box_file(boxes, popts, size)
     truth = read_labels(args.reference, reference, "reference label map")[1] if args.reference else None
     percentile = percentile_for(args, volume, args.image, progress)
     backend = backend_from_args(args, progress, percentile)
@@ -135,11 +137,13 @@ def main(args):
               "margin_z_xy": list(margin), "normalization": "percentile" if percentile else "ct-window"}
     if localization is not None:
         inputs["localization"] = localization
-    inputs["prompts"] = prompt_info
-    result = segment_volume(volume, reference, boxes, backend, params, progress=progress, inputs=inputs,
-                            plan=plan)
-    if plan is not None:
-        prompt_info["propagation"] = {str(k): v for k, v in plan.describe().items()}
+    result, boxes, prompt_info = segment_with_prompts(
+        volume, reference, boxes, backend, params, popts, registrations, library, dopts, query=args.image,
+        progress=progress, inputs=inputs)
+    if args.templates:
+        # Written after the run, so propagate's file holds the boxes it chose on each slice.
+        extra_files["boxes.json"] = lambda path: save_boxes(boxes, path, extra={"localization": localization,
+                                                                                "prompts": prompt_info})
     if localization is not None:
         result.warnings += [f"{name} was not localized ({why}); it was skipped"
                             for name, why in localization.get("skipped", {}).items()]
