@@ -25,7 +25,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from URSAMMRML.dependencies import BACKEND_CHOICES, DEVICE_CHOICES, TORCH_REQUIREMENT
+from URSAMMRML.dependencies import (BACKEND_CHOICES, DEFAULT_PROMPT_MODE, DEVICE_CHOICES, PROMPT_MODE_CHOICES,
+                                    TORCH_REQUIREMENT)
 
 #: URSAMLib.rectification.RectifyOptions().alpha_h, repeated so that the panel loads without the engine's packages
 DEFAULT_ALPHA_H = 1.2
@@ -94,6 +95,7 @@ class URSAMParameterNode:
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     marginZ: Annotated[int, WithinRange(0, 50)] = 2
     marginXY: Annotated[float, WithinRange(0.0, 200.0)] = 10.0
+    prompts: Annotated[str, Choice(list(PROMPT_MODE_CHOICES))] = DEFAULT_PROMPT_MODE
     thresholdScope: Annotated[str, Choice(["box", "slice"])] = "box"
     # as URSAMLib.rectification.RectifyOptions: the paper's bound did best on the H&N dev cases
     lowerBound: Annotated[str, Choice(["written", "midpoint"])] = "written"
@@ -313,9 +315,14 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = reviewTable is not None and self.selectedReviewRow() >= 0
         self.ui.acceptButton.enabled = not running and selected
         self.ui.rejectButton.enabled = not running and selected
-        self.ui.segmentButton.toolTip = (
-            _("Run UR-SAM inside the checked organ boxes as they stand.") if hasRois else
-            _("No organ box is checked: Segment localizes the checked organs from the template library first."))
+        if p is not None and hasRois and p.prompts != "box3d":
+            self.ui.segmentButton.toolTip = _(
+                "Run UR-SAM inside the checked organ boxes as they stand, with the box3d prompt: the {mode} prompt "
+                "needs the organs localized from the template library (uncheck the boxes).").format(mode=p.prompts)
+        else:
+            self.ui.segmentButton.toolTip = (
+                _("Run UR-SAM inside the checked organ boxes as they stand.") if hasRois else
+                _("No organ box is checked: Segment localizes the checked organs from the template library first."))
 
     def onLibraryPathChanged(self, path) -> None:
         if self._parameterNode is not None and _pathText(path) != self._parameterNode.libraryPath:
@@ -382,7 +389,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             backend=p.backend, checkpoint=_pathText(p.checkpoint), device=p.device, nAug=p.nAug, ratio=p.ratio,
             seed=p.seed, marginZ=p.marginZ, marginXY=p.marginXY, thresholdScope=p.thresholdScope,
             lowerBound=p.lowerBound, alphaH=p.alphaH, fixedThreshold=p.fixedThreshold if p.useFixedThreshold else None,
-            minComponentVoxels=p.minComponentVoxels)
+            minComponentVoxels=p.minComponentVoxels, prompts=p.prompts)
 
     def setStatus(self, text) -> None:
         self.ui.statusLabel.text = text

@@ -222,3 +222,36 @@ def test_module_has_a_scripted_test(script_ast):
     assert {"runTest", "setUp"} <= methods and any(m.startswith("test_") for m in methods)
     for name in ("URSAM", "URSAMWidget", "URSAMLogic"):
         assert name in classes
+
+
+def test_prompt_choices_mirror_the_engine():
+    """The panel lists the engine's prompt modes without importing it (URSAMMRML.dependencies)."""
+    from URSAMLib import deformable, prompts
+    from URSAMMRML import dependencies
+
+    assert dependencies.PROMPT_MODE_CHOICES == prompts.MODES
+    assert dependencies.DEFAULT_PROMPT_MODE == prompts.DEFAULT_MODE
+    assert dependencies.PROMPT_REGISTRATION_CHOICES == deformable.METHODS
+    assert prompts.PromptOptions().zoom in dependencies.ZOOM_CHOICES
+    for zoom in dependencies.ZOOM_CHOICES:
+        prompts.PromptOptions(zoom=zoom).zoomed()  # each is one the engine accepts
+    with pytest.raises(Exception, match="zoom"):
+        prompts.PromptOptions(zoom="maybe").zoomed()
+
+
+def test_prompts_combo_defaults_to_the_engine_mode_and_explains_the_modes(script_ast, widgets):
+    _, params = _parameter_node_annotations(script_ast)
+    assert params["prompts"] == "Annotated[str, Choice(list(PROMPT_MODE_CHOICES))]"
+    wrapper = next(n for n in script_ast.body if isinstance(n, ast.ClassDef) and n.name == "URSAMParameterNode")
+    default = next(item.value for item in wrapper.body
+                   if isinstance(item, ast.AnnAssign) and item.target.id == "prompts")
+    assert ast.unparse(default) == "DEFAULT_PROMPT_MODE"
+    combo = widgets["promptsComboBox"]
+    assert combo.get("class") == "QComboBox"
+    tip = next(p.findtext("string") for p in combo.findall("property") if p.get("name") == "toolTip")
+    for needed in ("box3d", "paper", "slice", "propagate", "template library"):
+        assert needed in tip, needed
+    # beside the other method options, in the Advanced section
+    advanced = next(w for w in widgets.values() if w.get("name") == "advancedCollapsibleButton")
+    assert combo in list(advanced.iter("widget"))
+    assert "prompts=p.prompts" in SCRIPT.read_text(encoding="utf-8")

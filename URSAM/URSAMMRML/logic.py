@@ -25,6 +25,8 @@ from URSAMLib.progress import Progress
 
 from . import display, outputs, review, segmentations
 from .dependencies import BACKEND_CHOICES as BACKENDS, DEVICE_CHOICES as DEVICES
+from .dependencies import DEFAULT_PROMPT_MODE, PROMPT_MODE_CHOICES as PROMPT_MODES
+from .dependencies import PROMPT_REGISTRATION_CHOICES as PROMPT_REGISTRATIONS, ZOOM_CHOICES as ZOOMS
 from .geometry import arrayToMatrix, boxFromRoi, ijkToRas, roiPlacement, snapshotVolume
 
 
@@ -56,6 +58,15 @@ class RunOptions:
     fixedThreshold: float = None
     #: flagged regions smaller than this are left out of the review table
     minComponentVoxels: int = 1
+    #: which 2D box each slice gets (URSAMLib.prompts): box3d is the paper's; slice and propagate
+    #: follow the support labels warped into the scan, so they need the organs localized from a library
+    prompts: str = DEFAULT_PROMPT_MODE
+    #: SAM sees a crop around the organs: auto (for slice and propagate), on or off
+    zoom: str = "auto"
+    #: deformable stage after the affine registration, before the support labels are warped
+    promptRegistration: str = "demons"
+    #: rectification also follows the warped support labels (needs a template library)
+    atlasPrior: bool = False
 
     def check(self):
         if self.backend not in BACKENDS:
@@ -78,6 +89,21 @@ class RunOptions:
             raise URSAMError(f"fixed threshold must be in [0, log 2 = 0.693], got {self.fixedThreshold}")
         if int(self.marginZ) < 0 or float(self.marginXY) < 0:
             raise URSAMError("margins must not be negative")
+        if self.prompts not in PROMPT_MODES:
+            raise URSAMError(f"unknown prompt mode {self.prompts!r}; choose one of {', '.join(PROMPT_MODES)}")
+        if self.zoom not in ZOOMS:
+            raise URSAMError(f"zoom must be one of {', '.join(ZOOMS)}, got {self.zoom!r}")
+        if self.promptRegistration not in PROMPT_REGISTRATIONS:
+            raise URSAMError(f"unknown prompt registration {self.promptRegistration!r}; choose one of "
+                             f"{', '.join(PROMPT_REGISTRATIONS)}")
+        if self.atlasPrior not in (True, False):
+            raise URSAMError(f"atlas prior must be on (True) or off (False), got {self.atlasPrior!r}")
+        if self.needsRegistrations() and self.promptRegistration == "elastix":
+            from URSAMLib.deformable import elastix_available
+
+            if not elastix_available():
+                raise URSAMError("the elastix prompt registration needs itk-elastix (pip install itk-elastix); "
+                                 "or choose demons")
         return self
 
     def rectifyOptions(self):
@@ -97,6 +123,20 @@ class RunOptions:
 
     def backendKey(self):
         return (self.backend, self.checkpoint or None, self.device)
+
+    def needsRegistrations(self):
+        """Whether the run needs the support registrations (the warped support labels)."""
+        return self.prompts != "box3d" or bool(self.atlasPrior)
+
+    def promptOptions(self, mode=None):
+        from URSAMLib.prompts import PromptOptions
+
+        return PromptOptions(mode=mode or self.prompts, zoom=self.zoom, prior_rectify=bool(self.atlasPrior))
+
+    def deformableOptions(self):
+        from URSAMLib.deformable import DeformableOptions
+
+        return DeformableOptions(method=self.promptRegistration)
 
 
 #: the RunOptions that Rectify may change (the others need a new SAM run)
@@ -120,7 +160,11 @@ class SegmentComputed:
     job: SegmentJob
     result: object  # URSAMLib.segment.SegmentationResult
     localized: list = None  # boxes from the localizer, when it ran
-    localizeInfo: dict = None
+    localizeInfo: dict = None  # without the registrations, which the cache need not keep
+    #: what the prompt mode did (URSAMLib.segment.segment_with_prompts), also in result.inputs["prompts"]
+    promptInfo: dict = None
+    #: the atlas prior took part in the rectification (it needs the registrations of a localization)
+    atlasPrior: bool = False
     maps: dict = field(default_factory=dict)
     components: list = field(default_factory=list)
     statistics: list = field(default_factory=list)
@@ -204,13 +248,15 @@ class URSAMProcessLogic:
         self._library(library)  # fail early, on the main thread, with the library's own message
         return LocalizeJob(snapshotVolume(inputVolume), str(library), _organNames(organs), options)
 
-    def computeLocalization(self, job, progress=None, cancel=None):
+    def computeLocalization(self, job, progress=None, cancel=None, keepTransforms=False):
+        """``(boxes, info)``; ``keepTransforms`` keeps the support registrations in ``info["registrations"]``."""
         from URSAMLib.localize import localize
 
         progress = _progress(progress, cancel)
         progress.stage(STAGE_LOCALIZE)
         boxes, info = localize(job.snapshot.image(), self._library(job.library), organs=job.organs,
-                               progress=progress, margin=(int(job.options.marginZ), float(job.options.marginXY)))
+                               progress=progress, margin=(int(job.options.marginZ), float(job.options.marginXY)),
+                               keep_transforms=keepTransforms)
         if not boxes:
             raise URSAMError(f"the template library localized none of the organs in '{job.snapshot.name}'")
         return boxes, info
@@ -262,6 +308,11 @@ class URSAMProcessLogic:
         job = SegmentJob(snapshot, options, library=str(library) if library else None, organs=names)
         if rois:
             job.boxes = self._boxesFromRois(rois, snapshot, library, names, job.warnings)
+            if options.prompts != "box3d":
+                job.warnings.append(
+                    f"prompt mode {options.prompts} needs the organs localized from a template library (it follows "
+                    "the support labels warped into the scan); the organ ROIs were used as box3d prompts "
+                    "(uncheck the ROIs to localize from the library)")
         elif not library:
             raise URSAMError("give organ ROIs or a template library to localize the organs")
         else:
@@ -270,22 +321,35 @@ class URSAMProcessLogic:
 
     def computeSegmentation(self, job, progress=None, cancel=None, backend=None):
         """Run URSAMLib on a prepared job (no scene access; safe off the main thread)."""
-        from URSAMLib.segment import segment_volume
+        from URSAMLib.segment import segment_with_prompts
 
         t0 = time.perf_counter()
         progress = _progress(progress, cancel)
         progress.check_cancel()
         computed = SegmentComputed(job, None)
+        options = job.options
         boxes = job.boxes
+        registrations = library = query = None
+        mode = options.prompts
         if boxes is None:
+            keep = options.needsRegistrations()
             boxes, info = self.computeLocalization(
-                LocalizeJob(job.snapshot, job.library, job.organs, job.options), progress)
+                LocalizeJob(job.snapshot, job.library, job.organs, options), progress, keepTransforms=keep)
+            registrations = info.pop("registrations", None)
             computed.localized, computed.localizeInfo = boxes, info
-        sam = backend if backend is not None else self.backend(job.options, progress)
+            if keep:
+                library, query = self._library(job.library), job.snapshot.image()
+        else:
+            mode = "box3d"  # ROIs have no per-slice boxes; prepareSegmentation told the user
+        sam = backend if backend is not None else self.backend(options, progress)
         inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in boxes]}
-        computed.result = segment_volume(job.snapshot.array, job.snapshot.reference(), boxes, sam,
-                                         job.options.params(), progress=progress, inputs=inputs)
-        computed.result.warnings.extend(job.warnings + getattr(progress, "warnings", []))
+        computed.result, prompted, computed.promptInfo = segment_with_prompts(
+            job.snapshot.array, job.snapshot.reference(), boxes, sam, options.params(), options.promptOptions(mode),
+            registrations=registrations, library=library, deformable_options=options.deformableOptions(),
+            query=query, progress=progress, inputs=inputs)
+        computed.atlasPrior = bool(options.atlasPrior and registrations)
+        computed.result.warnings.extend(job.warnings + getattr(progress, "warnings", []) +
+                                        promptFallbacks(prompted, mode))
         self._derive(computed)
         progress.check_cancel()
         computed.seconds = time.perf_counter() - t0
@@ -303,6 +367,9 @@ class URSAMProcessLogic:
         computed.components = review.flagged_components(uncLabels, uncertainty, organs, result.voxel_ml,
                                                         int(computed.job.options.minComponentVoxels))
         computed.statistics = review.organ_statistics(result, rectified, ensemble, uncLabels, computed.components)
+        mode = promptMode(result)
+        for row in computed.statistics:
+            row["prompts"] = mode
 
     def applySegmentation(self, computed, progress=None, roles=None):
         """Write a computation into the output nodes of its input (main thread)."""
@@ -406,9 +473,14 @@ class URSAMProcessLogic:
         progress.stage(STAGE_RECTIFY)
         job = replace(cached.job, options=newOptions)
         result = cached.result.rerectify(newOptions.rectifyOptions())
-        computed = SegmentComputed(job, result, maps={}, seconds=cached.seconds)
+        computed = SegmentComputed(job, result, localizeInfo=cached.localizeInfo, promptInfo=cached.promptInfo,
+                                   atlasPrior=cached.atlasPrior, maps={}, seconds=cached.seconds)
         self._derive(computed)
-        return self.applySegmentation(computed, progress, roles=("rectified", "flagged", "review", "statistics"))
+        written = self.applySegmentation(computed, progress, roles=("rectified", "flagged", "review", "statistics"))
+        if cached.atlasPrior:
+            # the engine keeps no warped supports with the result, so Algorithm 1 alone rectifies here
+            written.notes.append("Rectify does not apply the atlas prior again; run Segment to use it")
+        return written
 
     # -- review ----------------------------------------------------------------------------------
     def reviewComponent(self, reviewTable, row, accept):
@@ -531,6 +603,23 @@ class URSAMProcessLogic:
         if node is None:
             raise URSAMError(f"the input volume '{snapshot.name}' was removed from the scene during the run")
         return node
+
+
+def promptMode(result):
+    """The prompt mode a URSAMLib result was made with (what ran, not what was asked for)."""
+    return str((result.inputs.get("prompts") or {}).get("mode", DEFAULT_PROMPT_MODE))
+
+
+def promptFallbacks(boxes, mode):
+    """Warnings for the organs a slice-adaptive mode prompted with the 3D box after all.
+
+    The engine notes it on the box only; the user should know that such an
+    organ got the paper's prompt, not the mode they chose.
+    """
+    if mode == "box3d":
+        return []
+    return [f"{b.name}: no support labels were warped onto it, so the {mode} prompt used its 3D box (box3d)"
+            for b in boxes if any("fell back to the 3D box" in n for n in b.notes)]
 
 
 def _caseId(name):

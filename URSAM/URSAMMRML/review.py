@@ -37,6 +37,7 @@ STATISTICS_COLUMNS = [
     ("Flagged fraction", "double", "", "flagged / (flagged or rectified) voxels"),
     ("Flagged regions", "int", "", "connected flagged regions listed in the review table"),
     ("Threshold T", "double", "", "class-specific uncertainty threshold (eq. 4)"),
+    ("Prompts", "str", "", "prompt mode of the SAM run: box3d (the paper's), slice or propagate"),
 ]
 #: columns the panel hides (bookkeeping)
 HIDDEN_REVIEW_COLUMNS = ("Label", "Seed IJK", "Box IJK")
@@ -44,7 +45,7 @@ HIDDEN_REVIEW_COLUMNS = ("Label", "Seed IJK", "Box IJK")
 STATISTICS_KEYS = {"Organ": "organ", "Label": "label", "Volume": "rectified_ml", "Ensemble volume": "ensemble_ml",
                    "Mean uncertainty": "mean_uncertainty_in_box", "Flagged volume": "flagged_ml",
                    "Flagged fraction": "flagged_fraction", "Flagged regions": "flagged_regions",
-                   "Threshold T": "threshold_T"}
+                   "Threshold T": "threshold_T", "Prompts": "prompts"}
 
 
 def _newArray(kind):

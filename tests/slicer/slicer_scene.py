@@ -9,6 +9,7 @@ import hashlib
 import numpy as np
 
 import slicer
+from URSAMMRML import geometry, segmentations
 
 
 class SlicerApp:
@@ -56,3 +57,11 @@ class SlicerApp:
 def voxel_hash(volumeNode):
     array = slicer.util.arrayFromVolume(volumeNode)
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def full_mask(node, organ, volume):
+    """An organ's segment as a boolean array over the whole volume."""
+    shape = slicer.util.arrayFromVolume(volume).shape
+    segment_id = segmentations.findOrganSegment(node, organ)
+    assert segment_id is not None, f"{node.GetName()} has no segment of {organ}"
+    return segmentations.segmentMask(node, segment_id, geometry.ijkToRas(volume), tuple(slice(0, s) for s in shape))

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 import slicer
-from slicer_scene import SlicerApp, voxel_hash
+from slicer_scene import SlicerApp, full_mask, voxel_hash
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import Cancelled, URSAMError
 from URSAMMRML import geometry, outputs, review, segmentations
@@ -66,13 +66,6 @@ def fresh_outputs(run):
     computed = replace(run.computed, job=replace(run.computed.job, snapshot=snapshot))
     logic = URSAMProcessLogic(app.appLogic)
     return app, volume, logic, logic.applySegmentation(computed)
-
-
-def full_mask(node, organ, volume):
-    shape = slicer.util.arrayFromVolume(volume).shape
-    segment_id = segmentations.findOrganSegment(node, organ)
-    assert segment_id is not None, f"{node.GetName()} has no segment of {organ}"
-    return segmentations.segmentMask(node, segment_id, geometry.ijkToRas(volume), tuple(slice(0, s) for s in shape))
 
 
 def test_rois_give_the_boxes_they_were_made_from(run):
