@@ -67,3 +67,16 @@ def test_none_keeps_the_affine_and_bad_methods_are_named(pair):
     if not deformable.elastix_available():
         with pytest.raises(URSAMError, match=r"pip install 'ursam\[elastix\]'"):
             deformable.check_method("elastix")
+
+
+def test_demons_on_a_thin_slab_keeps_the_labels(pair):
+    """A query of 7 slices (a slab): the coarse levels shrink only the axes that have room
+    (deformable.MIN_LEVEL_VOXELS), and the warped labels are no worse than the affine ones."""
+    support, labels, query, truth = pair
+    thin = query[:, :, 16:23]
+    thin_truth = truth[16:23]
+    identity = sitk.AffineTransform(3)
+    before = _warped_dice(labels, thin, identity, thin_truth)
+    transform, _ = deformable.refine(thin, support, identity, deformable.DeformableOptions(method="demons"))
+    after = _warped_dice(labels, thin, transform, thin_truth)
+    assert before > 0.3 and after >= before - 0.02, (before, after)

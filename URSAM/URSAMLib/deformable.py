@@ -103,12 +103,21 @@ def _affine_on_grid(moving, fixed_grid, affine, options):
     return sitk.Cast((m - lo) / (hi - lo), sitk.sitkFloat32)
 
 
+#: the fewest voxels along an axis that a coarse demons level keeps
+MIN_LEVEL_VOXELS = 8
+
+
 def _demons(fixed, moving, options):
     """Displacement field (on ``fixed``'s grid) of symmetric-forces demons, coarse to fine."""
     field = None
     for shrink, iters in zip(options.demons_shrink, options.demons_iterations):
-        f = sitk.Shrink(fixed, [shrink] * 3) if shrink > 1 else fixed
-        m = sitk.Shrink(moving, [shrink] * 3) if shrink > 1 else moving
+        # Per axis, never below MIN_LEVEL_VOXELS: on a thin query (a slab of a few slices) a
+        # 4x shrink in z leaves one or two slices, and demons then tears the field apart.
+        factors = [max(1, min(int(shrink), n // MIN_LEVEL_VOXELS)) for n in fixed.GetSize()]
+        if shrink > 1 and factors == [1, 1, 1]:
+            continue
+        f = sitk.Shrink(fixed, factors) if max(factors) > 1 else fixed
+        m = sitk.Shrink(moving, factors) if max(factors) > 1 else moving
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         demons.SetNumberOfIterations(int(iters))
         demons.SetStandardDeviations(options.demons_sigma_mm)
