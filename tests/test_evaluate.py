@@ -86,3 +86,25 @@ def test_bad_methods_and_cases(one_query_dataset, tmp_path, capsys):
     assert parse_methods("atlas,auto") == ["auto", "atlas"]
     assert ursam(["evaluate", str(one_query_dataset), "--cases", "pt_4", "--out", str(tmp_path / "x")]) == 2
     assert "case 'pt_4' is a support scan; it cannot also be a query" in capsys.readouterr().err
+
+
+def test_evaluate_compares_prompt_modes_side_by_side(one_query_dataset, tmp_path, capsys):
+    """--prompts takes a list: each SAM method gets a row per mode, beside the atlas, with seconds."""
+    out = tmp_path / "modes"
+    args = ["evaluate", str(one_query_dataset), "--organs", "Brainstem", "--methods", "ensemble,ursam,atlas",
+            "--prompts", "box3d,slice", "--prompt-registration", "none", "--out", str(out), "--quiet"]
+    assert ursam(args) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    dice = {r["method"]: float(r["dice"]) for r in rows}
+    assert {"ensemble@box3d", "ensemble@slice", "ursam@box3d", "ursam@slice", "atlas"} <= set(dice)
+    # Both modes find the brainstem (box3d's prompt is the localized box, slice's the warped labels).
+    assert dice["ensemble@box3d"] > 0.3 and dice["ensemble@slice"] > 0.3, dice
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert "## Prompt modes" in table
+    section = table[table.index("## Prompt modes"):]
+    for mode in ("| box3d |", "| slice |", "| Atlas"):
+        assert mode in section
+    info = json.loads((out / "summary.json").read_text(encoding="utf-8"))["case_info"]["pt_34"]
+    assert set(info["mode_seconds_alone"]) == {"box3d", "slice"}
+    assert all(s > 0 for s in info["mode_seconds_alone"].values())

@@ -236,7 +236,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
                         o.masks["ursam"] = o.masks.pop("ursam-intensity")
         organs = first_organs
         if len(prompt_modes) > 1:
-            _mode_seconds(info, backend_for.shared)
+            _mode_seconds(info, {m for m in prompt_modes if popts.zoomed(m)})
         if "manual" in methods:
             labels = pipeline.label_map(organs, "auto", shape, prompt_set="manual")
             mboxes = {b.label: b for b in manual_boxes}
@@ -314,22 +314,29 @@ def _mode_backends(raw, setups, popts, shape, params, info):
     def backend_for(mode):
         return views[mode in zoomed]
 
-    backend_for.shared = list(views.values())
     return backend_for
 
 
-def _mode_seconds(info, backends):
-    """Seconds per case of each prompt mode as if it ran alone: the modes shared their slice embeddings,
-    so each is charged its own slices at this case's mean encoder seconds per slice."""
+def _mode_seconds(info, zoomed):
+    """Seconds per case of each prompt mode as if it ran alone. Modes that see the same view of the
+    scan (zoomed or not, ``zoomed``: the zoomed modes) shared their slice embeddings, so each is
+    charged its own slices at its view's mean encoder seconds per slice."""
     info.pop("_priors", None)
-    enc = [s for b in backends for s in getattr(b, "encoder_seconds", {}).values()]
-    per_slice = float(np.mean(enc)) if enc else float("nan")
+    timings = info.get("mode_timings", {})
+    per_slice = {}
+    for view in (True, False):
+        ts = [t for mode, t in timings.items() if (mode in zoomed) == view]
+        calls = sum(t.get("encoder_calls", 0) for t in ts)
+        if calls:
+            per_slice[view] = sum(t.get("encoder_seconds", 0.0) for t in ts) / calls
     prior = info.get("prior", {}).get("seconds", 0.0)
     out = {}
-    for mode, t in info.get("mode_timings", {}).items():
-        sam = t["distinct_slices"] * per_slice + t.get("decoder_seconds", 0.0) + t.get("rectify_seconds", 0.0)
+    for mode, t in timings.items():
+        enc = t["distinct_slices"] * per_slice.get(mode in zoomed, float("nan"))
+        sam = enc + t.get("decoder_seconds", 0.0) + t.get("rectify_seconds", 0.0)
         out[mode] = round(info["localize_seconds"] + (prior if mode != "box3d" else 0.0) + sam, 1)
-    info["encoder_seconds_per_slice"] = round(per_slice, 3)
+    info["encoder_seconds_per_slice"] = {("zoomed" if view else "whole slice"): round(v, 3)
+                                         for view, v in per_slice.items()}
     info["mode_seconds_alone"] = out
 
 
