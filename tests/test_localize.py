@@ -27,7 +27,7 @@ def test_localize_cli_boxes_overlap_the_truth(hn_two_supports, tmp_path, capsys)
     image, labels = case(HN, "pt_34")
     out = tmp_path / "boxes.json"
     assert ursam(["localize", str(image), "--templates", str(hn_two_supports), "--out", str(out),
-                  "--organs", "Mandible,Brainstem,Parotid_L", "--quiet"]) == 0
+                  "--organs", "Mandible,Brainstem,Parotid_L", "--prompts", "box3d", "--quiet"]) == 0
     size = sitk.ReadImage(str(image)).GetSize()
     boxes = {b.name: b for b in load_boxes(out, size)}
     assert sorted(boxes) == ["Brainstem", "Mandible", "Parotid_L"]

@@ -199,7 +199,8 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
                 mode_boxes, plan = _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode,
                                                  prompt_options, deformable_options, info, sub)
             setups.append((mode, mode_boxes, plan))
-        backend_for = _mode_backends(backend_factory(), setups, popts, case.volume.shape, params, info)
+        backend_for = _mode_backends(backend_factory(), setups, popts, case.volume.shape, params, info,
+                                     extra=[b for bs in extra_sets.values() for b in bs])
         first_organs = None
         for i_mode, (mode, mode_boxes, plan) in enumerate(setups):
             backend = backend_for(mode)
@@ -293,16 +294,18 @@ def _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode, prom
     return make_prompts(boxes, info["_priors"], opts, case.reference.GetSize())
 
 
-def _mode_backends(raw, setups, popts, shape, params, info):
+def _mode_backends(raw, setups, popts, shape, params, info, extra=()):
     """``backend_for(mode)``: SAM as each mode sees it, zoomed or not (URSAMLib.zoom); modes that see
-    the same thing share one encoder pass per slice. The crop holds every zoomed mode's boxes."""
+    the same thing share one encoder pass per slice. The crop holds every zoomed mode's boxes, and the
+    ``extra`` boxes (the manual prompt set, which runs with the first mode)."""
     from .prompts import SharedEmbeddings
     from .zoom import ZoomedBackend, organ_crop
 
     zoomed = {mode for mode, _, _ in setups if popts.zoomed(mode)}
     crop = None
     if zoomed:
-        crop = organ_crop([b for mode, bxs, _ in setups if mode in zoomed for b in bxs], shape, params.region_pad)
+        crop = organ_crop([b for mode, bxs, _ in setups if mode in zoomed for b in bxs] + list(extra), shape,
+                          params.region_pad)
         info["zoom_crop_yx"] = list(crop)
     views = {}
     for want in (True, False):

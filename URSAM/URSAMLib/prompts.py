@@ -32,8 +32,10 @@ from .boxes import OrganBox, grid_px_to_slice_px
 from .errors import URSAMError
 
 MODES = ("box3d", "slice", "propagate")
-#: the mode ``ursam segment``, ``ursam evaluate`` and the Slicer panel use unless told otherwise
-DEFAULT_MODE = "box3d"
+#: the mode ``ursam segment``, ``ursam evaluate`` and the Slicer panel use unless told otherwise, where
+#: the support labels can be warped into the scan (see :func:`default_mode`); it won on hn-openkbp
+#: (README, "Prompt modes"). box3d is the paper's prompt.
+DEFAULT_MODE = "slice"
 
 
 @dataclass
@@ -60,8 +62,9 @@ class PromptOptions:
     #: SAM sees a crop around the organs (URSAMLib.zoom): "auto" (slice and propagate, not the
     #: paper's box3d), "on" or "off"
     zoom: str = "auto"
-    #: the atlas vote as a prior in rectification (:func:`prior_rectified`), and its two levels
-    prior_rectify: bool = False
+    #: the atlas vote as a prior in rectification (:func:`prior_rectified`), and its two levels; on
+    #: where the support labels are warped anyway (it won on hn-openkbp: README, "Prompt modes")
+    prior_rectify: bool = True
     prior_add: float = 0.5
     prior_keep: float = 0.2
 
@@ -79,6 +82,20 @@ def check_mode(mode):
     if mode not in MODES:
         raise URSAMError(f"unknown prompt mode {mode!r}; choose one of {', '.join(MODES)}")
     return mode
+
+
+def default_mode(localizer="registration", boxes=None):
+    """The prompt mode when none is asked for.
+
+    With a box file (``boxes``): its own prompts, ``slice`` where it has
+    per-slice boxes (``ursam localize`` writes them), else the paper's box3d.
+    With a template library: :data:`DEFAULT_MODE` for the registration
+    localizer, whose registrations warp the support labels; box3d for the
+    others (MedLAM gives boxes only).
+    """
+    if boxes is not None:
+        return "slice" if any(getattr(b, "slice_boxes", None) for b in boxes) else "box3d"
+    return DEFAULT_MODE if localizer in (None, "registration") else "box3d"
 
 
 def parse_modes(text):

@@ -27,6 +27,10 @@ class SegmentationResult:
     timings: dict
     warnings: list = field(default_factory=list)
     inputs: dict = field(default_factory=dict)
+    #: the warped support labels ({label: prompts.Prior}) and PromptOptions, where the atlas prior
+    #: rectified the masks: rerectify applies it again
+    priors: dict = None
+    prior_options: object = None
 
     @property
     def shape(self):
@@ -47,7 +51,12 @@ class SegmentationResult:
         self.params.rectify = rectify_options
         t0 = time.perf_counter()
         for o in self.organs:
+            o.masks.pop("ursam-intensity", None)
             pipeline.finish_organ(o, self.params)
+        if self.priors:
+            from .prompts import apply_prior_rectification
+
+            apply_prior_rectification(self.organs, self.priors, self.prior_options)
         self.timings["rectify_seconds"] = time.perf_counter() - t0
         return self
 
@@ -126,12 +135,12 @@ def segment_with_prompts(volume, reference, boxes, backend, params=None, prompt_
     deformable stage; default ``reference``. Returns ``(result, boxes,
     prompt_info)``: the boxes each slice got, and what the mode did (JSON).
     """
-    from .prompts import (PromptOptions, apply_prior_rectification, prompts_from_box_file,
+    from .prompts import (PromptOptions, apply_prior_rectification, default_mode, prompts_from_box_file,
                           prompts_from_registrations)
 
     params = params or pipeline.Params()
     progress = progress or Progress()
-    popts = prompt_options or PromptOptions()
+    popts = prompt_options or PromptOptions(mode=default_mode(boxes=None if registrations else boxes))
     priors = None
     size = reference.GetSize()
     if registrations:
@@ -154,6 +163,7 @@ def segment_with_prompts(volume, reference, boxes, backend, params=None, prompt_
                             plan=plan)
     if priors is not None and popts.prior_rectify:
         apply_prior_rectification(result.organs, priors, popts)
+        result.priors, result.prior_options = priors, popts
     if plan is not None:
         info["propagation"] = {str(k): v for k, v in plan.describe().items()}
     return result, boxes, info

@@ -18,7 +18,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 #: deformable stages before the support labels are warped (URSAMLib.deformable.METHODS); kept here for the
 #: same reason as BACKEND_CHOICES
 PROMPT_MODE_CHOICES = ("box3d", "slice", "propagate")
-DEFAULT_PROMPT_MODE = "box3d"
+DEFAULT_PROMPT_MODE = "slice"
 ZOOM_CHOICES = ("auto", "on", "off")
 PROMPT_REGISTRATION_CHOICES = ("none", "demons", "bspline", "elastix")
 

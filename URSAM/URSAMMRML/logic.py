@@ -66,7 +66,7 @@ class RunOptions:
     #: deformable stage after the affine registration, before the support labels are warped
     promptRegistration: str = "demons"
     #: rectification also follows the warped support labels (needs a template library)
-    atlasPrior: bool = False
+    atlasPrior: bool = True  # URSAMLib.prompts.PromptOptions.prior_rectify
 
     def check(self):
         if self.backend not in BACKENDS:
@@ -344,7 +344,9 @@ class URSAMProcessLogic:
         sam = backend if backend is not None else self.backend(options, progress)
         inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in boxes]}
         computed.result, prompted, computed.promptInfo = segment_with_prompts(
-            job.snapshot.array, job.snapshot.reference(), boxes, sam, options.params(), options.promptOptions(mode),
+            job.snapshot.array, job.snapshot.reference(), boxes, sam, options.params(),
+            # ROIs: no warped support labels, so no atlas prior either (not worth a warning each run)
+            replace(options.promptOptions(mode), prior_rectify=bool(options.atlasPrior and registrations)),
             registrations=registrations, library=library, deformable_options=options.deformableOptions(),
             query=query, progress=progress, inputs=inputs)
         computed.atlasPrior = bool(options.atlasPrior and registrations)
@@ -477,9 +479,6 @@ class URSAMProcessLogic:
                                    atlasPrior=cached.atlasPrior, maps={}, seconds=cached.seconds)
         self._derive(computed)
         written = self.applySegmentation(computed, progress, roles=("rectified", "flagged", "review", "statistics"))
-        if cached.atlasPrior:
-            # the engine keeps no warped supports with the result, so Algorithm 1 alone rectifies here
-            written.notes.append("Rectify does not apply the atlas prior again; run Segment to use it")
         return written
 
     # -- review ----------------------------------------------------------------------------------

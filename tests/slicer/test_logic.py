@@ -52,7 +52,8 @@ def run(slab_paths, litemedsam):
     r.boxes, r.rois = make_rois(r.app.scene, r.volume, r.labels)
     r.logic = URSAMProcessLogic(r.app.appLogic)
     r.stages = []
-    r.outputs = r.logic.process(r.volume, rois=r.rois, backend=litemedsam,
+    # Boxes from ROIs are the paper's box3d prompt (slice and propagate follow a template library).
+    r.outputs = r.logic.process(r.volume, rois=r.rois, backend=litemedsam, prompts="box3d",
                                 progress=lambda stage, i, n: r.stages.append((stage, i, n)))
     r.computed = r.logic._cache[r.volume.GetID()]
     return r
@@ -370,7 +371,7 @@ def test_an_roi_partly_outside_is_clipped_and_the_user_told(run):
     objectToNode, radius = geometry.roiPlacement(box, snapshot.ijkToRas)
     roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
     roi.SetRadiusXYZ(*radius)
-    job = logic.prepareSegmentation(run.volume, rois=[roi])
+    job = logic.prepareSegmentation(run.volume, rois=[roi], prompts="box3d")
     assert job.boxes[0].min_ijk[0] == 0
     assert len(job.warnings) == 1 and "liver" in job.warnings[0] and "clipped" in job.warnings[0]
     run.app.scene.RemoveNode(roi)

@@ -42,10 +42,10 @@ def main(args):
     methods = parse_methods(args.methods)
     params = params_from_args(args)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    from ..prompts import parse_modes
+    from ..prompts import default_mode, parse_modes
     from .segment import prompt_options as _prompt_options
 
-    modes = parse_modes(args.prompts)
+    modes = parse_modes(args.prompts) if args.prompts else [default_mode(args.localizer)]
     prompt_options, deformable_options = _prompt_options(args, mode=modes[0])
     summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
                        backend_factory=lambda: backend_from_args(args, progress), params=params,

@@ -83,11 +83,13 @@ def add_parser(sub):
 
 def main(args):
     from ..localize import localize
+    from ..prompts import default_mode
 
     progress = Progress(quiet=args.quiet)
-    per_slice = args.prompts != "box3d"
+    mode = args.prompts or default_mode(args.localizer)
+    per_slice = mode != "box3d"
     if per_slice and args.localizer != "registration":
-        raise URSAMError(f"--prompts {args.prompts} needs --localizer registration (the warped support labels)")
+        raise URSAMError(f"--prompts {mode} needs --localizer registration (the warped support labels)")
     boxes, info = localize(args.image, args.templates, organs=args.organs, method=args.localizer,
                            progress=progress, keep_transforms=per_slice, **localizer_options(args))
     if not boxes:

@@ -1,5 +1,4 @@
 """``ursam segment``: boxes (or a template library) in, every output of a run out."""
-import json
 from pathlib import Path
 
 from ..boxes import load_boxes, add_margin, save_boxes
@@ -44,36 +43,42 @@ def add_prompt_options(p, several=False):
     from ..prompts import MODES, DEFAULT_MODE, PromptOptions
 
     g = p.add_argument_group("prompt mode (which 2D box each slice gets)")
+    default = (f"default {DEFAULT_MODE} with --templates and the registration localizer; box3d with "
+               "--localizer medlam; with --boxes, the file's own prompts: slice where it has per-slice boxes, "
+               "else box3d")
     if several:
-        g.add_argument("--prompts", default=DEFAULT_MODE, metavar="MODES",
-                       help=f"comma-separated prompt modes to compare ({', '.join(MODES)}; default {DEFAULT_MODE})")
+        g.add_argument("--prompts", default=None, metavar="MODES",
+                       help=f"comma-separated prompt modes to compare ({', '.join(MODES)}; {default})")
     else:
-        g.add_argument("--prompts", default=DEFAULT_MODE, choices=MODES,
+        g.add_argument("--prompts", default=None, choices=MODES,
                        help="box3d: the paper's one box per organ on every slice; slice: a box per slice from "
                             "the support labels warped into the scan; propagate: from the slice of largest "
-                            f"warped area outward, each slice boxed from the previous slice's mask "
-                            f"(default {DEFAULT_MODE}; slice and propagate need --templates or a box file "
-                            "with per-slice boxes)")
+                            f"warped area outward, each slice boxed from the previous slice's mask ({default})")
     g.add_argument("--prompt-registration", default="demons", choices=METHODS,
                    help="deformable stage after the affine registration, before the support labels are "
                         "warped for slice/propagate prompts (default demons; elastix needs ursam[elastix])")
     g.add_argument("--zoom", default=PromptOptions.zoom, choices=["auto", "on", "off"],
                    help="SAM sees a crop around the organs instead of the whole slice (auto: for slice and "
                         "propagate, not for the paper's box3d; default auto)")
-    g.add_argument("--atlas-prior", default="on" if PromptOptions.prior_rectify else "off", choices=["on", "off"],
+    g.add_argument("--atlas-prior", default=None, choices=["on", "off"],
                    help="rectification also follows the warped support labels: uncertain voxels most supports "
-                        "label are added, voxels almost none label are dropped (needs --templates; default "
-                        f"{'on' if PromptOptions.prior_rectify else 'off'})")
+                        "label are added, voxels almost none label are dropped (needs --templates and the "
+                        f"registration localizer; default {'on' if PromptOptions.prior_rectify else 'off'} there)")
 
 
-def prompt_options(args, mode=None):
+def prompt_options(args, mode=None, boxes=None):
     """``(PromptOptions, DeformableOptions)`` from parsed arguments; ``mode`` overrides ``--prompts``
-    (evaluate, whose --prompts is a list, sets each mode in turn)."""
+    (evaluate, whose --prompts is a list, sets each mode in turn). ``boxes``: those of a box file
+    (``--boxes``), whose own prompts decide the mode when ``--prompts`` is not given."""
     from ..deformable import DeformableOptions, check_method
-    from ..prompts import PromptOptions
+    from ..prompts import PromptOptions, check_mode, default_mode
 
     check_method(args.prompt_registration)
-    popts = PromptOptions(mode=mode or args.prompts, zoom=args.zoom, prior_rectify=args.atlas_prior == "on")
+    localizer = getattr(args, "localizer", "registration")
+    mode = check_mode(mode or args.prompts or default_mode(localizer, boxes))
+    warped = boxes is None and localizer == "registration"
+    prior = args.atlas_prior == "on" if args.atlas_prior else (PromptOptions.prior_rectify and warped)
+    popts = PromptOptions(mode=mode, zoom=args.zoom, prior_rectify=prior)
     return popts, DeformableOptions(method=args.prompt_registration)
 
 
@@ -83,7 +88,8 @@ def _localize(args, margin, progress, keep_transforms=False):
     from .localize import localizer_options
 
     if keep_transforms and args.localizer != "registration":
-        raise URSAMError(f"--prompts {args.prompts} needs --localizer registration (the warped support labels)")
+        raise URSAMError(f"--prompts {args.prompts or 'slice'} and --atlas-prior need --localizer registration "
+                         "(the warped support labels)")
     boxes, info = localize(args.image, args.templates, organs=args.organs, method=args.localizer,
                            progress=progress, keep_transforms=keep_transforms,
                            **localizer_options(args, margin=margin))
@@ -112,9 +118,9 @@ def main(args):
     reference, volume = read_ct(args.image)
     size = reference.GetSize()
     extra_files, localization = {}, None
-    popts, dopts = prompt_options(args)
     registrations, library = None, None
     if args.templates:
+        popts, dopts = prompt_options(args)
         needs_registrations = popts.mode != "box3d" or popts.prior_rectify
         boxes, localization = _localize(args, margin, progress, keep_transforms=needs_registrations)
         registrations = localization.pop("registrations", None)
@@ -128,6 +134,7 @@ def main(args):
         boxes = load_boxes(args.boxes, size, warn=progress.warn)
         if margin != (0, 0.0):
             boxes = [add_margin(b, margin[0], margin[1], size) for b in boxes]
+        popts, dopts = prompt_options(args, boxes=boxes)
     truth = read_labels(args.reference, reference, "reference label map")[1] if args.reference else None
     percentile = percentile_for(args, volume, args.image, progress)
     backend = backend_from_args(args, progress, percentile)
