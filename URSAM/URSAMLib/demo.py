@@ -33,7 +33,9 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, params=Non
     from .imageio import read_ct, read_labels
     from .localize import localize, atlas_labels
     from .metrics import dice
-    from .segment import segment_volume, write_results
+    from .deformable import DeformableOptions
+    from .prompts import PromptOptions
+    from .segment import segment_with_prompts, write_results
     from .templates import Library
 
     progress = progress or Progress()
@@ -80,10 +82,13 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, params=Non
         backend = make_backend("litemedsam")
     inputs = {"image": str(Path(query.image_path).absolute()), "templates": str(lib_path.absolute()),
               "margin_z_xy": info["margin_z_xy"], "normalization": "ct-window", "localization": info}
-    result = segment_volume(volume, reference, boxes, backend, params or pipeline.Params(), progress=progress,
-                            inputs=inputs)
+    # The default of `ursam segment --templates`: slice prompts from the warped support labels.
+    result, boxes, prompt_info = segment_with_prompts(
+        volume, reference, boxes, backend, params or pipeline.Params(), PromptOptions(), registrations, lib,
+        DeformableOptions(), query=query.image_path, progress=progress, inputs=inputs)
     write_results(result, out / "segment", overwrite, progress,
-                  extra_files={"boxes.json": lambda p: save_boxes(boxes, p, extra={"localization": info})})
+                  extra_files={"boxes.json": lambda p: save_boxes(boxes, p, extra={"localization": info,
+                                                                                   "prompts": prompt_info})})
     timings["segment_seconds"] = result.timings["total_seconds"]
 
     values = sorted(lib.names)
