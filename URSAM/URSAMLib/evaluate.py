@@ -479,18 +479,23 @@ def write_tables(out, rows, sweep_rows, names, methods, header, extra=""):
              markdown_table(pivot(rows, "dice_gt_slices", present, organs), organs), "",
              "## HD95 (mm), median over cases (an empty mask counts as inf)", "",
              markdown_table(pivot(rows, "hd95_mm", present, organs, _median), organs, digits=1), ""]
-    loc = [m for m in ("auto", "manual", "atlas") if m in present]
+    def first(base):
+        # with several prompt modes the rows are base@mode: the first mode's stand for the method
+        return next((m for m in present if m == base or m.startswith(base + "@")), None)
+
+    loc = [m for m in (first("auto"), "manual", "atlas") if m in present]
     if loc:
         label = {"auto": "Localized box (before margin)", "manual": "Manual box (simulated)",
                  "atlas": "Atlas mask's box"}
         parts += ["## Localization: box IoU with the true box", "",
-                  markdown_table(pivot(rows, "box_iou", loc, organs), organs, lambda m: label[m]), "",
-                  "## Localization: box centre error (mm)", "",
-                  markdown_table(pivot(rows, "centre_error_mm", loc, organs), organs, lambda m: label[m],
-                                 digits=1), ""]
-    if "ensemble" in present:
-        unc = {"mean u": pivot(rows, "mean_uncertainty", ["ensemble"], organs)["ensemble"],
-               "AUROC": pivot(rows, "uncertainty_auroc", ["ensemble"], organs)["ensemble"]}
+                  markdown_table(pivot(rows, "box_iou", loc, organs), organs, lambda m: label[m.split("@")[0]]),
+                  "", "## Localization: box centre error (mm)", "",
+                  markdown_table(pivot(rows, "centre_error_mm", loc, organs), organs,
+                                 lambda m: label[m.split("@")[0]], digits=1), ""]
+    ens = first("ensemble")
+    if ens:
+        unc = {"mean u": pivot(rows, "mean_uncertainty", [ens], organs)[ens],
+               "AUROC": pivot(rows, "uncertainty_auroc", [ens], organs)[ens]}
         parts += ["## Uncertainty inside the box: mean entropy, and AUROC of the entropy for the ensemble's "
                   "error voxels", "", markdown_table(unc, organs, lambda m: m), ""]
     if extra:
@@ -499,7 +504,7 @@ def write_tables(out, rows, sweep_rows, names, methods, header, extra=""):
     if sweep_rows:
         variants = list(dict.fromkeys(r["method"] for r in sweep_rows))
         t = pivot(sweep_rows, "dice", variants, organs)
-        base = pivot(rows, "dice", [m for m in ("auto", "ensemble", "ursam") if m in present], organs)
+        base = pivot(rows, "dice", [m for m in (first("auto"), first("ensemble"), first("ursam")) if m], organs)
         lines = ["# Rectification settings (METHOD.md §4) on the same SAM maps", "",
                  "Mean Dice (whole volume). The UR-SAM row of table.md uses the run's own setting.", "",
                  markdown_table({**base, **t}, organs), ""]
