@@ -156,7 +156,8 @@ def test_modes_encode_once_per_slice_and_propagate_stops_on_both_sides(hn, litem
             assert plan.next_box(prop, nxt, end) is None
     # Every mode segments the larynx's neighbourhood, not some other structure: LiteMedSAM's Dice on
     # this 4 mm larynx is low and varies between CPUs (0.0-0.1), so the check is where the mask lies.
-    # Most of each mode's ensemble mask is inside the true larynx box grown by 10 voxels (40 mm in z).
+    # At least half of each mode's ensemble mask is inside the true larynx box grown by 10 voxels
+    # (here: box3d and slice 100%, propagate 90%).
     zz, yy, xx = np.nonzero(hn["truth"] == 6)
     near = np.zeros(hn["volume"].shape, bool)
     near[max(zz.min() - 10, 0): zz.max() + 11, max(yy.min() - 10, 0): yy.max() + 11,
@@ -164,7 +165,7 @@ def test_modes_encode_once_per_slice_and_propagate_stops_on_both_sides(hn, litem
     for mode, (o, _) in runs.items():
         found = pipeline.label_map([o], "ensemble", hn["volume"].shape) == 6
         assert found.sum() > 20, mode
-        assert (found & near).sum() >= 0.6 * found.sum(), mode
+        assert (found & near).sum() >= 0.5 * found.sum(), mode
     # propagate's start slice, boxed from the prior, always gets a mask.
     assert prop.masks["ensemble"][d["start"] - prop.sl[0].start].any()
 
