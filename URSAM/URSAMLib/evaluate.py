@@ -228,13 +228,10 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
                     add_row(value, method + suffix, labels == value, raw.get(value), extra)
             if "ursam" in sam_methods and "_priors" in info:
                 # The atlas vote as a prior in rectification (URSAMLib.prompts.prior_rectified).
-                apply_prior_rectification(organs, info["_priors"], popts)
-                labels = pipeline.label_map(organs, "ursam", shape)
+                apply_prior_rectification(organs, info["_priors"], popts, into="ursam+atlas")
+                labels = pipeline.label_map(organs, "ursam+atlas", shape)
                 for value in case.scored:
                     add_row(value, "ursam+atlas" + suffix, labels == value, raw.get(value))
-                for o in organs:
-                    if "ursam-intensity" in o.masks:
-                        o.masks["ursam"] = o.masks.pop("ursam-intensity")
         organs = first_organs
         if len(prompt_modes) > 1:
             _mode_seconds(info, {m for m in prompt_modes if popts.zoomed(m)})
@@ -277,7 +274,6 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
 def _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode, prompt_options, deformable_options,
                   info, progress):
     """One prompt mode's boxes and plan; the warped prior is built once per case and kept in ``info``."""
-    from dataclasses import replace as _replace
     from .prompts import PromptOptions, make_prompts, warped_priors
 
     if "_priors" not in info:
@@ -290,7 +286,7 @@ def _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode, prom
         if deformable_options is not None and deformable_options.method != "none":
             info["warped_with"] = deformable_options.method
             info["_warp_regs"] = regs
-    opts = _replace(prompt_options or PromptOptions(), mode=mode)
+    opts = replace(prompt_options or PromptOptions(), mode=mode)
     return make_prompts(boxes, info["_priors"], opts, case.reference.GetSize())
 
 
@@ -324,7 +320,6 @@ def _mode_seconds(info, zoomed):
     """Seconds per case of each prompt mode as if it ran alone. Modes that see the same view of the
     scan (zoomed or not, ``zoomed``: the zoomed modes) shared their slice embeddings, so each is
     charged its own slices at its view's mean encoder seconds per slice."""
-    info.pop("_priors", None)
     timings = info.get("mode_timings", {})
     per_slice = {}
     for view in (True, False):

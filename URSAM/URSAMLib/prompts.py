@@ -265,6 +265,19 @@ def _propagation_region(box, prior_boxes, options, size_xyz, notes):
     return region
 
 
+#: noted on a box that a slice-adaptive mode prompted with its 3D box (no warped prior reached it)
+FALLBACK_NOTE = "fell back to the 3D box"
+
+
+def fallback_warnings(boxes, mode):
+    """One warning per organ that ``mode`` prompted with its 3D box after all: the user asked for
+    another prompt and should know this organ got the paper's."""
+    if mode == "box3d":
+        return []
+    return [f"{b.name}: no support labels were warped onto it, so the {mode} prompt used its 3D box (box3d)"
+            for b in boxes if any(FALLBACK_NOTE in n for n in b.notes)]
+
+
 def make_prompts(boxes, priors, options, size_xyz):
     """The boxes of ``options.mode`` and the pipeline's slice plan (None but for ``propagate``).
 
@@ -281,7 +294,7 @@ def make_prompts(boxes, priors, options, size_xyz):
         pboxes, areas = prior_slice_boxes(prior, options, size_xyz) if prior is not None else ({}, {})
         if not pboxes:
             out.append(OrganBox(b.label, b.name, list(b.min_ijk), list(b.max_ijk),
-                                b.notes + [f"no warped prior; {mode} fell back to the 3D box"]))
+                                b.notes + [f"no warped prior; {mode} {FALLBACK_NOTE}"]))
             continue
         note = f"{mode} prompts from the prior of {prior.n_supports} support(s)"
         if mode == "slice":
@@ -583,10 +596,17 @@ def prior_rectified(o, prior, add=0.5, keep=0.2):
     return (rect & (v >= keep)) | (o.m_unc & (v >= add))
 
 
-def apply_prior_rectification(organs, priors, options):
-    """Replace each main organ's ``ursam`` mask by :func:`prior_rectified` (kept as ``ursam-intensity``)."""
+def apply_prior_rectification(organs, priors, options, into="ursam"):
+    """Each main organ's :func:`prior_rectified` mask, as ``o.masks[into]``.
+
+    ``into="ursam"`` replaces UR-SAM's mask (what ``ursam segment`` writes);
+    evaluate scores it beside UR-SAM under another name. Organs without a
+    prior keep UR-SAM's mask. Run it after the rectification
+    (``pipeline.finish_organ``, which starts every organ's masks anew).
+    """
     for o in organs:
-        if o.prompt_set == "main" and "ursam" in o.masks and o.label in priors:
-            o.masks.setdefault("ursam-intensity", o.masks["ursam"])
-            o.masks["ursam"] = prior_rectified(o, priors[o.label], options.prior_add, options.prior_keep)
+        if o.prompt_set == "main" and "ursam" in o.masks:
+            prior = priors.get(o.label)
+            o.masks[into] = o.masks["ursam"] if prior is None else \
+                prior_rectified(o, prior, options.prior_add, options.prior_keep)
     return organs

@@ -51,7 +51,6 @@ class SegmentationResult:
         self.params.rectify = rectify_options
         t0 = time.perf_counter()
         for o in self.organs:
-            o.masks.pop("ursam-intensity", None)
             pipeline.finish_organ(o, self.params)
         if self.priors:
             from .prompts import apply_prior_rectification
@@ -135,8 +134,8 @@ def segment_with_prompts(volume, reference, boxes, backend, params=None, prompt_
     deformable stage; default ``reference``. Returns ``(result, boxes,
     prompt_info)``: the boxes each slice got, and what the mode did (JSON).
     """
-    from .prompts import (PromptOptions, apply_prior_rectification, default_mode, prompts_from_box_file,
-                          prompts_from_registrations)
+    from .prompts import (PromptOptions, apply_prior_rectification, default_mode, fallback_warnings,
+                          prompts_from_box_file, prompts_from_registrations)
 
     params = params or pipeline.Params()
     progress = progress or Progress()
@@ -152,6 +151,8 @@ def segment_with_prompts(volume, reference, boxes, backend, params=None, prompt_
         if popts.prior_rectify:
             progress.warn("the atlas prior in rectification needs the warped support labels (a template "
                           "library); it is off for these boxes")
+    for warning in fallback_warnings(boxes, popts.mode):
+        progress.warn(warning)
     if popts.zoomed():
         from .zoom import ZoomedBackend, organ_crop
 

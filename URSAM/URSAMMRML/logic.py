@@ -163,8 +163,6 @@ class SegmentComputed:
     localizeInfo: dict = None  # without the registrations, which the cache need not keep
     #: what the prompt mode did (URSAMLib.segment.segment_with_prompts), also in result.inputs["prompts"]
     promptInfo: dict = None
-    #: the atlas prior took part in the rectification (it needs the registrations of a localization)
-    atlasPrior: bool = False
     maps: dict = field(default_factory=dict)
     components: list = field(default_factory=list)
     statistics: list = field(default_factory=list)
@@ -343,15 +341,14 @@ class URSAMProcessLogic:
             mode = "box3d"  # ROIs have no per-slice boxes; prepareSegmentation told the user
         sam = backend if backend is not None else self.backend(options, progress)
         inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in boxes]}
-        computed.result, prompted, computed.promptInfo = segment_with_prompts(
+        computed.result, _, computed.promptInfo = segment_with_prompts(
             job.snapshot.array, job.snapshot.reference(), boxes, sam, options.params(),
             # ROIs: no warped support labels, so no atlas prior either (not worth a warning each run)
             replace(options.promptOptions(mode), prior_rectify=bool(options.atlasPrior and registrations)),
             registrations=registrations, library=library, deformable_options=options.deformableOptions(),
             query=query, progress=progress, inputs=inputs)
-        computed.atlasPrior = bool(options.atlasPrior and registrations)
-        computed.result.warnings.extend(job.warnings + getattr(progress, "warnings", []) +
-                                        promptFallbacks(prompted, mode))
+        # the engine's own warnings (progress.warn) are in the result already; the job's come first
+        computed.result.warnings[:0] = job.warnings
         self._derive(computed)
         progress.check_cancel()
         computed.seconds = time.perf_counter() - t0
@@ -476,10 +473,9 @@ class URSAMProcessLogic:
         job = replace(cached.job, options=newOptions)
         result = cached.result.rerectify(newOptions.rectifyOptions())
         computed = SegmentComputed(job, result, localizeInfo=cached.localizeInfo, promptInfo=cached.promptInfo,
-                                   atlasPrior=cached.atlasPrior, maps={}, seconds=cached.seconds)
+                                   maps={}, seconds=cached.seconds)
         self._derive(computed)
-        written = self.applySegmentation(computed, progress, roles=("rectified", "flagged", "review", "statistics"))
-        return written
+        return self.applySegmentation(computed, progress, roles=("rectified", "flagged", "review", "statistics"))
 
     # -- review ----------------------------------------------------------------------------------
     def reviewComponent(self, reviewTable, row, accept):
@@ -607,18 +603,6 @@ class URSAMProcessLogic:
 def promptMode(result):
     """The prompt mode a URSAMLib result was made with (what ran, not what was asked for)."""
     return str((result.inputs.get("prompts") or {}).get("mode", DEFAULT_PROMPT_MODE))
-
-
-def promptFallbacks(boxes, mode):
-    """Warnings for the organs a slice-adaptive mode prompted with the 3D box after all.
-
-    The engine notes it on the box only; the user should know that such an
-    organ got the paper's prompt, not the mode they chose.
-    """
-    if mode == "box3d":
-        return []
-    return [f"{b.name}: no support labels were warped onto it, so the {mode} prompt used its 3D box (box3d)"
-            for b in boxes if any("fell back to the 3D box" in n for n in b.notes)]
 
 
 def _caseId(name):

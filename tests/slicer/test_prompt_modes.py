@@ -135,19 +135,18 @@ def test_rois_with_a_slice_mode_run_box3d_and_say_so(crop_paths, litemedsam):
 
 
 def test_organs_a_mode_prompts_with_the_3d_box_are_named_to_the_user(sliced):
-    from URSAMLib.prompts import PromptOptions, make_prompts
-    from URSAMMRML.logic import promptFallbacks
+    from URSAMLib.prompts import PromptOptions, fallback_warnings, make_prompts
 
     localized = sliced.computed.localized
     size = sliced.computed.result.reference.GetSize()
     # no warped prior for either organ: the engine's own fallback
     fallen, _ = make_prompts(localized, {}, PromptOptions(mode="propagate"), size)
-    warnings = promptFallbacks(fallen, "propagate")
+    warnings = fallback_warnings(fallen, "propagate")
     assert len(warnings) == len(ORGANS)
     for organ, warning in zip((b.name for b in localized), warnings):
         assert warning.startswith(f"{organ}: ") and "propagate prompt used its 3D box" in warning
-    assert promptFallbacks(sliced.computed.result.boxes, "slice") == []
-    assert promptFallbacks(localized, "box3d") == []
+    assert fallback_warnings(sliced.computed.result.boxes, "slice") == []
+    assert fallback_warnings(localized, "box3d") == []
 
 
 def test_bad_prompt_options_get_one_line_errors_and_change_nothing(sliced):
