@@ -25,11 +25,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from URSAMMRML.dependencies import (BACKEND_CHOICES, DEFAULT_PROMPT_MODE, DEVICE_CHOICES, PROMPT_MODE_CHOICES,
-                                    TORCH_REQUIREMENT)
-
-#: URSAMLib.rectification.RectifyOptions().alpha_h, repeated so that the panel loads without the engine's packages
-DEFAULT_ALPHA_H = 1.2
+from URSAMLib.progress import STAGE_EMBED, STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, stage_of
+from URSAMMRML.dependencies import TORCH_REQUIREMENT
 
 
 #
@@ -75,34 +72,31 @@ Communications 2024) and LiteMedSAM (J. Ma et al., bundled through the medsam-li
 # Parameter node
 #
 
-@parameterNodeWrapper
-class URSAMParameterNode:
-    """The panel's settings, saved with the scene.
+def _parameterNodeClass():
+    """The panel's settings, saved with the scene: the fields of URSAMMRML.parameters, whose defaults
+    are the engine's, plus the two node references.
 
     organs: the checked organs, comma-separated (the checklist is filled from the library).
     libraryPath, checkpoint: folder and file paths; kept as text and synchronized with their
     ctkPathLineEdit by the widget, because the wrapper's pathlib default would show "." when unset.
     """
-    inputVolume: vtkMRMLScalarVolumeNode
-    libraryPath: str = ""
-    templateSegmentation: vtkMRMLSegmentationNode
-    organs: str = ""
-    backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "litemedsam"
-    checkpoint: str = ""
-    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
-    nAug: Annotated[int, WithinRange(1, 50)] = 3
-    ratio: Annotated[float, WithinRange(0.0, 0.49)] = 0.01
-    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
-    marginZ: Annotated[int, WithinRange(0, 50)] = 2
-    marginXY: Annotated[float, WithinRange(0.0, 200.0)] = 10.0
-    prompts: Annotated[str, Choice(list(PROMPT_MODE_CHOICES))] = DEFAULT_PROMPT_MODE
-    thresholdScope: Annotated[str, Choice(["box", "slice"])] = "box"
-    # as URSAMLib.rectification.RectifyOptions: the paper's bound did best on the H&N dev cases
-    lowerBound: Annotated[str, Choice(["written", "midpoint"])] = "written"
-    alphaH: Annotated[float, WithinRange(0.1, 10.0)] = DEFAULT_ALPHA_H
-    useFixedThreshold: bool = False
-    fixedThreshold: Annotated[float, WithinRange(0.0, 0.693)] = 0.2
-    minComponentVoxels: Annotated[int, WithinRange(1, 100000)] = 1
+    from URSAMMRML.parameters import panelParameters
+
+    annotations = {"inputVolume": vtkMRMLScalarVolumeNode, "templateSegmentation": vtkMRMLSegmentationNode}
+    namespace = {"__doc__": _parameterNodeClass.__doc__, "__module__": __name__}
+    for p in panelParameters():
+        annotation = p.type
+        if p.choices:
+            annotation = Annotated[p.type, Choice(list(p.choices))]
+        elif p.range:
+            annotation = Annotated[p.type, WithinRange(*p.range)]
+        annotations[p.name] = annotation
+        namespace[p.name] = p.default
+    namespace["__annotations__"] = annotations
+    return parameterNodeWrapper(type("URSAMParameterNode", (), namespace))
+
+
+URSAMParameterNode = _parameterNodeClass()
 
 
 def _pathText(path):
@@ -161,15 +155,17 @@ class BackgroundTask:
 
 
 def stageText(stage, i, n):
-    """A progress stage as the user reads it."""
-    if stage == "embedding slices" and n:
+    """A progress stage as the user reads it (the engine's stage names: URSAMLib.progress)."""
+    named = stage_of(stage)
+    detail = (stage or "")[len(named):].strip(" ()") if named else ""
+    if named == STAGE_EMBED and n:
         return _("Embedding slice {i} of {n}").format(i=min(i + 1, n), n=n)
-    if stage and stage.startswith("loading model"):
-        return _("Loading the model ({name})").format(name=stage[len("loading model"):].strip() or "SAM")
-    names = {"localizing": _("Localizing organs"), "rectifying": _("Rectifying"),
-             "writing results": _("Writing results"), "starting": _("Starting")}
-    text = names.get(stage, stage or "")
-    return f"{text} ({i} of {n})" if n and stage not in names else text
+    if named == STAGE_MODEL:
+        return _("Loading the model ({name})").format(name=detail or "SAM")
+    names = {STAGE_LOCALIZE: _("Localizing organs"), STAGE_RECTIFY: _("Rectifying"),
+             STAGE_WRITE: _("Writing results"), "starting": _("Starting")}
+    text = names.get(named or stage, stage or "")
+    return f"{text} ({i} of {n})" if n and (named or stage) not in names else text
 
 
 #
@@ -384,12 +380,10 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return list(self.ui.roiSelector.checkedNodes())
 
     def runOptions(self):
+        from URSAMMRML.parameters import runOptions
+
         p = self._parameterNode
-        return self.logic.runOptions(
-            backend=p.backend, checkpoint=_pathText(p.checkpoint), device=p.device, nAug=p.nAug, ratio=p.ratio,
-            seed=p.seed, marginZ=p.marginZ, marginXY=p.marginXY, thresholdScope=p.thresholdScope,
-            lowerBound=p.lowerBound, alphaH=p.alphaH, fixedThreshold=p.fixedThreshold if p.useFixedThreshold else None,
-            minComponentVoxels=p.minComponentVoxels, prompts=p.prompts)
+        return runOptions({name: getattr(p, name) for name in p.allParameters})
 
     def setStatus(self, text) -> None:
         self.ui.statusLabel.text = text
@@ -488,7 +482,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            self.finishSegmentation)
 
     def finishSegmentation(self, computed) -> None:
-        self.setStatus(stageText("writing results", 0, 0))
+        self.setStatus(stageText(STAGE_WRITE, 0, 0))
         slicer.app.processEvents()
         outputs = self.logic.applySegmentation(computed)
         for roi in outputs.rois:
@@ -527,7 +521,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             return
         stage, i, n = task.progress
-        if stage == "embedding slices" and n:
+        if stage_of(stage) == STAGE_EMBED and n:
             self.ui.progressBar.setRange(0, n)
             self.ui.progressBar.setValue(min(i, n))
         else:
@@ -779,7 +773,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segment inside the edited ROIs")
         stages = []
         outputs = logic.process(volume, rois=rois, progress=lambda s, i, n: stages.append(s))
-        self.assertIn("embedding slices", stages)
+        self.assertIn(STAGE_EMBED, stages)
         for role in ("ensemble", "rectified", "uncertainty", "flagged", "review", "statistics"):
             self.assertIsNotNone(outputs.nodes.get(role), role)
         u = slicer.util.arrayFromVolume(outputs.uncertainty)
@@ -807,7 +801,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
 
         with self.assertRaises(Cancelled):
             logic.process(volume, rois=rois, progress=lambda s, i, n: seen.append((s, i)),
-                          cancel=lambda: any(s == "embedding slices" and i >= 1 for s, i in seen))
+                          cancel=lambda: any(s == STAGE_EMBED and i >= 1 for s, i in seen))
         self.assertEqual(nodes, slicer.mrmlScene.GetNumberOfNodes())
         self.delayDisplay("Logic workflow passed")
 

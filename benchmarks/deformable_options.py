@@ -1,4 +1,4 @@
-"""Seconds per support and atlas Dice of each deformable stage after the affine registration (issue 8).
+"""Seconds per support and atlas Dice of each deformable stage after the affine registration.
 
 Usage (from the repository root)::
 
@@ -25,9 +25,10 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
 
-from URSAMLib import deformable  # noqa: E402
-from URSAMLib.localize import localize, atlas_labels  # noqa: E402
-from URSAMLib.metrics import dice  # noqa: E402
+from URSAMLib.evaluation.metrics import dice  # noqa: E402
+from URSAMLib.localize import localize  # noqa: E402
+from URSAMLib.registration import deformable  # noqa: E402
+from URSAMLib.registration.warp import atlas_labels  # noqa: E402
 from URSAMLib.templates import Library  # noqa: E402
 
 
@@ -62,13 +63,12 @@ def _affine(image_path, lib, case_id, args):
 
     path = Path(args.cache) / f"{case_id}_{'-'.join(lib.case_ids())}.pkl" if args.cache else None
     if path is not None and path.exists():
-        from URSAMLib.localize import SupportRegistration
+        from URSAMLib.registration.affine import SupportRegistration
 
         saved = pickle.loads(path.read_bytes())
         return [SupportRegistration(c, sitk.ReadTransform(str(path.with_suffix(f".{c}.tfm"))), s, m, {}, {})
                 for c, s, m in saved]
-    _, info = localize(image_path, lib, keep_transforms=True, workers=1, threads=args.threads)
-    regs = info["registrations"]
+    regs = localize(image_path, lib, workers=1, threads=args.threads).registrations
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         for r in regs:

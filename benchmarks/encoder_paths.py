@@ -1,4 +1,4 @@
-"""Every CPU path tried for the LiteMedSAM image encoder, measured side by side (issue 6, item 4).
+"""Every CPU path tried for the LiteMedSAM image encoder, measured side by side.
 
     python benchmarks/encoder_paths.py [--case DIR] [--slices 3] [--threads 1,2] [--compile] [--bf16]
                                        [--time-limit 900]
@@ -13,7 +13,7 @@ line is one JSON object.
 
 Paths: eager (PyTorch fp32, the reference), jit-freeze (TorchScript, frozen
 and optimized for inference), channels-last, torch-int8 (torch dynamic int8
-quantization of the Linear layers), onnx and onnx-int8 (URSAMLib.fast_encoder:
+quantization of the Linear layers), onnx and onnx-int8 (URSAMLib.sam.fast_encoder:
 ONNX Runtime fp32, and with int8 dynamically quantized matrix products),
 compile (torch.compile, inductor with freezing; --compile, as its first
 compilation takes minutes) and bf16 (CPU autocast; --bf16, as a CPU without
@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT / "URSAM"))
 
 from URSAMLib import pipeline  # noqa: E402
 from URSAMLib.boxes import boxes_from_labels  # noqa: E402
-from URSAMLib.fast_encoder import make_encoder  # noqa: E402
-from URSAMLib.metrics import dice  # noqa: E402
-from URSAMLib.sam_backend import make_backend  # noqa: E402
+from URSAMLib.evaluation.metrics import dice  # noqa: E402
+from URSAMLib.sam.backends import make_backend  # noqa: E402
+from URSAMLib.sam.fast_encoder import make_encoder  # noqa: E402
 
 DEFAULT_CASE = ROOT.parent / "shared" / "data" / "abdomen-ts" / "cases" / "tsA_slab"
 

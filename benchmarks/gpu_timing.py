@@ -1,4 +1,4 @@
-"""SAM ViT-B and LiteMedSAM per slice on a GPU, in fp32, fp16 and bf16 (issue 6, item 6).
+"""SAM ViT-B and LiteMedSAM per slice on a GPU, in fp32, fp16 and bf16.
 
     python benchmarks/gpu_timing.py [--iters 20] [--time-limit 240] [--wheels DIR]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 try:  # the repository's engine, for its fast decoder (the device machine gets a copy of the tree)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
-    from URSAMLib.fast_decoder import BoxDecoder
+    from URSAMLib.sam.fast_decoder import BoxDecoder
 except Exception:  # noqa: BLE001 - timing the models alone is still worth it
     BoxDecoder = None
 

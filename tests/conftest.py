@@ -14,6 +14,6 @@ def data_dir():
 @pytest.fixture(scope="session")
 def litemedsam():
     """One LiteMedSAM backend for the whole session (loading it costs seconds)."""
-    from URSAMLib.sam_backend import make_backend
+    from URSAMLib.sam.backends import make_backend
 
     return make_backend("litemedsam", device="cpu")

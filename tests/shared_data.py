@@ -20,3 +20,12 @@ def case(dataset, case_id):
 
 def names(dataset):
     return {int(k): v for k, v in json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
+
+
+def paper_settings(**params):
+    """The run's settings with the paper's box3d prompt (boxes without per-slice boxes) and these Params."""
+    from URSAMLib.pipeline import Params
+    from URSAMLib.prompt_modes import PromptOptions
+    from URSAMLib.settings import Settings
+
+    return Settings(params=Params(**params), prompts=PromptOptions(mode="box3d"))

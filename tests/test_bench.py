@@ -29,6 +29,7 @@ def crop(tmp_path_factory):
     return folder, boxes
 
 
+@pytest.mark.slow
 def test_bench_prints_a_summary_then_the_json_record(crop, capsys):
     folder, boxes = crop
     code = main(["bench", str(folder / "image.nii.gz"), "--boxes", str(folder / "boxes.json"),

@@ -1,12 +1,12 @@
-"""The deformable stage (issue 8) on real CT: it undoes a known smooth deformation of a head-and-neck scan."""
+"""The deformable stage on real CT: it undoes a known smooth deformation of a head-and-neck scan."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from shared_data import HN, case
-from URSAMLib import deformable
+from URSAMLib.registration import deformable
 from URSAMLib.errors import URSAMError
-from URSAMLib.metrics import dice
+from URSAMLib.evaluation.metrics import dice
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,11 @@
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from URSAMLib.cli import main as ursam
-from URSAMLib.phantom import ORGANS, PhantomGrid, make_patient
+from URSAMLib.evaluation.phantom import ORGANS, PhantomGrid, make_patient
 
 
 def test_phantoms_differ_between_patients_and_have_ct_values():
@@ -23,6 +24,7 @@ def test_phantoms_differ_between_patients_and_have_ct_values():
     np.testing.assert_array_equal(sitk.GetArrayFromImage(make_patient(1, grid)[0]), a1)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_small_cohort(tmp_path, capsys):
     out = tmp_path / "demo"
     assert ursam(["demo", "--out", str(out), "--size", "64,64,16", "--templates", "2", "--quiet",
@@ -45,9 +47,10 @@ def test_demo_runs_end_to_end_on_a_small_cohort(tmp_path, capsys):
     assert 2 * inter / ((rect == 1).sum() + (truth == 1).sum()) > 0.6
 
 
+@pytest.mark.slow
 def test_segment_with_templates_saves_boxes_and_records_skipped_organs(tmp_path, capsys):
     """`ursam segment --templates`: localize, segment, boxes.json; an organ no support labels is skipped."""
-    from URSAMLib.phantom import make_cohort
+    from URSAMLib.evaluation.phantom import make_cohort
 
     grid = PhantomGrid((64, 64, 16), (6.0, 6.0, 11.25))
     lib = make_cohort(tmp_path / "cohort", n_templates=2, n_queries=1, seed=3, grid=grid)

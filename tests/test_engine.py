@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared_data import ABD, case, names
+from shared_data import ABD, case, names, paper_settings
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.cli import main
 from URSAMLib.imageio import read_ct, read_labels
-from URSAMLib.metrics import dice
-from URSAMLib.pipeline import Params, distinct_slices
-from URSAMLib.segment import OUTPUT_FILES, segment_volume
+from URSAMLib.evaluation.metrics import dice
+from URSAMLib.pipeline import distinct_slices
+from URSAMLib.segment import OUTPUT_FILES, segment_query
 from URSAMLib.uncertainty import LOG2
 
 
@@ -39,7 +39,7 @@ def test_encoder_runs_once_per_distinct_slice(crop, litemedsam):
     # Shrink one organ's z-range so the union is not every slice of every box.
     boxes[0].max_ijk[2] = boxes[0].min_ijk[2]
     before = litemedsam.encoder_calls
-    result = segment_volume(volume, ref, boxes, litemedsam, Params(n_aug=3), extra_sets={"manual": manual})
+    result = segment_query(volume, ref, boxes, litemedsam, paper_settings(n_aug=3), extra_sets={"manual": manual})
     calls = litemedsam.encoder_calls - before
     expected = len(distinct_slices({"a": boxes, "b": manual}))
     assert calls == expected == result.timings["distinct_slices"]
@@ -74,7 +74,10 @@ def test_segment_writes_every_output_with_input_geometry(crop, tmp_path):
     assert liver["rectified_voxels"] == int((rect == 1).sum())
     assert np.isclose(liver["rectified_ml"], liver["rectified_voxels"] * 27 / 1000, rtol=1e-3)
     assert liver["threshold_T"] is not None and 0 <= liver["mean_uncertainty_in_box"] <= LOG2
-    assert report["parameters"]["n_aug"] == 3 and report["parameters"]["seed"] == 0
+    assert report["parameters"]["params"]["n_aug"] == 3 and report["parameters"]["params"]["seed"] == 0
+    # Plain boxes: the paper's prompt, nothing to warp, so the result is Algorithm 1.
+    assert report["rectified_method"]["name"] == "ursam"
+    assert report["inputs"]["prompts"]["mode"] == "box3d"
     assert report["timings_seconds"]["encoder_calls"] == 5
     assert set(report["dice_vs_reference"]) == {"auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", "ursam"}
     # Flagged regions for review: one per connected component of each organ's M_unc.
@@ -96,6 +99,7 @@ def test_segment_writes_every_output_with_input_geometry(crop, tmp_path):
     assert np.array_equal(np.transpose(seg["voxels"], (2, 1, 0)), rect)
 
 
+@pytest.mark.slow
 def test_ts_a_auto_dice_with_boxes_from_labels(litemedsam):
     """The acceptance figure of the engine: auto prompting, whole tsA, 12 organs, mean Dice >= 0.62."""
     image, labels = case(ABD, "tsA")
@@ -103,7 +107,7 @@ def test_ts_a_auto_dice_with_boxes_from_labels(litemedsam):
     _, truth = read_labels(labels, ref)
     boxes = boxes_from_labels(truth, names(ABD))
     assert len(boxes) == 12
-    result = segment_volume(volume, ref, boxes, litemedsam, Params(n_aug=1))
+    result = segment_query(volume, ref, boxes, litemedsam, paper_settings(n_aug=1))
     auto = result.label_map("auto")
     scores = [dice(auto == b.label, truth == b.label) for b in boxes]
     assert np.mean(scores) >= 0.62, scores
@@ -113,7 +117,7 @@ def test_same_seed_gives_bit_identical_results(crop, litemedsam):
     ref, volume = read_ct(crop / "image.nii.gz")
     _, labels = read_labels(crop / "labels.nii.gz", ref)
     boxes = boxes_from_labels(labels[1:4], names(ABD), labels=[2, 3])
-    runs = [segment_volume(volume[1:4], ref[:, :, 1:4], boxes, litemedsam, Params(seed=s)) for s in (5, 5, 6)]
+    runs = [segment_query(volume[1:4], ref[:, :, 1:4], boxes, litemedsam, paper_settings(seed=s)) for s in (5, 5, 6)]
     a, b, c = runs
     for oa, ob in zip(a.organs, b.organs):
         assert np.array_equal(oa.p_mean, ob.p_mean) and np.array_equal(oa.u, ob.u)

@@ -2,12 +2,15 @@
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import pytest
+import SimpleITK as sitk
 
 from shared_data import HN
 from URSAMLib.cli import main as ursam
-from URSAMLib.evaluate import ALL_METHODS, parse_methods
+from URSAMLib.evaluation.evaluate import ALL_METHODS, parse_methods
 from URSAMLib.errors import URSAMError
 
 ORGANS = ("Brainstem", "Parotid_L")
@@ -26,11 +29,20 @@ def one_query_dataset(tmp_path_factory):
     return ds
 
 
-def test_evaluate_writes_results_table_and_plot_then_resumes(one_query_dataset, tmp_path, capsys):
-    out = tmp_path / "eval"
+@pytest.fixture(scope="module")
+def evaluated(one_query_dataset, tmp_path_factory):
+    """One default evaluation of the query: its folder, its arguments and what it printed."""
+    out = tmp_path_factory.mktemp("eval") / "eval"
     args = ["evaluate", str(one_query_dataset), "--organs", ",".join(ORGANS), "--out", str(out)]
-    assert ursam(args + ["--quiet"]) == 0
-    printed = capsys.readouterr().out
+    printed = subprocess.run([sys.executable, "-m", "URSAMLib.cli", *args, "--quiet"], capture_output=True,
+                             text=True)
+    assert printed.returncode == 0, printed.stderr
+    return out, args, printed.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_writes_results_table_and_plot_then_resumes(evaluated, capsys):
+    out, args, printed = evaluated
     assert "| UR-SAM |" in printed and "| Atlas" in printed
 
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -83,6 +95,39 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(one_query_dataset, 
     assert "output folder holds an evaluation with other settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_evaluate_and_segment_agree_on_the_default_method(evaluated, one_query_dataset, tmp_path):
+    """The mask evaluate scores under the default method's name is the one `ursam segment` writes as
+    rectified.nii.gz with the same settings: per organ, the same Dice."""
+    from URSAMLib.evaluation.metrics import dice
+
+    out, _, _ = evaluated
+    query = one_query_dataset / "cases" / "pt_34"
+    seg = tmp_path / "seg"
+    assert ursam(["segment", str(query / "image.nii.gz"), "--templates", str(one_query_dataset),
+                  "--organs", ",".join(ORGANS), "--out", str(seg), "--quiet"]) == 0
+    report = json.loads((seg / "report.json").read_text(encoding="utf-8"))
+    written = report["rectified_method"]["name"]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["case_info"]["pt_34"]["rectified_method"] == written == "ursam+atlas"
+    rectified = sitk.GetArrayFromImage(sitk.ReadImage(str(seg / "rectified.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(query / "labels.nii.gz")))
+    names = {v: k for k, v in json.loads((one_query_dataset / "dataset.json").read_text())["labels"].items()}
+    rows = {r["organ"]: float(r["dice"]) for r in csv.DictReader((out / "results.csv").open())
+            if r["method"] == written}
+    assert set(rows) == set(ORGANS)
+    for organ in ORGANS:
+        label = int(names[organ])
+        assert rows[organ] == pytest.approx(dice(rectified == label, truth == label), abs=1e-6), organ
+        assert rows[organ] > 0.3, organ
+    # and the SAM ensemble too: the same SAM run under both commands
+    ensemble = sitk.GetArrayFromImage(sitk.ReadImage(str(seg / "ensemble.nii.gz")))
+    for r in csv.DictReader((out / "results.csv").open()):
+        if r["method"] == "ensemble":
+            label = int(names[r["organ"]])
+            assert float(r["dice"]) == pytest.approx(dice(ensemble == label, truth == label), abs=1e-6)
+
+
 def test_bad_methods_and_cases(one_query_dataset, tmp_path, capsys):
     with pytest.raises(URSAMError, match="unknown method"):
         parse_methods("auto,magic")
@@ -91,11 +136,12 @@ def test_bad_methods_and_cases(one_query_dataset, tmp_path, capsys):
     assert "case 'pt_4' is a support scan; it cannot also be a query" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_compares_prompt_modes_side_by_side(one_query_dataset, tmp_path, capsys):
     """--prompts takes a list: each SAM method gets a row per mode, beside the atlas, with seconds."""
     out = tmp_path / "modes"
     args = ["evaluate", str(one_query_dataset), "--organs", "Brainstem", "--methods", "ensemble,ursam,atlas",
-            "--prompts", "box3d,slice", "--prompt-registration", "none", "--out", str(out), "--quiet"]
+            "--prompts", "box3d,slice", "--deformable", "none", "--out", str(out), "--quiet"]
     assert ursam(args) == 0
     capsys.readouterr()
     rows = list(csv.DictReader((out / "results.csv").open()))

@@ -11,13 +11,14 @@ import SimpleITK as sitk
 import torch
 
 from shared_data import ABD, ROOT, case, names
-from URSAMLib import fast_encoder, pipeline
+from URSAMLib import pipeline
+from URSAMLib.sam import fast_encoder
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
-from URSAMLib.metrics import dice
-from URSAMLib.sam_backend import make_backend
+from URSAMLib.evaluation.metrics import dice
+from URSAMLib.sam.backends import make_backend
 
-#: largest per-organ Dice difference accepted between the fast and the eager encoder (issue 6)
+#: largest per-organ Dice difference accepted between the fast and the eager encoder
 DICE_TOLERANCE = 0.005
 
 
@@ -31,6 +32,7 @@ def eager():
     return make_backend("litemedsam", device="cpu", encoder="eager")
 
 
+@pytest.mark.slow
 def test_fast_path_masks_match_eager_on_a_shared_case(litemedsam, eager):
     _need_runtime()
     assert litemedsam.encoder_name == "onnx"  # the default where the runtime is installed

@@ -200,7 +200,9 @@ def test_inference_end_to_end_on_a_real_case(trained):
 
     assert "medlam" in LOCALIZERS
     image, _ = case(HN, "pt_34")
-    boxes, info = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu")
+    localization = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu")
+    boxes, info = localization.boxes, localization.info
+    assert localization.registrations is None  # MedLAM registers nothing
     size = sitk.ReadImage(str(image)).GetSize()
     names = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))["labels"]
     assert sorted(b.name for b in boxes) == sorted(names.values())
@@ -211,8 +213,8 @@ def test_inference_end_to_end_on_a_real_case(trained):
     assert len(info["points"]["Brainstem"]["refined_ijk"]) == 6
     # Seeded: the same boxes again (support features reused from the cache); the options
     # `ursam evaluate` passes to every localizer are accepted.
-    again, info2 = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu",
-                            keep_transforms=False, missing="skip")
+    again = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu", missing="skip")
+    again, info2 = again.boxes, again.info
     assert info2["support_features_reused"]
     assert [b.to_json() for b in again] == [b.to_json() for b in boxes]
 

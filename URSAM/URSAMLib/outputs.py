@@ -4,32 +4,19 @@ All files go to a temporary folder beside the output folder, which is renamed
 into place at the end, so an interrupted run leaves the old outputs or the new
 ones, never a mix.
 """
+from __future__ import annotations
+
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
+from .atomic import atomic_path, atomic_write_text, staged_dir
 from .errors import URSAMError
 from . import terminology
-
-
-def atomic_write_text(path, text):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent) if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_output_dir(out_dir, overwrite=False):
@@ -47,19 +34,8 @@ def staged_output_dir(out_dir, overwrite=False):
     out = check_output_dir(out_dir, overwrite).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_stages(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=str(out.parent)))
-    try:
+    with staged_dir(out, prefix=f".{out.name}.partial-{os.getpid()}-", replace=True) as stage:
         yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale_stages(out):
@@ -114,10 +90,8 @@ def write_seg_nrrd(labels_zyx, reference, organs, path):
     seg = {"voxels": voxels.astype(dtype), "ijkToLPS": ijk_to_lps(reference),
            "segments": segment_entries(organs), "containedRepresentationNames": ["Binary labelmap"],
            "masterRepresentation": "Binary labelmap"}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.seg.nrrd")
-    slicerio.write_segmentation(str(tmp), seg)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        slicerio.write_segmentation(str(tmp), seg)
 
 
 def write_overview(volume, labels, uncertainty, organs, path, n_slices=4):
@@ -146,10 +120,11 @@ def write_overview(volume, labels, uncertainty, organs, path, n_slices=4):
         ax.axis("off")
     fig.suptitle("UR-SAM: rectified contours, uncertainty heat overlay")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
 
 
 def write_json(data, path):

@@ -7,24 +7,33 @@ that one embedding. Per-organ maps are kept only over each organ's box region,
 padded in-plane so that SAM's spill past the box is still scored, which keeps
 memory bounded by the boxes, not by the scan.
 """
+from __future__ import annotations
+
 import time
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
 
 from . import baselines
+from .errors import URSAMError
 from .prompt_augmentation import augment_box, organ_rngs, shift_box
-from .rectification import RectifyOptions, rectify
+from .progress import STAGE_EMBED, STAGE_RECTIFY, Progress
+from .rectification import RectifyOptions, atlas_rectified, rectify
 from .baselines import FnpcOptions
 from .uncertainty import binary_entropy
-from .progress import Progress
 
-#: every mask the pipeline can produce, in the paper's table order
-METHODS = ("auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", "ursam")
+#: UR-SAM's own result: the paper's Algorithm 1
+URSAM = "ursam"
+#: Algorithm 1 with the atlas prior (URSAMLib.rectification.atlas_rectified); the same mask as URSAM
+#: for organs without a warped prior
+URSAM_ATLAS = "ursam+atlas"
+#: every mask the pipeline can produce, in the paper's table order, then the atlas-prior variant
+METHODS = ("auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", URSAM, URSAM_ATLAS)
 
 
 @dataclass
 class Params:
+    """The method's settings of one pipeline run (METHOD.md §3-§4; the paper's best: n 3, ratio 0.01)."""
     n_aug: int = 3
     ratio: float = 0.01
     seed: int = 0
@@ -34,6 +43,16 @@ class Params:
     region_pad: float = 0.1
     #: boxes decoded per decoder call (bounds the decoder's memory: about 20 MB a box)
     decode_batch: int = 16
+
+    def check(self):
+        if int(self.n_aug) != self.n_aug or self.n_aug < 1:
+            raise URSAMError(f"n (augmented boxes per organ) must be a whole number of at least 1, got {self.n_aug}")
+        if not 0 <= float(self.ratio) < 0.5:
+            raise URSAMError(f"the shift ratio must be in [0, 0.5), got {self.ratio}")
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise URSAMError(f"the seed must be a whole number of at least 0, got {self.seed}")
+        self.rectify.check()
+        return self
 
     def to_json(self):
         return asdict(self)
@@ -54,6 +73,8 @@ class OrganMaps:
     u: np.ndarray = None
     m_unc: np.ndarray = None
     info: dict = field(default_factory=dict)
+    #: the organ's atlas prior (URSAMLib.atlas_prior.Prior), where the support labels were warped
+    prior: object = None
 
     @property
     def label(self):
@@ -85,16 +106,18 @@ def distinct_slices(prompt_sets):
     return sorted(zs)
 
 
-def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None, plan=None):
+def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None, plan=None, priors=None):
     """Segment ``volume`` (float32 [z, y, x], HU) inside ``boxes`` with one encoder pass per slice.
 
     ``extra_sets`` maps a name to more boxes decoded once each without
     augmentation against the same embeddings (the manual-prompt baseline).
     A box decodes ``box.xyxy_at(z)`` on each of its ``prompt_slices``.
-    ``plan`` (prompt mode propagate, URSAMLib.prompts): called with the
+    ``plan`` (prompt mode propagate, URSAMLib.propagation): called with the
     organ maps, it yields ``(z, organs, keep)`` steps in the order to run
     them, choosing boxes from the maps decoded so far; an embedding is kept
     for a later step of the same slice only where ``keep`` says so.
+    ``priors``: ``{label: atlas_prior.Prior}`` of the main boxes, which
+    rectification also scores with (the ``ursam+atlas`` mask).
     Returns ``(organs, timings)``: a list of :class:`OrganMaps` and seconds by stage.
     """
     progress = progress or Progress()
@@ -113,6 +136,8 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
             sl, inner = _region(b, shape, params.region_pad)
             rshape = tuple(s.stop - s.start for s in sl)
             o = OrganMaps(b, set_name, n, sl, inner, np.zeros(rshape, np.float32))
+            if set_name == "main" and priors:
+                o.prior = priors.get(b.label)
             if n:
                 o.p_mean = np.zeros(rshape, np.float32)
                 aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[b.label])
@@ -132,7 +157,7 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
     cache, embedded = {}, set()
     t0 = time.perf_counter()
     t_enc = t_dec = 0.0
-    progress.stage("embedding slices", total=total)
+    progress.stage(STAGE_EMBED, total=total)
     for z, group, keep in steps:
         if not group:
             cache.pop(z, None)
@@ -187,7 +212,7 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
     timings["distinct_slices"] = len(embedded)
 
     t0 = time.perf_counter()
-    progress.stage("rectifying")
+    progress.stage(STAGE_RECTIFY)
     for o in organs:
         finish_organ(o, params)
     timings["rectify_seconds"] = time.perf_counter() - t0
@@ -196,10 +221,11 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
 
 
 def finish_organ(o, params):
-    """Ensemble, uncertainty, rectification and baselines of one organ, from its stored maps.
+    """Ensemble, uncertainty, rectification (with the atlas prior where the organ has one) and the
+    baselines of one organ, from its stored maps.
 
     Also the entry point for re-rectifying with new options: it reads only
-    p_auto, p_mean and intensity, never SAM.
+    p_auto, p_mean, intensity and the prior, never SAM.
     """
     o.masks = {"auto": o.p_auto > 0.5}
     if o.p_mean is None:
@@ -219,7 +245,12 @@ def finish_organ(o, params):
         o.masks[name] = m
     rect = y_hat.copy()
     rect[inner] = rect_b
-    o.masks["ursam"] = rect
+    o.masks[URSAM] = rect
+    if o.prior is None:
+        o.masks[URSAM_ATLAS] = rect
+    else:
+        opts = params.rectify
+        o.masks[URSAM_ATLAS] = atlas_rectified(rect, o.m_unc, o.prior.on(o.sl), opts.atlas_add, opts.atlas_keep)
     return o
 
 

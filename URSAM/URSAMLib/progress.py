@@ -1,12 +1,35 @@
 """Progress reporting and cancellation, shared by the CLI and the Slicer logic.
 
-The engine calls ``Progress.step(stage, i, n)``; the CLI shows a tqdm bar on
-stderr, Slicer maps the same calls onto its progress bar. ``check_cancel`` is
-called between slices so a cancel takes effect within one slice's work.
+The engine calls ``Progress.stage(name, total)`` when a named stage begins and
+``Progress.step(i, n)`` as it goes; the CLI shows a tqdm bar on stderr, Slicer
+maps the same calls onto its progress bar (``callback(stage, i, n)``).
+``check_cancel`` is called between slices so a cancel takes effect within one
+slice's work.
 """
+from __future__ import annotations
+
 import sys
 
 from .errors import Cancelled
+
+# The named stages of a run, in order. The engine reports them, the Slicer logic and panel show them;
+# a stage may carry a detail after its name ("loading model litemedsam").
+STAGE_MODEL = "loading model"
+STAGE_LOCALIZE = "localizing"
+STAGE_REGISTER = "registering support scans"
+STAGE_DEFORM = "deformable registration"
+STAGE_EMBED = "embedding slices"
+STAGE_RECTIFY = "rectifying"
+STAGE_WRITE = "writing results"
+STAGES = (STAGE_MODEL, STAGE_LOCALIZE, STAGE_REGISTER, STAGE_DEFORM, STAGE_EMBED, STAGE_RECTIFY, STAGE_WRITE)
+
+
+def stage_of(name):
+    """The named stage a reported stage belongs to (its name may carry a detail), or None."""
+    for stage in STAGES:
+        if name == stage or (name or "").startswith(stage + " "):
+            return stage
+    return None
 
 
 class Progress:

@@ -1,36 +1,55 @@
-"""One scan from boxes to results: the headless entry point the CLI and Slicer share."""
+"""One query scan through the method (METHOD.md §0), the one path of every caller.
+
+:func:`segment_query` takes a scan, its :class:`URSAMLib.localize.Localization`
+(or boxes from a file), a SAM backend and the run's
+:class:`URSAMLib.settings.Settings`; it builds each slice's prompts
+(:mod:`URSAMLib.prompt_modes`, with the atlas prior where the support labels
+are warped), chooses SAM's view of the scan (:mod:`URSAMLib.sam.views`), runs
+the per-slice pipeline and returns a :class:`SegmentationResult`. ``ursam
+segment``, ``ursam evaluate``, ``ursam demo`` and the Slicer logic all call it,
+so a method's mask is the same whichever of them made it.
+"""
+from __future__ import annotations
+
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from . import pipeline
-from .imageio import write_image
-from .outputs import staged_output_dir, write_seg_nrrd, write_overview, write_json
+from .localize import Localization
 from .progress import Progress
-from .review import flagged_components
+from .settings import Settings
 
 OUTPUT_FILES = ("ensemble.nii.gz", "uncertainty.nii.gz", "uncertain.nii.gz", "rectified.nii.gz",
                 "rectified.seg.nrrd", "report.json", "overview.png")
+
+#: what each mask that ``rectified.nii.gz`` can hold is, in report.json
+RECTIFIED_METHODS = {
+    pipeline.URSAM: "UR-SAM: the paper's Algorithm 1 (class-specific threshold, intensity rectification)",
+    pipeline.URSAM_ATLAS: "UR-SAM with the atlas prior: Algorithm 1, where the support labels warped into "
+                          "the scan also add uncertain voxels and veto voxels they do not reach",
+}
 
 
 @dataclass
 class SegmentationResult:
     reference: object  # SimpleITK image giving the grid
     volume: np.ndarray
-    boxes: list
-    organs: list
-    params: pipeline.Params
+    boxes: list  # the boxes each slice was prompted with
+    organs: list  # pipeline.OrganMaps
+    settings: Settings
     backend: dict
     timings: dict
     warnings: list = field(default_factory=list)
     inputs: dict = field(default_factory=dict)
-    #: the warped support labels ({label: prompts.Prior}) and PromptOptions, where the atlas prior
-    #: rectified the masks: rerectify applies it again
-    priors: dict = None
-    prior_options: object = None
+    #: the pipeline method whose masks are the result (``rectified.nii.gz``)
+    rectified_method: str = pipeline.URSAM
+
+    @property
+    def params(self):
+        return self.settings.params
 
     @property
     def shape(self):
@@ -40,42 +59,34 @@ class SegmentationResult:
     def voxel_ml(self):
         return float(np.prod(self.reference.GetSpacing())) / 1000.0
 
-    def label_map(self, method, prompt_set="main"):
-        return pipeline.label_map(self.organs, method, self.shape, prompt_set)
+    @property
+    def prompt_info(self):
+        """What the prompt mode did (JSON): the mode that ran, its options, the prior's supports."""
+        return self.inputs.get("prompts", {})
+
+    def label_map(self, method=None, prompt_set="main"):
+        """The label map of ``method`` (default: the result, :attr:`rectified_method`)."""
+        return pipeline.label_map(self.organs, method or self.rectified_method, self.shape, prompt_set)
 
     def uncertainty_maps(self):
         return pipeline.uncertainty_maps(self.organs, self.shape)
 
     def rerectify(self, rectify_options):
         """New rectification options on the cached maps: no SAM rerun."""
-        self.params.rectify = rectify_options
+        self.settings.params.rectify = rectify_options.check()
         t0 = time.perf_counter()
         for o in self.organs:
             pipeline.finish_organ(o, self.params)
-        if self.priors:
-            from .prompts import apply_prior_rectification
-
-            apply_prior_rectification(self.organs, self.priors, self.prior_options)
+        self.rectified_method = rectified_method(self.organs, self.params)
         self.timings["rectify_seconds"] = time.perf_counter() - t0
         return self
-
-    def dice_table(self, truth_zyx, methods=pipeline.METHODS, prompt_set="main"):
-        """Per-method, per-organ Dice against a reference label map (same label values as the boxes)."""
-        from .metrics import dice
-
-        table = {}
-        for method in methods:
-            labels = self.label_map(method, prompt_set)
-            table[method] = {o.name: dice(labels == o.label, truth_zyx == o.label)
-                             for o in self.organs if o.prompt_set == prompt_set}
-        return table
 
     def main_organs(self):
         return [o for o in self.organs if o.prompt_set == "main"]
 
     def report(self, ensemble=None, rectified=None, unc_labels=None):
         ensemble = self.label_map("ensemble") if ensemble is None else ensemble
-        rectified = self.label_map("ursam") if rectified is None else rectified
+        rectified = self.label_map() if rectified is None else rectified
         unc_labels = self.uncertainty_maps()[1] if unc_labels is None else unc_labels
         organs = []
         for o in self.main_organs():
@@ -92,10 +103,13 @@ class SegmentationResult:
                 "flagged_voxels": int(np.count_nonzero(unc_labels == o.label)),
                 "threshold_T": o.info.get("T"),
                 "I_t": o.info.get("I_t"), "I_b": o.info.get("I_b"),
+                "atlas_prior": o.prior is not None,
                 "notes": list(o.box.notes),
             })
         return {"ursam_version": __version__, "inputs": self.inputs, "backend": self.backend,
-                "parameters": self.params.to_json(), "timings_seconds": self.timings,
+                "rectified_method": {"name": self.rectified_method,
+                                     "description": RECTIFIED_METHODS.get(self.rectified_method, "")},
+                "parameters": self.settings.to_json(), "timings_seconds": self.timings,
                 "image": {"size_xyz": list(self.reference.GetSize()),
                           "spacing_xyz": list(self.reference.GetSpacing()),
                           "origin": list(self.reference.GetOrigin()),
@@ -103,91 +117,87 @@ class SegmentationResult:
                 "organs": organs, "warnings": list(self.warnings)}
 
 
-def segment_volume(volume, reference, boxes, backend, params=None, extra_sets=None, progress=None,
-                   inputs=None, plan=None):
-    """Run the pipeline on an array already read; returns a :class:`SegmentationResult`.
-
-    ``plan``: the slice plan of prompt mode propagate (URSAMLib.prompts), else None.
-    """
-    params = params or pipeline.Params()
-    progress = progress or Progress()
-    t0 = time.perf_counter()
-    organs, timings = pipeline.run(volume, backend, boxes, params, extra_sets, progress, plan=plan)
-    timings["total_seconds"] = time.perf_counter() - t0
-    timings["encoder_calls"] = backend.encoder_calls
-    return SegmentationResult(reference, volume, list(boxes), organs, params, backend.describe(), timings,
-                              warnings=list(progress.warnings), inputs=dict(inputs or {}))
+def rectified_method(organs, params):
+    """The result's method: Algorithm 1 with the atlas prior where the run warped the support labels
+    and the settings ask for the prior, else Algorithm 1."""
+    has_prior = any(o.prior is not None for o in organs if o.prompt_set == "main")
+    return pipeline.URSAM_ATLAS if has_prior and params.rectify.atlas_prior else pipeline.URSAM
 
 
-def segment_with_prompts(volume, reference, boxes, backend, params=None, prompt_options=None,
-                         registrations=None, library=None, deformable_options=None, query=None, progress=None,
-                         inputs=None):
-    """Segment with a prompt mode (URSAMLib.prompts): the one path of ``ursam segment`` and Slicer.
+def _prompts(localization, reference, settings, progress):
+    """``(boxes, plan, info, priors)``: each slice's prompts in the settings' mode."""
+    from .prompt_modes import make_prompts, prompts_from_box_file
 
-    ``boxes``: the localizer's boxes (or a box file's). ``registrations`` and
-    ``library``: the support registrations of the registration localizer
-    (``localize(..., keep_transforms=True)``) and its template library; the
-    slice-adaptive modes and the atlas prior need them. Without them, boxes
-    with per-slice boxes of their own (a box file written by propagate or
-    slice) keep those, and the others get the paper's box3d prompt.
-    ``query``: the query CT in HU (SimpleITK image or path) for the
-    deformable stage; default ``reference``. Returns ``(result, boxes,
-    prompt_info)``: the boxes each slice got, and what the mode did (JSON).
-    """
-    from .prompts import (PromptOptions, apply_prior_rectification, default_mode, fallback_warnings,
-                          prompts_from_box_file, prompts_from_registrations)
-
-    params = params or pipeline.Params()
-    progress = progress or Progress()
-    popts = prompt_options or PromptOptions(mode=default_mode(boxes=None if registrations else boxes))
-    priors = None
+    popts = settings.prompts
     size = reference.GetSize()
-    if registrations:
-        boxes, plan, info, priors = prompts_from_registrations(
-            reference, boxes, registrations, library, popts, deformable_options, query=query, progress=progress)
-    else:
-        boxes, plan = prompts_from_box_file(list(boxes), popts, size)
-        info = {"mode": popts.mode, "options": popts.to_json()}
-        if popts.prior_rectify:
-            progress.warn("the atlas prior in rectification needs the warped support labels (a template "
-                          "library); it is off for these boxes")
-    for warning in fallback_warnings(boxes, popts.mode):
-        progress.warn(warning)
-    if popts.zoomed():
-        from .zoom import ZoomedBackend, organ_crop
+    info = {"mode": popts.mode, "options": popts.to_json()}
+    if settings.warps_labels(localization):
+        priors, prior_info = localization.priors(reference, settings.deformable, progress)
+        info.update(prior_info)
+        boxes, plan = make_prompts(localization.boxes, priors, popts, size)
+        return boxes, plan, info, priors
+    boxes, plan = prompts_from_box_file(list(localization.boxes), popts, size)
+    return boxes, plan, info, None
 
-        backend = ZoomedBackend(backend, organ_crop(boxes, volume.shape, params.region_pad))
-        info["zoom_crop_yx"] = list(backend.crop)
-    inputs = dict(inputs or {})
-    inputs["prompts"] = info
-    result = segment_volume(volume, reference, boxes, backend, params, progress=progress, inputs=inputs,
-                            plan=plan)
-    if priors is not None and popts.prior_rectify:
-        apply_prior_rectification(result.organs, priors, popts)
-        result.priors, result.prior_options = priors, popts
+
+def segment_query(volume, reference, localization, backend, settings=None, progress=None, extra_sets=None,
+                  inputs=None):
+    """The method on one query scan: a :class:`SegmentationResult`.
+
+    ``volume``: the scan as float32 [z, y, x] in HU; ``reference``: the
+    SimpleITK image giving its grid. ``localization``: a
+    :class:`URSAMLib.localize.Localization`, or a list of boxes (a box file's,
+    or ROIs: nothing to warp, so they keep their own prompts). ``backend``: a
+    SAM backend (:mod:`URSAMLib.sam.backends`) or a
+    :class:`URSAMLib.sam.views.Views` of one, which lets several runs on one
+    scan (the prompt modes of an evaluation) share their slice embeddings.
+    ``extra_sets``: more prompt sets decoded once each, without augmentation,
+    against the same embeddings (the evaluation's manual-prompt baseline).
+    """
+    from .prompt_modes import fallback_warnings
+    from .sam.views import Views, organ_crop
+
+    settings = (settings or Settings()).check()
+    progress = progress or Progress()
+    if not isinstance(localization, Localization):
+        localization = Localization.from_boxes(localization)
+    boxes, plan, info, priors = _prompts(localization, reference, settings, progress)
+    for warning in fallback_warnings(boxes, settings.prompts.mode):
+        progress.warn(warning)
+    views = backend if isinstance(backend, Views) else Views(backend)
+    crop = None
+    if settings.prompts.zoomed():
+        # From the mode's own boxes only, so that every caller gives SAM the same view of the scan.
+        crop = organ_crop(boxes, volume.shape, settings.params.region_pad)
+        info["zoom_crop_yx"] = list(crop)
+    view = views.view(crop)
+    calls0 = views.encoder_calls
+    t0 = time.perf_counter()
+    organs, timings = pipeline.run(volume, view, boxes, settings.params, extra_sets, progress, plan=plan,
+                                   priors=priors)
+    timings["total_seconds"] = time.perf_counter() - t0
+    timings["encoder_calls"] = views.encoder_calls - calls0
     if plan is not None:
         info["propagation"] = {str(k): v for k, v in plan.describe().items()}
-    return result, boxes, info
+    inputs = dict(inputs or {})
+    inputs["prompts"] = info
+    return SegmentationResult(reference, volume, list(boxes), organs, settings, view.describe(), timings,
+                              warnings=list(progress.warnings), inputs=inputs,
+                              rectified_method=rectified_method(organs, settings.params))
 
 
-def format_dice_table(table):
-    """A Markdown table: one row per method, one column per organ, then the mean."""
-    methods = list(table)
-    organs = list(table[methods[0]]) if methods else []
-    lines = ["| method | " + " | ".join(organs) + " | Avg |", "|---" * (len(organs) + 2) + "|"]
-    for m in methods:
-        vals = [table[m][o] for o in organs]
-        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} |")
-    return "\n".join(lines)
-
-
-def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None, reference=None):
+def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None, extra_report=None):
     """Write every output of ``ursam segment`` into ``out_dir``, atomically as a folder."""
+    from .imageio import write_image
+    from .outputs import staged_output_dir, write_json, write_overview, write_seg_nrrd
+    from .progress import STAGE_WRITE
+    from .review import flagged_components
+
     progress = progress or Progress()
-    progress.stage("writing results")
+    progress.stage(STAGE_WRITE)
     t0 = time.perf_counter()
     ensemble = result.label_map("ensemble")
-    rectified = result.label_map("ursam")
+    rectified = result.label_map()
     u_full, unc_labels = result.uncertainty_maps()
     names = [(o.label, o.name) for o in result.main_organs()]
     with staged_output_dir(out_dir, overwrite) as stage:
@@ -206,8 +216,7 @@ def write_results(result, out_dir, overwrite=False, progress=None, extra_files=N
         report["flagged_components"] = [c.to_json() for c in components]
         for organ in report["organs"]:
             organ["flagged_regions"] = sum(c.label == organ["label"] for c in components)
-        if reference is not None:
-            report["dice_vs_reference"] = result.dice_table(reference)
+        report.update(extra_report or {})
         write_json(report, stage / "report.json")
     progress.done()
-    return Path(out_dir)
+    return out_dir

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from .errors import URSAMError
 from .imageio import IMAGE_SUFFIXES, check_volume, read_image, read_labels
-from .outputs import atomic_write_text
+from .atomic import atomic_write_text
 
 #: name patterns of a case's files, in the order they are looked for
 IMAGE_NAMES = tuple(f"image{s}" for s in IMAGE_SUFFIXES if s != ".dcm")
@@ -267,19 +267,12 @@ class Library:
         folder = self.path / "cases" / case_id
         if folder.exists():
             raise URSAMError(f"case {case_id!r} already exists in the library", folder)
-        from .imageio import write_image
+        from .atomic import staged_dir
+        from .imageio import write_image, write_sitk
 
-        tmp = self.path / "cases" / f".{case_id}.partial"
-        tmp.mkdir(parents=True, exist_ok=False)
-        try:
-            sitk.WriteImage(image, str(tmp / "image.nii.gz"), True)
+        with staged_dir(folder) as tmp:
+            write_sitk(image, tmp / "image.nii.gz")
             write_image(out, image, tmp / "labels.nii.gz")
-            tmp.rename(folder)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.meta.setdefault("support", [])
         self.meta["support"].append(case_id)
         self._save_meta()

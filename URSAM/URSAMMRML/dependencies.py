@@ -11,17 +11,6 @@ import importlib.util
 
 TORCH_REQUIREMENT = ">=2.0"
 
-#: model choices of the panel (URSAMLib.sam_backend.BACKENDS; kept here so the panel needs no torch to list them)
-BACKEND_CHOICES = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-#: prompt modes (URSAMLib.prompts.MODES and DEFAULT_MODE), the zoom choices of its PromptOptions, and the
-#: deformable stages before the support labels are warped (URSAMLib.deformable.METHODS); kept here for the
-#: same reason as BACKEND_CHOICES
-PROMPT_MODE_CHOICES = ("box3d", "slice", "propagate")
-DEFAULT_PROMPT_MODE = "slice"
-ZOOM_CHOICES = ("auto", "on", "off")
-PROMPT_REGISTRATION_CHOICES = ("none", "demons", "bspline", "elastix")
-
 #: (import name, pip requirement)
 COMMON = [("numpy", "numpy>=1.24"), ("scipy", "scipy>=1.10"), ("SimpleITK", "SimpleITK>=2.3")]
 #: reading .seg.nrrd templates and adding scans to a library

@@ -21,126 +21,15 @@ import numpy as np
 
 from URSAMLib import terminology
 from URSAMLib.errors import URSAMError
-from URSAMLib.progress import Progress
+from URSAMLib.progress import STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, Progress
 
 from . import display, outputs, review, segmentations
-from .dependencies import BACKEND_CHOICES as BACKENDS, DEVICE_CHOICES as DEVICES
-from .dependencies import DEFAULT_PROMPT_MODE, PROMPT_MODE_CHOICES as PROMPT_MODES
-from .dependencies import PROMPT_REGISTRATION_CHOICES as PROMPT_REGISTRATIONS, ZOOM_CHOICES as ZOOMS
 from .geometry import arrayToMatrix, boxFromRoi, ijkToRas, roiPlacement, snapshotVolume
-
-
-#: named progress stages, as the panel shows them
-STAGE_MODEL = "loading model"
-STAGE_LOCALIZE = "localizing"
-STAGE_EMBED = "embedding slices"
-STAGE_RECTIFY = "rectifying"
-STAGE_WRITE = "writing results"
-
-
-@dataclass
-class RunOptions:
-    """Model and method parameters of a run (defaults: METHOD.md, the paper's best setting)."""
-    backend: str = "litemedsam"
-    checkpoint: str = ""
-    device: str = "auto"
-    nAug: int = 3
-    ratio: float = 0.01
-    seed: int = 0
-    #: margin added around localized boxes: slices in z, pixels of SAM's 1024 grid in-plane (METHOD.md §1)
-    marginZ: int = 2
-    marginXY: float = 10.0
-    thresholdScope: str = "box"
-    lowerBound: str = "written"  # as URSAMLib.rectification.RectifyOptions
-    #: None: URSAMLib's default
-    alphaH: float = None
-    #: None: the class-specific threshold of eq. 4
-    fixedThreshold: float = None
-    #: flagged regions smaller than this are left out of the review table
-    minComponentVoxels: int = 1
-    #: which 2D box each slice gets (URSAMLib.prompts): box3d is the paper's; slice and propagate
-    #: follow the support labels warped into the scan, so they need the organs localized from a library
-    prompts: str = DEFAULT_PROMPT_MODE
-    #: SAM sees a crop around the organs: auto (for slice and propagate), on or off
-    zoom: str = "auto"
-    #: deformable stage after the affine registration, before the support labels are warped
-    promptRegistration: str = "demons"
-    #: rectification also follows the warped support labels (needs a template library)
-    atlasPrior: bool = True  # URSAMLib.prompts.PromptOptions.prior_rectify
-
-    def check(self):
-        if self.backend not in BACKENDS:
-            raise URSAMError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.backend != "litemedsam" and not self.checkpoint:
-            raise URSAMError(f"backend {self.backend} needs a checkpoint file; nothing is downloaded")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise URSAMError(f"unknown device {self.device!r}; use auto, cpu or cuda")
-        if int(self.nAug) < 1:
-            raise URSAMError(f"n (augmented boxes) must be at least 1, got {self.nAug}")
-        if not 0 <= float(self.ratio) < 0.5:
-            raise URSAMError(f"ratio must be in [0, 0.5), got {self.ratio}")
-        if self.thresholdScope not in ("box", "slice"):
-            raise URSAMError(f"threshold scope must be box or slice, got {self.thresholdScope!r}")
-        if self.lowerBound not in ("written", "midpoint"):
-            raise URSAMError(f"lower bound must be written or midpoint, got {self.lowerBound!r}")
-        if self.alphaH is not None and float(self.alphaH) <= 0:
-            raise URSAMError(f"alpha_h must be positive, got {self.alphaH}")
-        if self.fixedThreshold is not None and not 0 <= float(self.fixedThreshold) <= np.log(2):
-            raise URSAMError(f"fixed threshold must be in [0, log 2 = 0.693], got {self.fixedThreshold}")
-        if int(self.marginZ) < 0 or float(self.marginXY) < 0:
-            raise URSAMError("margins must not be negative")
-        if self.prompts not in PROMPT_MODES:
-            raise URSAMError(f"unknown prompt mode {self.prompts!r}; choose one of {', '.join(PROMPT_MODES)}")
-        if self.zoom not in ZOOMS:
-            raise URSAMError(f"zoom must be one of {', '.join(ZOOMS)}, got {self.zoom!r}")
-        if self.promptRegistration not in PROMPT_REGISTRATIONS:
-            raise URSAMError(f"unknown prompt registration {self.promptRegistration!r}; choose one of "
-                             f"{', '.join(PROMPT_REGISTRATIONS)}")
-        if self.atlasPrior not in (True, False):
-            raise URSAMError(f"atlas prior must be on (True) or off (False), got {self.atlasPrior!r}")
-        if self.needsRegistrations() and self.promptRegistration == "elastix":
-            from URSAMLib.deformable import elastix_available
-
-            if not elastix_available():
-                raise URSAMError("the elastix prompt registration needs itk-elastix (pip install itk-elastix); "
-                                 "or choose demons")
-        return self
-
-    def rectifyOptions(self):
-        from URSAMLib.rectification import RectifyOptions
-
-        rect = RectifyOptions(scope=self.thresholdScope, lower=self.lowerBound,
-                              fixed_threshold=None if self.fixedThreshold is None else float(self.fixedThreshold))
-        if self.alphaH is not None:
-            rect.alpha_h = float(self.alphaH)
-        return rect
-
-    def params(self):
-        from URSAMLib.pipeline import Params
-
-        return Params(n_aug=int(self.nAug), ratio=float(self.ratio), seed=int(self.seed),
-                      rectify=self.rectifyOptions())
-
-    def backendKey(self):
-        return (self.backend, self.checkpoint or None, self.device)
-
-    def needsRegistrations(self):
-        """Whether the run needs the support registrations (the warped support labels)."""
-        return self.prompts != "box3d" or bool(self.atlasPrior)
-
-    def promptOptions(self, mode=None):
-        from URSAMLib.prompts import PromptOptions
-
-        return PromptOptions(mode=mode or self.prompts, zoom=self.zoom, prior_rectify=bool(self.atlasPrior))
-
-    def deformableOptions(self):
-        from URSAMLib.deformable import DeformableOptions
-
-        return DeformableOptions(method=self.promptRegistration)
+from .options import RunOptions
 
 
 #: the RunOptions that Rectify may change (the others need a new SAM run)
-RECTIFY_FIELDS = ("thresholdScope", "lowerBound", "alphaH", "fixedThreshold", "minComponentVoxels")
+RECTIFY_FIELDS = ("thresholdScope", "lowerBound", "alphaH", "fixedThreshold", "minComponentVoxels", "atlasPrior")
 
 
 @dataclass
@@ -160,9 +49,7 @@ class SegmentComputed:
     job: SegmentJob
     result: object  # URSAMLib.segment.SegmentationResult
     localized: list = None  # boxes from the localizer, when it ran
-    localizeInfo: dict = None  # without the registrations, which the cache need not keep
-    #: what the prompt mode did (URSAMLib.segment.segment_with_prompts), also in result.inputs["prompts"]
-    promptInfo: dict = None
+    localizeInfo: dict = None
     maps: dict = field(default_factory=dict)
     components: list = field(default_factory=list)
     statistics: list = field(default_factory=list)
@@ -231,7 +118,7 @@ class URSAMProcessLogic:
         key = options.backendKey()
         with self._backendLock:
             if key not in self._backends:
-                from URSAMLib.sam_backend import make_backend
+                from URSAMLib.sam.backends import make_backend
 
                 if progress is not None:
                     progress.stage(f"{STAGE_MODEL} {options.backend}")
@@ -246,18 +133,17 @@ class URSAMProcessLogic:
         self._library(library)  # fail early, on the main thread, with the library's own message
         return LocalizeJob(snapshotVolume(inputVolume), str(library), _organNames(organs), options)
 
-    def computeLocalization(self, job, progress=None, cancel=None, keepTransforms=False):
-        """``(boxes, info)``; ``keepTransforms`` keeps the support registrations in ``info["registrations"]``."""
+    def computeLocalization(self, job, progress=None, cancel=None):
+        """The :class:`URSAMLib.localize.Localization` of the job's volume from its library."""
         from URSAMLib.localize import localize
 
         progress = _progress(progress, cancel)
         progress.stage(STAGE_LOCALIZE)
-        boxes, info = localize(job.snapshot.image(), self._library(job.library), organs=job.organs,
-                               progress=progress, margin=(int(job.options.marginZ), float(job.options.marginXY)),
-                               keep_transforms=keepTransforms)
-        if not boxes:
+        localization = localize(job.snapshot.image(), self._library(job.library), organs=job.organs,
+                                progress=progress, margin=job.options.settings().margin)
+        if not localization.boxes:
             raise URSAMError(f"the template library localized none of the organs in '{job.snapshot.name}'")
-        return boxes, info
+        return localization
 
     def applyLocalization(self, job, boxes, created=None):
         """One ROI per organ, named after it, in the input's output folder; returns the ROI nodes.
@@ -290,8 +176,7 @@ class URSAMProcessLogic:
     def localize(self, inputVolume, library, organs=None, options=None, progress=None, cancel=None):
         """Localize organs from the template library: one editable ROI per organ (synchronous)."""
         job = self.prepareLocalization(inputVolume, library, organs, options)
-        boxes, _ = self.computeLocalization(job, progress, cancel)
-        return self.applyLocalization(job, boxes)
+        return self.applyLocalization(job, self.computeLocalization(job, progress, cancel).boxes)
 
     # -- segment --------------------------------------------------------------------------------
     def prepareSegmentation(self, inputVolume, library=None, rois=None, organs=None, options=None, **overrides):
@@ -319,34 +204,26 @@ class URSAMProcessLogic:
 
     def computeSegmentation(self, job, progress=None, cancel=None, backend=None):
         """Run URSAMLib on a prepared job (no scene access; safe off the main thread)."""
-        from URSAMLib.segment import segment_with_prompts
+        from URSAMLib.segment import segment_query
 
         t0 = time.perf_counter()
         progress = _progress(progress, cancel)
         progress.check_cancel()
         computed = SegmentComputed(job, None)
         options = job.options
-        boxes = job.boxes
-        registrations = library = query = None
-        mode = options.prompts
-        if boxes is None:
-            keep = options.needsRegistrations()
-            boxes, info = self.computeLocalization(
-                LocalizeJob(job.snapshot, job.library, job.organs, options), progress, keepTransforms=keep)
-            registrations = info.pop("registrations", None)
-            computed.localized, computed.localizeInfo = boxes, info
-            if keep:
-                library, query = self._library(job.library), job.snapshot.image()
+        if job.boxes is None:
+            localization = self.computeLocalization(
+                LocalizeJob(job.snapshot, job.library, job.organs, options), progress)
+            computed.localized, computed.localizeInfo = localization.boxes, localization.info
+            settings = options.settings()
         else:
-            mode = "box3d"  # ROIs have no per-slice boxes; prepareSegmentation told the user
+            # ROIs have no per-slice boxes and nothing to warp: prepareSegmentation told the user
+            localization = job.boxes
+            settings = options.settings(mode="box3d")
         sam = backend if backend is not None else self.backend(options, progress)
-        inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in boxes]}
-        computed.result, _, computed.promptInfo = segment_with_prompts(
-            job.snapshot.array, job.snapshot.reference(), boxes, sam, options.params(),
-            # ROIs: no warped support labels, so no atlas prior either (not worth a warning each run)
-            replace(options.promptOptions(mode), prior_rectify=bool(options.atlasPrior and registrations)),
-            registrations=registrations, library=library, deformable_options=options.deformableOptions(),
-            query=query, progress=progress, inputs=inputs)
+        inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in localization_boxes(localization)]}
+        computed.result = segment_query(job.snapshot.array, job.snapshot.reference(), localization, sam, settings,
+                                        progress=progress, inputs=inputs)
         # the engine's own warnings (progress.warn) are in the result already; the job's come first
         computed.result.warnings[:0] = job.warnings
         self._derive(computed)
@@ -359,7 +236,7 @@ class URSAMProcessLogic:
         result = computed.result
         organs = [(o.label, o.name) for o in result.main_organs()]
         ensemble = result.label_map("ensemble")
-        rectified = result.label_map("ursam")
+        rectified = result.label_map()
         uncertainty, uncLabels = result.uncertainty_maps()
         computed.maps = {"ensemble": ensemble, "rectified": rectified, "uncertainty": uncertainty,
                          "flagged": uncLabels, "organs": organs}
@@ -472,8 +349,7 @@ class URSAMProcessLogic:
         progress.stage(STAGE_RECTIFY)
         job = replace(cached.job, options=newOptions)
         result = cached.result.rerectify(newOptions.rectifyOptions())
-        computed = SegmentComputed(job, result, localizeInfo=cached.localizeInfo, promptInfo=cached.promptInfo,
-                                   maps={}, seconds=cached.seconds)
+        computed = SegmentComputed(job, result, localizeInfo=cached.localizeInfo, maps={}, seconds=cached.seconds)
         self._derive(computed)
         return self.applySegmentation(computed, progress, roles=("rectified", "flagged", "review", "statistics"))
 
@@ -602,7 +478,12 @@ class URSAMProcessLogic:
 
 def promptMode(result):
     """The prompt mode a URSAMLib result was made with (what ran, not what was asked for)."""
-    return str((result.inputs.get("prompts") or {}).get("mode", DEFAULT_PROMPT_MODE))
+    return str(result.prompt_info.get("mode", result.settings.prompts.mode))
+
+
+def localization_boxes(localization):
+    """The boxes of a Localization, or the list of boxes itself (ROIs)."""
+    return getattr(localization, "boxes", localization)
 
 
 def _caseId(name):

@@ -1,4 +1,4 @@
-"""Prompt modes (issue 8) through the Slicer logic: slice prompts from the template library's warped labels.
+"""Prompt modes through the Slicer logic: slice prompts from the template library's warped labels.
 
 The query is a 7-slice crop of tsA_slab (written to a temporary folder) so that one slice-mode run
 costs about 7 LiteMedSAM encoder calls; the library is abdomen-ts, whose support tsA is another scan of
@@ -14,7 +14,8 @@ import slicer
 from slicer_scene import SlicerApp, full_mask, voxel_hash
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
-from URSAMLib.metrics import dice
+from URSAMLib.evaluation.metrics import dice
+from URSAMLib.progress import STAGE_DEFORM
 from URSAMMRML import geometry
 from URSAMMRML.logic import RunOptions, URSAMProcessLogic
 
@@ -48,7 +49,7 @@ def sliced(slab_paths, crop_paths, litemedsam):
     r.logic = URSAMProcessLogic(r.app.appLogic)
     r.stages = []
     r.outputs = r.logic.process(r.volume, library=r.library, organs=list(ORGANS.values()), backend=litemedsam,
-                                prompts="slice", promptRegistration="none",
+                                prompts="slice", deformable="none",
                                 progress=lambda s, i, n: r.stages.append(s))
     r.computed = r.logic._cache[r.volume.GetID()]
     return r
@@ -66,12 +67,12 @@ def test_slice_mode_segments_the_organs_from_per_slice_boxes(sliced):
     assert result.inputs["prompts"]["mode"] == "slice"
     assert result.report()["inputs"]["prompts"]["mode"] == "slice"
     assert result.inputs["prompts"]["prior_supports"] == {o: 1 for o in ORGANS.values()}
-    # promptRegistration reached the engine: no deformable stage ran
+    # the deformable option reached the engine: no deformable stage ran
     assert "deformable" not in result.inputs["prompts"]
-    assert not any(s.startswith("deformable registration") for s in sliced.stages)
+    assert not any(s.startswith(STAGE_DEFORM) for s in sliced.stages)
     assert not any("3D box" in w for w in result.warnings)
-    # the registrations served the prompts and are not kept with the cached result
-    assert "registrations" not in sliced.computed.localizeInfo
+    # the result is Algorithm 1 with the atlas prior, the logic's default where the labels are warped
+    assert result.rectified_method == "ursam+atlas"
     by_name = {b.name: b for b in result.boxes}
     assert sorted(by_name) == sorted(ORGANS.values())
     for value, organ in ORGANS.items():
@@ -135,7 +136,7 @@ def test_rois_with_a_slice_mode_run_box3d_and_say_so(crop_paths, litemedsam):
 
 
 def test_organs_a_mode_prompts_with_the_3d_box_are_named_to_the_user(sliced):
-    from URSAMLib.prompts import PromptOptions, fallback_warnings, make_prompts
+    from URSAMLib.prompt_modes import PromptOptions, fallback_warnings, make_prompts
 
     localized = sliced.computed.localized
     size = sliced.computed.result.reference.GetSize()
@@ -153,7 +154,7 @@ def test_bad_prompt_options_get_one_line_errors_and_change_nothing(sliced):
     ids = sliced.app.nodeIDs()
     cases = [(dict(prompts="boxes"), "unknown prompt mode 'boxes'; choose one of box3d, slice, propagate"),
              (dict(zoom="maybe"), "zoom must be one of auto, on, off, got 'maybe'"),
-             (dict(promptRegistration="affine"), "unknown prompt registration 'affine'"),
+             (dict(deformable="affine"), "unknown deformable method 'affine'"),
              (dict(atlasPrior="yes"), "atlas prior must be on")]
     for overrides, message in cases:
         with pytest.raises(URSAMError, match=message) as err:

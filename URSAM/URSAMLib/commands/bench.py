@@ -1,11 +1,12 @@
 """``ursam bench``: measure a segment run on this machine (encoder paths, decoder, n=1 vs n=3)."""
+from __future__ import annotations
+
 from ..errors import URSAMError
 from ..progress import Progress
+from .options import add_method_options, add_sam_options, params_from_args
 
 
 def add_parser(sub):
-    from ..cli import add_sam_options
-
     p = sub.add_parser(
         "bench", help="measure what a segment run costs on this machine",
         description="Measure, side by side in one process: the image encoder per slice on each encoder "
@@ -24,6 +25,7 @@ def add_parser(sub):
     p.add_argument("--repeat", type=int, default=1, help="repeats of the whole n=1 / n=3 runs (median; default 1)")
     p.add_argument("--json", dest="json_out", help="also write the JSON record to this file")
     add_sam_options(p)
+    add_method_options(p)
     p.set_defaults(func=main)
     return p
 
@@ -39,10 +41,9 @@ def _n_values(text):
 
 
 def main(args):
-    from ..bench import dumps, run_bench
-    from ..cli import params_from_args
-    from ..outputs import atomic_write_text
-    from ..sam_backend import make_backend
+    from ..atomic import atomic_write_text
+    from ..evaluation.bench import dumps, run_bench
+    from ..sam.backends import make_backend
 
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
     if not encoders:

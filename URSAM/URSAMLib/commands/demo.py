@@ -32,20 +32,22 @@ def parse_size(text):
 
 
 def main(args):
-    from ..demo import run_demo
-    from ..phantom import PhantomGrid
+    from ..evaluation.demo import run_demo
+    from ..evaluation.phantom import PhantomGrid
     from ..pipeline import Params
-    from ..sam_backend import make_backend
+    from ..progress import STAGE_MODEL
+    from ..sam.backends import make_backend
+    from ..settings import Settings
 
     size = parse_size(args.size)
     # The phantom keeps its field of view in mm: fewer voxels mean larger ones.
     base = PhantomGrid()
     spacing = tuple(b * s0 / s for b, s0, s in zip(base.spacing, base.size, size))
     progress = Progress(quiet=args.quiet)
-    progress.stage("loading model litemedsam")
+    progress.stage(f"{STAGE_MODEL} litemedsam")
     backend = make_backend("litemedsam", device=args.device)
     summary = run_demo(args.out, n_templates=args.templates, grid=PhantomGrid(size, spacing), seed=args.seed,
-                       backend=backend, params=Params(seed=args.seed), progress=progress,
+                       backend=backend, settings=Settings(params=Params(seed=args.seed)), progress=progress,
                        overwrite=args.overwrite)
     print(summary["note"])
     print(summary["table"])

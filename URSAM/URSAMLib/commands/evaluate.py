@@ -1,11 +1,13 @@
 """``ursam evaluate``: every method on every query case of a dataset, the paper's table."""
+from __future__ import annotations
+
 from ..progress import Progress
+from .options import (add_localizer_options, add_method_options, add_prompt_options, add_sam_options,
+                      backend_from_args, localizer_options, settings_from_args)
 
 
 def add_parser(sub):
-    from ..cli import add_sam_options
-    from ..evaluate import ALL_METHODS
-    from .localize import add_localizer_options
+    from ..evaluation.evaluate import ALL_METHODS
 
     p = sub.add_parser("evaluate", help="score every method on a dataset's query cases",
                        description="Localize from the support scans, run SAM once per slice for all methods, "
@@ -26,33 +28,25 @@ def add_parser(sub):
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     add_localizer_options(p, templates=False)
     add_sam_options(p)
-    from .segment import add_prompt_options
-
+    add_method_options(p)
     add_prompt_options(p, several=True)
     p.set_defaults(func=main)
     return p
 
 
 def main(args):
-    from ..cli import params_from_args, backend_from_args
-    from ..evaluate import evaluate, parse_methods, markdown_table
-    from .localize import localizer_options
+    from ..evaluation.evaluate import evaluate, markdown_table, parse_methods
+    from ..prompt_modes import default_mode, parse_modes
 
     progress = Progress(quiet=args.quiet)
     methods = parse_methods(args.methods)
-    params = params_from_args(args)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    from ..prompts import default_mode, parse_modes
-    from .segment import prompt_options as _prompt_options
-
     modes = parse_modes(args.prompts) if args.prompts else [default_mode(args.localizer)]
-    prompt_options, deformable_options = _prompt_options(args, mode=modes[0])
+    settings = settings_from_args(args, mode=modes[0])
     summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
-                       backend_factory=lambda: backend_from_args(args, progress), params=params,
-                       localizer=args.localizer, localizer_options=localizer_options(args), sweep=args.sweep,
-                       backend_name=args.backend, progress=progress, overwrite=args.overwrite,
-                       organs=args.organs, prompt_modes=modes, prompt_options=prompt_options,
-                       deformable_options=deformable_options)
+                       backend_factory=lambda: backend_from_args(args, progress), settings=settings,
+                       localizer_options=localizer_options(args), sweep=args.sweep, backend_name=args.backend,
+                       progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes)
     table = summary["dice_table"]
     organs = [o for o in next(iter(table.values())) if o != "Avg"] if table else []
     print(markdown_table(table, organs))

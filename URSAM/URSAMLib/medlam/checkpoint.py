@@ -6,11 +6,11 @@ scheduler state, random generator states). Writes are atomic: a crash leaves
 the previous checkpoint in place.
 """
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from ..errors import URSAMError
 from .network import MedLAMNet, NetConfig
 
@@ -39,16 +39,11 @@ def save_checkpoint(path, net, step=0, seed=None, optimizer=None, scheduler=None
         state["scheduler"] = scheduler.state_dict()
     if rng is not None:
         state["rng"] = rng
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -24,12 +24,11 @@ import torch.nn.functional as F
 
 from ..boxes import OrganBox, add_margin
 from ..errors import URSAMError
-from ..progress import Progress
+from ..localize import DEFAULT_MARGIN, Localization
+from ..progress import STAGE_LOCALIZE, Progress
 from .checkpoint import load_network, pick_device
 from .network import FEATURE_SCALES
 from .preprocessing import crop, extreme_points, prepare
-
-DEFAULT_MARGIN = (2, 10.0)
 
 
 @dataclass
@@ -225,15 +224,15 @@ def _cached(checkpoint, library, templates, organs, options, device, progress):
 
 
 def localize_medlam(image, library, organs=None, progress=None, checkpoint=None, device="auto",
-                    margin=DEFAULT_MARGIN, missing="error", keep_transforms=False, **options):
-    """MedLAM localizer with :func:`URSAMLib.localize.localize`'s signature.
+                    margin=DEFAULT_MARGIN, missing="error", **options):
+    """MedLAM localizer with :func:`URSAMLib.localize.localize`'s signature; returns a
+    :class:`URSAMLib.localize.Localization` without support registrations (MedLAM registers nothing;
+    ``ursam evaluate``'s atlas baseline runs its own registrations).
 
     Options: ``checkpoint`` (required: a file from ``ursam train-localizer``),
     ``device`` (auto, cpu, cuda), ``margin=(z_slices, grid_px)``, ``missing``
     ("error" or "skip", as the registration localizer), and the fields of
-    :class:`MedLAMOptions`. ``keep_transforms`` is accepted for the common
-    signature and ignored: MedLAM registers nothing (``ursam evaluate``'s
-    atlas baseline runs its own registrations).
+    :class:`MedLAMOptions`.
     """
     from ..imageio import check_volume, read_image
     from ..templates import Library
@@ -265,7 +264,7 @@ def localize_medlam(image, library, organs=None, progress=None, checkpoint=None,
         check_volume(source, "<in-memory image>")
         where = None
     cfg = net.config
-    progress.stage("MedLAM: localizing organs", total=len(wanted))
+    progress.stage(f"{STAGE_LOCALIZE} (MedLAM)", total=len(wanted))
     prepared = prepare(source, cfg.spacing_mm, cfg.patch_size // 2, cfg.hu_points, cfg.hu_values, where)
     try:
         p_query, centre = query_position(net, prepared, opts, device)
@@ -322,4 +321,4 @@ def localize_medlam(image, library, organs=None, progress=None, checkpoint=None,
             "cpu_seconds": round(time.process_time() - cpu0, 2),
             "support_seconds": round(atlas.seconds, 2), "support_cpu_seconds": round(atlas.cpu_seconds, 2), "support_features_reused": reused,
             "raw_boxes": [b.to_json() for b in raw], "points": points_info, "skipped": skipped}
-    return boxes, info
+    return Localization(boxes, info, image, library)

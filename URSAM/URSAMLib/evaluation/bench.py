@@ -14,6 +14,8 @@ machine hits every path alike:
 
 It prints a short summary, then one JSON object as its last line.
 """
+from __future__ import annotations
+
 import json
 import os
 import platform
@@ -27,14 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import pipeline
-from .boxes import load_boxes
-from .errors import URSAMError
-from .imageio import read_ct, read_labels
+from .. import pipeline
+from ..boxes import load_boxes
+from ..imageio import read_ct, read_labels
+from ..progress import Progress
+from ..sam.backends import one_torch_thread
+from ..segment import segment_query, write_results
 from .metrics import dice
-from .progress import Progress
-from .sam_backend import one_torch_thread
-from .segment import segment_volume, write_results
 
 #: masks whose Dice is compared between encoder paths
 DICE_METHODS = ("auto", "ensemble", "ursam")
@@ -87,7 +88,7 @@ def encoder_ms(backends, volume, zs, rounds):
 
 def _slice_prompts(volume, boxes, params):
     """The pipeline's prompts on the slice with the most organs: boxes (K, 4) and their regions."""
-    from .prompt_augmentation import augment_box, organ_rngs
+    from ..prompt_augmentation import augment_box, organ_rngs
 
     shape = volume.shape
     counts = {}
@@ -131,10 +132,14 @@ def decoder_ms_per_box(backend, volume, boxes, params, rounds):
 
 
 def whole_run(volume, reference, boxes, backend, params, out_root, tag):
-    """One ``ursam segment`` run without reading the inputs: SAM, rectification, all outputs."""
+    """One ``ursam segment --boxes`` run without reading the inputs: SAM, rectification, all outputs."""
+    from ..prompt_modes import PromptOptions, default_mode
+    from ..settings import Settings
+
+    settings = Settings(params=params, prompts=PromptOptions(mode=default_mode(boxes=boxes)))
     calls0 = backend.encoder_calls
     c0, t0 = time.process_time(), time.perf_counter()
-    result = segment_volume(volume, reference, boxes, backend, params, progress=Progress(quiet=True))
+    result = segment_query(volume, reference, boxes, backend, settings, progress=Progress(quiet=True))
     write_results(result, Path(out_root) / tag, overwrite=False, progress=Progress(quiet=True))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     result.timings["encoder_calls"] = backend.encoder_calls - calls0  # this run's, not the backend's total

@@ -13,30 +13,35 @@
 Layout of ``DIR``: ``cohort/`` (all patients, dataset layout), ``templates/``
 (the library), ``segment/`` (the outputs of the segmented patient), ``dice.md``.
 """
+from __future__ import annotations
+
 import time
 from pathlib import Path
 
-from . import pipeline
-from .errors import URSAMError
-from .outputs import atomic_write_text, check_output_dir
+from .. import pipeline
+from ..atomic import atomic_write_text
+from ..errors import URSAMError
+from ..outputs import check_output_dir
+from ..progress import STAGE_MODEL, Progress
 from .phantom import PhantomGrid, make_cohort
-from .progress import Progress
 
 DEMO_METHODS = pipeline.METHODS + ("atlas",)
 
 
-def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, params=None, progress=None,
+def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=None, progress=None,
              overwrite=False):
-    """Run the demo into ``out_dir``; returns ``{"table": markdown, "dice": {method: {organ: d}}, ...}``."""
-    from .boxes import save_boxes
+    """Run the demo into ``out_dir``; returns ``{"table": markdown, "dice": {method: {organ: d}}, ...}``.
+
+    ``settings``: those of ``ursam segment --templates`` (default: its defaults).
+    """
+    from ..boxes import save_boxes
+    from ..imageio import read_ct, read_labels
+    from ..localize import localize
+    from ..segment import segment_query, write_results
+    from ..settings import Settings
+    from ..templates import Library
     from .evaluate import markdown_table, pivot
-    from .imageio import read_ct, read_labels
-    from .localize import localize, atlas_labels
     from .metrics import dice
-    from .deformable import DeformableOptions
-    from .prompts import PromptOptions
-    from .segment import segment_with_prompts, write_results
-    from .templates import Library
 
     progress = progress or Progress()
     grid = grid or PhantomGrid()
@@ -70,29 +75,28 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, params=Non
     query = ds.case(ds.case_ids("query")[0])
     reference, volume = read_ct(query.image_path)
     _, truth = read_labels(query.labels_path, reference)
+    settings = (settings or Settings()).check()
     t0 = time.perf_counter()
-    boxes, info = localize(query.image_path, lib, progress=progress, keep_transforms=True)
-    registrations = info.pop("registrations")
+    localization = localize(query.image_path, lib, progress=progress, method=settings.localizer,
+                            margin=settings.margin)
+    info = localization.info
     timings["localize_seconds"] = time.perf_counter() - t0
 
     if backend is None:
-        from .sam_backend import make_backend
+        from ..sam.backends import make_backend
 
-        progress.stage("loading model litemedsam")
+        progress.stage(f"{STAGE_MODEL} litemedsam")
         backend = make_backend("litemedsam")
     inputs = {"image": str(Path(query.image_path).absolute()), "templates": str(lib_path.absolute()),
               "margin_z_xy": info["margin_z_xy"], "normalization": "ct-window", "localization": info}
-    # The default of `ursam segment --templates`: slice prompts from the warped support labels.
-    result, boxes, prompt_info = segment_with_prompts(
-        volume, reference, boxes, backend, params or pipeline.Params(), PromptOptions(), registrations, lib,
-        DeformableOptions(), query=query.image_path, progress=progress, inputs=inputs)
+    result = segment_query(volume, reference, localization, backend, settings, progress=progress, inputs=inputs)
     write_results(result, out / "segment", overwrite, progress,
-                  extra_files={"boxes.json": lambda p: save_boxes(boxes, p, extra={"localization": info,
-                                                                                   "prompts": prompt_info})})
+                  extra_files={"boxes.json": lambda p: save_boxes(result.boxes, p, extra={
+                      "localization": info, "prompts": result.prompt_info})})
     timings["segment_seconds"] = result.timings["total_seconds"]
 
     values = sorted(lib.names)
-    atlas = atlas_labels(reference, registrations, lib, values)
+    atlas = localization.atlas(reference)
     rows = []
     for method in DEMO_METHODS:
         labels = atlas if method == "atlas" else result.label_map(method)
@@ -109,4 +113,5 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, params=Non
     atomic_write_text(out / "dice.md", f"# ursam demo\n\n{note}\n\n{text}\n")
     progress.done()
     return {"table": text, "dice": table, "timings": timings, "query": query.case_id, "note": note,
+            "rectified_method": result.rectified_method,
             "registration_seconds": info["registration_seconds"]}

@@ -60,3 +60,30 @@ def box_centre_error_mm(a, b, spacing_xyz):
     ca = (np.array(a.min_ijk) + a.max_ijk) / 2.0
     cb = (np.array(b.min_ijk) + b.max_ijk) / 2.0
     return float(np.linalg.norm((ca - cb) * np.asarray(spacing_xyz)))
+
+
+def dice_table(result, truth_zyx, methods=None, prompt_set="main"):
+    """Per-method, per-organ Dice of a :class:`URSAMLib.segment.SegmentationResult` against a reference
+    label map with the boxes' label values (``ursam segment --reference``)."""
+    from ..pipeline import METHODS, URSAM_ATLAS
+
+    if methods is None:
+        has_prior = any(o.prior is not None for o in result.main_organs())
+        methods = [m for m in METHODS if m != URSAM_ATLAS or has_prior]
+    table = {}
+    for method in methods:
+        labels = result.label_map(method, prompt_set)
+        table[method] = {o.name: dice(labels == o.label, truth_zyx == o.label)
+                         for o in result.organs if o.prompt_set == prompt_set}
+    return table
+
+
+def format_dice_table(table):
+    """A Markdown table: one row per method, one column per organ, then the mean."""
+    methods = list(table)
+    organs = list(table[methods[0]]) if methods else []
+    lines = ["| method | " + " | ".join(organs) + " | Avg |", "|---" * (len(organs) + 2) + "|"]
+    for m in methods:
+        vals = [table[m][o] for o in organs]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} |")
+    return "\n".join(lines)

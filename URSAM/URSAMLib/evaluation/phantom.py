@@ -153,7 +153,7 @@ def make_cohort(folder, n_templates=3, n_queries=1, seed=0, grid=PhantomGrid()):
     import json
     from pathlib import Path
 
-    from .outputs import atomic_write_text
+    from ..atomic import atomic_write_text
 
     folder = Path(folder)
     ids = [f"phantom_{i + 1:02d}" for i in range(n_templates + n_queries)]

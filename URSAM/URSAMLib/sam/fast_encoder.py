@@ -22,17 +22,18 @@ and the versions of torch, onnx and onnxruntime, so a new checkpoint or
 runtime makes a new file; files are written to a temporary name and renamed,
 so a crash or a second process never leaves a half-written model.
 """
+import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import URSAMError
+from ..atomic import atomic_path, atomic_write_text
+from ..errors import URSAMError
 
 #: fast paths by name; ``auto`` tries AUTO_ORDER, best first (exact paths only)
 PATHS = ("onnx", "onnx-int8")
@@ -82,22 +83,26 @@ def _runtime():
     return onnx, onnxruntime
 
 
-def _atomic_target(path):
+@contextlib.contextmanager
+def _cache_file(path):
+    """An atomic write into the cache; a cache that cannot be written is no lasting failure."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+        with atomic_path(path) as tmp:
+            yield tmp
     except OSError as err:
-        raise Unavailable(f"cannot write to the cache folder {path.parent}: {err}", lasting=False) from None
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is the user's, readable like any cache file
-    return Path(tmp)
+        raise Unavailable(f"cannot write {path.name} into the cache folder {path.parent}: {err}",
+                          lasting=False) from None
 
 
 def _export_onnx(image_encoder, path):
     """Export the encoder (on CPU, eval mode) to ``path`` atomically, and check it against eager."""
     onnx, ort = _runtime()
     x = torch.rand(1, 3, INPUT_SIZE, INPUT_SIZE, generator=torch.Generator().manual_seed(0))
-    tmp = _atomic_target(path)
+    with _cache_file(path) as tmp:
+        _export_checked(image_encoder, x, tmp, ort)
+
+
+def _export_checked(image_encoder, x, tmp, ort):
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's tracer notes say nothing to a user
@@ -115,37 +120,29 @@ def _export_onnx(image_encoder, path):
         diff = float(np.abs(out - ref).max())
         if not np.isfinite(diff) or diff > EXACT_TOLERANCE:
             raise Unavailable(f"the ONNX export differs from eager by {diff:.2e}")
-        os.replace(tmp, path)
-    except Unavailable:
+    except (Unavailable, OSError):
         raise
-    except OSError as err:
-        raise Unavailable(f"cannot write the exported model: {err}", lasting=False) from None
     except Exception as err:
         raise Unavailable(f"ONNX export failed: {type(err).__name__}: {err}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _quantize_int8(src, path):
     _runtime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = _atomic_target(path)
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process is no use to the user
     try:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"])
-        os.replace(tmp, path)
-    except OSError as err:
-        raise Unavailable(f"cannot write the quantized model: {err}", lasting=False) from None
-    except Exception as err:
-        raise Unavailable(f"int8 quantization failed: {type(err).__name__}: {err}") from None
+        with _cache_file(path) as tmp:
+            try:
+                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
+            except OSError:
+                raise
+            except Exception as err:
+                raise Unavailable(f"int8 quantization failed: {type(err).__name__}: {err}") from None
     finally:
         logging.getLogger().setLevel(quiet)
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _session(path, threads):
@@ -202,10 +199,8 @@ def _make_once(path, make):
         if not err.lasting:
             raise
         try:
-            tmp = _atomic_target(failed)
-            tmp.write_text(str(err) + "\n")
-            os.replace(tmp, failed)
-        except (OSError, Unavailable):
+            atomic_write_text(failed, str(err) + "\n")
+        except OSError:
             pass  # a read-only cache: retry next time
         raise
 

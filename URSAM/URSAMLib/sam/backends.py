@@ -8,6 +8,8 @@ Each backend applies its own published preprocessing; ``intensity`` returns the
 slice in the normalized intensity the encoder sees (before resizing), which is
 what rectification compares (METHOD.md §4).
 """
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import hashlib
@@ -19,9 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import URSAMError
-
-BACKENDS = ("litemedsam", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam")
+from ..errors import URSAMError
+from . import BACKEND_NAMES, DEFAULT_BACKEND
 
 #: CT window of MedSAM's preprocessing (level 40, width 400), used by MedSAM and LiteMedSAM.
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)
@@ -499,12 +500,23 @@ class MedSAM(SamBackend):
         return torch.sigmoid(logits)[:, 0].float().cpu().numpy()
 
 
-def make_backend(name="litemedsam", checkpoint=None, device="auto", window="default", percentile=False,
+#: backends by name: ``cls(checkpoint, **options)``; the names (URSAMLib.sam.BACKEND_NAMES) import no torch
+BACKENDS = {
+    "litemedsam": lambda checkpoint, **kw: LiteMedSAM(**kw),
+    "sam-vit-b": lambda checkpoint, **kw: SegmentAnything("sam-vit-b", checkpoint, **kw),
+    "sam-vit-l": lambda checkpoint, **kw: SegmentAnything("sam-vit-l", checkpoint, **kw),
+    "sam-vit-h": lambda checkpoint, **kw: SegmentAnything("sam-vit-h", checkpoint, **kw),
+    "medsam": lambda checkpoint, **kw: MedSAM(checkpoint, **kw),
+}
+assert tuple(BACKENDS) == BACKEND_NAMES
+
+
+def make_backend(name=DEFAULT_BACKEND, checkpoint=None, device="auto", window="default", percentile=False,
                  encoder="auto", decoder="auto"):
     """Build a backend by name. ``window='default'`` takes the backend's published CT window.
 
     ``encoder`` (LiteMedSAM): auto (the fastest path available, else eager), eager, or a path of
-    :mod:`URSAMLib.fast_encoder`. ``decoder``: auto (the fast box decoder where the model has
+    :mod:`URSAMLib.sam.fast_encoder`. ``decoder``: auto (the fast box decoder where the model has
     SAM's decoder), fast, or eager.
     """
     if name not in BACKENDS:
@@ -513,7 +525,5 @@ def make_backend(name="litemedsam", checkpoint=None, device="auto", window="defa
     if window != "default":
         kw["window"] = window
     if name == "litemedsam":
-        return LiteMedSAM(encoder=encoder, **kw)
-    if name == "medsam":
-        return MedSAM(checkpoint, **kw)
-    return SegmentAnything(name, checkpoint, **kw)
+        kw["encoder"] = encoder
+    return BACKENDS[name](checkpoint, **kw)

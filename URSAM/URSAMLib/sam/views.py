@@ -1,4 +1,4 @@
-"""SAM's view of a scan, zoomed to the organs (an option of the slice-adaptive prompt modes, issue 8).
+"""SAM's views of a scan: zoomed to the organs, and embeddings shared between runs on one scan.
 
 SAM-family encoders see a slice resized to a fixed grid (LiteMedSAM: 256 px
 for the whole slice, METHOD.md §2); on a 128 x 128 head-and-neck CT at 4-5 mm
@@ -10,6 +10,10 @@ and the masks pasted back onto the slice; nothing else changes (one encoder
 pass per slice, every organ decoded against it, the intensity used by
 rectification is the full slice's).
 """
+from __future__ import annotations
+
+import time
+
 import numpy as np
 
 #: the crop is never narrower than this fraction of the slice side, so a single small organ
@@ -92,3 +96,80 @@ class ZoomedBackend:
 
     def describe(self):
         return {**self.backend.describe(), "zoom_crop_yx": list(self.crop)}
+
+
+class SharedEmbeddings:
+    """A backend that embeds each slice of a volume once across several pipeline runs.
+
+    ``ursam evaluate --prompts box3d,slice,propagate`` runs the method once
+    per mode on the same scan; the image embedding depends only on the slice
+    (and the view of it), so the modes that see the same view share it. Holds the embeddings of one volume at a time
+    (cleared by ``set_volume`` with another array); ``encoder_calls`` counts
+    the real encoder calls.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._volume = None
+        self._cache = {}
+        self.encoder_seconds = {}
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def set_volume(self, volume):
+        if volume is not self._volume:
+            self._volume = volume
+            self._cache = {}
+            self.encoder_seconds = {}
+        self.backend.set_volume(volume)
+
+    def _key(self, slice2d):
+        base = self._volume.__array_interface__["data"][0] if self._volume is not None else None
+        ptr = slice2d.__array_interface__["data"][0]
+        if base is None or slice2d.base is None:
+            return None
+        return (ptr - base) // max(1, slice2d.nbytes)
+
+    def embed(self, slice2d):
+        key = self._key(slice2d)
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        t0 = time.perf_counter()
+        emb = self.backend.embed(slice2d)
+        if key is not None:
+            self._cache[key] = emb
+            self.encoder_seconds[key] = time.perf_counter() - t0
+        return emb
+
+    def clear(self):
+        self._volume = None
+        self._cache = {}
+
+
+class Views:
+    """SAM's views of one scan: the whole slice (crop None) or a crop ``(y0, y1, x0, x1)``.
+
+    ``share``: each view embeds a slice once across all the runs that use it
+    (:class:`SharedEmbeddings`); a view is built once per crop. Without it,
+    each call gives a fresh view (a single run embeds each slice once anyway).
+    ``encoder_calls`` counts the model's real encoder calls.
+    """
+
+    def __init__(self, backend, share=False):
+        self.backend = backend
+        self.share = share
+        self._views = {}
+
+    @property
+    def encoder_calls(self):
+        return self.backend.encoder_calls
+
+    def view(self, crop=None):
+        key = None if crop is None else tuple(int(v) for v in crop)
+        if key in self._views:
+            return self._views[key]
+        view = self.backend if key is None else ZoomedBackend(self.backend, key)
+        if self.share:
+            view = self._views[key] = SharedEmbeddings(view)
+        return view

@@ -1,7 +1,8 @@
-"""A fast deformable stage after the affine registration of each support (issue 8).
+"""A deformable stage after the affine registration of each support.
 
 The localizer registers every support scan to the query with an affine
-transform (``localize.register``). The slice-adaptive prompts (``prompts.py``)
+transform (:func:`URSAMLib.registration.affine.register`). The slice-adaptive
+prompts (:mod:`URSAMLib.prompt_modes`)
 and the atlas baseline warp the supports' label maps with those transforms;
 a deformable stage on top makes the warped labels follow the query's anatomy
 (curved spinal cord, jaw opening, neck flexion) where an affine map cannot.
@@ -23,13 +24,17 @@ The affine part is applied first by resampling the support onto the query's
 grid, so each stage registers two images that already overlap; the result is
 ``CompositeTransform([affine, displacement])`` (the displacement acts first).
 """
+from __future__ import annotations
+
 import time
 from dataclasses import dataclass, asdict, replace
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import URSAMError
+from ..errors import URSAMError
+from .affine import as_float_image, itk_seed, map_supports, resample_iso
 
 METHODS = ("none", "demons", "bspline", "elastix")
 
@@ -55,9 +60,17 @@ class DeformableOptions:
     elastix_grid_mm: float = 30.0
     elastix_iterations: int = 200
     elastix_resolutions: int = 3
-    #: ITK threads of one stage (None: ITK's default)
-    threads: int | None = None
+    #: ITK threads of one stage (None: one, so that runs repeat; the supports run in parallel)
+    threads: Optional[int] = None
+    #: supports refined at once (None: one per core)
+    workers: Optional[int] = None
     seed: int = 0
+
+    def check(self):
+        check_method(self.method)
+        if self.spacing_mm <= 0:
+            raise URSAMError(f"deformable grid spacing must be positive, got {self.spacing_mm}")
+        return self
 
     def to_json(self):
         return asdict(self)
@@ -83,8 +96,6 @@ def elastix_available():
 
 def _grid(image, spacing_mm, window):
     """``image`` (float, HU) on an isotropic grid, windowed and scaled to [0, 1]."""
-    from .localize import resample_iso
-
     iso = resample_iso(image, spacing_mm)
     lo, hi = window
     iso = sitk.Clamp(iso, sitk.sitkFloat32, lo, hi)
@@ -147,7 +158,7 @@ def _bspline(fixed, moving, options):
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     n = int(np.prod(fixed.GetSize()))
-    reg.SetMetricSamplingPercentage(float(min(1.0, options.bspline_samples * 8 / n)), options.seed)
+    reg.SetMetricSamplingPercentage(float(min(1.0, options.bspline_samples * 8 / n)), itk_seed(options.seed))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetShrinkFactorsPerLevel([2])
     reg.SetSmoothingSigmasPerLevel([1.0])
@@ -174,7 +185,7 @@ def _elastix(fixed, moving, options):
     pmap = params.GetDefaultParameterMap("bspline", int(options.elastix_resolutions),
                                          float(options.elastix_grid_mm))
     pmap["MaximumNumberOfIterations"] = [str(int(options.elastix_iterations))]
-    pmap["RandomSeed"] = [str(int(options.seed) + 1)]
+    pmap["RandomSeed"] = [str(itk_seed(options.seed))]
     if options.threads:
         # (the number_of_threads keyword of itk-elastix 0.25 crashes; the map entry does the same)
         pmap["MaximumNumberOfThreads"] = [str(int(options.threads))]
@@ -196,7 +207,7 @@ def refine(fixed, moving, affine, options=DeformableOptions()):
     """The deformable stage of one support: ``(transform, stage seconds)``.
 
     ``fixed`` (query) and ``moving`` (support) are float images in HU,
-    ``affine`` maps query points to support points (``localize.register``).
+    ``affine`` maps query points to support points (:func:`.affine.register`).
     The returned transform does the same, with the deformation.
     """
     method = check_method(options.method)
@@ -217,22 +228,18 @@ def refine_registrations(query, registrations, library, options=DeformableOption
     """Every support registration of ``localize`` with the deformable stage on top.
 
     ``query``: the query CT (SimpleITK image in HU, or a path); ``registrations``:
-    ``info["registrations"]`` of ``localize(..., keep_transforms=True)``.
+    the affine :class:`.affine.SupportRegistration` of each support.
     Returns new registrations (the originals are left as they are), each with
     ``stages["deformable"]`` seconds.
     """
-    from .localize import _as_float_image
-
     if options.method == "none" or not registrations:
         return list(registrations)
-    fixed = _as_float_image(query)
+    fixed = as_float_image(query)
     by_id = {t.case_id: t for t in library.templates()}
-    out = []
-    for i, r in enumerate(registrations):
-        if progress:
-            progress.check_cancel()
-        moving = by_id[r.case_id].read_image()
-        transform, seconds = refine(fixed, moving, r.transform, options)
-        out.append(replace(r, transform=transform, seconds=r.seconds + seconds,
-                           stages={**r.stages, "deformable": seconds}))
-    return out
+
+    def one(r):
+        transform, seconds = refine(fixed, by_id[r.case_id].read_image(), r.transform, options)
+        return replace(r, transform=transform, seconds=r.seconds + seconds, stages={**r.stages, "deformable": seconds})
+
+    # The supports in parallel, one ITK thread each: the same field every run (affine.repeatable_itk).
+    return map_supports(one, registrations, options.workers, progress)

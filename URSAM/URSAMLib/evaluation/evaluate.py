@@ -14,6 +14,8 @@ Outputs: ``results.csv`` (one row per case, organ and method), ``table.md``
 ``dice_boxplot.png``, ``summary.json``; with ``sweep``, ``sweep.csv`` and
 ``sweep.md`` compare rectification settings (METHOD.md §4) on the same SAM maps.
 """
+from __future__ import annotations
+
 import csv
 import hashlib
 import io
@@ -26,22 +28,25 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, pipeline
-from .boxes import OrganBox, boxes_from_labels, box_iou
-from .errors import URSAMError
-from .imageio import read_ct
+from .. import __version__, pipeline
+from ..atomic import atomic_path, atomic_write_text
+from ..boxes import OrganBox, boxes_from_labels, box_iou
+from ..errors import URSAMError
+from ..imageio import read_ct
+from ..outputs import write_json
+from ..pipeline import URSAM, URSAM_ATLAS
+from ..progress import Progress
+from ..rectification import RectifyOptions
 from .metrics import auroc, box_centre_error_mm, dice, hd95
-from .outputs import atomic_write_text, write_json
-from .progress import Progress
-from .rectification import RectifyOptions
 
-SAM_METHODS = pipeline.METHODS
+#: the pipeline's methods; ``ursam+atlas`` rows exist where the run warped the support labels
+SAM_METHODS = tuple(m for m in pipeline.METHODS if m != URSAM_ATLAS)
 #: every method ``ursam evaluate`` knows, in the paper's table order
 ALL_METHODS = SAM_METHODS + ("manual", "atlas")
 LABELS = {"auto": "Auto prompting", "ensemble": "Ensemble", "unc-fpc": "Unc-FPC", "unc-fnc": "Unc-FNC",
-          "unc-fpnc": "Unc-FPNC", "ursam": "UR-SAM", "manual": "Manual prompting",
+          "unc-fpnc": "Unc-FPNC", URSAM: "UR-SAM", "manual": "Manual prompting",
           "atlas": "Atlas (registration, majority vote)",
-          "ursam+atlas": "UR-SAM, atlas prior in rectification"}
+          URSAM_ATLAS: "UR-SAM + atlas prior"}
 #: the paper's simulated user: each side of the true box moved out by 0..20 px of the 1024 grid
 MANUAL_PERTURB_PX = 20.0
 COLUMNS = ("case", "organ", "label", "method", "dice", "hd95_mm", "dice_gt_slices", "box_iou",
@@ -122,25 +127,22 @@ class CaseInputs:
         self.truth_boxes = {b.label: b for b in boxes_from_labels(self.truth, organs, labels=list(self.scored))}
 
 
-def _to_dataset_values(boxes, lib_to_ds):
-    out = []
-    for b in boxes:
-        if b.label in lib_to_ds:
-            out.append(OrganBox(lib_to_ds[b.label], b.name, list(b.min_ijk), list(b.max_ijk), list(b.notes)))
-    return out
-
-
-def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, localizer, localizer_options,
-             sweep=False, progress=None, prompt_modes=("box3d",), prompt_options=None, deformable_options=None):
+def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer_options=None, sweep=False,
+             progress=None, prompt_modes=None):
     """Every method on one case: ``(rows, sweep_rows, info)``.
 
-    ``prompt_modes`` (URSAMLib.prompts): the SAM methods run once per mode,
-    sharing the slice embeddings; with several modes their rows are named
-    ``method@mode`` (the manual baseline and ``sweep`` go with the first mode).
+    The SAM methods are the masks of :func:`URSAMLib.segment.segment_query`
+    with ``settings``, the function ``ursam segment`` runs; ``backend`` is a
+    :class:`URSAMLib.sam.views.Views` shared by the case's runs. ``prompt_modes``
+    (default: the settings' mode): the SAM methods run once per mode; with
+    several modes their rows are named ``method@mode`` (the manual baseline and
+    ``sweep`` go with the first mode).
     """
-    from .localize import localize, atlas_labels
+    from ..localize import localize
+    from ..segment import segment_query
 
     progress = progress or Progress()
+    prompt_modes = list(prompt_modes or [settings.prompts.mode])
     t_case = time.perf_counter()
     info = {"case": case.case_id, "warnings": []}
     warn = progress.warn
@@ -153,23 +155,16 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
     missing = [n for v, n in case.organs.items() if v not in case.scored]
     if missing:
         note(f"no ground truth for {', '.join(missing)} in this case; not scored")
-    need_atlas = "atlas" in methods
-    prompt_modes = list(prompt_modes)
-    need_prior = (any(m != "box3d" for m in prompt_modes) or (prompt_options is not None and
-                                                                prompt_options.prior_rectify)) \
-        and any(m in SAM_METHODS for m in methods)
-    keep = (need_atlas or need_prior) and localizer == "registration"
     t0 = time.perf_counter()
     sub = Progress(callback=progress.callback, cancel=progress.cancel, quiet=True)
     sub.warn = lambda m: note(m)
-    boxes, loc_info = localize(case.image_path, support_lib, organs=lib_values, method=localizer,
-                               progress=sub, keep_transforms=keep, missing="skip", **localizer_options)
-    registrations = loc_info.pop("registrations", None)
-    info["localization"] = loc_info
+    localization = localize(case.image_path, support_lib, organs=lib_values, method=settings.localizer,
+                            progress=sub, missing="skip", margin=settings.margin, **dict(localizer_options or {}))
+    localization = localization.relabeled(lib_to_ds, keep=set(case.scored))
+    info["localization"] = localization.info
     info["localize_seconds"] = round(time.perf_counter() - t0, 2)
-    boxes = [b for b in _to_dataset_values(boxes, lib_to_ds) if b.label in case.scored]
     raw = {lib_to_ds[b["label"]]: OrganBox(lib_to_ds[b["label"]], b["name"], b["min_ijk"], b["max_ijk"])
-           for b in loc_info.get("raw_boxes", []) if b["label"] in lib_to_ds}
+           for b in localization.info.get("raw_boxes", []) if b["label"] in lib_to_ds}
     rows, sweep_rows = [], []
 
     def add_row(value, method, pred, box, extra=None):
@@ -181,139 +176,75 @@ def run_case(case, support_lib, lib_to_ds, methods, backend_factory, params, loc
         rows.append(row)
 
     sam_methods = [m for m in methods if m in SAM_METHODS]
+    shape = case.volume.shape
     if sam_methods or "manual" in methods:
         extra_sets = {}
         manual_boxes = []
         if "manual" in methods:
-            seed = (params.seed * 1000003 + zlib.crc32(case.case_id.encode())) % (2 ** 32)
+            seed = (settings.params.seed * 1000003 + zlib.crc32(case.case_id.encode())) % (2 ** 32)
             manual_boxes = boxes_from_labels(case.truth, case.organs, MANUAL_PERTURB_PX, seed,
                                              labels=list(case.scored))
             extra_sets["manual"] = manual_boxes
-        from .prompts import PromptOptions, apply_prior_rectification
-
-        popts = prompt_options or PromptOptions()
-        setups = []
-        for mode in prompt_modes:
-            mode_boxes, plan = boxes, None
-            if mode != "box3d" or (popts.prior_rectify and need_prior):
-                mode_boxes, plan = _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode,
-                                                 prompt_options, deformable_options, info, sub)
-            setups.append((mode, mode_boxes, plan))
-        backend_for = _mode_backends(backend_factory(), setups, popts, case.volume.shape, params, info,
-                                     extra=[b for bs in extra_sets.values() for b in bs])
-        first_organs = None
-        for i_mode, (mode, mode_boxes, plan) in enumerate(setups):
-            backend = backend_for(mode)
+        first = None
+        for i_mode, mode in enumerate(prompt_modes):
+            mode_settings = replace(settings, prompts=replace(settings.prompts, mode=mode))
+            result = segment_query(case.volume, case.reference, localization, backend, mode_settings, progress,
+                                   extra_sets=extra_sets if i_mode == 0 else None)
             suffix = "" if len(prompt_modes) == 1 else f"@{mode}"
-            calls0 = backend.encoder_calls
-            organs, timings = pipeline.run(case.volume, backend, mode_boxes, params,
-                                           extra_sets if i_mode == 0 else None, progress, plan=plan)
-            timings["encoder_calls"] = backend.encoder_calls - calls0
-            timings = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in timings.items()}
+            timings = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.timings.items()}
+            prompt_info = result.prompt_info
             if i_mode == 0:
                 info["sam_timings"] = timings
-                first_organs = organs
+                first = result
             info.setdefault("mode_timings", {})[mode] = timings
-            if plan is not None:
-                info.setdefault("propagation", {})[mode] = {str(k): v for k, v in plan.describe().items()}
-            shape = case.volume.shape
-            main = {o.label: o for o in organs if o.prompt_set == "main"}
+            info.setdefault("prompts", {})[mode] = {k: v for k, v in prompt_info.items() if k != "options"}
+            if "prior_seconds" in prompt_info and "prior" not in info:
+                info["prior"] = {"seconds": round(prompt_info["prior_seconds"]
+                                                  + prompt_info.get("deformable", {}).get("seconds", 0.0), 2)}
+            info["rectified_method"] = result.rectified_method
+            main = {o.label: o for o in result.main_organs()}
+            has_prior = any(o.prior is not None for o in main.values())
             for method in sam_methods:
-                labels = pipeline.label_map(organs, method, shape)
-                for value in case.scored:
-                    extra = None
-                    if method == "ensemble" and value in main and main[value].u is not None:
-                        o = main[value]
-                        extra = uncertainty_scores(o, case.truth[o.sl] == value)
-                    add_row(value, method + suffix, labels == value, raw.get(value), extra)
-            if "ursam" in sam_methods and "_priors" in info:
-                # The atlas vote as a prior in rectification (URSAMLib.prompts.prior_rectified).
-                apply_prior_rectification(organs, info["_priors"], popts, into="ursam+atlas")
-                labels = pipeline.label_map(organs, "ursam+atlas", shape)
-                for value in case.scored:
-                    add_row(value, "ursam+atlas" + suffix, labels == value, raw.get(value))
-        organs = first_organs
+                names = [method] + ([URSAM_ATLAS] if method == URSAM and has_prior else [])
+                for name in names:
+                    labels = result.label_map(name)
+                    for value in case.scored:
+                        extra = None
+                        if name == "ensemble" and value in main and main[value].u is not None:
+                            o = main[value]
+                            extra = uncertainty_scores(o, case.truth[o.sl] == value)
+                        add_row(value, name + suffix, labels == value, raw.get(value), extra)
         if len(prompt_modes) > 1:
-            _mode_seconds(info, {m for m in prompt_modes if popts.zoomed(m)})
+            _mode_seconds(info, {m for m in prompt_modes if settings.prompts.zoomed(m)})
         if "manual" in methods:
-            labels = pipeline.label_map(organs, "auto", shape, prompt_set="manual")
+            labels = first.label_map("auto", prompt_set="manual")
             mboxes = {b.label: b for b in manual_boxes}
             for value in case.scored:
                 add_row(value, "manual", labels == value, mboxes.get(value))
         if sweep:
-            sweep_rows = _sweep(case, organs, params, shape)
-    if need_atlas:
-        if registrations is None:
-            from .localize import localize_registration
+            sweep_rows = _sweep(case, first.organs, settings.params, shape)
+    if "atlas" in methods:
+        if not localization.warps_labels:
+            from ..localize import localize_registration
 
-            _, reg_info = localize_registration(case.image_path, support_lib, organs=lib_values,
-                                                progress=sub, keep_transforms=True, missing="skip")
-            registrations = reg_info["registrations"]
+            # MedLAM registers nothing: the atlas baseline registers the supports itself.
+            localization = localize_registration(case.image_path, support_lib, organs=lib_values, progress=sub,
+                                                 missing="skip").relabeled(lib_to_ds, keep=set(case.scored))
         t0 = time.perf_counter()
-        atlas = atlas_labels(case.reference, registrations, support_lib, lib_values)
-        ds_atlas = np.zeros_like(atlas)
-        for lv, dv in lib_to_ds.items():
-            ds_atlas[atlas == lv] = dv
+        atlas = localization.atlas(case.reference)
         info["atlas_seconds"] = round(time.perf_counter() - t0, 2)
         for value in case.scored:
-            m = ds_atlas == value
+            m = atlas == value
             add_row(value, "atlas", m, mask_box(m, value, case.organs[value]))
-        if info.get("warped_with"):
+        deformable = settings.deformable
+        if deformable.method != "none" and localization.deformable_info(deformable) is not None:
             # The same majority vote with the deformable registrations the slice-adaptive prompts used.
-            name = f"atlas@{info['warped_with']}"
-            atlas = atlas_labels(case.reference, info.pop("_warp_regs"), support_lib, lib_values)
+            atlas = localization.atlas(case.reference, deformable)
             for value in case.scored:
-                m = np.isin(atlas, [lv for lv, dv in lib_to_ds.items() if dv == value])
-                add_row(value, name, m, mask_box(m, value, case.organs[value]))
-    info.pop("_warp_regs", None)
-    info.pop("_priors", None)
+                m = atlas == value
+                add_row(value, f"atlas@{deformable.method}", m, mask_box(m, value, case.organs[value]))
     info["seconds"] = round(time.perf_counter() - t_case, 2)
     return rows, sweep_rows, info
-
-
-def _mode_prompts(case, boxes, registrations, support_lib, lib_to_ds, mode, prompt_options, deformable_options,
-                  info, progress):
-    """One prompt mode's boxes and plan; the warped prior is built once per case and kept in ``info``."""
-    from .prompts import PromptOptions, make_prompts, warped_priors
-
-    if "_priors" not in info:
-        t0 = time.perf_counter()
-        priors, pinfo, regs = warped_priors(case.reference, boxes, registrations, support_lib, deformable_options,
-                                            case.image_path, lib_to_ds, progress)
-        pinfo["seconds"] = round(time.perf_counter() - t0, 2)
-        info["prior"] = pinfo
-        info["_priors"] = priors
-        if deformable_options is not None and deformable_options.method != "none":
-            info["warped_with"] = deformable_options.method
-            info["_warp_regs"] = regs
-    opts = replace(prompt_options or PromptOptions(), mode=mode)
-    return make_prompts(boxes, info["_priors"], opts, case.reference.GetSize())
-
-
-def _mode_backends(raw, setups, popts, shape, params, info, extra=()):
-    """``backend_for(mode)``: SAM as each mode sees it, zoomed or not (URSAMLib.zoom); modes that see
-    the same thing share one encoder pass per slice. The crop holds every zoomed mode's boxes, and the
-    ``extra`` boxes (the manual prompt set, which runs with the first mode)."""
-    from .prompts import SharedEmbeddings
-    from .zoom import ZoomedBackend, organ_crop
-
-    zoomed = {mode for mode, _, _ in setups if popts.zoomed(mode)}
-    crop = None
-    if zoomed:
-        crop = organ_crop([b for mode, bxs, _ in setups if mode in zoomed for b in bxs] + list(extra), shape,
-                          params.region_pad)
-        info["zoom_crop_yx"] = list(crop)
-    views = {}
-    for want in (True, False):
-        n = sum(1 for mode, _, _ in setups if (mode in zoomed) == want)
-        if n:
-            view = ZoomedBackend(raw, crop) if want else raw
-            views[want] = SharedEmbeddings(view) if n > 1 else view
-
-    def backend_for(mode):
-        return views[mode in zoomed]
-
-    return backend_for
 
 
 def _mode_seconds(info, zoomed):
@@ -404,21 +335,21 @@ def method_label(m):
     return f"{LABELS.get(base, base)} [{mode}]" if mode else LABELS.get(m, m)
 
 
-def table_methods(methods, prompt_modes, deformable_options=None):
-    """The row names of the tables: each SAM method once per prompt mode where several are compared."""
+def table_methods(methods, prompt_modes, deformable_method=None):
+    """The row names of the tables: each SAM method once per prompt mode where several are compared;
+    ``deformable_method``: the deformable stage the run warped the support labels with (None: none)."""
     prompt_modes = list(prompt_modes)
     out = []
     for m in methods:
-        # (ursam+atlas rows exist where the warped prior was built: slice-adaptive modes or prior_rectify)
-        names = [m, "ursam+atlas"] if m == "ursam" else [m]
+        # (ursam+atlas rows exist where the run warped the support labels)
+        names = [m, URSAM_ATLAS] if m == URSAM else [m]
         for name in names:
             if m in SAM_METHODS and len(prompt_modes) > 1:
                 out += [f"{name}@{mode}" for mode in prompt_modes]
             else:
                 out.append(name)
-        if m == "atlas" and deformable_options is not None and deformable_options.method != "none" \
-                and any(mode != "box3d" for mode in prompt_modes):
-            out.append(f"atlas@{deformable_options.method}")
+        if m == "atlas" and deformable_method not in (None, "none"):
+            out.append(f"atlas@{deformable_method}")
     return out
 
 
@@ -426,12 +357,12 @@ def modes_section(rows, infos, prompt_modes, shown):
     """Markdown: mean Dice of the ensemble and UR-SAM per prompt mode, beside the atlas, with seconds per case."""
     if len(prompt_modes) < 2:
         return ""
-    lines = ["", "## Prompt modes (issue 8): mean Dice over organs and cases, seconds per case", "",
+    lines = ["", "## Prompt modes: mean Dice over organs and cases, seconds per case", "",
              "| prompt mode | Ensemble | UR-SAM | UR-SAM, atlas prior in rectification | seconds per case (alone) |",
              "|---|---|---|---|---|"]
     for mode in prompt_modes:
         ens, urs, ura = (_mean([r["dice"] for r in rows if r["method"] == f"{m}@{mode}"])
-                         for m in ("ensemble", "ursam", "ursam+atlas"))
+                         for m in ("ensemble", URSAM, URSAM_ATLAS))
         secs = _mean([inf.get("mode_seconds_alone", {}).get(mode) for inf in infos.values()])
         lines.append(f"| {mode} | {_fmt(ens)} | {_fmt(urs)} | {_fmt(ura)} | {_fmt(secs, 0)} |")
     for m in shown:
@@ -560,11 +491,11 @@ def write_boxplot(path, rows, organs, methods):
     ax.legend(fontsize=7, ncol=min(8, len(methods)), loc="lower center", bbox_to_anchor=(0.5, 1.0),
               frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,8 +505,10 @@ def write_boxplot(path, rows, organs, methods):
 SPEED_ONLY_PARAMS = ("decode_batch",)
 
 
-def _result_params(params):
-    return {k: v for k, v in params.to_json().items() if k not in SPEED_ONLY_PARAMS}
+def _result_settings(settings):
+    out = settings.to_json()
+    out["params"] = {k: v for k, v in out["params"].items() if k not in SPEED_ONLY_PARAMS}
+    return out
 
 
 def _config_hash(config):
@@ -583,37 +516,36 @@ def _config_hash(config):
 
 
 def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, backend_factory=None,
-             params=None, localizer="registration", localizer_options=None, sweep=False, backend_name="litemedsam",
-             progress=None, overwrite=False, organs=None, prompt_modes=None, prompt_options=None,
-             deformable_options=None):
+             settings=None, localizer_options=None, sweep=False, backend_name=None, progress=None, overwrite=False,
+             organs=None, prompt_modes=None):
     """Run and score every method on the query cases of ``dataset``; returns the summary dict.
 
-    ``prompt_modes``: prompt modes to compare (URSAMLib.prompts; default the
-    engine's default mode); ``prompt_options``, ``deformable_options``: their
-    settings (URSAMLib.prompts.PromptOptions, URSAMLib.deformable.DeformableOptions).
+    ``settings``: the run's :class:`URSAMLib.settings.Settings` (the same as
+    ``ursam segment``'s); ``prompt_modes``: prompt modes to compare (default:
+    the settings' mode); ``localizer_options``: options of the localizer
+    beyond the settings (support workers, the MedLAM checkpoint and device).
 
     ``backend_factory()`` returns the SAM backend (called once, only if a case
     needs SAM). Finished cases in ``out_dir/cases`` are reused when the
     configuration matches; a different configuration is an error unless
     ``overwrite``.
     """
-    from .templates import Library
+    from ..prompt_modes import check_mode
+    from ..sam import DEFAULT_BACKEND
+    from ..settings import Settings
+    from ..templates import Library
 
     progress = progress or Progress()
-    params = params or pipeline.Params()
+    settings = (settings or Settings()).check()
+    backend_name = backend_name or DEFAULT_BACKEND
     localizer_options = dict(localizer_options or {})
     methods = list(methods)
-    from .prompts import DEFAULT_MODE, PromptOptions, check_mode
-
-    prompt_modes = [check_mode(m) for m in (prompt_modes or [DEFAULT_MODE])]
-    if any(m != "box3d" for m in prompt_modes) and localizer != "registration":
+    prompt_modes = [check_mode(m) for m in (prompt_modes or [settings.prompts.mode])]
+    if any(m != "box3d" for m in prompt_modes) and settings.localizer != "registration":
         raise URSAMError(f"prompt modes {', '.join(m for m in prompt_modes if m != 'box3d')} need the "
                          "registration localizer (the support labels are warped with its registrations)")
-    prompt_options = prompt_options or PromptOptions()
-    if deformable_options is None:
-        from .deformable import DeformableOptions
-
-        deformable_options = DeformableOptions()
+    warped = any(settings.warps_labels() or m != "box3d" for m in prompt_modes) and settings.localizer == "registration"
+    deformable_method = settings.deformable.method if warped else None
     ds = Library(dataset, role="query")
     support = Library(support_from) if support_from else Library(dataset, role="support")
     query_ids = list(cases) if cases else ds.case_ids("query")
@@ -643,12 +575,9 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     (out / "cases").mkdir(parents=True, exist_ok=True)
     config = {"ursam_version": __version__, "dataset": str(ds.path.absolute()),
               "supports": str(Path(support.path).absolute()), "support_ids": sorted(support_ids),
-              "methods": methods, "params": _result_params(params), "backend": backend_name,
-              "localizer": localizer, "localizer_options": localizer_options, "sweep": bool(sweep),
+              "methods": methods, "settings": _result_settings(settings), "prompt_modes": prompt_modes,
+              "backend": backend_name, "localizer_options": localizer_options, "sweep": bool(sweep),
               "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values())}
-    if prompt_modes != ["box3d"]:
-        config["prompts"] = {"modes": prompt_modes, "options": prompt_options.to_json(),
-                             "deformable": deformable_options.to_json()}
     digest = _config_hash(config)
     config_path = out / "config.json"
     if config_path.exists():
@@ -663,15 +592,18 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
 
     backend_holder = []
 
-    def get_backend():
+    def case_views():
+        """SAM's views of one case: the modes that see the same view share its slice embeddings."""
+        from ..sam.views import Views
+
         if not backend_holder:
             if backend_factory is None:
-                from .sam_backend import make_backend
+                from ..sam.backends import make_backend
 
                 backend_holder.append(make_backend(backend_name))
             else:
                 backend_holder.append(backend_factory())
-        return backend_holder[0]
+        return Views(backend_holder[0], share=len(prompt_modes) > 1)
 
     all_rows, all_sweep, infos = [], [], {}
     for i, case_id in enumerate(query_ids):
@@ -684,13 +616,13 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
                 continue
         progress.info(f"[{i + 1}/{len(query_ids)}] {case_id}")
         case = CaseInputs(ds, case_id, organs)
-        rows, sweep_rows, info = run_case(case, support, lib_to_ds, methods, get_backend, params, localizer,
-                                          localizer_options, sweep, progress, prompt_modes, prompt_options,
-                                          deformable_options)
+        needs_sam = any(m in SAM_METHODS or m == "manual" for m in methods)
+        rows, sweep_rows, info = run_case(case, support, lib_to_ds, methods, case_views() if needs_sam else None,
+                                          settings, localizer_options, sweep, progress, prompt_modes)
         write_json({"hash": digest, "rows": rows, "sweep_rows": sweep_rows, "info": info}, path)
         all_rows += rows; all_sweep += sweep_rows; infos[case_id] = info
         by_m = {m: _mean([r["dice"] for r in rows if r["method"] == m])
-                for m in table_methods(methods, prompt_modes, deformable_options) if any(r["method"] == m for r in rows)}
+                for m in table_methods(methods, prompt_modes, deformable_method) if any(r["method"] == m for r in rows)}
         progress.info(f"{case_id}: " + ", ".join(f"{m} {v:.3f}" for m, v in by_m.items())
                       + f" ({info['seconds']:.0f} s)")
     write_csv(out / "results.csv", all_rows, COLUMNS)
@@ -698,7 +630,11 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
         write_csv(out / "sweep.csv", all_sweep,
                   ("case", "organ", "label", "method", "scope", "lower", "alpha_h", "dice", "dice_gt_slices"))
     header = f"UR-SAM evaluation: {ds.meta.get('name', ds.path.name)}, backend {backend_name}"
-    shown = table_methods(methods, prompt_modes, deformable_options)
+    written = {inf.get("rectified_method") for inf in infos.values()} - {None}
+    if len(written) == 1:
+        header += (f"\n\n`ursam segment` with these settings writes {method_label(written.pop())} "
+                   "as rectified.nii.gz.")
+    shown = table_methods(methods, prompt_modes, deformable_method)
     modes_table = modes_section(all_rows, infos, prompt_modes, shown)
     organ_names, present = write_tables(out, all_rows, all_sweep, ds.names, shown, header, extra=modes_table)
     write_boxplot(out / "dice_boxplot.png", all_rows, organ_names, present)

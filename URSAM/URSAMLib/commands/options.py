@@ -1,0 +1,210 @@
+"""The option groups the ``ursam`` commands share, and the settings they make.
+
+Every default shown here is read from the engine's own option classes
+(:mod:`URSAMLib.settings`), so ``--help`` and the engine cannot disagree; the
+checks are theirs too (``Settings.check``).
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import URSAMError
+
+TEMPLATES_HELP = "template library: dataset.json + cases/<id>/image.* and labels.*"
+
+
+def _floats(text, n=None, what="value"):
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}")
+    if n is not None and len(values) != n:
+        raise argparse.ArgumentTypeError(f"{what} needs {n} numbers, got {text!r}")
+    return values
+
+
+def _on_off(value):
+    return "on" if value else "off"
+
+
+# ----------------------------------------------------------------------------------------------
+# SAM
+
+def add_sam_options(p):
+    """The SAM model: backend, checkpoint, device, encoder path, intensity normalization."""
+    from ..sam import BACKEND_NAMES, DEFAULT_BACKEND, DEFAULT_DEVICE
+
+    g = p.add_argument_group("SAM backend")
+    g.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKEND_NAMES),
+                   help=f"SAM model (default: {DEFAULT_BACKEND}, bundled; the others need --checkpoint)")
+    g.add_argument("--checkpoint", help="checkpoint file for sam-vit-* and medsam (never downloaded)")
+    g.add_argument("--device", default=DEFAULT_DEVICE, help=f"auto, cpu or cuda (default: {DEFAULT_DEVICE})")
+    g.add_argument("--encoder", default="auto",
+                   help="LiteMedSAM image encoder path: auto (the fastest available), eager, or a fast path name")
+    g.add_argument("--modality", choices=["auto", "ct", "other"], default="auto",
+                   help="ct: CT window in HU; other (MR, ...): 0.5-99.5 percentile normalization; "
+                        "auto: decide from the intensities (default)")
+    g.add_argument("--window", type=lambda s: _floats(s, 2, "--window"), default=None,
+                   help="CT window LO,HI in HU before min-max (default: the backend's published window)")
+
+
+def percentile_for(args, volume, image_path, progress):
+    """Whether CT windowing applies; warns when it does not."""
+    from ..imageio import looks_like_ct
+
+    if args.modality == "ct":
+        return False
+    if args.modality == "other":
+        return True
+    if looks_like_ct(volume):
+        return False
+    progress.warn(f"{image_path} does not look like a CT in HU (no air near -1000): CT windowing does not "
+                  "apply, using 0.5-99.5 percentile normalization (set --modality ct to override)")
+    return True
+
+
+def backend_from_args(args, progress=None, percentile=False):
+    from ..progress import STAGE_MODEL
+    from ..sam.backends import make_backend
+
+    if progress:
+        progress.stage(f"{STAGE_MODEL} {args.backend}")
+    return make_backend(args.backend, args.checkpoint, args.device,
+                        window=args.window if args.window else "default", percentile=percentile,
+                        encoder=args.encoder)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method (METHOD.md §3-§4)
+
+def add_method_options(p):
+    from ..pipeline import Params
+    from ..rectification import LOWER_BOUNDS, SCOPES, RectifyOptions
+
+    params, rect = Params(), RectifyOptions()
+    m = p.add_argument_group("UR-SAM method (METHOD.md §3-§4)")
+    m.add_argument("--n-aug", type=int, default=params.n_aug,
+                   help=f"augmented boxes per organ (default {params.n_aug})")
+    m.add_argument("--ratio", type=float, default=params.ratio,
+                   help=f"box shift as a fraction of the slice side (default {params.ratio})")
+    m.add_argument("--seed", type=int, default=params.seed, help=f"random seed (default {params.seed})")
+    m.add_argument("--threshold-scope", choices=list(SCOPES), default=rect.scope,
+                   help=f"region of the class-specific threshold T (default: {rect.scope})")
+    m.add_argument("--lower-bound", choices=list(LOWER_BOUNDS), default=rect.lower,
+                   help="rectification lower bound: (I_t-I_b)/2 as written in the paper, or the midpoint "
+                        f"(I_t+I_b)/2 (default: {rect.lower})")
+    m.add_argument("--alpha-h", type=float, default=rect.alpha_h,
+                   help=f"upper bound factor on I_t (default: {rect.alpha_h})")
+    m.add_argument("--fixed-threshold", type=float, default=rect.fixed_threshold,
+                   help="use this fixed uncertainty threshold instead of eq. 4 (ablation)")
+    m.add_argument("--atlas-prior", default=None, choices=["on", "off"],
+                   help="rectification also follows the warped support labels: uncertain voxels most supports "
+                        "label are added, voxels almost none label are dropped (needs --templates and the "
+                        f"registration localizer; default {_on_off(rect.atlas_prior)} there)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Localization (METHOD.md §1)
+
+def add_localizer_options(p, templates=True, required=False):
+    """Template library options shared by localize, segment and evaluate.
+
+    ``templates=False`` leaves out --templates (segment puts it beside --boxes;
+    evaluate names its supports otherwise).
+    """
+    from ..localize import DEFAULT_LOCALIZER, DEFAULT_MARGIN, LOCALIZERS
+
+    g = p.add_argument_group("auto-localization (METHOD.md §1)")
+    if templates:
+        g.add_argument("--templates", metavar="LIB", required=required, help=TEMPLATES_HELP)
+    g.add_argument("--organs", help="comma-separated organ names or label values (default: all of the library)")
+    g.add_argument("--localizer", default=DEFAULT_LOCALIZER, choices=sorted(LOCALIZERS),
+                   help=f"how supports are matched to the query (default: {DEFAULT_LOCALIZER})")
+    g.add_argument("--margin", default=None, metavar="Z,XY",
+                   help="margin added to the boxes: Z slices, XY px of SAM's 1024 grid (default "
+                        f"{DEFAULT_MARGIN[0]},{DEFAULT_MARGIN[1]:g} for localized boxes as in METHOD.md §1; "
+                        "0,0 for a box file)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="support scans registered at once (default: one per core)")
+    g.add_argument("--localizer-checkpoint", metavar="PATH",
+                   help="MedLAM checkpoint for --localizer medlam (from `ursam train-localizer`)")
+    g.add_argument("--localizer-device", default="auto",
+                   help="device of the MedLAM network: auto, cpu or cuda (default: auto)")
+
+
+def localizer_options(args):
+    """Keyword options of :func:`URSAMLib.localize.localize` beyond the settings (margin, localizer)."""
+    opts = {}
+    if args.localizer == "registration" and args.workers is not None:
+        if args.workers < 1:
+            raise URSAMError(f"--workers must be at least 1, got {args.workers}")
+        opts["workers"] = args.workers
+    if args.localizer == "medlam":
+        if not args.localizer_checkpoint:
+            raise URSAMError("--localizer medlam needs --localizer-checkpoint PATH "
+                             "(train one with `ursam train-localizer`)")
+        opts["checkpoint"] = args.localizer_checkpoint
+        opts["device"] = args.localizer_device
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt modes
+
+def add_prompt_options(p, several=False):
+    """--prompts, the deformable stage behind the slice-adaptive modes, and the zoom."""
+    from ..prompt_modes import DEFAULT_MODE, MODES, ZOOMS, PromptOptions
+    from ..registration.deformable import METHODS, DeformableOptions
+
+    g = p.add_argument_group("prompt mode (which 2D box each slice gets)")
+    default = (f"default {DEFAULT_MODE} with --templates and the registration localizer; box3d with "
+               "--localizer medlam; with --boxes, the file's own prompts: slice where it has per-slice boxes, "
+               "else box3d")
+    if several:
+        g.add_argument("--prompts", default=None, metavar="MODES",
+                       help=f"comma-separated prompt modes to compare ({', '.join(MODES)}; {default})")
+    else:
+        g.add_argument("--prompts", default=None, choices=MODES,
+                       help="box3d: the paper's one box per organ on every slice; slice: a box per slice from "
+                            "the support labels warped into the scan; propagate: from the slice of largest "
+                            f"warped area outward, each slice boxed from the previous slice's mask ({default})")
+    deformable = DeformableOptions().method
+    g.add_argument("--deformable", default=deformable, choices=METHODS,
+                   help="deformable stage after the affine registration, before the support labels are "
+                        f"warped (default {deformable}; elastix needs ursam[elastix])")
+    g.add_argument("--zoom", default=PromptOptions().zoom, choices=list(ZOOMS),
+                   help="SAM sees a crop around the organs instead of the whole slice (auto: for slice and "
+                        f"propagate, not for the paper's box3d; default {PromptOptions().zoom})")
+
+
+def params_from_args(args):
+    """The method's :class:`URSAMLib.pipeline.Params` (with the rectification options), checked."""
+    from ..pipeline import Params
+    from ..rectification import RectifyOptions
+
+    rect = RectifyOptions(scope=args.threshold_scope, lower=args.lower_bound, alpha_h=args.alpha_h,
+                          fixed_threshold=args.fixed_threshold,
+                          atlas_prior=RectifyOptions.atlas_prior if args.atlas_prior is None
+                          else args.atlas_prior == "on")
+    return Params(n_aug=args.n_aug, ratio=args.ratio, seed=args.seed, rectify=rect).check()
+
+
+def settings_from_args(args, mode=None, boxes=None):
+    """The run's :class:`URSAMLib.settings.Settings` from parsed arguments, checked.
+
+    ``mode`` overrides ``--prompts`` (evaluate, whose --prompts is a list,
+    passes its first mode); ``boxes``: those of a box file (``--boxes``),
+    whose own prompts decide the mode when ``--prompts`` is not given.
+    """
+    from ..localize import DEFAULT_LOCALIZER, DEFAULT_MARGIN, parse_margin
+    from ..prompt_modes import PromptOptions, default_mode
+    from ..registration.deformable import DeformableOptions
+    from ..settings import Settings
+
+    localizer = getattr(args, "localizer", DEFAULT_LOCALIZER)
+    params = params_from_args(args)
+    margin = getattr(args, "margin", None)
+    margin = parse_margin(margin) if margin else (DEFAULT_MARGIN if boxes is None else (0, 0.0))
+    prompts = PromptOptions(mode=mode or args.prompts or default_mode(localizer, boxes), zoom=args.zoom)
+    return Settings(params=params, prompts=prompts, deformable=DeformableOptions(method=args.deformable),
+                    margin=margin, localizer=localizer).check()

@@ -1,0 +1,1 @@
+"""Scoring and measuring the method: ``ursam evaluate``, metrics, ``ursam bench``, the demo and its phantom."""

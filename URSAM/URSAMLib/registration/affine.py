@@ -1,0 +1,351 @@
+"""Rigid and affine registration of support scans to a query CT (SimpleITK).
+
+Every support is registered to the query at about 3 mm (METHOD.md §1, the
+registration localizer): a translation search for a robust start, then rigid,
+then affine, on Mattes mutual information over the body. The transform maps
+query points to support points, so ``sitk.Resample(support, query, transform)``
+brings a support's labels into the query; :func:`invert_points` carries
+support points the other way.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass, field, asdict
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import URSAMError
+from ..imageio import check_volume, read_image
+from ..progress import STAGE_REGISTER, Progress
+
+#: CT intensities outside this range (air, metal) carry no anatomy for registration
+HU_CLIP = (-1000.0, 1500.0)
+
+
+def itk_seed(seed):
+    """The random seed handed to ITK for a run's ``seed``: ITK reads 0 as "seed from the wall clock"
+    (``sitk.sitkWallClock``), which would make every registration, and so every run, differ."""
+    return int(seed) + 1
+
+
+@dataclass
+class RegistrationOptions:
+    """Options of the registration localizer (all have working defaults)."""
+    #: isotropic grid of the registration, mm (METHOD: "at about 3 mm")
+    spacing_mm: float = 3.0
+    #: supports registered at once (None: one per core, at most the number of supports)
+    workers: Optional[int] = None
+    #: ITK threads of each registration (None: one, so that runs repeat; the supports run in parallel)
+    threads: Optional[int] = None
+    #: voxels of the query's body sampled by the mutual information metric, per level
+    samples: int = 20000
+    iterations: int = 40
+    seed: int = 0
+
+    def check(self):
+        if self.spacing_mm <= 0:
+            raise URSAMError(f"registration spacing must be positive, got {self.spacing_mm}")
+        if self.workers is not None and self.workers < 1:
+            raise URSAMError(f"workers must be at least 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise URSAMError(f"threads must be at least 1, got {self.threads}")
+        return self
+
+    def to_json(self):
+        return asdict(self)
+
+
+@dataclass
+class SupportRegistration:
+    """One support scan registered to the query."""
+    case_id: str
+    #: maps query physical points to support physical points (fixed = query, moving = support)
+    transform: sitk.Transform
+    seconds: float
+    metric: float
+    #: {label: 6x3 array of query physical points} of the organs this support has
+    points: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+
+    def to_json(self):
+        return {"case": self.case_id, "seconds": round(self.seconds, 2), "final_metric": round(self.metric, 4),
+                "stage_seconds": {k: round(v, 2) for k, v in self.stages.items()},
+                "organs": sorted(int(k) for k in self.points)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Images on the registration grid
+
+def as_float_image(image_or_path, what="image"):
+    if isinstance(image_or_path, sitk.Image):
+        image = image_or_path
+        check_volume(image, "<in-memory image>")
+    else:
+        image = read_image(image_or_path, what)
+        check_volume(image, image_or_path)
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def resample_iso(image, spacing_mm, interpolator=sitk.sitkLinear, default=HU_CLIP[0]):
+    """``image`` on an isotropic grid of ``spacing_mm`` covering the same space, clipped to HU_CLIP."""
+    size = np.array(image.GetSize())
+    spacing = np.array(image.GetSpacing())
+    new_size = [max(2, int(round(n))) for n in size * spacing / spacing_mm]
+    # The image is smoothed first where it is downsampled, so the new grid does not alias.
+    sigma = [max(0.01, (spacing_mm - s) / 2.0) for s in spacing]
+    if max(sigma) > 0.1:
+        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    out = sitk.Resample(image, new_size, sitk.Transform(), interpolator, image.GetOrigin(),
+                        [spacing_mm] * 3, image.GetDirection(), default, sitk.sitkFloat32)
+    return sitk.Clamp(out, sitk.sitkFloat32, HU_CLIP[0], HU_CLIP[1])
+
+
+def physical_extent(image):
+    """Corners' bounding box (physical), as (lo, hi) 3-vectors."""
+    size = image.GetSize()
+    corners = [image.TransformContinuousIndexToPhysicalPoint([c * (s - 1) for c, s in zip(bits, size)])
+               for bits in np.ndindex(2, 2, 2)]
+    corners = np.array(corners)
+    return corners.min(0), corners.max(0)
+
+
+def _body_centroid(image):
+    """Physical centroid of the body (voxels above -500 HU)."""
+    a = sitk.GetArrayViewFromImage(image)
+    idx = np.argwhere(a > -500)
+    if len(idx) == 0:
+        idx = np.argwhere(np.ones_like(a, bool))
+    c = idx.mean(0)[::-1]
+    return np.array(image.TransformContinuousIndexToPhysicalPoint(c.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The registration itself
+
+def body_mask(image):
+    """The body (above -500 HU) as a UInt8 mask: where the metric samples."""
+    return sitk.Cast(image > -500, sitk.sitkUInt8)
+
+
+def _method(options, mask=None, shrink=(1,), n_voxels=None):
+    """Mattes MI sampling about ``options.samples`` voxels of the body at each pyramid level."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    n = n_voxels or 1
+    reg.SetMetricSamplingPercentagePerLevel(
+        [float(min(1.0, options.samples * s ** 3 / n)) for s in shrink], itk_seed(options.seed))
+    if mask is not None:
+        reg.SetMetricFixedMask(mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    if options.threads:
+        reg.SetNumberOfThreads(int(options.threads))
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([s / 2.0 if s > 1 else 0.0 for s in shrink])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    return reg
+
+
+def _count(mask):
+    return max(1, int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))))
+
+
+def initial_translation(fixed, moving, options):
+    """A robust start: body centroids matched in-plane, then a search over all z offsets.
+
+    Scans differ in their field of view (head only, or down to the chest; a
+    slab of the abdomen against the whole abdomen), so matching centres is not
+    enough along z: every z offset that keeps half the shorter scan in overlap
+    is tried on a coarse grid, with small in-plane shifts, and the best
+    mutual information wins.
+    """
+    coarse = 4.0 * options.spacing_mm
+    f = resample_iso(fixed, coarse)
+    m = resample_iso(moving, coarse)
+    shift = _body_centroid(m) - _body_centroid(f)
+    flo, fhi = physical_extent(f)
+    mlo, mhi = physical_extent(m)
+    # Along z: every offset with at least half of the shorter extent overlapping.
+    half = 0.5 * min(fhi[2] - flo[2], mhi[2] - mlo[2])
+    tz_lo, tz_hi = mlo[2] - fhi[2] + half, mhi[2] - flo[2] - half
+    centre_z = 0.5 * (tz_lo + tz_hi)
+    n_z = max(1, int(np.ceil((tz_hi - tz_lo) / 2.0 / coarse)))
+    n_xy = 2
+    tx = sitk.TranslationTransform(3, (float(shift[0]), float(shift[1]), float(centre_z)))
+    mask = body_mask(f)
+    reg = _method(options, mask, n_voxels=_count(mask))
+    reg.SetInitialTransform(tx, inPlace=True)
+    reg.SetOptimizerAsExhaustive([n_xy, n_xy, n_z])
+    reg.SetOptimizerScales([coarse, coarse, coarse])
+    reg.Execute(f, m)
+    return np.array(tx.GetOffset())
+
+
+def _linear_stage(f, m, transform, options, mask, n_body, shrink, learning_rate, min_step):
+    """One rigid or affine stage (in place on ``transform``): step gradient descent on Mattes MI."""
+    reg = _method(options, mask, shrink, n_body)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step,
+                                                 numberOfIterations=options.iterations,
+                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(f, m)
+    return reg.GetMetricValue()
+
+
+def register(fixed, moving, options=RegistrationOptions(), fixed_prepared=None):
+    """Register ``moving`` (support) to ``fixed`` (query): returns (transform, metric, stage seconds).
+
+    Both are float images in HU. The transform maps query points to support points.
+    """
+    stages = {}
+    t0 = time.perf_counter()
+    f = fixed_prepared if fixed_prepared is not None else resample_iso(fixed, options.spacing_mm)
+    m = resample_iso(moving, options.spacing_mm)
+    offset = initial_translation(fixed, moving, options)
+    stages["initialize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    mask = body_mask(f)
+    n_body = _count(mask)
+    flo, fhi = physical_extent(f)
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter(((flo + fhi) / 2).tolist())
+    rigid.SetTranslation(offset.tolist())
+    _linear_stage(f, m, rigid, options, mask, n_body, (4, 2, 1), learning_rate=2.0, min_step=0.01)
+    stages["rigid"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(rigid.GetCenter())
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    metric = _linear_stage(f, m, affine, options, mask, n_body, (2, 1), learning_rate=1.0, min_step=0.005)
+    stages["affine"] = time.perf_counter() - t0
+    return affine, float(metric), stages
+
+
+def invert_points(transform, points, tol=0.05, max_iter=50):
+    """Query points q with ``transform(q) = p`` for each support point p (mm).
+
+    Affine transforms are inverted exactly; with a deformable stage on top
+    (``CompositeTransform([affine, local])``), the affine inverse starts a
+    fixed-point iteration, which converges for smooth, small deformations.
+    """
+    points = np.asarray(points, np.float64).reshape(-1, 3)
+    affine = transform
+    if isinstance(transform, sitk.CompositeTransform) or transform.GetName() == "CompositeTransform":
+        affine = sitk.CompositeTransform(transform).GetNthTransform(0)
+        affine = sitk.AffineTransform(affine)
+    inverse = affine.GetInverse()
+    out = np.array([inverse.TransformPoint(p.tolist()) for p in points])
+    if affine is transform:
+        return out
+    for i, p in enumerate(points):
+        q = out[i]
+        for _ in range(max_iter):
+            r = np.array(transform.TransformPoint(q.tolist())) - p
+            if np.linalg.norm(r) < tol:
+                break
+            q = q - r
+        out[i] = q
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One support per worker thread (SimpleITK releases the GIL while it computes)
+
+def _register_support(template, fixed, carry, options):
+    """Read one support, register it to the query, carry its points across."""
+    t0 = time.perf_counter()
+    moving = template.read_image()
+    transform, metric, stages = register(fixed, moving, options)
+    mapped = {v: invert_points(transform, p) for v, p in carry(template, moving).items()}
+    return SupportRegistration(template.case_id, transform, time.perf_counter() - t0, metric, mapped, stages)
+
+
+def cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_ITK_LOCK = threading.Lock()
+_itk_single = [0, None]  # nesting depth, the thread count to restore
+
+
+@contextmanager
+def repeatable_itk():
+    """ITK at one thread per filter for the duration.
+
+    ITK's multi-threaded reductions (the registration metric, the demons
+    update) add their parts in an order that changes from run to run, so a
+    registration on several threads is not repeatable to the last bit, and a
+    last-bit difference can move a box edge by a voxel. The supports run in
+    parallel instead, one thread each (:func:`map_supports`): as fast where
+    there are at least as many supports as cores, and the same every time.
+    """
+    with _ITK_LOCK:
+        if _itk_single[0] == 0:
+            _itk_single[1] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _itk_single[0] += 1
+    try:
+        yield
+    finally:
+        with _ITK_LOCK:
+            _itk_single[0] -= 1
+            if _itk_single[0] == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_itk_single[1])
+
+
+def map_supports(fn, items, workers=None, progress=None, stage=None):
+    """``[fn(item) for item in items]``, the items in parallel threads (one ITK thread each), in order.
+
+    Threads, not processes: SimpleITK releases the GIL while it computes, and
+    threads need no re-import of the caller's main module. ``progress``: its
+    cancel callback is polled while the items run, and a cancel returns at
+    once (items already running finish in the background, their results unused).
+    """
+    progress = progress or Progress()
+    items = list(items)
+    workers = max(1, min(workers or cores(), len(items) or 1))
+    if stage:
+        progress.stage(stage, total=len(items))
+    results = []
+    with repeatable_itk():
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ursam-support")
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for i, fut in enumerate(futures):
+                while True:
+                    progress.check_cancel()
+                    try:
+                        results.append(fut.result(timeout=0.2))
+                        break
+                    except FutureTimeout:
+                        continue
+                progress.step(i + 1, len(futures))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+    if stage:
+        progress.done()
+    return results
+
+
+def register_supports(query, templates, carry, options=RegistrationOptions(), progress=None):
+    """Register every support to the query, the supports in parallel (:func:`map_supports`).
+
+    ``carry(template, image) -> {key: (n, 3) physical points of the support}``
+    names the points to bring into the query (the localizer's extreme points);
+    each registration's ``points`` holds them in query coordinates.
+    """
+    fixed = as_float_image(query)
+    return map_supports(lambda t: _register_support(t, fixed, carry, options), templates, options.workers,
+                        progress, f"{STAGE_REGISTER} ({len(templates)})")

@@ -1,0 +1,94 @@
+"""A run's options in the Slicer panel's names (no Qt, no scene): RunOptions.
+
+Every default is the engine's (URSAMLib.settings) and every check is too;
+this module imports only what Slicer bundles (numpy, SimpleITK), so the panel
+can build its parameter node before any package is installed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from URSAMLib.errors import URSAMError
+from URSAMLib.localize import DEFAULT_MARGIN
+from URSAMLib.sam import BACKEND_NAMES as BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEVICES, needs_checkpoint
+
+
+def _engineDefaults():
+    """The engine's option classes, whose defaults RunOptions takes (URSAMLib.settings)."""
+    from URSAMLib.pipeline import Params
+    from URSAMLib.prompt_modes import PromptOptions
+    from URSAMLib.registration.deformable import DeformableOptions
+
+    return Params(), PromptOptions(), DeformableOptions()
+
+
+_PARAMS, _PROMPTS, _DEFORMABLE = _engineDefaults()
+
+
+@dataclass
+class RunOptions:
+    """Model and method parameters of a run, in the panel's names; every default is the engine's."""
+    backend: str = DEFAULT_BACKEND
+    checkpoint: str = ""
+    device: str = DEFAULT_DEVICE
+    nAug: int = _PARAMS.n_aug
+    ratio: float = _PARAMS.ratio
+    seed: int = _PARAMS.seed
+    #: margin added around localized boxes: slices in z, pixels of SAM's 1024 grid in-plane (METHOD.md §1)
+    marginZ: int = DEFAULT_MARGIN[0]
+    marginXY: float = DEFAULT_MARGIN[1]
+    thresholdScope: str = _PARAMS.rectify.scope
+    lowerBound: str = _PARAMS.rectify.lower
+    alphaH: float = _PARAMS.rectify.alpha_h
+    #: None: the class-specific threshold of eq. 4
+    fixedThreshold: float = _PARAMS.rectify.fixed_threshold
+    #: flagged regions smaller than this are left out of the review table
+    minComponentVoxels: int = 1
+    #: which 2D box each slice gets (URSAMLib.prompt_modes): box3d is the paper's; slice and propagate
+    #: follow the support labels warped into the scan, so they need the organs localized from a library
+    prompts: str = _PROMPTS.mode
+    #: SAM sees a crop around the organs: auto (for slice and propagate), on or off
+    zoom: str = _PROMPTS.zoom
+    #: deformable stage after the affine registration, before the support labels are warped
+    deformable: str = _DEFORMABLE.method
+    #: rectification also follows the warped support labels (needs a template library)
+    atlasPrior: bool = _PARAMS.rectify.atlas_prior
+
+    def check(self):
+        if self.backend not in BACKENDS:
+            raise URSAMError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if needs_checkpoint(self.backend) and not self.checkpoint:
+            raise URSAMError(f"backend {self.backend} needs a checkpoint file; nothing is downloaded")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise URSAMError(f"unknown device {self.device!r}; use auto, cpu or cuda")
+        if int(self.minComponentVoxels) < 1:
+            raise URSAMError(f"the smallest review region must be at least 1 voxel, got {self.minComponentVoxels}")
+        self.settings()  # the engine's own checks
+        return self
+
+    def rectifyOptions(self):
+        from URSAMLib.rectification import RectifyOptions
+
+        return RectifyOptions(scope=self.thresholdScope, lower=self.lowerBound, alpha_h=float(self.alphaH),
+                              fixed_threshold=None if self.fixedThreshold is None else float(self.fixedThreshold),
+                              atlas_prior=bool(self.atlasPrior) if self.atlasPrior in (True, False)
+                              else self.atlasPrior)
+
+    def settings(self, mode=None):
+        """The engine's :class:`URSAMLib.settings.Settings` of these options, checked."""
+        from URSAMLib.pipeline import Params
+        from URSAMLib.prompt_modes import PromptOptions
+        from URSAMLib.registration.deformable import DeformableOptions
+        from URSAMLib.settings import Settings
+
+        try:
+            params = Params(n_aug=int(self.nAug), ratio=float(self.ratio), seed=int(self.seed),
+                            rectify=self.rectifyOptions())
+        except (TypeError, ValueError) as err:
+            raise URSAMError(f"n, ratio and seed must be numbers: {err}") from None
+        return Settings(params=params, prompts=PromptOptions(mode=mode or self.prompts, zoom=self.zoom),
+                        deformable=DeformableOptions(method=self.deformable),
+                        margin=(self.marginZ, self.marginXY)).check()
+
+    def backendKey(self):
+        return (self.backend, self.checkpoint or None, self.device)
