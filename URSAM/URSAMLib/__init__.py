@@ -20,4 +20,6 @@ The method's steps, in the order data flows through them (METHOD.md §0):
 demo and its phantom); ``cli`` is the ``ursam`` command, one module per
 command in ``commands``.
 """
+from __future__ import annotations
+
 __version__ = "0.1.0"

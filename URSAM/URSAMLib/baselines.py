@@ -5,6 +5,8 @@ A fixed threshold on u, min + frac (max - min), selects the uncertain voxels;
 outside ŷ with a·μ < x < b·μ; FPC removes uncertain voxels inside ŷ with
 x < a·μ or x > b·μ; FPNC does FNC, then FPC. Defaults follow their code.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import numpy as np

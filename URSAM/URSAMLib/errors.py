@@ -3,6 +3,7 @@
 The CLI turns it into a one-line message and exit code 2; the Slicer module
 into an error dialog. Its message always names the problem and the file.
 """
+from __future__ import annotations
 
 
 class URSAMError(Exception):

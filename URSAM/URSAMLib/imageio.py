@@ -3,6 +3,8 @@
 Arrays follow SimpleITK's numpy view: ``array[z, y, x]``. Every image the
 engine writes copies origin, spacing and direction from the input.
 """
+from __future__ import annotations
+
 import gzip
 import os
 import struct

@@ -6,6 +6,8 @@ a uniform shift in [-ratio*S, +ratio*S]. The shifts are drawn once per organ,
 so member i of the ensemble uses the same shifted box on every slice and is a
 coherent 3D segmentation of its own.
 """
+from __future__ import annotations
+
 import numpy as np
 
 

@@ -4,6 +4,8 @@ A flagged region is a connected component (26-connectivity, so one blob is one
 region) of one organ's M_unc (METHOD.md §4). The CLI lists them in report.json;
 the Slicer module shows them as the rows of its review table.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, asdict
 
 import numpy as np

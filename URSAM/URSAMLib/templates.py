@@ -10,6 +10,8 @@ The support templates are the ids in ``support``; a library without a
 ``support`` list uses every case that has a label map. Everything here is
 headless (no Slicer, no Qt), so the CLI and the Slicer logic share it.
 """
+from __future__ import annotations
+
 import json
 import re
 from dataclasses import dataclass

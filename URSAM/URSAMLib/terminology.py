@@ -3,6 +3,8 @@
 Slicer shows a segment's terminology entry and colour in the Segment Editor;
 organs not listed here get a colour from a fixed palette and no entry.
 """
+from __future__ import annotations
+
 import re
 
 _CATEGORY = ["SCT", "123037004", "Anatomical Structure"]

@@ -1,4 +1,6 @@
 """Ensemble and uncertainty (paper eq. 2 and 3)."""
+from __future__ import annotations
+
 import numpy as np
 
 LOG2 = float(np.log(2.0))

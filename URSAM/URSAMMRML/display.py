@@ -1,4 +1,6 @@
 """How the outputs look: the uncertainty heat overlay with its colour legend, segment display, slice jumps."""
+from __future__ import annotations
+
 import math
 
 import numpy as np

@@ -10,6 +10,8 @@ A volume under a linear parent transform is handled in its own (local)
 frame: outputs are placed under the same transform, and ROIs are mapped from
 world coordinates into that frame.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -12,6 +12,8 @@ Every run has three steps so that the panel can keep Slicer responsive:
 console and tests. A cancelled or failed run raises before step 3, so the
 scene is left exactly as it was.
 """
+from __future__ import annotations
+
 import re
 import threading
 import time

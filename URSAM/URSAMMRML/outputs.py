@@ -10,6 +10,8 @@ marks it as kept, and writes a new node beside it.
 The nodes of one input live in a subject-hierarchy folder named after it,
 placed beside the input volume.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 import vtk

@@ -7,6 +7,8 @@ Accept and Reject find the region again from the scene alone (after a scene
 reload too): it is the connected part of the organ's flagged segment, inside
 the box, that holds the seed (``URSAMLib.review.component_mask``).
 """
+from __future__ import annotations
+
 import numpy as np
 import vtk
 from URSAMLib.review import Component, component_mask, flagged_components, organ_statistics  # noqa: F401

@@ -6,6 +6,8 @@ them as non-overlapping organs. The segment ID is the organ's library name
 (stable for scripts); the segment name and colour come from the standard
 terminology where one exists (``URSAMLib.terminology``).
 """
+from __future__ import annotations
+
 import hashlib
 
 import numpy as np

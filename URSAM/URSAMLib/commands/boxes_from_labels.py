@@ -1,4 +1,6 @@
 """``ursam boxes-from-labels``: a box file from a label map (and the manual-prompt baseline)."""
+from __future__ import annotations
+
 from ..boxes import boxes_from_labels, read_names, save_boxes
 from ..errors import URSAMError
 from ..imageio import read_labels

@@ -1,4 +1,6 @@
 """``ursam demo``: the automatic pipeline end to end on a synthetic CT cohort (no data needed)."""
+from __future__ import annotations
+
 from ..errors import URSAMError
 from ..progress import Progress
 

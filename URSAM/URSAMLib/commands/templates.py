@@ -1,4 +1,6 @@
 """``ursam templates``: build and check a template library of labelled support scans."""
+from __future__ import annotations
+
 from ..boxes import read_names
 from ..errors import URSAMError
 

@@ -1,4 +1,6 @@
 """``ursam train-localizer``: train the MedLAM localizer on unlabelled CT (METHOD.md §1)."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
 

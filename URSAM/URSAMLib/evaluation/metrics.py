@@ -1,4 +1,6 @@
 """Scores: Dice, HD95 in mm, box IoU and centre error, AUROC of uncertainty."""
+from __future__ import annotations
+
 import numpy as np
 from scipy import ndimage
 

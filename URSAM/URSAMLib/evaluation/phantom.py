@@ -12,6 +12,8 @@ gives the same cohort.
 Grids are LPS with identity direction, as SimpleITK writes them: x runs to
 the patient's left, y to posterior, z to superior.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import numpy as np

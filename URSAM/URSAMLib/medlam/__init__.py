@@ -8,6 +8,7 @@
 
 Importing this package does not import torch; the localizer loads it on first use.
 """
+from __future__ import annotations
 
 
 def localize_medlam(image, library, organs=None, progress=None, **options):

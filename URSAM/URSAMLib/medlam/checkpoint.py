@@ -5,6 +5,8 @@ written by training, to resume it exactly (``step``, ``seed``, optimizer and
 scheduler state, random generator states). Writes are atomic: a crash leaves
 the previous checkpoint in place.
 """
+from __future__ import annotations
+
 import os
 from pathlib import Path
 

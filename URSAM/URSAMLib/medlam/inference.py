@@ -13,6 +13,8 @@
 4. The box spans the extremes of the 6 points (min z from the min-z point,
    and so on), mapped back to the query's voxels, plus the METHOD.md §1 margin.
 """
+from __future__ import annotations
+
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, asdict

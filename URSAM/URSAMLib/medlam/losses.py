@@ -10,6 +10,8 @@
   feature map's voxel size) and little on the voxels far from it (twice the
   radius or more), as in MedLSAM's training code.
 """
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 

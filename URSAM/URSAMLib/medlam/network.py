@@ -12,6 +12,8 @@ Sign convention, used everywhere in this package: for patches ``a`` and ``b``,
 in mm, in (z, y, x) order. At inference ``a`` is the support landmark's patch
 and ``b`` a query crop, so the landmark lies at ``query_centre + offset``.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, asdict, field
 
 import torch

@@ -6,6 +6,8 @@ orientation. Arrays are [z, y, x]; intensities are stored as uint8 (the
 mapped [0, 1] range times 255), which is exact enough for the network and
 lets a cache of hundreds of training scans fit in memory.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import numpy as np

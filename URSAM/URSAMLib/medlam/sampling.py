@@ -13,6 +13,8 @@ For each example two patch centres are drawn in one scan. Each centre gives
 All randomness comes from one ``numpy.random.Generator``, so a seed and the
 generator's state reproduce the batches exactly (resume included).
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, asdict
 
 import numpy as np

@@ -7,6 +7,8 @@ With ``resume``, it continues from the checkpoint at ``out``: same weights,
 optimizer, scheduler and random states, so an interrupted run continues as if
 it had not stopped.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 import time

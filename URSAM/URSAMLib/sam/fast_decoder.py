@@ -32,6 +32,8 @@ LiteMedSAM on real slices and segment-anything's decoder). A decoder without
 SAM's structure is refused at construction (:class:`UnsupportedDecoder`), and
 the backend keeps the eager one.
 """
+from __future__ import annotations
+
 import math
 
 import torch

@@ -22,6 +22,8 @@ and the versions of torch, onnx and onnxruntime, so a new checkpoint or
 runtime makes a new file; files are written to a temporary name and renamed,
 so a crash or a second process never leaves a half-written model.
 """
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import logging
