@@ -3,7 +3,7 @@
 The method's steps, in the order data flows through them (METHOD.md §0):
 
 - ``templates`` (the support library) and ``localize`` (§1: a
-  :class:`~URSAMLib.localize.Localization` of the organs; the learned
+  :class:`~URSAMLib.localization.Localization` of the organs; the learned
   localizer is ``medlam``), on the SimpleITK boundary ``registration``;
 - ``atlas_prior`` (the support labels warped into the query) and
   ``prompt_modes`` with ``propagation`` (which 2D box each slice gets), from

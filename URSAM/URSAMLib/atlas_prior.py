@@ -3,7 +3,7 @@
 The slice-adaptive prompt modes (:mod:`URSAMLib.prompt_modes`) take each
 slice's box from it, and rectification may use it as a prior
 (:func:`URSAMLib.rectification.atlas_rectified`). The warping itself is
-:mod:`URSAMLib.registration`; :meth:`URSAMLib.localize.Localization.priors`
+:mod:`URSAMLib.registration`; :meth:`URSAMLib.localization.Localization.priors`
 builds and caches the priors of one query.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def fuse_priors(reference, registrations, library, values, names=None):
 
     A support votes only for the organs it labels, so an organ missing from
     one support is not voted down by it. ``registrations``: the support
-    registrations of :class:`URSAMLib.localize.Localization` (affine, or with
+    registrations of :class:`URSAMLib.localization.Localization` (affine, or with
     the deformable stage on top).
     """
     from .registration.warp import warp_labels

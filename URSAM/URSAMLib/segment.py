@@ -1,6 +1,6 @@
 """One query scan through the method (METHOD.md §0), the one path of every caller.
 
-:func:`segment_query` takes a scan, its :class:`URSAMLib.localize.Localization`
+:func:`segment_query` takes a scan, its :class:`URSAMLib.localization.Localization`
 (or boxes from a file), a SAM backend and the run's
 :class:`URSAMLib.settings.Settings`; it builds each slice's prompts
 (:mod:`URSAMLib.prompt_modes`, with the atlas prior where the support labels
@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from . import pipeline
-from .localize import Localization
+from .localization import Localization
 from .progress import Progress
 from .settings import Settings
 
@@ -146,7 +146,7 @@ def segment_query(volume, reference, localization, backend, settings=None, progr
 
     ``volume``: the scan as float32 [z, y, x] in HU; ``reference``: the
     SimpleITK image giving its grid. ``localization``: a
-    :class:`URSAMLib.localize.Localization`, or a list of boxes (a box file's,
+    :class:`URSAMLib.localization.Localization`, or a list of boxes (a box file's,
     or ROIs: nothing to warp, so they keep their own prompts). ``backend``: a
     SAM backend (:mod:`URSAMLib.sam.backends`) or a
     :class:`URSAMLib.sam.views.Views` of one, which lets several runs on one

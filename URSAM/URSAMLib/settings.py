@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .localize import DEFAULT_LOCALIZER, DEFAULT_MARGIN, LOCALIZERS, check_margin
+from .localization import DEFAULT_MARGIN, check_margin
+from .localize import DEFAULT_LOCALIZER, LOCALIZERS
 from .errors import URSAMError
 from .pipeline import Params
 from .prompt_modes import PromptOptions

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from URSAMLib.errors import URSAMError
-from URSAMLib.localize import DEFAULT_MARGIN
+from URSAMLib.localization import DEFAULT_MARGIN
 from URSAMLib.sam import BACKEND_NAMES as BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEVICES, needs_checkpoint
 
 

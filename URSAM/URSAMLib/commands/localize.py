@@ -24,7 +24,7 @@ def main(args):
     from dataclasses import replace
 
     from ..imageio import read_image
-    from ..localize import DEFAULT_MARGIN, parse_margin
+    from ..localization import DEFAULT_MARGIN, parse_margin
     from ..prompt_modes import PromptOptions, default_mode, make_prompts
     from ..registration.deformable import DeformableOptions
     from ..settings import Settings

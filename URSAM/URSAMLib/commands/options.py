@@ -112,7 +112,8 @@ def add_localizer_options(p, templates=True, required=False):
     ``templates=False`` leaves out --templates (segment puts it beside --boxes;
     evaluate names its supports otherwise).
     """
-    from ..localize import DEFAULT_LOCALIZER, DEFAULT_MARGIN, LOCALIZERS
+    from ..localization import DEFAULT_MARGIN
+    from ..localize import DEFAULT_LOCALIZER, LOCALIZERS
 
     g = p.add_argument_group("auto-localization (METHOD.md §1)")
     if templates:
@@ -196,7 +197,8 @@ def settings_from_args(args, mode=None, boxes=None):
     passes its first mode); ``boxes``: those of a box file (``--boxes``),
     whose own prompts decide the mode when ``--prompts`` is not given.
     """
-    from ..localize import DEFAULT_LOCALIZER, DEFAULT_MARGIN, parse_margin
+    from ..localization import DEFAULT_MARGIN, parse_margin
+    from ..localize import DEFAULT_LOCALIZER
     from ..prompt_modes import PromptOptions, default_mode
     from ..registration.deformable import DeformableOptions
     from ..settings import Settings

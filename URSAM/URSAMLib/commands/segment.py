@@ -49,7 +49,7 @@ def main(args):
     from ..boxes import add_margin, load_boxes, save_boxes
     from ..evaluation.metrics import dice_table, format_dice_table
     from ..imageio import read_ct, read_labels
-    from ..localize import Localization
+    from ..localization import Localization
     from ..outputs import check_output_dir
     from ..segment import segment_query, write_results
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..boxes import OrganBox, add_margin
 from ..errors import URSAMError
-from ..localize import DEFAULT_MARGIN, Localization
+from ..localization import DEFAULT_MARGIN, Localization
 from ..progress import STAGE_LOCALIZE, Progress
 from .checkpoint import load_network, pick_device
 from .network import FEATURE_SCALES
@@ -228,7 +228,7 @@ def _cached(checkpoint, library, templates, organs, options, device, progress):
 def localize_medlam(image, library, organs=None, progress=None, checkpoint=None, device="auto",
                     margin=DEFAULT_MARGIN, missing="error", **options):
     """MedLAM localizer with :func:`URSAMLib.localize.localize`'s signature; returns a
-    :class:`URSAMLib.localize.Localization` without support registrations (MedLAM registers nothing;
+    :class:`URSAMLib.localization.Localization` without support registrations (MedLAM registers nothing;
     ``ursam evaluate``'s atlas baseline runs its own registrations).
 
     Options: ``checkpoint`` (required: a file from ``ursam train-localizer``),
