@@ -13,26 +13,46 @@ from dataclasses import dataclass
 import numpy as np
 
 
+@dataclass(frozen=True)
+class LocalWeighting:
+    """Locally weighted voting: each support's vote at a voxel weighs ``(MSD + eps) ** -power``, where MSD is
+    the Gaussian-weighted (``sigma_mm``) mean squared difference between the query and the support's
+    warped image around the voxel, both windowed to ``window`` HU and scaled to [0, 1] (Artaechevarria et
+    al., IEEE TMI 2009: "inverse" weighting)."""
+    sigma_mm: float = 3.0
+    power: float = 2.0
+    window: tuple = (-400.0, 600.0)
+    eps: float = 1e-3
+
+
 @dataclass
 class Prior:
-    """One organ's fused vote fraction over a crop of the query: ``frac[z, y, x]`` at ``origin``."""
+    """One organ's fused vote over a crop of the query: ``frac[z, y, x]`` at ``origin``.
+
+    ``frac``: the fraction of the supports that label the organ at each voxel;
+    ``lw``: the locally weighted vote (:class:`LocalWeighting`), where computed.
+    """
     label: int
     name: str
     origin: tuple  # (z, y, x) of frac[0, 0, 0] in the volume
     frac: np.ndarray  # float32 in [0, 1]
     n_supports: int
+    lw: np.ndarray = None
 
-    def on(self, sl):
-        """The vote fraction over the volume region ``sl`` (zeros outside the crop)."""
+    def on(self, sl, which="frac"):
+        """A vote (``frac`` or ``lw``) over the volume region ``sl`` (zeros outside the crop)."""
+        values = getattr(self, which)
         out = np.zeros(tuple(s.stop - s.start for s in sl), np.float32)
+        if values is None:
+            raise ValueError(f"the prior of {self.name} has no {which} vote")
         src, dst = [], []
-        for s, o, n in zip(sl, self.origin, self.frac.shape):
+        for s, o, n in zip(sl, self.origin, values.shape):
             lo, hi = max(s.start, o), min(s.stop, o + n)
             if hi <= lo:
                 return out
             src.append(slice(lo - o, hi - o))
             dst.append(slice(lo - s.start, hi - s.start))
-        out[tuple(dst)] = self.frac[tuple(src)]
+        out[tuple(dst)] = values[tuple(src)]
         return out
 
     def mask(self, threshold):
@@ -43,22 +63,23 @@ class Prior:
         return m
 
 
-def fuse_priors(reference, registrations, library, values, names=None):
+def fuse_priors(reference, registrations, library, values, names=None, local=None):
     """``{value: Prior}``: each support's labels warped onto ``reference`` (the query), votes averaged.
 
     A support votes only for the organs it labels, so an organ missing from
     one support is not voted down by it. ``registrations``: the support
     registrations of :class:`URSAMLib.localization.Localization` (affine, or with
-    the deformable stage on top).
+    the deformable stage on top). ``local``: a :class:`LocalWeighting` to also
+    give each prior its locally weighted vote ``lw`` (``reference`` must then
+    hold the query's voxels, in HU).
     """
     from .registration.warp import warp_labels
 
     by_id = {t.case_id: t for t in library.templates()}
     values = [int(v) for v in values]
-    sums, counts = {}, {v: 0 for v in values}
+    parts, counts = {}, {v: 0 for v in values}
     for r in registrations:
-        warped = warp_labels(reference, r, by_id[r.case_id], values)
-        arr = _array(warped)
+        arr = _array(warp_labels(reference, r, by_id[r.case_id], values))
         present = [v for v in values if v in r.points] if r.points else values
         for v in present:
             counts[v] += 1
@@ -66,18 +87,64 @@ def fuse_priors(reference, registrations, library, values, names=None):
             if len(idx) == 0:
                 continue
             lo, hi = idx.min(0), idx.max(0) + 1
-            sums.setdefault(v, []).append((lo, hi, arr[tuple(slice(a, b) for a, b in zip(lo, hi))] == v))
+            parts.setdefault(v, []).append((r, lo, hi, arr[tuple(slice(a, b) for a, b in zip(lo, hi))] == v))
     priors = {}
     names = names or library.names
-    for v, parts in sums.items():
-        lo = np.min([p[0] for p in parts], axis=0)
-        hi = np.max([p[1] for p in parts], axis=0)
+    for v, got in parts.items():
+        lo = np.min([p[1] for p in got], axis=0)
+        hi = np.max([p[2] for p in got], axis=0)
         acc = np.zeros(tuple(hi - lo), np.float32)
-        for plo, phi, m in parts:
+        for _, plo, phi, m in got:
             acc[tuple(slice(a - b, c - b) for a, b, c in zip(plo, lo, phi))] += m
         acc /= max(1, counts[v])
         priors[v] = Prior(v, names.get(v, f"label_{v}"), tuple(int(x) for x in lo), acc, counts[v])
+    if local is not None and priors:
+        _local_votes(reference, registrations, by_id, parts, priors, counts, local)
     return priors
+
+
+def _local_votes(reference, registrations, by_id, parts, priors, counts, local):
+    """Each prior's locally weighted vote, over the same crop as its vote fraction.
+
+    The support images are warped once each onto the union of the priors'
+    crops (not the whole scan: a large CT would hold five warped copies).
+    """
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    lo = np.min([p.origin for p in priors.values()], axis=0)
+    hi = np.max([np.array(p.origin) + p.frac.shape for p in priors.values()], axis=0)
+    size_xyz = [int(v) for v in (hi - lo)[::-1]]
+    crop = sitk.RegionOfInterest(reference, size_xyz, [int(v) for v in lo[::-1]])
+    lo_w, hi_w = local.window
+
+    def scaled(image):
+        a = sitk.GetArrayFromImage(image).astype(np.float32)
+        return (np.clip(a, lo_w, hi_w) - lo_w) / (hi_w - lo_w)
+
+    query = scaled(crop)
+    sigma = [local.sigma_mm / s for s in crop.GetSpacing()[::-1]]
+    wsum = {v: np.zeros(p.frac.shape, np.float32) for v, p in priors.items()}
+    vote = {v: np.zeros(p.frac.shape, np.float32) for v, p in priors.items()}
+    for r in registrations:
+        support = sitk.Resample(by_id[r.case_id].read_image(), crop, r.transform, sitk.sitkLinear, lo_w,
+                                sitk.sitkFloat32)
+        msd = ndimage.gaussian_filter((scaled(support) - query) ** 2, sigma, mode="nearest")
+        weight = (msd + local.eps) ** -local.power
+        masks = {v: (plo, phi, m) for v, got in parts.items() for rr, plo, phi, m in got if rr is r}
+        present = {u for u in counts if u in r.points} if r.points else set(counts)
+        for v, p in priors.items():
+            if v not in present:
+                continue
+            sl = tuple(slice(o - c, o - c + n) for o, c, n in zip(p.origin, lo, p.frac.shape))
+            w = weight[sl]
+            wsum[v] += w
+            if v in masks:
+                plo, phi, m = masks[v]
+                inner = tuple(slice(a - o, b - o) for a, b, o in zip(plo, phi, p.origin))
+                vote[v][inner] += w[inner] * m
+    for v, p in priors.items():
+        p.lw = np.divide(vote[v], wsum[v], out=np.zeros_like(vote[v]), where=wsum[v] > 0)
 
 
 def _array(image):

@@ -112,16 +112,17 @@ class Localization:
         entry = self._refined.get(repr(deformable_options.to_json()))
         return entry[1] if entry else None
 
-    def priors(self, reference, deformable_options=None, progress=None):
+    def priors(self, reference, deformable_options=None, progress=None, local=None):
         """``({label: atlas_prior.Prior}, info)``: the support labels warped onto ``reference`` and fused
-        (computed once per deformable options); labels as the boxes'."""
+        (computed once per deformable options); labels as the boxes'. ``local``: an
+        :class:`URSAMLib.atlas_prior.LocalWeighting` for the locally weighted votes too."""
         from .atlas_prior import fuse_priors
 
-        key = repr(deformable_options.to_json() if deformable_options is not None else None)
+        key = repr((deformable_options.to_json() if deformable_options is not None else None, local))
         if key not in self._priors:
             regs = self.refined(deformable_options, progress)
             t0 = time.perf_counter()
-            priors = fuse_priors(reference, regs, self.library, self.library_values())
+            priors = fuse_priors(reference, regs, self.library, self.library_values(), local=local)
             priors = {self.relabel.get(v, v): p for v, p in priors.items()}
             for v, p in priors.items():
                 p.label = v
@@ -133,13 +134,14 @@ class Localization:
             self._priors[key] = (priors, info)
         return self._priors[key]
 
-    def atlas(self, reference, deformable_options=None, progress=None):
-        """The majority-vote atlas of the supports (no SAM) on ``reference``, in the boxes' label values;
-        with the deformable stage of ``deformable_options`` on top of the affine registrations."""
+    def atlas(self, reference, deformable_options=None, progress=None, fusion="vote"):
+        """The multi-atlas segmentation of the supports (no SAM) on ``reference``, in the boxes' label values:
+        a majority vote, or STAPLE (``fusion``); with the deformable stage of ``deformable_options`` on top
+        of the affine registrations."""
         from .registration.warp import atlas_labels
 
         voted = atlas_labels(reference, self.refined(deformable_options, progress), self.library,
-                             self.library_values())
+                             self.library_values(), fusion)
         if not self.relabel:
             return voted
         out = np.zeros_like(voted)

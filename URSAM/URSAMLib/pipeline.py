@@ -27,8 +27,10 @@ URSAM = "ursam"
 #: Algorithm 1 with the atlas prior (URSAMLib.rectification.atlas_rectified); the same mask as URSAM
 #: for organs without a warped prior
 URSAM_ATLAS = "ursam+atlas"
-#: every mask the pipeline can produce, in the paper's table order, then the atlas-prior variant
-METHODS = ("auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", URSAM, URSAM_ATLAS)
+#: the calibrated atlas–SAM fusion (URSAMLib.fusion), where a calibration gives the organ a model
+FUSION = "fusion"
+#: every mask the pipeline can produce, in the paper's table order, then the atlas-prior variant and the fusion
+METHODS = ("auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", URSAM, URSAM_ATLAS, FUSION)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Params:
     region_pad: float = 0.1
     #: boxes decoded per decoder call (bounds the decoder's memory: about 20 MB a box)
     decode_batch: int = 16
+    #: flagged voxels of a fused organ are at most this fraction of its segmented volume (the review budget)
+    review_budget: float = 0.1
 
     def check(self):
         if int(self.n_aug) != self.n_aug or self.n_aug < 1:
@@ -51,6 +55,9 @@ class Params:
             raise URSAMError(f"the shift ratio must be in [0, 0.5), got {self.ratio}")
         if int(self.seed) != self.seed or self.seed < 0:
             raise URSAMError(f"the seed must be a whole number of at least 0, got {self.seed}")
+        if not 0 <= float(self.review_budget) <= 1:
+            raise URSAMError(f"the review budget must be a fraction of the organ's volume in [0, 1], got "
+                             f"{self.review_budget}")
         self.rectify.check()
         return self
 
@@ -58,7 +65,7 @@ class Params:
         return asdict(self)
 
 
-@dataclass
+@dataclass(eq=False)
 class OrganMaps:
     """One organ of one prompt set, over its region ``sl`` (z, y, x slices of the volume)."""
     box: object
@@ -75,6 +82,27 @@ class OrganMaps:
     info: dict = field(default_factory=dict)
     #: the organ's atlas prior (URSAMLib.atlas_prior.Prior), where the support labels were warped
     prior: object = None
+    #: the organ's calibrated fusion (URSAMLib.fusion.OrganFusion) and its result (fusion.Fused)
+    fusion: object = None
+    fused: object = None
+
+    def evidence(self):
+        """The organ's fusion sources over its region (URSAMLib.fusion.Evidence); None without a prior."""
+        from .fusion import Evidence
+
+        if self.prior is None or self.p_mean is None:
+            return None
+        sources = {"sam": self.p_mean, "atlas": self.prior.on(self.sl)}
+        if self.prior.lw is not None:
+            sources["atlas_lw"] = self.prior.on(self.sl, "lw")
+        return Evidence(sources, self.intensity.astype(np.float32))
+
+    def uncertainty(self):
+        """``(u, flagged)`` of the organ's result: the fused entropy and flags where it was fused, else SAM's
+        entropy and M_unc (eq. 3-5)."""
+        if self.fused is not None:
+            return self.fused.uncertainty, self.fused.flagged
+        return self.u, self.m_unc
 
     @property
     def label(self):
@@ -106,7 +134,8 @@ def distinct_slices(prompt_sets):
     return sorted(zs)
 
 
-def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None, plan=None, priors=None):
+def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None, plan=None, priors=None,
+        fusions=None):
     """Segment ``volume`` (float32 [z, y, x], HU) inside ``boxes`` with one encoder pass per slice.
 
     ``extra_sets`` maps a name to more boxes decoded once each without
@@ -117,7 +146,8 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
     them, choosing boxes from the maps decoded so far; an embedding is kept
     for a later step of the same slice only where ``keep`` says so.
     ``priors``: ``{label: atlas_prior.Prior}`` of the main boxes, which
-    rectification also scores with (the ``ursam+atlas`` mask).
+    rectification also scores with (the ``ursam+atlas`` mask); ``fusions``:
+    ``{label: fusion.OrganFusion}``, the calibrated fusion of those organs.
     Returns ``(organs, timings)``: a list of :class:`OrganMaps` and seconds by stage.
     """
     progress = progress or Progress()
@@ -136,8 +166,9 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
             sl, inner = _region(b, shape, params.region_pad)
             rshape = tuple(s.stop - s.start for s in sl)
             o = OrganMaps(b, set_name, n, sl, inner, np.zeros(rshape, np.float32))
-            if set_name == "main" and priors:
-                o.prior = priors.get(b.label)
+            if set_name == "main":
+                o.prior = (priors or {}).get(b.label)
+                o.fusion = (fusions or {}).get(b.label)
             if n:
                 o.p_mean = np.zeros(rshape, np.float32)
                 aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[b.label])
@@ -251,6 +282,16 @@ def finish_organ(o, params):
     else:
         opts = params.rectify
         o.masks[URSAM_ATLAS] = atlas_rectified(rect, o.m_unc, o.prior.on(o.sl), opts.atlas_add, opts.atlas_keep)
+    o.fused = None
+    evidence = o.evidence() if o.fusion is not None else None
+    if evidence is not None:
+        from .fusion import fuse
+
+        o.fused = fuse(evidence, o.fusion, params.review_budget)
+        o.masks[FUSION] = o.fused.mask
+    else:
+        # no model or nothing warped onto this organ: the fusion falls back to the atlas-prior result
+        o.masks[FUSION] = o.masks[URSAM_ATLAS]
     return o
 
 
@@ -276,23 +317,42 @@ def label_map(organs, method, shape, prompt_set="main"):
     frame, local = _union_frame(chosen, shape)
     best = np.full(tuple(s.stop - s.start for s in frame), -1.0, np.float32)
     for o in chosen:
-        p = o.p_auto if method == "auto" or o.p_mean is None else o.p_mean
+        if method == FUSION and o.fused is not None:
+            p = o.fused.probability
+        else:
+            p = o.p_auto if method == "auto" or o.p_mean is None else o.p_mean
         m = o.masks[method] & (p > best[local[id(o)]])
         labels[o.sl][m] = o.label
         best[local[id(o)]][m] = p[m]
     return labels
 
 
+def error_map(organs, shape):
+    """Each voxel's probability of being wrong in the fused result (URSAMLib.fusion.expected_errors), the
+    highest over the fused organs; None where no organ was fused (SAM's probabilities are not calibrated)."""
+    from .fusion import expected_errors
+
+    fused = [o for o in organs if o.fused is not None]
+    if not fused:
+        return None
+    out = np.zeros(shape, np.float32)
+    for o in fused:
+        np.maximum(out[o.sl], expected_errors(o.fused.probability, o.fused.mask), out=out[o.sl])
+    return out
+
+
 def uncertainty_maps(organs, shape):
-    """The entropy map (max over organs) and the label map of M_unc (organ of the higher u)."""
+    """The entropy map (max over organs) and the label map of the flagged voxels (organ of the higher u);
+    each organ's own uncertainty: the fused one where it was fused, else SAM's (OrganMaps.uncertainty)."""
     u_full = np.zeros(shape, np.float32)
     unc_labels = np.zeros(shape, np.uint16)
     chosen = [o for o in organs if o.u is not None]
     frame, local = _union_frame(chosen, shape)
     best = np.full(tuple(s.stop - s.start for s in frame), -1.0, np.float32)
     for o in chosen:
-        np.maximum(u_full[o.sl], o.u, out=u_full[o.sl])
-        m = o.m_unc & (o.u > best[local[id(o)]])
+        u, flagged = o.uncertainty()
+        np.maximum(u_full[o.sl], u, out=u_full[o.sl])
+        m = flagged & (u > best[local[id(o)]])
         unc_labels[o.sl][m] = o.label
-        best[local[id(o)]][m] = o.u[m]
+        best[local[id(o)]][m] = u[m]
     return u_full, unc_labels

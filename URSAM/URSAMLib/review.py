@@ -26,6 +26,9 @@ class Component:
     centre_ijk: tuple  # (i, j, k), float
     seed_ijk: tuple  # (i, j, k): one voxel of the region
     box_ijk: tuple  # (i0, i1, j0, j1, k0, k1), inclusive
+    #: the voxels of the region expected to be wrong (its voxels times their mean error probability),
+    #: where the result has calibrated probabilities; None otherwise
+    expected_errors: float = None
 
     @property
     def region(self):
@@ -39,13 +42,18 @@ class Component:
         d["ml"] = round(self.ml, 4)
         d["mean_uncertainty"] = round(self.mean_uncertainty, 4)
         d["max_uncertainty"] = round(self.max_uncertainty, 4)
+        if self.expected_errors is not None:
+            d["expected_errors"] = round(self.expected_errors, 2)
         return d
 
 
-def flagged_components(unc_labels, uncertainty, organs, voxel_ml, min_voxels=1):
+def flagged_components(unc_labels, uncertainty, organs, voxel_ml, min_voxels=1, error_probability=None):
     """Components of each organ's flagged voxels; ``organs`` is ``[(label, name)]``.
 
-    Ordered by organ, then largest first; ids count from 1, stable for a given input.
+    Ordered by organ, then largest first; with ``error_probability`` (each
+    voxel's probability of being wrong, from a calibrated result) all regions
+    by their expected errors instead, most first, so the review starts where
+    the most is likely wrong. Ids count from 1, stable for a given input.
     """
     found = ndimage.find_objects(np.asarray(unc_labels).astype(np.int32, copy=False))
     out = []
@@ -59,6 +67,8 @@ def flagged_components(unc_labels, uncertainty, organs, voxel_ml, min_voxels=1):
         index = np.arange(1, n + 1)
         counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
         sums = ndimage.sum_labels(u, components, index)
+        errors = ndimage.sum_labels(error_probability[box], components, index) if error_probability is not None \
+            else [None] * n
         maxima = ndimage.maximum(u, components, index)
         centres = ndimage.center_of_mass(mask, components, index)
         rows = []
@@ -72,9 +82,12 @@ def flagged_components(unc_labels, uncertainty, organs, voxel_ml, min_voxels=1):
             centre = [float(centres[k][a] + box[a].start) for a in range(3)]
             rows.append(Component(0, int(label), name, int(counts[k]), float(counts[k] * voxel_ml),
                                   float(sums[k] / counts[k]), float(maxima[k]), tuple(centre[::-1]),
-                                  tuple(seed[::-1]), (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])))
+                                  tuple(seed[::-1]), (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0]),
+                                  None if errors[k] is None else float(errors[k])))
         rows.sort(key=lambda c: -c.voxels)
         out.extend(rows)
+    if error_probability is not None:
+        out.sort(key=lambda c: -c.expected_errors)
     for i, c in enumerate(out, start=1):
         c.id = i
     return out
@@ -101,7 +114,8 @@ def organ_statistics(result, rectified, ensemble, unc_labels, components):
         flagged = unc_labels == o.label
         n_rect, n_flag = int(np.count_nonzero(rect)), int(np.count_nonzero(flagged))
         union = int(np.count_nonzero(rect | flagged))
-        u_box = o.u[o.box_in_region] if o.u is not None else None
+        u_own = o.uncertainty()[0]
+        u_box = u_own[o.box_in_region] if u_own is not None else None
         rows.append({
             "organ": o.name, "label": int(o.label),
             "rectified_ml": n_rect * voxel_ml, "ensemble_ml": int(np.count_nonzero(ensemble == o.label)) * voxel_ml,

@@ -30,6 +30,8 @@ RECTIFIED_METHODS = {
     pipeline.URSAM: "UR-SAM: the paper's Algorithm 1 (class-specific threshold, intensity rectification)",
     pipeline.URSAM_ATLAS: "UR-SAM with the atlas prior: Algorithm 1, where the support labels warped into "
                           "the scan also add uncertain voxels and veto voxels they do not reach",
+    pipeline.FUSION: "the calibrated atlas-SAM fusion: per organ, SAM's ensemble and the warped support labels "
+                     "pooled with the weights, temperature and threshold fitted on the template library",
 }
 
 
@@ -91,7 +93,8 @@ class SegmentationResult:
         organs = []
         for o in self.main_organs():
             inner = o.box_in_region
-            u_box = o.u[inner] if o.u is not None else None
+            u_own = o.uncertainty()[0]
+            u_box = u_own[inner] if u_own is not None else None
             n_ens = int(np.count_nonzero(ensemble == o.label))
             n_rect = int(np.count_nonzero(rectified == o.label))
             organs.append({
@@ -99,6 +102,7 @@ class SegmentationResult:
                 "ensemble_voxels": n_ens, "ensemble_ml": round(n_ens * self.voxel_ml, 3),
                 "rectified_voxels": n_rect, "rectified_ml": round(n_rect * self.voxel_ml, 3),
                 "mean_uncertainty_in_box": float(u_box.mean()) if u_box is not None else None,
+                "fusion": o.fusion.to_json() if o.fused is not None else None,
                 # counted on uncertain.nii.gz, where overlaps went to the organ of the higher u
                 "flagged_voxels": int(np.count_nonzero(unc_labels == o.label)),
                 "threshold_T": o.info.get("T"),
@@ -118,13 +122,17 @@ class SegmentationResult:
 
 
 def rectified_method(organs, params):
-    """The result's method: Algorithm 1 with the atlas prior where the run warped the support labels
-    and the settings ask for the prior, else Algorithm 1."""
-    has_prior = any(o.prior is not None for o in organs if o.prompt_set == "main")
+    """The result's method: the calibrated fusion where a calibration fused the organs; else Algorithm 1
+    with the atlas prior where the run warped the support labels and the settings ask for the prior;
+    else Algorithm 1."""
+    main = [o for o in organs if o.prompt_set == "main"]
+    if any(o.fused is not None for o in main):
+        return pipeline.FUSION
+    has_prior = any(o.prior is not None for o in main)
     return pipeline.URSAM_ATLAS if has_prior and params.rectify.atlas_prior else pipeline.URSAM
 
 
-def _prompts(localization, reference, settings, progress):
+def _prompts(localization, reference, settings, progress, local=None):
     """``(boxes, plan, info, priors)``: each slice's prompts in the settings' mode."""
     from .prompt_modes import make_prompts, prompts_from_box_file
 
@@ -132,7 +140,7 @@ def _prompts(localization, reference, settings, progress):
     size = reference.GetSize()
     info = {"mode": popts.mode, "options": popts.to_json()}
     if settings.warps_labels(localization):
-        priors, prior_info = localization.priors(reference, settings.deformable, progress)
+        priors, prior_info = localization.priors(reference, settings.deformable, progress, local=local)
         info.update(prior_info)
         boxes, plan = make_prompts(localization.boxes, priors, popts, size)
         return boxes, plan, info, priors
@@ -140,8 +148,66 @@ def _prompts(localization, reference, settings, progress):
     return boxes, plan, info, None
 
 
+@dataclass
+class ModeRun:
+    """One prompt mode's SAM run on a scan: its organ maps, the boxes each slice got, what it did."""
+    mode: str
+    organs: list
+    boxes: list
+    info: dict
+    timings: dict
+
+
+def run_modes(volume, reference, localization, backend, settings, modes, progress=None, extra_sets=None,
+              crop_modes=None, local=None, fusions=None):
+    """SAM on one scan in each of ``modes``: ``{mode: ModeRun}``.
+
+    The modes share SAM's view of the scan, zoomed (``settings.prompts.zoom``)
+    to the boxes of all of ``crop_modes`` (default ``modes``), so that each
+    slice is embedded once for all of them. ``extra_sets`` go with the first
+    mode; ``local``: an :class:`URSAMLib.atlas_prior.LocalWeighting` for the
+    locally weighted votes; ``fusions``: ``{label: OrganFusion}`` attached to
+    the organs of their own ``sam_mode``.
+    """
+    from dataclasses import replace
+
+    from .prompt_modes import fallback_warnings
+    from .sam.views import Views, organ_crop
+
+    progress = progress or Progress()
+    crop_modes = list(dict.fromkeys(list(crop_modes or modes) + list(modes)))
+    prompts = {}
+    for mode in crop_modes:
+        mode_settings = replace(settings, prompts=replace(settings.prompts, mode=mode))
+        prompts[mode] = (mode_settings,) + _prompts(localization, reference, mode_settings, progress, local)
+    views = backend if isinstance(backend, Views) else Views(backend, share=len(modes) > 1)
+    crop = None
+    if settings.prompts.zoomed():
+        # From the modes' own boxes only, so that every caller gives SAM the same view of the scan.
+        crop = organ_crop([b for m in crop_modes for b in prompts[m][1]], volume.shape, settings.params.region_pad)
+    view = views.view(crop)
+    runs = {}
+    for i, mode in enumerate(modes):
+        mode_settings, boxes, plan, info, priors = prompts[mode]
+        for warning in fallback_warnings(boxes, mode):
+            progress.warn(warning)
+        if crop is not None:
+            info["zoom_crop_yx"] = list(crop)
+        calls0 = views.encoder_calls
+        t0 = time.perf_counter()
+        mine = {label: f for label, f in (fusions or {}).items() if (f.sam_mode or settings.prompts.mode) == mode}
+        organs, timings = pipeline.run(volume, view, boxes, settings.params, extra_sets if i == 0 else None,
+                                       progress, plan=plan, priors=priors, fusions=mine)
+        timings["total_seconds"] = time.perf_counter() - t0
+        timings["encoder_calls"] = views.encoder_calls - calls0
+        if plan is not None:
+            info["propagation"] = {str(k): v for k, v in plan.describe().items()}
+        runs[mode] = ModeRun(mode, organs, list(boxes), info, timings)
+    return runs, view
+
+
 def segment_query(volume, reference, localization, backend, settings=None, progress=None, extra_sets=None,
-                  inputs=None):
+                  inputs=None, calibration=None):
     """The method on one query scan: a :class:`SegmentationResult`.
 
     ``volume``: the scan as float32 [z, y, x] in HU; ``reference``: the
@@ -153,37 +219,64 @@ def segment_query(volume, reference, localization, backend, settings=None, progr
     scan (the prompt modes of an evaluation) share their slice embeddings.
     ``extra_sets``: more prompt sets decoded once each, without augmentation,
     against the same embeddings (the evaluation's manual-prompt baseline).
+    ``calibration``: a :class:`URSAMLib.calibration.Calibration` of the
+    library: each organ's result is then the calibrated fusion of its SAM
+    ensemble (in the prompt mode the calibration chose for it) and the warped
+    support labels.
     """
-    from .prompt_modes import fallback_warnings
-    from .sam.views import Views, organ_crop
-
     settings = (settings or Settings()).check()
     progress = progress or Progress()
     if not isinstance(localization, Localization):
         localization = Localization.from_boxes(localization)
-    boxes, plan, info, priors = _prompts(localization, reference, settings, progress)
-    for warning in fallback_warnings(boxes, settings.prompts.mode):
-        progress.warn(warning)
-    views = backend if isinstance(backend, Views) else Views(backend)
-    crop = None
-    if settings.prompts.zoomed():
-        # From the mode's own boxes only, so that every caller gives SAM the same view of the scan.
-        crop = organ_crop(boxes, volume.shape, settings.params.region_pad)
-        info["zoom_crop_yx"] = list(crop)
-    view = views.view(crop)
-    calls0 = views.encoder_calls
+    fusions, modes, crop_modes, local = {}, [settings.prompts.mode], None, None
+    if calibration is not None and settings.warps_labels(localization):
+        values = {b.name: b.label for b in localization.boxes}
+        fusions = {values[name]: model for name, model in calibration.organs.items() if name in values}
+        modes = calibration.modes(settings.prompts.mode, list(values))
+        crop_modes, local = calibration.candidate_modes, calibration.local
     t0 = time.perf_counter()
-    organs, timings = pipeline.run(volume, view, boxes, settings.params, extra_sets, progress, plan=plan,
-                                   priors=priors)
+    runs, view = run_modes(volume, reference, localization, backend, settings, modes, progress, extra_sets,
+                           crop_modes, local, fusions)
+    first = runs[modes[0]]
+    organs, boxes = _organs_of(runs, modes[0], fusions)
+    timings = dict(first.timings) if len(runs) == 1 else _merged_timings(runs)
     timings["total_seconds"] = time.perf_counter() - t0
-    timings["encoder_calls"] = views.encoder_calls - calls0
-    if plan is not None:
-        info["propagation"] = {str(k): v for k, v in plan.describe().items()}
+    info = dict(first.info)
+    if len(runs) > 1:
+        kept = {id(o) for o in organs}
+        info["organ_modes"] = {o.name: mode for mode, run in runs.items() for o in run.organs
+                               if o.prompt_set == "main" and id(o) in kept}
     inputs = dict(inputs or {})
     inputs["prompts"] = info
-    return SegmentationResult(reference, volume, list(boxes), organs, settings, view.describe(), timings,
+    if calibration is not None:
+        inputs["calibration"] = calibration.describe(used=bool(fusions))
+    return SegmentationResult(reference, volume, boxes, organs, settings, view.describe(), timings,
                               warnings=list(progress.warnings), inputs=inputs,
                               rectified_method=rectified_method(organs, settings.params))
+
+
+def _organs_of(runs, first_mode, fusions):
+    """Each organ's maps from the run of its own prompt mode (the fused organs'), the others and every
+    extra prompt set from the first run; and the boxes those organs were prompted with."""
+    chosen, boxes = [], []
+    for o in runs[first_mode].organs:
+        mode = first_mode
+        if o.prompt_set == "main" and o.label in fusions and fusions[o.label].sam_mode in runs:
+            mode = fusions[o.label].sam_mode
+        if mode != first_mode:
+            o = next(x for x in runs[mode].organs if x.prompt_set == "main" and x.label == o.label)
+        chosen.append(o)
+        if o.prompt_set == "main":
+            boxes.append(o.box)
+    return chosen, boxes
+
+
+def _merged_timings(runs):
+    out = {}
+    for run in runs.values():
+        for k, v in run.timings.items():
+            out[k] = out.get(k, 0) + v if isinstance(v, (int, float)) else v
+    return out
 
 
 def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None, extra_report=None):
@@ -212,7 +305,8 @@ def write_results(result, out_dir, overwrite=False, progress=None, extra_files=N
             writer(stage / name)
         result.timings["write_seconds"] = time.perf_counter() - t0
         report = result.report(ensemble, rectified, unc_labels)
-        components = flagged_components(unc_labels, u_full, names, result.voxel_ml)
+        components = flagged_components(unc_labels, u_full, names, result.voxel_ml,
+                                        error_probability=pipeline.error_map(result.organs, result.shape))
         report["flagged_components"] = [c.to_json() for c in components]
         for organ in report["organs"]:
             organ["flagged_regions"] = sum(c.label == organ["label"] for c in components)

@@ -181,6 +181,14 @@ class Library:
             raise URSAMError("no organs requested", self.meta_path)
         return out
 
+    def without(self, case_id):
+        """The same library less one support scan (leave-one-out calibration); nothing is written."""
+        import copy
+
+        other = copy.copy(self)
+        other.meta = {**self.meta, "support": [c for c in self.case_ids() if c != case_id]}
+        return other
+
     def templates(self):
         """The support templates (their files are found, not yet read)."""
         ids = self.case_ids()

@@ -213,11 +213,17 @@ class URSAMProcessLogic:
         progress.check_cancel()
         computed = SegmentComputed(job, None)
         options = job.options
+        calibration = None
         if job.boxes is None:
+            from URSAMLib.calibration import find_calibration
+
             localization = self.computeLocalization(
                 LocalizeJob(job.snapshot, job.library, job.organs, options), progress)
             computed.localized, computed.localizeInfo = localization.boxes, localization.info
             settings = options.settings()
+            if settings.warps_labels(localization):
+                # the library's own calibration.json, as ursam segment --templates uses it
+                calibration = find_calibration(localization.library, None, progress)
         else:
             # ROIs have no per-slice boxes and nothing to warp: prepareSegmentation told the user
             localization = job.boxes
@@ -225,7 +231,7 @@ class URSAMProcessLogic:
         sam = backend if backend is not None else self.backend(options, progress)
         inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in localization_boxes(localization)]}
         computed.result = segment_query(job.snapshot.array, job.snapshot.reference(), localization, sam, settings,
-                                        progress=progress, inputs=inputs)
+                                        progress=progress, inputs=inputs, calibration=calibration)
         # the engine's own warnings (progress.warn) are in the result already; the job's come first
         computed.result.warnings[:0] = job.warnings
         self._derive(computed)
@@ -242,8 +248,11 @@ class URSAMProcessLogic:
         uncertainty, uncLabels = result.uncertainty_maps()
         computed.maps = {"ensemble": ensemble, "rectified": rectified, "uncertainty": uncertainty,
                          "flagged": uncLabels, "organs": organs}
+        from URSAMLib.pipeline import error_map
+
         computed.components = review.flagged_components(uncLabels, uncertainty, organs, result.voxel_ml,
-                                                        int(computed.job.options.minComponentVoxels))
+                                                        int(computed.job.options.minComponentVoxels),
+                                                        error_probability=error_map(result.organs, result.shape))
         computed.statistics = review.organ_statistics(result, rectified, ensemble, uncLabels, computed.components)
         mode = promptMode(result)
         for row in computed.statistics:

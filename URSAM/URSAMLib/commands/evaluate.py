@@ -26,6 +26,10 @@ def add_parser(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="start anew where the folder holds an evaluation with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="the fusion's calibration on the supports (default: the support library's calibration.json, "
+                        "if any; `ursam templates calibrate` makes one): adds the fusion's rows and its ablations'")
+    p.add_argument("--no-calibration", action="store_true", help="ignore the support library's calibration")
     add_localizer_options(p, templates=False)
     add_sam_options(p)
     add_method_options(p)
@@ -43,10 +47,18 @@ def main(args):
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     modes = parse_modes(args.prompts) if args.prompts else [default_mode(args.localizer)]
     settings = settings_from_args(args, mode=modes[0])
+    calibration = None
+    if not args.no_calibration:
+        from ..calibration import find_calibration
+        from ..templates import Library
+
+        support = Library(args.support_from) if args.support_from else Library(args.dataset, role="support")
+        calibration = find_calibration(support, args.calibration, progress)
     summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
                        backend_factory=lambda: backend_from_args(args, progress), settings=settings,
                        localizer_options=localizer_options(args), sweep=args.sweep, backend_name=args.backend,
-                       progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes)
+                       progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes,
+                       calibration=calibration)
     table = summary["dice_table"]
     organs = [o for o in next(iter(table.values())) if o != "Avg"] if table else []
     print(markdown_table(table, organs))

@@ -21,6 +21,11 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--reference", help="reference label map (same label values as the boxes): "
                                         "scores every method and prints the Dice table")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="the fusion's calibration (default: the template library's calibration.json, made by "
+                        "`ursam templates calibrate`; without one, UR-SAM with the atlas prior)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="ignore the library's calibration: the uncalibrated result (UR-SAM with the atlas prior)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sam_options(p)
@@ -57,10 +62,17 @@ def main(args):
     check_output_dir(args.out, args.overwrite)
     reference, volume = read_ct(args.image)
     size = reference.GetSize()
+    calibration = None
     if args.templates:
         settings = settings_from_args(args)
         localization = localize_from_args(args, settings, progress)
+        if not args.no_calibration and settings.warps_labels(localization):
+            from ..calibration import find_calibration
+
+            calibration = find_calibration(localization.library, args.calibration, progress)
     else:
+        if args.calibration:
+            raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
         if args.organs:
             raise URSAMError("--organs goes with --templates; with --boxes, edit the box file")
         boxes = load_boxes(args.boxes, size, warn=progress.warn)
@@ -80,7 +92,8 @@ def main(args):
               "margin_z_xy": list(settings.margin), "normalization": "percentile" if percentile else "ct-window"}
     if args.templates:
         inputs["localization"] = localization.info
-    result = segment_query(volume, reference, localization, backend, settings, progress=progress, inputs=inputs)
+    result = segment_query(volume, reference, localization, backend, settings, progress=progress, inputs=inputs,
+                           calibration=calibration)
     extra_files = {}
     if args.templates:
         # Written after the run, so propagate's file holds the boxes it chose on each slice.

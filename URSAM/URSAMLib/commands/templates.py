@@ -24,8 +24,80 @@ def add_parser(sub):
     c = tsub.add_parser("check", help="validate a library and list its organs and scans")
     c.add_argument("library", metavar="LIB", help="library folder")
     c.add_argument("--organs", help="comma-separated organs that must be labelled in some scan")
+    c.add_argument("--calibration", metavar="FILE",
+                   help="show this calibration file (default: the library's calibration.json, if any)")
     c.set_defaults(func=main_check)
+    k = tsub.add_parser(
+        "calibrate", help="fit the atlas-SAM fusion on the library itself (leave one out)",
+        description="Segment each support scan with the other supports as its templates, then fit per organ "
+                    "the fusion of SAM's ensemble and the warped support labels (sources, weights, prompt mode, "
+                    "temperature, threshold, rectification, flagging threshold). Writes calibration.json into "
+                    "the library (or --out); `ursam segment`, `evaluate` and the Slicer module use it. "
+                    "Resumable: what each support's runs computed is kept beside the library.")
+    k.add_argument("library", metavar="LIB", help="library folder (at least 3 support scans)")
+    k.add_argument("--out", metavar="FILE", help="where to write the calibration (default: LIB/calibration.json; "
+                                                 "give it for a library you cannot write)")
+    k.add_argument("--modes", default=",".join(_candidate_modes()),
+                   help=f"prompt modes to choose from per organ (default {','.join(_candidate_modes())})")
+    k.add_argument("--budget", type=float, default=_default_budget(),
+                   help="review budget: flagged voxels at most this fraction of an organ's segmented volume "
+                        f"(default {_default_budget()})")
+    k.add_argument("--quiet", action="store_true", help="no progress messages")
+    from .options import add_method_options, add_prompt_options, add_sam_options
+
+    add_sam_options(k)
+    add_method_options(k)
+    add_prompt_options(k)
+    k.set_defaults(func=main_calibrate, localizer="registration", margin=None)
     return p
+
+
+def _candidate_modes():
+    from ..calibration import CANDIDATE_MODES
+
+    return CANDIDATE_MODES
+
+
+def _default_budget():
+    from ..pipeline import Params
+
+    return Params().review_budget
+
+
+def main_calibrate(args):
+    from ..calibration import calibrate
+    from ..progress import Progress
+    from ..prompt_modes import parse_modes
+    from ..templates import Library
+    from .options import backend_from_args, settings_from_args
+
+    progress = Progress(quiet=args.quiet)
+    lib = Library(args.library)
+    modes = parse_modes(args.modes)
+    settings = settings_from_args(args, mode=args.prompts or modes[0])
+    backend = backend_from_args(args, progress)
+    calibration = calibrate(lib, backend, settings, progress, out=args.out, modes=modes, budget=args.budget)
+    print(format_calibration(calibration))
+    print(f"wrote {calibration.path} ({calibration.seconds:.0f} s)")
+    return 0
+
+
+def format_calibration(calibration):
+    """The calibration as the user reads it: per organ the chosen model and its leave-one-out Dice."""
+    lines = [f"calibration {calibration.path}: {len(calibration.supports)} supports "
+             f"({', '.join(calibration.supports)}), review budget {calibration.budget:g}",
+             "| organ | mode | sources (weights) | T | threshold | rectification | LOO Dice: atlas | atlas (local) "
+             "| SAM | UR-SAM + atlas prior | fusion | fusion (cross-validated) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in calibration.organs.items():
+        d = calibration.loo_dice.get(name, {})
+        weights = ", ".join(f"{k} {v:.2f}" for k, v in m.weights.items() if v) + f"; bias {m.bias:.2f}"
+        rect = "none" if not m.rectify else f"{m.rectify.get('lower')}, alpha_h {m.rectify.get('alpha_h')}"
+        cells = [d.get(k) for k in ("atlas (0.5)", "atlas_lw (0.5)", "sam (0.5)", "ursam+atlas", "fusion",
+                                    "fusion (cross-validated)")]
+        lines.append(f"| {name} | {m.sam_mode} | {weights} | {m.temperature:.2f} | {m.threshold:.2f} | {rect} | "
+                     + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines)
 
 
 def main_add(args):
@@ -72,4 +144,12 @@ def main_check(args):
         size = "x".join(str(s) for s in scan["size"])
         spacing = "x".join(f"{s:g}" for s in scan["spacing"])
         print(f"  scan {scan['id']}: {size} voxels at {spacing} mm, {len(scan['organs'])} organs")
+    from ..calibration import find_calibration
+    from ..progress import Progress
+
+    progress = Progress(quiet=True)
+    progress.warn = lambda message: print(f"  {message}")
+    calibration = find_calibration(lib, args.calibration, progress)
+    if calibration is not None:
+        print(format_calibration(calibration))
     return 0

@@ -34,23 +34,29 @@ from ..boxes import OrganBox, boxes_from_labels, box_iou
 from ..errors import URSAMError
 from ..imageio import read_ct
 from ..outputs import write_json
-from ..pipeline import URSAM, URSAM_ATLAS
+from ..pipeline import FUSION, URSAM, URSAM_ATLAS
 from ..progress import Progress
 from ..rectification import RectifyOptions
-from .metrics import auroc, box_centre_error_mm, dice, hd95
+from ..uncertainty import binary_entropy
+from .metrics import auroc, box_centre_error_mm, dice, hd95, spearman
+from .metrics import uncertainty_scores as region_scores
 
 #: the pipeline's methods; ``ursam+atlas`` rows exist where the run warped the support labels
-SAM_METHODS = tuple(m for m in pipeline.METHODS if m != URSAM_ATLAS)
+SAM_METHODS = tuple(m for m in pipeline.METHODS if m not in (URSAM_ATLAS, FUSION))
 #: every method ``ursam evaluate`` knows, in the paper's table order
 ALL_METHODS = SAM_METHODS + ("manual", "atlas")
 LABELS = {"auto": "Auto prompting", "ensemble": "Ensemble", "unc-fpc": "Unc-FPC", "unc-fnc": "Unc-FNC",
           "unc-fpnc": "Unc-FPNC", URSAM: "UR-SAM", "manual": "Manual prompting",
           "atlas": "Atlas (registration, majority vote)",
-          URSAM_ATLAS: "UR-SAM + atlas prior"}
+          URSAM_ATLAS: "UR-SAM + atlas prior", FUSION: "Calibrated fusion",
+          "fusion-no-sam": "Calibrated fusion without SAM", "fusion-no-rect": "Calibrated fusion without rectification",
+          "atlas-lw": "Atlas (locally weighted vote)", "atlas-staple": "Atlas (STAPLE)"}
 #: the paper's simulated user: each side of the true box moved out by 0..20 px of the 1024 grid
 MANUAL_PERTURB_PX = 20.0
 COLUMNS = ("case", "organ", "label", "method", "dice", "hd95_mm", "dice_gt_slices", "box_iou",
-           "centre_error_mm", "mean_uncertainty", "uncertainty_auroc", "pred_voxels", "truth_voxels")
+           "centre_error_mm", "mean_uncertainty", "uncertainty_auroc", "pred_voxels", "truth_voxels",
+           "region_auroc", "error_voxels", "flagged_errors", "flagged_voxels", "segmented_voxels",
+           "mean_uncertainty_near")
 #: METHOD.md §4 open points, tried with ``sweep=True``
 SWEEP_GRID = [RectifyOptions(scope=s, lower=lo, alpha_h=a)
               for s in ("box", "slice") for lo in ("written", "midpoint") for a in (1.0, 1.1, 1.2, 1.5)]
@@ -128,7 +134,7 @@ class CaseInputs:
 
 
 def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer_options=None, sweep=False,
-             progress=None, prompt_modes=None):
+             progress=None, prompt_modes=None, calibration=None):
     """Every method on one case: ``(rows, sweep_rows, info)``.
 
     The SAM methods are the masks of :func:`URSAMLib.segment.segment_query`
@@ -136,7 +142,9 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
     :class:`URSAMLib.sam.views.Views` shared by the case's runs. ``prompt_modes``
     (default: the settings' mode): the SAM methods run once per mode; with
     several modes their rows are named ``method@mode`` (the manual baseline and
-    ``sweep`` go with the first mode).
+    ``sweep`` go with the first mode). ``calibration``: the support library's
+    fusion calibration; the first mode's run uses it, and adds the rows of
+    the fusion and of its ablations (without SAM, without rectification).
     """
     from ..localize import localize
     from ..segment import segment_query
@@ -189,7 +197,8 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
         for i_mode, mode in enumerate(prompt_modes):
             mode_settings = replace(settings, prompts=replace(settings.prompts, mode=mode))
             result = segment_query(case.volume, case.reference, localization, backend, mode_settings, progress,
-                                   extra_sets=extra_sets if i_mode == 0 else None)
+                                   extra_sets=extra_sets if i_mode == 0 else None,
+                                   calibration=calibration if i_mode == 0 else None)
             suffix = "" if len(prompt_modes) == 1 else f"@{mode}"
             timings = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.timings.items()}
             prompt_info = result.prompt_info
@@ -213,7 +222,15 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
                         if name == "ensemble" and value in main and main[value].u is not None:
                             o = main[value]
                             extra = uncertainty_scores(o, case.truth[o.sl] == value)
+                        if name in MAPPED and value in main and main[value].u is not None:
+                            u, flagged = _full(main[value], shape, main[value].u, main[value].m_unc)
+                            extra = {**(extra or {}), **region_scores(labels == value, case.truth == value, u,
+                                                                      flagged, case.spacing_zyx)}
                         add_row(value, name + suffix, labels == value, raw.get(value), extra)
+            if i_mode == 0 and result.rectified_method == FUSION:
+                for name, variant in ((FUSION, None), ("fusion-no-sam", "no_sam"), ("fusion-no-rect", "no_rectify")):
+                    for row in _fusion_rows(result, case, calibration, variant, raw):
+                        add_row(*row[:4], extra=row[4])
         if len(prompt_modes) > 1:
             _mode_seconds(info, {m for m in prompt_modes if settings.prompts.zoomed(m)})
         if "manual" in methods:
@@ -238,13 +255,92 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
             add_row(value, "atlas", m, mask_box(m, value, case.organs[value]))
         deformable = settings.deformable
         if deformable.method != "none" and localization.deformable_info(deformable) is not None:
-            # The same majority vote with the deformable registrations the slice-adaptive prompts used.
+            # The same majority vote with the deformable registrations the slice-adaptive prompts used, and the
+            # label fusions of classic multi-atlas tools on those registrations: locally weighted votes, STAPLE.
             atlas = localization.atlas(case.reference, deformable)
+            priors, _ = localization.priors(case.reference, deformable, local=_local(calibration))
             for value in case.scored:
                 m = atlas == value
-                add_row(value, f"atlas@{deformable.method}", m, mask_box(m, value, case.organs[value]))
+                votes = _full_prior(priors.get(value), shape, "frac")
+                extra = region_scores(m, case.truth == value, binary_entropy(votes), (votes > 0) & (votes < 1),
+                                      case.spacing_zyx)
+                add_row(value, f"atlas@{deformable.method}", m, mask_box(m, value, case.organs[value]), extra)
+            lw = _vote_labels(priors, shape, "lw")
+            staple = localization.atlas(case.reference, deformable, fusion="staple")
+            for value in case.scored:
+                votes = _full_prior(priors.get(value), shape, "lw")
+                m = lw == value
+                extra = region_scores(m, case.truth == value, binary_entropy(votes),
+                                      binary_entropy(votes) >= LW_FLAG, case.spacing_zyx)
+                add_row(value, f"atlas-lw@{deformable.method}", m, mask_box(m, value, case.organs[value]), extra)
+                m = staple == value
+                add_row(value, f"atlas-staple@{deformable.method}", m, mask_box(m, value, case.organs[value]))
     info["seconds"] = round(time.perf_counter() - t_case, 2)
     return rows, sweep_rows, info
+
+
+#: the SAM methods whose uncertainty map (SAM's entropy, M_unc) the evaluation scores
+MAPPED = ("ensemble", URSAM, URSAM_ATLAS)
+#: the locally weighted vote's flags: where its entropy reaches that of a 1:3 vote
+LW_FLAG = float(binary_entropy(np.float32(0.25)))
+
+
+def _local(calibration):
+    from ..atlas_prior import LocalWeighting
+
+    return calibration.local if calibration is not None else LocalWeighting()
+
+
+def _full(o, shape, u, flagged):
+    """An organ's uncertainty and flags, on the whole volume (zero outside its region)."""
+    u_full, f_full = np.zeros(shape, np.float32), np.zeros(shape, bool)
+    u_full[o.sl], f_full[o.sl] = u, flagged
+    return u_full, f_full
+
+
+def _full_prior(prior, shape, which):
+    if prior is None or getattr(prior, which) is None:
+        return np.zeros(shape, np.float32)
+    return prior.on(tuple(slice(0, n) for n in shape), which)
+
+
+def _vote_labels(priors, shape, which):
+    """A label map of votes of at least one half, overlaps to the organ of the higher vote."""
+    labels, best = np.zeros(shape, np.int32), np.zeros(shape, np.float32)
+    for value, prior in priors.items():
+        v = _full_prior(prior, shape, which)
+        m = (v >= 0.5) & (v > best)
+        labels[m], best[m] = value, v[m]
+    return labels
+
+
+def _fusion_rows(result, case, calibration, variant, raw):
+    """``(value, method, mask, box, extra)`` rows of the fusion (``variant`` None) or of one of its
+    ablations, re-fused from the result's cached maps (no SAM rerun); the result is restored after."""
+    main = [o for o in result.main_organs() if o.fusion is not None]
+    name = {None: FUSION, "no_sam": "fusion-no-sam", "no_rectify": "fusion-no-rect"}[variant]
+    models = calibration.variant(variant).organs if variant else calibration.organs
+    saved = [(o.fusion, o.fused, dict(o.masks)) for o in main]
+    try:
+        for o in main:
+            o.fusion = models.get(o.name, o.fusion)
+            pipeline.finish_organ(o, result.params)
+        labels = result.label_map(FUSION)
+        shape = case.volume.shape
+        out = []
+        by_label = {o.label: o for o in main}
+        for value in case.scored:
+            o = by_label.get(value)
+            pred = labels == value
+            extra = None
+            if o is not None and o.fused is not None:
+                u, flagged = _full(o, shape, o.fused.uncertainty, o.fused.flagged)
+                extra = region_scores(pred, case.truth == value, u, flagged, case.spacing_zyx)
+            out.append((value, name, pred, raw.get(value), extra))
+        return out
+    finally:
+        for o, (fusion, fused, masks) in zip(main, saved):
+            o.fusion, o.fused, o.masks = fusion, fused, masks
 
 
 def _mode_seconds(info, zoomed):
@@ -335,9 +431,10 @@ def method_label(m):
     return f"{LABELS.get(base, base)} [{mode}]" if mode else LABELS.get(m, m)
 
 
-def table_methods(methods, prompt_modes, deformable_method=None):
+def table_methods(methods, prompt_modes, deformable_method=None, calibrated=False):
     """The row names of the tables: each SAM method once per prompt mode where several are compared;
-    ``deformable_method``: the deformable stage the run warped the support labels with (None: none)."""
+    ``deformable_method``: the deformable stage the run warped the support labels with (None: none);
+    ``calibrated``: the fusion's rows too."""
     prompt_modes = list(prompt_modes)
     out = []
     for m in methods:
@@ -348,8 +445,10 @@ def table_methods(methods, prompt_modes, deformable_method=None):
                 out += [f"{name}@{mode}" for mode in prompt_modes]
             else:
                 out.append(name)
+        if m == URSAM and calibrated:
+            out += [FUSION, "fusion-no-sam", "fusion-no-rect"]
         if m == "atlas" and deformable_method not in (None, "none"):
-            out.append(f"atlas@{deformable_method}")
+            out += [f"{a}@{deformable_method}" for a in ("atlas", "atlas-lw", "atlas-staple")]
     return out
 
 
@@ -424,6 +523,9 @@ def write_tables(out, rows, sweep_rows, names, methods, header, extra=""):
                "AUROC": pivot(rows, "uncertainty_auroc", [ens], organs)[ens]}
         parts += ["## Uncertainty inside the box: mean entropy, and AUROC of the entropy for the ensemble's "
                   "error voxels", "", markdown_table(unc, organs, lambda m: m), ""]
+    unc = uncertainty_section(rows, present)
+    if unc:
+        parts += [unc]
     if extra:
         parts += [extra]
     atomic_write_text(out / "table.md", "\n".join(parts))
@@ -438,6 +540,48 @@ def write_tables(out, rows, sweep_rows, names, methods, header, extra=""):
         lines += ["Best settings by Avg: " + "; ".join(f"{v} {t[v]['Avg']:.3f}" for v in ranked[:3]), ""]
         atomic_write_text(out / "sweep.md", "\n".join(lines))
     return organs, present
+
+
+def uncertainty_summary(rows, methods):
+    """Per method with an uncertainty map: the mean voxel AUROC of its uncertainty for its errors over the
+    organs' regions, the share of its error voxels in its flagged voxels, the flagged share of its
+    segmented volume, and Spearman's correlation of the mean uncertainty near each organ with its Dice
+    over the case x organ pairs."""
+    out = {}
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m and _finite(r.get("region_auroc"))]
+        if not rs:
+            continue
+        errors = sum(r["error_voxels"] for r in rs)
+        segmented = sum(r["segmented_voxels"] for r in rs)
+        out[m] = {"auroc": _mean([r["region_auroc"] for r in rs]),
+                  "errors_flagged": sum(r["flagged_errors"] for r in rs) / errors if errors else float("nan"),
+                  "flagged_share": sum(r["flagged_voxels"] for r in rs) / segmented if segmented else float("nan"),
+                  "spearman": spearman([r["mean_uncertainty_near"] for r in rs], [r["dice"] for r in rs]),
+                  "pairs": len(rs)}
+    return out
+
+
+def _finite(v):
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and v != ""
+
+
+def uncertainty_section(rows, methods):
+    summary = uncertainty_summary(rows, methods)
+    if not summary:
+        return ""
+    lines = ["## Uncertainty: does it point at the errors?", "",
+             "Over each organ's region (truth or prediction grown by 1 cm): the voxel AUROC of the method's "
+             "uncertainty for its error voxels; the share of the error voxels that are flagged; the flagged "
+             "voxels as a share of the segmented volume; and Spearman's correlation, over case x organ pairs, "
+             "of the mean uncertainty within 1 cm of the prediction with the Dice (negative: more uncertain, "
+             "worse).", "",
+             "| method | AUROC | errors flagged | flagged / segmented | Spearman (u, Dice) | pairs |",
+             "|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        lines.append(f"| {method_label(m)} | {_fmt(s['auroc'])} | {_fmt(s['errors_flagged'])} | "
+                     f"{_fmt(s['flagged_share'])} | {_fmt(s['spearman'])} | {s['pairs']} |")
+    return "\n".join(lines + [""])
 
 
 def write_csv(path, rows, columns):
@@ -517,13 +661,16 @@ def _config_hash(config):
 
 def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, backend_factory=None,
              settings=None, localizer_options=None, sweep=False, backend_name=None, progress=None, overwrite=False,
-             organs=None, prompt_modes=None):
+             organs=None, prompt_modes=None, calibration=None):
     """Run and score every method on the query cases of ``dataset``; returns the summary dict.
 
     ``settings``: the run's :class:`URSAMLib.settings.Settings` (the same as
     ``ursam segment``'s); ``prompt_modes``: prompt modes to compare (default:
     the settings' mode); ``localizer_options``: options of the localizer
     beyond the settings (support workers, the MedLAM checkpoint and device).
+    ``calibration``: the fusion's calibration on the support library (a
+    :class:`URSAMLib.calibration.Calibration`; None: none); its rows and its
+    ablations' join the tables.
 
     ``backend_factory()`` returns the SAM backend (called once, only if a case
     needs SAM). Finished cases in ``out_dir/cases`` are reused when the
@@ -577,7 +724,8 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
               "supports": str(Path(support.path).absolute()), "support_ids": sorted(support_ids),
               "methods": methods, "settings": _result_settings(settings), "prompt_modes": prompt_modes,
               "backend": backend_name, "localizer_options": localizer_options, "sweep": bool(sweep),
-              "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values())}
+              "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values()),
+              "calibration": calibration.sha256 if calibration is not None else None}
     digest = _config_hash(config)
     config_path = out / "config.json"
     if config_path.exists():
@@ -618,11 +766,11 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
         case = CaseInputs(ds, case_id, organs)
         needs_sam = any(m in SAM_METHODS or m == "manual" for m in methods)
         rows, sweep_rows, info = run_case(case, support, lib_to_ds, methods, case_views() if needs_sam else None,
-                                          settings, localizer_options, sweep, progress, prompt_modes)
+                                          settings, localizer_options, sweep, progress, prompt_modes, calibration)
         write_json({"hash": digest, "rows": rows, "sweep_rows": sweep_rows, "info": info}, path)
         all_rows += rows; all_sweep += sweep_rows; infos[case_id] = info
         by_m = {m: _mean([r["dice"] for r in rows if r["method"] == m])
-                for m in table_methods(methods, prompt_modes, deformable_method) if any(r["method"] == m for r in rows)}
+                for m in table_methods(methods, prompt_modes, deformable_method, calibration is not None) if any(r["method"] == m for r in rows)}
         progress.info(f"{case_id}: " + ", ".join(f"{m} {v:.3f}" for m, v in by_m.items())
                       + f" ({info['seconds']:.0f} s)")
     write_csv(out / "results.csv", all_rows, COLUMNS)
@@ -634,13 +782,14 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     if len(written) == 1:
         header += (f"\n\n`ursam segment` with these settings writes {method_label(written.pop())} "
                    "as rectified.nii.gz.")
-    shown = table_methods(methods, prompt_modes, deformable_method)
+    shown = table_methods(methods, prompt_modes, deformable_method, calibration is not None)
     modes_table = modes_section(all_rows, infos, prompt_modes, shown)
     organ_names, present = write_tables(out, all_rows, all_sweep, ds.names, shown, header, extra=modes_table)
     write_boxplot(out / "dice_boxplot.png", all_rows, organ_names, present)
     table = pivot(all_rows, "dice", present, organ_names)
     reg_secs = [s for inf in infos.values() for s in inf.get("localization", {}).get("registration_seconds", {}).values()]
     summary = {"config": config, "cases": list(infos), "mean_dice": {m: table[m]["Avg"] for m in present},
+               "uncertainty": uncertainty_summary(all_rows, present),
                "dice_table": table, "registration_seconds_per_support": {
                    "mean": _mean(reg_secs), "max": max(reg_secs) if reg_secs else None},
                "case_info": infos}

@@ -89,3 +89,52 @@ def format_dice_table(table):
         vals = [table[m][o] for o in organs]
         lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} |")
     return "\n".join(lines)
+
+
+#: "the organ's region" of the uncertainty scores: truth or prediction grown by about a centimetre
+NEAR_MM = 10.0
+
+
+def near(mask, spacing_zyx, mm=NEAR_MM):
+    """``mask`` grown by ``mm`` millimetres (Euclidean, in physical units), computed on its bounding crop."""
+    idx = np.argwhere(mask)
+    out = np.zeros(mask.shape, bool)
+    if len(idx) == 0:
+        return out
+    pad = np.ceil(mm / np.asarray(spacing_zyx, float)).astype(int) + 1
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + pad + 1, mask.shape)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[sl] = ndimage.distance_transform_edt(~mask[sl], sampling=spacing_zyx) <= mm
+    return out
+
+
+def uncertainty_scores(pred, truth, u, flagged, spacing_zyx):
+    """How well an uncertainty map finds a method's errors on one organ of one case.
+
+    Over the organ's region (truth or prediction grown by :data:`NEAR_MM`):
+    the voxel AUROC of ``u`` for the error voxels (prediction != truth), how
+    many error voxels the ``flagged`` voxels hold, how many voxels are flagged
+    and segmented; and the mean ``u`` over the prediction grown by the same
+    margin (what a run without truth can report).
+    """
+    region = near(pred | truth, spacing_zyx)
+    errors = (pred != truth) & region
+    near_pred = near(pred, spacing_zyx)
+    return {"region_auroc": auroc(u[region], errors[region]),
+            "error_voxels": int(np.count_nonzero(errors)),
+            "flagged_errors": int(np.count_nonzero(errors & flagged)),
+            "flagged_voxels": int(np.count_nonzero(flagged)),
+            "segmented_voxels": int(np.count_nonzero(pred)),
+            "mean_uncertainty_near": float(u[near_pred].mean()) if near_pred.any() else float("nan")}
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two sequences (NaN pairs dropped; ties get average ranks)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 3:
+        return float("nan")
+    return float(spearmanr(a[keep], b[keep]).statistic)
