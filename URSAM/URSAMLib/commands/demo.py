@@ -17,6 +17,9 @@ def add_parser(sub):
                    help="voxels of each synthetic CT (default 128,128,36: 3 mm pixels, 5 mm slices)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cohort and of the prompts (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate the atlas-SAM fusion on the demo's template library first (leave one out; "
+                        "needs --templates 3 or more), then segment with it")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
@@ -50,7 +53,7 @@ def main(args):
     backend = make_backend("litemedsam", device=args.device)
     summary = run_demo(args.out, n_templates=args.templates, grid=PhantomGrid(size, spacing), seed=args.seed,
                        backend=backend, settings=Settings(params=Params(seed=args.seed)), progress=progress,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, calibrate=args.calibrate)
     print(summary["note"])
     print(summary["table"])
     print(f"outputs of `ursam segment` in {args.out}/segment; template library in {args.out}/templates")

@@ -48,7 +48,7 @@ def main(args):
     modes = parse_modes(args.prompts) if args.prompts else [default_mode(args.localizer)]
     settings = settings_from_args(args, mode=modes[0])
     calibration = None
-    if not args.no_calibration:
+    if not (args.no_calibration or args.paper):
         from ..calibration import find_calibration
         from ..templates import Library
 

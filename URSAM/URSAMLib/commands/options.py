@@ -97,6 +97,8 @@ def add_method_options(p):
                    help=f"upper bound factor on I_t (default: {rect.alpha_h})")
     m.add_argument("--fixed-threshold", type=float, default=rect.fixed_threshold,
                    help="use this fixed uncertainty threshold instead of eq. 4 (ablation)")
+    m.add_argument("--paper", action="store_true",
+                   help="the paper's pipeline as published: box3d prompts, Algorithm 1, no atlas prior, no fusion")
     m.add_argument("--atlas-prior", default=None, choices=["on", "off"],
                    help="rectification also follows the warped support labels: uncertain voxels most supports "
                         "label are added, voxels almost none label are dropped (needs --templates and the "
@@ -183,10 +185,13 @@ def params_from_args(args):
     from ..pipeline import Params
     from ..rectification import RectifyOptions
 
+    atlas_prior = RectifyOptions.atlas_prior if args.atlas_prior is None else args.atlas_prior == "on"
+    if getattr(args, "paper", False):
+        if args.atlas_prior == "on":
+            raise URSAMError("--paper runs the paper's Algorithm 1 alone: it takes no --atlas-prior on")
+        atlas_prior = False
     rect = RectifyOptions(scope=args.threshold_scope, lower=args.lower_bound, alpha_h=args.alpha_h,
-                          fixed_threshold=args.fixed_threshold,
-                          atlas_prior=RectifyOptions.atlas_prior if args.atlas_prior is None
-                          else args.atlas_prior == "on")
+                          fixed_threshold=args.fixed_threshold, atlas_prior=atlas_prior)
     return Params(n_aug=args.n_aug, ratio=args.ratio, seed=args.seed, rectify=rect).check()
 
 
@@ -207,6 +212,10 @@ def settings_from_args(args, mode=None, boxes=None):
     params = params_from_args(args)
     margin = getattr(args, "margin", None)
     margin = parse_margin(margin) if margin else (DEFAULT_MARGIN if boxes is None else (0, 0.0))
+    if getattr(args, "paper", False):
+        if (mode or args.prompts or "box3d") != "box3d":
+            raise URSAMError("--paper prompts with the paper's box3d; it takes no other --prompts")
+        mode = "box3d"
     prompts = PromptOptions(mode=mode or args.prompts or default_mode(localizer, boxes), zoom=args.zoom)
     return Settings(params=params, prompts=prompts, deformable=DeformableOptions(method=args.deformable),
                     margin=margin, localizer=localizer).check()

@@ -66,7 +66,7 @@ def main(args):
     if args.templates:
         settings = settings_from_args(args)
         localization = localize_from_args(args, settings, progress)
-        if not args.no_calibration and settings.warps_labels(localization):
+        if not (args.no_calibration or args.paper) and settings.warps_labels(localization):
             from ..calibration import find_calibration
 
             calibration = find_calibration(localization.library, args.calibration, progress)

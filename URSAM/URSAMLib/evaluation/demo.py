@@ -29,10 +29,13 @@ DEMO_METHODS = pipeline.METHODS + ("atlas",)
 
 
 def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=None, progress=None,
-             overwrite=False):
+             overwrite=False, calibrate=False):
     """Run the demo into ``out_dir``; returns ``{"table": markdown, "dice": {method: {organ: d}}, ...}``.
 
     ``settings``: those of ``ursam segment --templates`` (default: its defaults).
+    ``calibrate``: calibrate the fusion on the demo's library first (``ursam
+    templates calibrate``; needs at least 3 template patients), so that the
+    query is segmented with the calibrated fusion.
     """
     from ..boxes import save_boxes
     from ..imageio import read_ct, read_labels
@@ -76,20 +79,28 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=N
     reference, volume = read_ct(query.image_path)
     _, truth = read_labels(query.labels_path, reference)
     settings = (settings or Settings()).check()
+    if backend is None:
+        from ..sam.backends import make_backend
+
+        progress.stage(f"{STAGE_MODEL} litemedsam")
+        backend = make_backend("litemedsam")
+    calibration = None
+    if calibrate:
+        from ..calibration import calibrate as calibrate_library
+
+        t0 = time.perf_counter()
+        calibration = calibrate_library(lib, backend, settings, progress)
+        timings["calibration_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     localization = localize(query.image_path, lib, progress=progress, method=settings.localizer,
                             margin=settings.margin)
     info = localization.info
     timings["localize_seconds"] = time.perf_counter() - t0
 
-    if backend is None:
-        from ..sam.backends import make_backend
-
-        progress.stage(f"{STAGE_MODEL} litemedsam")
-        backend = make_backend("litemedsam")
     inputs = {"image": str(Path(query.image_path).absolute()), "templates": str(lib_path.absolute()),
               "margin_z_xy": info["margin_z_xy"], "normalization": "ct-window", "localization": info}
-    result = segment_query(volume, reference, localization, backend, settings, progress=progress, inputs=inputs)
+    result = segment_query(volume, reference, localization, backend, settings, progress=progress, inputs=inputs,
+                           calibration=calibration)
     write_results(result, out / "segment", overwrite, progress,
                   extra_files={"boxes.json": lambda p: save_boxes(result.boxes, p, extra={
                       "localization": info, "prompts": result.prompt_info})})
@@ -98,13 +109,14 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=N
     values = sorted(lib.names)
     atlas = localization.atlas(reference)
     rows = []
-    for method in DEMO_METHODS:
+    methods = [m for m in DEMO_METHODS if m != pipeline.FUSION or calibration is not None]
+    for method in methods:
         labels = atlas if method == "atlas" else result.label_map(method)
         for v in values:
             if (truth == v).any():
                 rows.append({"method": method, "organ": lib.names[v], "dice": dice(labels == v, truth == v)})
     organs = [lib.names[v] for v in values if (truth == v).any()]
-    table = pivot(rows, "dice", list(DEMO_METHODS), organs)
+    table = pivot(rows, "dice", methods, organs)
     text = markdown_table(table, organs)
     timings["total_seconds"] = time.perf_counter() - t_start
     note = (f"Dice of {query.case_id} (synthetic CT) against its phantom truth; {n_templates} template "

@@ -1,0 +1,166 @@
+"""The calibrated atlas–SAM fusion: its model, its fit, and its calibration on a small real library."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from shared_data import HN
+from URSAMLib.calibration import Case, fit_organ, _dice, _flag_threshold
+from URSAMLib.fusion import Evidence, OrganFusion, cap_flags, fuse
+
+rng = np.random.default_rng(7)
+
+
+def _sphere(shape, centre, radius):
+    zz, yy, xx = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    return (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius ** 2
+
+
+def _case(truth, good, noisy, intensity=None):
+    """Evidence where ``good`` is an informative source and ``noisy`` pure noise."""
+    ev = Evidence({good: np.clip(np.where(truth, 0.8, 0.15) + rng.normal(0, 0.1, truth.shape), 0, 1).astype(np.float32),
+                   noisy: rng.uniform(0, 1, truth.shape).astype(np.float32)},
+                  intensity if intensity is not None else np.zeros(truth.shape, np.float32))
+    return Case(ev, truth, 0)
+
+
+def test_one_source_with_weight_one_reproduces_it():
+    truth = _sphere((12, 20, 20), (6, 10, 10), 5)
+    p_sam = rng.uniform(0.02, 0.98, truth.shape).astype(np.float32)
+    p_atlas = rng.uniform(0.02, 0.98, truth.shape).astype(np.float32)
+    ev = Evidence({"sam": p_sam, "atlas": p_atlas})
+    for name, p in (("sam", p_sam), ("atlas", p_atlas)):
+        model = OrganFusion("x", {name: 1.0}, 0.0)
+        np.testing.assert_allclose(model.probability(ev), p, atol=1e-5)
+        assert np.array_equal(fuse(ev, model).mask, p > 0.5)
+    # the fused entropy is the source's own
+    out = fuse(ev, OrganFusion("x", {"atlas": 1.0}))
+    p = np.clip(p_atlas, 1e-3, 1 - 1e-3)
+    np.testing.assert_allclose(out.uncertainty, -(p * np.log(p) + (1 - p) * np.log(1 - p)), atol=1e-4)
+
+
+def test_the_fit_puts_the_weight_on_the_informative_source():
+    cases = [_case(_sphere((12, 24, 24), (6, 12 + d, 12), 6), "atlas", "sam") for d in (-2, 0, 2)]
+    fit = fit_organ("organ", {"slice": cases}, budget=0.1)
+    model = fit["model"]
+    assert model.weights.get("atlas", 0) > 0.5 and abs(model.weights.get("sam", 0)) < 0.2 * model.weights["atlas"]
+    cases = [_case(_sphere((12, 24, 24), (6, 12 + d, 12), 6), "sam", "atlas") for d in (-2, 0, 2)]
+    model = fit_organ("organ", {"slice": cases}, budget=0.1)["model"]
+    assert model.weights.get("sam", 0) > 0.5 and abs(model.weights.get("atlas", 0)) < 0.2 * model.weights["sam"]
+    # never worse on its own data than a source alone
+    loo = fit_organ("organ", {"slice": cases}, budget=0.1)["loo_dice"]
+    assert loo["fusion"] >= max(loo["sam (0.5)"], loo["atlas (0.5)"])
+
+
+def test_flags_stay_within_the_review_budget():
+    cases = [_case(_sphere((12, 24, 24), (6, 12, 12 + d), 6), "atlas", "sam") for d in (-1, 0, 1)]
+    model = fit_organ("organ", {"slice": cases}, budget=0.1)["model"]
+    flagged = segmented = 0
+    for c in cases:
+        out = fuse(c.evidence, model, budget=0.1)
+        flagged += int(out.flagged.sum())
+        segmented += int(out.mask.sum())
+        assert out.flagged.sum() <= 0.1 * out.mask.sum() + 1
+    assert 0 < flagged <= 0.1 * segmented + len(cases)
+    # the threshold alone meets the budget on the calibration data taken together
+    tau = _flag_threshold(cases, model, 0.1)
+    assert sum(int((fuse(c.evidence, model).uncertainty >= tau).sum()) for c in cases) <= 0.1 * segmented + 3
+    u = np.linspace(0, 0.69, 50)
+    assert cap_flags(u > 0.3, u, 5).sum() == 5 and cap_flags(u > 0.3, u, 5)[-5:].all()
+
+
+@pytest.fixture(scope="module")
+def small_library(tmp_path_factory):
+    """Three real H&N supports cropped to the slices around the parotids and brainstem (a small, fast library)."""
+    lib = tmp_path_factory.mktemp("lib3")
+    meta = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))
+    ids = ["pt_4", "pt_13", "pt_17"]
+    for c in ids:
+        (lib / "cases" / c).mkdir(parents=True)
+        image = sitk.ReadImage(str(HN / "cases" / c / "image.nii.gz"))
+        labels = sitk.ReadImage(str(HN / "cases" / c / "labels.nii.gz"))
+        z = np.flatnonzero(np.isin(sitk.GetArrayViewFromImage(labels), [1, 4]).any((1, 2)))
+        lo, hi = max(0, int(z.min()) - 2), min(image.GetSize()[2], int(z.max()) + 3)
+        sitk.WriteImage(image[:, :, lo:hi], str(lib / "cases" / c / "image.nii.gz"))
+        sitk.WriteImage(labels[:, :, lo:hi], str(lib / "cases" / c / "labels.nii.gz"))
+    (lib / "dataset.json").write_text(json.dumps({"labels": {"1": "Brainstem", "4": "Parotid_L"}, "support": ids}))
+    return lib
+
+
+@pytest.mark.slow
+def test_calibration_on_a_small_real_library_beats_each_source(small_library, litemedsam, capsys):
+    from URSAMLib.calibration import Calibration, calibrate
+    from URSAMLib.cli import main as ursam
+    from URSAMLib.pipeline import Params
+    from URSAMLib.settings import Settings
+    from URSAMLib.templates import Library
+
+    lib = Library(small_library)
+    settings = Settings(params=Params(n_aug=2))
+    cal = calibrate(lib, litemedsam, settings, modes=("slice",))
+    assert (small_library / "calibration.json").is_file()
+    again = Calibration.load(small_library / "calibration.json")
+    assert set(again.organs) == {"Brainstem", "Parotid_L"} and again.supports == ["pt_4", "pt_13", "pt_17"]
+    for name, loo in cal.loo_dice.items():
+        assert loo["cases"] == 3
+        for source in ("atlas (0.5)", "atlas_lw (0.5)", "sam (0.5)"):
+            assert loo["fusion"] >= loo[source] - 1e-9, (name, loo)
+        assert loo["fusion"] > 0.5, (name, loo)
+    # a rerun resumes from what the leave-one-out runs computed: no SAM call
+    before = litemedsam.encoder_calls
+    calibrate(lib, litemedsam, settings, modes=("slice",))
+    assert litemedsam.encoder_calls == before
+    # `ursam templates check` shows it
+    assert ursam(["templates", "check", str(small_library)]) == 0
+    assert "| Brainstem | slice |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_path, capsys):
+    """`ursam segment --templates` fuses with the library's calibration and says so; without one it warns
+    and writes UR-SAM with the atlas prior."""
+    from URSAMLib.cli import main as ursam
+
+    query = HN / "cases" / "pt_22"
+    image = sitk.ReadImage(str(query / "image.nii.gz"))
+    labels = sitk.ReadImage(str(query / "labels.nii.gz"))
+    z = np.flatnonzero(np.isin(sitk.GetArrayViewFromImage(labels), [1, 4]).any((1, 2)))
+    sl = slice(max(0, int(z.min()) - 2), int(z.max()) + 3)
+    sitk.WriteImage(image[:, :, sl], str(tmp_path / "q.nii.gz"))
+    sitk.WriteImage(labels[:, :, sl], str(tmp_path / "q_labels.nii.gz"))
+    if not (small_library / "calibration.json").is_file():
+        assert ursam(["templates", "calibrate", str(small_library), "--modes", "slice", "--n-aug", "2",
+                      "--quiet"]) == 0
+    out = tmp_path / "fused"
+    assert ursam(["segment", str(tmp_path / "q.nii.gz"), "--templates", str(small_library), "--out", str(out),
+                  "--n-aug", "2", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["rectified_method"]["name"] == "fusion"
+    assert report["inputs"]["calibration"]["used"] and len(report["inputs"]["calibration"]["sha256"]) == 64
+    organs = {o["name"]: o for o in report["organs"]}
+    assert all(organs[n]["fusion"] is not None for n in ("Brainstem", "Parotid_L"))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "q_labels.nii.gz")))
+    rect = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "rectified.nii.gz")))
+    for value in (1, 4):
+        assert _dice(rect == value, Case(None, truth == value, 0)) > 0.5
+        # flags within the review budget (10% of the organ's segmented volume)
+        unc = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertain.nii.gz")))
+        assert (unc == value).sum() <= 0.1 * (rect == value).sum() + 1
+    # the review list is ordered by expected errors
+    errors = [c["expected_errors"] for c in report["flagged_components"]]
+    assert errors == sorted(errors, reverse=True)
+    capsys.readouterr()
+    # without a calibration: a warning, and the uncalibrated result
+    (small_library / "calibration.json").rename(small_library / "kept.json")
+    try:
+        out2 = tmp_path / "plain"
+        assert ursam(["segment", str(tmp_path / "q.nii.gz"), "--templates", str(small_library), "--out", str(out2),
+                      "--n-aug", "2", "--quiet"]) == 0
+        assert "has no calibration" in capsys.readouterr().err
+        report = json.loads((out2 / "report.json").read_text(encoding="utf-8"))
+        assert report["rectified_method"]["name"] == "ursam+atlas"
+    finally:
+        (small_library / "kept.json").rename(small_library / "calibration.json")
