@@ -72,20 +72,30 @@ def test_flags_stay_within_the_review_budget():
     assert cap_flags(u > 0.3, u, 5).sum() == 5 and cap_flags(u > 0.3, u, 5)[-5:].all()
 
 
+def _parotid_slab(folder):
+    """The slices of a case's left parotid (and one more at each end), its labels kept for 1 and 4 only."""
+    image = sitk.ReadImage(str(folder / "image.nii.gz"))
+    labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
+    arr = sitk.GetArrayFromImage(labels)
+    z = np.flatnonzero((arr == 4).any((1, 2)))
+    lo, hi = max(0, int(z.min()) - 1), min(image.GetSize()[2], int(z.max()) + 2)
+    kept = sitk.GetImageFromArray(np.where(np.isin(arr, [1, 4]), arr, 0).astype(np.uint8))
+    kept.CopyInformation(labels)
+    return image[:, :, lo:hi], kept[:, :, lo:hi]
+
+
 @pytest.fixture(scope="module")
 def small_library(tmp_path_factory):
-    """Three real H&N supports cropped to the slices around the parotids and brainstem (a small, fast library)."""
+    """Three real H&N supports cropped to the slices of the left parotid, labelled with the brainstem and that
+    parotid alone (a small, fast library)."""
     lib = tmp_path_factory.mktemp("lib3")
     meta = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))
     ids = ["pt_4", "pt_13", "pt_17"]
     for c in ids:
         (lib / "cases" / c).mkdir(parents=True)
-        image = sitk.ReadImage(str(HN / "cases" / c / "image.nii.gz"))
-        labels = sitk.ReadImage(str(HN / "cases" / c / "labels.nii.gz"))
-        z = np.flatnonzero(np.isin(sitk.GetArrayViewFromImage(labels), [1, 4]).any((1, 2)))
-        lo, hi = max(0, int(z.min()) - 2), min(image.GetSize()[2], int(z.max()) + 3)
-        sitk.WriteImage(image[:, :, lo:hi], str(lib / "cases" / c / "image.nii.gz"))
-        sitk.WriteImage(labels[:, :, lo:hi], str(lib / "cases" / c / "labels.nii.gz"))
+        image, labels = _parotid_slab(HN / "cases" / c)
+        sitk.WriteImage(image, str(lib / "cases" / c / "image.nii.gz"))
+        sitk.WriteImage(labels, str(lib / "cases" / c / "labels.nii.gz"))
     (lib / "dataset.json").write_text(json.dumps({"labels": {"1": "Brainstem", "4": "Parotid_L"}, "support": ids}))
     return lib
 
@@ -124,13 +134,9 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
     and writes UR-SAM with the atlas prior."""
     from URSAMLib.cli import main as ursam
 
-    query = HN / "cases" / "pt_22"
-    image = sitk.ReadImage(str(query / "image.nii.gz"))
-    labels = sitk.ReadImage(str(query / "labels.nii.gz"))
-    z = np.flatnonzero(np.isin(sitk.GetArrayViewFromImage(labels), [1, 4]).any((1, 2)))
-    sl = slice(max(0, int(z.min()) - 2), int(z.max()) + 3)
-    sitk.WriteImage(image[:, :, sl], str(tmp_path / "q.nii.gz"))
-    sitk.WriteImage(labels[:, :, sl], str(tmp_path / "q_labels.nii.gz"))
+    image, labels = _parotid_slab(HN / "cases" / "pt_22")
+    sitk.WriteImage(image, str(tmp_path / "q.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "q_labels.nii.gz"))
     if not (small_library / "calibration.json").is_file():
         assert ursam(["templates", "calibrate", str(small_library), "--modes", "slice", "--n-aug", "2",
                       "--quiet"]) == 0

@@ -18,11 +18,19 @@ class LocalWeighting:
     """Locally weighted voting: each support's vote at a voxel weighs ``(MSD + eps) ** -power``, where MSD is
     the Gaussian-weighted (``sigma_mm``) mean squared difference between the query and the support's
     warped image around the voxel, both windowed to ``window`` HU and scaled to [0, 1] (Artaechevarria et
-    al., IEEE TMI 2009: "inverse" weighting)."""
-    sigma_mm: float = 3.0
+    al., IEEE TMI 2009: "inverse" weighting). Each support's warped organ mask is first blurred by
+    ``label_sigma_voxels`` of the query's voxels, so that a vote of few supports is graded at the organ's
+    edge rather than a staircase of whole voxels.
+
+    The defaults were chosen on the leave-one-out runs of hn-openkbp's supports (cross-validated Dice of
+    the locally weighted vote: 0.640 at 5 mm, power 2, 0.7 voxel; 0.617-0.619 for 2-5 mm unblurred;
+    0.573 for the plain vote); they are lengths in mm and voxels of the user's own scans, not of that data.
+    """
+    sigma_mm: float = 5.0
     power: float = 2.0
     window: tuple = (-400.0, 600.0)
     eps: float = 1e-3
+    label_sigma_voxels: float = 0.7
 
 
 @dataclass
@@ -30,7 +38,8 @@ class Prior:
     """One organ's fused vote over a crop of the query: ``frac[z, y, x]`` at ``origin``.
 
     ``frac``: the fraction of the supports that label the organ at each voxel;
-    ``lw``: the locally weighted vote (:class:`LocalWeighting`), where computed.
+    where :class:`LocalWeighting` was asked for, ``soft``: the same vote of the
+    blurred masks, and ``lw``: the locally weighted vote of the blurred masks.
     """
     label: int
     name: str
@@ -38,6 +47,7 @@ class Prior:
     frac: np.ndarray  # float32 in [0, 1]
     n_supports: int
     lw: np.ndarray = None
+    soft: np.ndarray = None
 
     def on(self, sl, which="frac"):
         """A vote (``frac`` or ``lw``) over the volume region ``sl`` (zeros outside the crop)."""
@@ -90,9 +100,12 @@ def fuse_priors(reference, registrations, library, values, names=None, local=Non
             parts.setdefault(v, []).append((r, lo, hi, arr[tuple(slice(a, b) for a, b in zip(lo, hi))] == v))
     priors = {}
     names = names or library.names
+    shape = tuple(reference.GetSize())[::-1]
+    grow = int(np.ceil(3 * local.label_sigma_voxels)) if local is not None else 0
     for v, got in parts.items():
-        lo = np.min([p[1] for p in got], axis=0)
-        hi = np.max([p[2] for p in got], axis=0)
+        # (grown by the blur's reach, so that the blurred masks fit the crop)
+        lo = np.maximum(np.min([p[1] for p in got], axis=0) - grow, 0)
+        hi = np.minimum(np.max([p[2] for p in got], axis=0) + grow, shape)
         acc = np.zeros(tuple(hi - lo), np.float32)
         for _, plo, phi, m in got:
             acc[tuple(slice(a - b, c - b) for a, b, c in zip(plo, lo, phi))] += m
@@ -126,6 +139,7 @@ def _local_votes(reference, registrations, by_id, parts, priors, counts, local):
     sigma = [local.sigma_mm / s for s in crop.GetSpacing()[::-1]]
     wsum = {v: np.zeros(p.frac.shape, np.float32) for v, p in priors.items()}
     vote = {v: np.zeros(p.frac.shape, np.float32) for v, p in priors.items()}
+    soft = {v: np.zeros(p.frac.shape, np.float32) for v, p in priors.items()}
     for r in registrations:
         support = sitk.Resample(by_id[r.case_id].read_image(), crop, r.transform, sitk.sitkLinear, lo_w,
                                 sitk.sitkFloat32)
@@ -142,9 +156,15 @@ def _local_votes(reference, registrations, by_id, parts, priors, counts, local):
             if v in masks:
                 plo, phi, m = masks[v]
                 inner = tuple(slice(a - o, b - o) for a, b, o in zip(plo, phi, p.origin))
-                vote[v][inner] += w[inner] * m
+                mask = np.zeros(p.frac.shape, np.float32)
+                mask[inner] = m
+                if local.label_sigma_voxels > 0:
+                    mask = ndimage.gaussian_filter(mask, local.label_sigma_voxels, mode="constant")
+                vote[v] += w * mask
+                soft[v] += mask
     for v, p in priors.items():
         p.lw = np.divide(vote[v], wsum[v], out=np.zeros_like(vote[v]), where=wsum[v] > 0)
+        p.soft = soft[v] / max(1, counts[v])
 
 
 def _array(image):

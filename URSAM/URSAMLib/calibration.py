@@ -88,7 +88,7 @@ class Calibration:
                 "supports": list(self.supports), "settings": self.settings,
                 "candidate_modes": list(self.candidate_modes), "local_weighting": {
                     "sigma_mm": self.local.sigma_mm, "power": self.local.power, "window": list(self.local.window),
-                    "eps": self.local.eps},
+                    "eps": self.local.eps, "label_sigma_voxels": self.local.label_sigma_voxels},
                 "budget": self.budget, "seconds": round(self.seconds, 1),
                 "organs": {n: m.to_json() for n, m in self.organs.items()},
                 "ablations": {a: {n: m.to_json() for n, m in ms.items()} for a, ms in self.ablations.items()},
@@ -98,8 +98,10 @@ class Calibration:
     def from_json(cls, data, path=None, sha256=None):
         try:
             lw = data.get("local_weighting", {})
-            local = LocalWeighting(float(lw.get("sigma_mm", 3.0)), float(lw.get("power", 2.0)),
-                                   tuple(lw.get("window", (-400.0, 600.0))), float(lw.get("eps", 1e-3)))
+            default = LocalWeighting()
+            local = LocalWeighting(float(lw.get("sigma_mm", default.sigma_mm)), float(lw.get("power", default.power)),
+                                   tuple(lw.get("window", default.window)), float(lw.get("eps", default.eps)),
+                                   float(lw.get("label_sigma_voxels", default.label_sigma_voxels)))
             return cls(organs={n: OrganFusion.from_json(m) for n, m in data["organs"].items()},
                        ablations={a: {n: OrganFusion.from_json(m) for n, m in ms.items()}
                                   for a, ms in data.get("ablations", {}).items()},
@@ -233,7 +235,7 @@ def _load_cases(path):
 def _cache_key(library, settings, modes, local):
     digest = hashlib.sha256()
     parts = {"version": __version__, "settings": settings.to_json(), "modes": list(modes),
-             "local": [local.sigma_mm, local.power, list(local.window), local.eps],
+             "local": [local.sigma_mm, local.power, list(local.window), local.eps, local.label_sigma_voxels],
              "supports": [(t.case_id, str(t.image_path), Path(t.image_path).stat().st_size,
                            str(t.labels_path), Path(t.labels_path).stat().st_size) for t in library.templates()]}
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())

@@ -94,6 +94,8 @@ class OrganMaps:
             return None
         sources = {"sam": self.p_mean, "atlas": self.prior.on(self.sl)}
         if self.prior.lw is not None:
+            # the graded votes of the blurred masks (atlas_prior.LocalWeighting)
+            sources["atlas"] = self.prior.on(self.sl, "soft")
             sources["atlas_lw"] = self.prior.on(self.sl, "lw")
         return Evidence(sources, self.intensity.astype(np.float32))
 
