@@ -114,10 +114,12 @@ class Localization:
 
     def priors(self, reference, deformable_options=None, progress=None):
         """``({label: atlas_prior.Prior}, info)``: the support labels warped onto ``reference`` and fused
-        (computed once per deformable options); labels as the boxes'."""
+        (computed once per deformable options and grid); labels as the boxes'."""
         from .atlas_prior import fuse_priors
 
-        key = repr(deformable_options.to_json() if deformable_options is not None else None)
+        # the grid too: segment_query asks on the scan's canonical grid, another caller may ask on its own
+        grid = (reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection())
+        key = repr((deformable_options.to_json() if deformable_options is not None else None, grid))
         if key not in self._priors:
             regs = self.refined(deformable_options, progress)
             t0 = time.perf_counter()

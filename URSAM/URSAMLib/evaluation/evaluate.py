@@ -176,7 +176,6 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
         rows.append(row)
 
     sam_methods = [m for m in methods if m in SAM_METHODS]
-    shape = case.volume.shape
     if sam_methods or "manual" in methods:
         extra_sets = {}
         manual_boxes = []
@@ -204,6 +203,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
             info["rectified_method"] = result.rectified_method
             main = {o.label: o for o in result.main_organs()}
             has_prior = any(o.prior is not None for o in main.values())
+            truth = result.to_canonical(case.truth)  # on the grid of the organs' maps
             for method in sam_methods:
                 names = [method] + ([URSAM_ATLAS] if method == URSAM and has_prior else [])
                 for name in names:
@@ -212,7 +212,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
                         extra = None
                         if name == "ensemble" and value in main and main[value].u is not None:
                             o = main[value]
-                            extra = uncertainty_scores(o, case.truth[o.sl] == value)
+                            extra = uncertainty_scores(o, truth[o.sl] == value)
                         add_row(value, name + suffix, labels == value, raw.get(value), extra)
         if len(prompt_modes) > 1:
             _mode_seconds(info, {m for m in prompt_modes if settings.prompts.zoomed(m)})
@@ -222,7 +222,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
             for value in case.scored:
                 add_row(value, "manual", labels == value, mboxes.get(value))
         if sweep:
-            sweep_rows = _sweep(case, first.organs, settings.params, shape)
+            sweep_rows = _sweep(case, first, settings.params)
     if "atlas" in methods:
         if not localization.warps_labels:
             from ..localize import localize_registration
@@ -269,17 +269,17 @@ def _mode_seconds(info, zoomed):
     info["mode_seconds_alone"] = out
 
 
-def _sweep(case, organs, params, shape):
+def _sweep(case, result, params):
     """UR-SAM under each rectification setting of SWEEP_GRID, on the cached SAM maps (no SAM rerun)."""
     rows = []
-    main = [o for o in organs if o.prompt_set == "main"]
+    main = result.main_organs()
     saved = [dict(o.masks) for o in main], [o.m_unc for o in main], [o.info for o in main]
     try:
         for opts in SWEEP_GRID:
             p = replace(params, rectify=opts)
             for o in main:
                 pipeline.finish_organ(o, p)
-            labels = pipeline.label_map(main, "ursam", shape)
+            labels = result.label_map(pipeline.URSAM)
             for value in case.scored:
                 pred = labels == value
                 t = case.truth == value
