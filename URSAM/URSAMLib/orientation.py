@@ -62,7 +62,8 @@ class Orientation:
         return tuple(2 - self.axes[2 - n] for n in range(3)), [2 - j for j in range(3) if self.flips[j]]
 
     def to_canonical(self, array):
-        """An array [z, y, x] on the input's grid, on the canonical grid (a copy, C-ordered)."""
+        """An array [z, y, x] on the input's grid, on the canonical grid (C-ordered; the array itself
+        where the input is canonical already)."""
         if self.identity:
             return array
         order, flipped = self._numpy_axes()
@@ -70,7 +71,8 @@ class Orientation:
         return np.ascontiguousarray(np.flip(out, flipped) if flipped else out)
 
     def to_input(self, array):
-        """An array [z, y, x] on the canonical grid, back on the input's grid (a copy, C-ordered)."""
+        """An array [z, y, x] on the canonical grid, back on the input's grid (C-ordered; the array
+        itself where the input is canonical already)."""
         if self.identity:
             return array
         order, flipped = self._numpy_axes()
