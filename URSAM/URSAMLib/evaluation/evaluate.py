@@ -33,6 +33,7 @@ from ..atomic import atomic_path, atomic_write_text
 from ..boxes import OrganBox, boxes_from_labels, box_iou
 from ..errors import URSAMError
 from ..imageio import read_ct
+from ..orientation import Orientation
 from ..outputs import write_json
 from ..pipeline import URSAM, URSAM_ATLAS
 from ..progress import Progress
@@ -73,15 +74,21 @@ def variant_name(opts):
 # ----------------------------------------------------------------------------------------------
 # Scoring
 
-def _z_slices(mask):
-    return np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1))
+def _z_slices(mask, axis=0):
+    """The slices along numpy axis ``axis`` where ``mask`` has a voxel."""
+    return np.flatnonzero(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).any(1))
 
 
-def score_mask(pred, truth, spacing_zyx):
-    """Dice and HD95 over the whole volume, and Dice over the slices where the truth has the organ."""
-    zs = _z_slices(truth)
+def _gt_slice_dice(pred, truth, axis=0):
+    zs = _z_slices(truth, axis)
+    return dice(np.take(pred, zs, axis), np.take(truth, zs, axis)) if len(zs) else float("nan")
+
+
+def score_mask(pred, truth, spacing_zyx, axial_axis=0):
+    """Dice and HD95 over the whole volume, and Dice over the axial slices (numpy axis ``axial_axis``,
+    whatever the file's axis order) where the truth has the organ."""
     return {"dice": dice(pred, truth), "hd95_mm": hd95(pred, truth, spacing_zyx),
-            "dice_gt_slices": dice(pred[zs], truth[zs]) if len(zs) else float("nan"),
+            "dice_gt_slices": _gt_slice_dice(pred, truth, axial_axis),
             "pred_voxels": int(np.count_nonzero(pred)), "truth_voxels": int(np.count_nonzero(truth))}
 
 
@@ -122,6 +129,8 @@ class CaseInputs:
         self.organs = organs  # {dataset value: name}
         self.spacing_xyz = np.array(self.reference.GetSpacing())
         self.spacing_zyx = self.spacing_xyz[::-1]
+        # the numpy axis of the axial slices (URSAMLib.orientation: canonical z is index axis axes[2])
+        self.axial_axis = 2 - Orientation.of(self.reference).axes[2]
         present = set(np.unique(self.truth).tolist())
         self.scored = {v: n for v, n in organs.items() if v in present}
         self.truth_boxes = {b.label: b for b in boxes_from_labels(self.truth, organs, labels=list(self.scored))}
@@ -169,7 +178,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
 
     def add_row(value, method, pred, box, extra=None):
         row = {"case": case.case_id, "organ": case.organs[value], "label": value, "method": method}
-        row.update(score_mask(pred, case.truth == value, case.spacing_zyx))
+        row.update(score_mask(pred, case.truth == value, case.spacing_zyx, case.axial_axis))
         row.update(box_scores(box, case.truth_boxes.get(value), case.spacing_xyz))
         row.update({"mean_uncertainty": float("nan"), "uncertainty_auroc": float("nan")})
         row.update(extra or {})
@@ -181,8 +190,11 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
         manual_boxes = []
         if "manual" in methods:
             seed = (settings.params.seed * 1000003 + zlib.crc32(case.case_id.encode())) % (2 ** 32)
-            manual_boxes = boxes_from_labels(case.truth, case.organs, MANUAL_PERTURB_PX, seed,
-                                             labels=list(case.scored))
+            # perturbed on the axial slices SAM sees, whatever the file's axis order
+            orientation = Orientation.of(case.reference)
+            manual_boxes = [orientation.box_to_input(b) for b in boxes_from_labels(
+                orientation.to_canonical(case.truth), case.organs, MANUAL_PERTURB_PX, seed,
+                labels=list(case.scored))]
             extra_sets["manual"] = manual_boxes
         first = None
         for i_mode, mode in enumerate(prompt_modes):
@@ -283,11 +295,10 @@ def _sweep(case, result, params):
             for value in case.scored:
                 pred = labels == value
                 t = case.truth == value
-                zs = _z_slices(t)
                 rows.append({"case": case.case_id, "organ": case.organs[value], "label": value,
                              "method": variant_name(opts), "scope": opts.scope, "lower": opts.lower,
                              "alpha_h": opts.alpha_h, "dice": dice(pred, t),
-                             "dice_gt_slices": dice(pred[zs], t[zs]) if len(zs) else float("nan")})
+                             "dice_gt_slices": _gt_slice_dice(pred, t, case.axial_axis)})
     finally:
         for o, masks, m_unc, inf in zip(main, *saved):
             o.masks, o.m_unc, o.info = masks, m_unc, inf
