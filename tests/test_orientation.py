@@ -199,9 +199,12 @@ def test_gt_slice_dice_is_on_the_axial_slices(slab):
 
     labels = sitk.GetArrayFromImage(slab[1])
     truth = labels == 2  # kidney_right, on slices 0..18 of 30
-    pred = np.zeros_like(truth)
-    pred[:, :50] = truth[:, :50]  # part of the kidney, and false positives on slices without it
-    pred[25] = labels[25] == 11
+    xs = np.flatnonzero(truth.any((0, 1)))
+    pred = truth.copy()
+    # false positives on an axial slice without the kidney but over its x range, and on an axial slice
+    # with it but beside its x range: sagittal slices would count the first and not the second
+    pred[25, 10:15, xs[0]:xs[0] + 5] = True
+    pred[5, 10:13, xs[-1] + 5:xs[-1] + 8] = True
     expected = score_mask(pred, truth, (3.0, 3.0, 3.0))
     for name in ("permuted", "mixed"):
         make = VARIANTS[name][0]
@@ -217,6 +220,8 @@ def test_gt_slice_dice_is_on_the_axial_slices(slab):
         assert got["dice_gt_slices"] == pytest.approx(expected["dice_gt_slices"]), name
         assert got["dice"] == pytest.approx(expected["dice"]), name
     assert expected["dice_gt_slices"] != pytest.approx(expected["dice"])
+    sagittal = score_mask(pred.transpose(2, 1, 0), truth.transpose(2, 1, 0), (3.0, 3.0, 3.0))
+    assert sagittal["dice_gt_slices"] != pytest.approx(expected["dice_gt_slices"])
 
 
 @pytest.mark.slow
