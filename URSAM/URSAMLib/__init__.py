@@ -13,8 +13,9 @@ The method's steps, in the order data flows through them (METHOD.md §0):
 - ``uncertainty`` (§3), ``rectification`` (§4, with the atlas prior) and
   ``baselines`` (§5);
 - ``pipeline`` runs them per slice, ``segment`` per scan with the run's
-  ``settings``; ``review`` finds the flagged regions, ``outputs`` writes the
-  files (through ``atomic``).
+  ``settings``, in the one canonical orientation of ``orientation`` (results
+  back on the input's grid); ``review`` finds the flagged regions, ``outputs``
+  writes the files (through ``atomic``).
 
 ``evaluation`` scores and measures the method (evaluate, metrics, bench, the
 demo and its phantom); ``cli`` is the ``ursam`` command, one module per

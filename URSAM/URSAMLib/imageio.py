@@ -52,17 +52,33 @@ def _stream_length(handle, gz):
     return total
 
 
+def _nifti_header(head):
+    """``(datatype, dims, vox_offset, scl_slope, scl_inter, endian)`` of a NIfTI-1 or NIfTI-2 header."""
+    if len(head) < 348:
+        return None
+    (sizeof_hdr,) = struct.unpack("<i", head[:4])
+    endian = "<" if sizeof_hdr in (348, 540) else ">"
+    if struct.unpack(endian + "i", head[:4])[0] == 540:
+        if len(head) < 540:
+            return None
+        datatype = struct.unpack(endian + "h", head[12:14])[0]
+        dims = struct.unpack(endian + "8q", head[16:80])
+        offset = struct.unpack(endian + "q", head[168:176])[0]
+        slope, inter = struct.unpack(endian + "2d", head[176:192])
+    else:
+        datatype = struct.unpack(endian + "h", head[70:72])[0]
+        dims = struct.unpack(endian + "8h", head[40:56])
+        offset = struct.unpack(endian + "f", head[108:112])[0]
+        slope, inter = struct.unpack(endian + "2f", head[112:120])
+    return datatype, dims, int(offset), slope, inter, endian
+
+
 def _data_offset_and_gz(path, head):
     """Where the voxels start in a single-file image, and whether they are gzip-compressed."""
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        if len(head) < 348:
-            return None
-        (sizeof_hdr,) = struct.unpack("<i", head[:4])
-        endian = "<" if sizeof_hdr in (348, 540) else ">"
-        if struct.unpack(endian + "i", head[:4])[0] == 540:
-            return int(struct.unpack(endian + "q", head[168:176])[0]), False
-        return int(struct.unpack(endian + "f", head[108:112])[0]), False
+        header = _nifti_header(head)
+        return None if header is None else (header[2], False)
     if name.endswith(".nrrd") or name.endswith(".mha"):
         marker = b"\n\n" if name.endswith(".nrrd") else b"ElementDataFile = LOCAL"
         at = head.find(marker)
@@ -80,6 +96,49 @@ def _data_offset_and_gz(path, head):
                 return None
         return at + (2 if name.endswith(".nrrd") else 1), gz
     return None
+
+
+#: NIfTI datatype codes of float voxels (float32, float64), the ones that can hold NaN or infinity
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def nifti_has_nonfinite(path):
+    """Whether a float NIfTI file holds NaN or infinite voxels, read from the file's own bytes.
+
+    ITK's NIfTI reader returns NaN and infinite voxels as 0, so the array it
+    gives cannot show them; every other file (and every integer NIfTI) is False.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+        return False
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = _nifti_header(handle.read(540))
+            if header is None or header[0] not in _NIFTI_FLOATS:
+                return False
+            # No scaling: scl_slope and scl_inter cannot make a NaN or infinite voxel finite, and a finite
+            # one they scale past float32 read_ct finds in the array.
+            datatype, dims, offset, _, _, endian = header
+            ndim = int(dims[0])
+            if not 1 <= ndim <= 7:
+                return False
+            left = int(np.prod([max(int(d), 1) for d in dims[1:ndim + 1]]))
+            dtype = np.dtype(endian + _NIFTI_FLOATS[datatype])
+            handle.seek(offset)
+            per_block = (1 << 22) // dtype.itemsize
+            while left > 0:
+                block = handle.read(min(left, per_block) * dtype.itemsize)
+                values = np.frombuffer(block[: len(block) - len(block) % dtype.itemsize], dtype)
+                if not values.size:
+                    return False  # cut short: check_complete reports it
+                if not np.isfinite(values).all():
+                    return True
+                left -= values.size
+    except (OSError, EOFError, zlib.error, struct.error):
+        return False  # unreadable: the reader says so with its own message
+    return False
 
 
 def check_complete(path, image_info):
@@ -142,7 +201,7 @@ def read_ct(path):
     image = read_image(path, "image")
     check_volume(image, path)
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
+    if not np.isfinite(array).all() or nifti_has_nonfinite(path):
         raise URSAMError("image has NaN or infinite voxels", path)
     if float(array.max()) == float(array.min()):
         raise URSAMError("image is constant (every voxel has the same value)", path)

@@ -114,11 +114,13 @@ class Localization:
 
     def priors(self, reference, deformable_options=None, progress=None, local=None):
         """``({label: atlas_prior.Prior}, info)``: the support labels warped onto ``reference`` and fused
-        (computed once per deformable options); labels as the boxes'. ``local``: an
+        (computed once per deformable options, grid and weighting); labels as the boxes'. ``local``: an
         :class:`URSAMLib.atlas_prior.LocalWeighting` for the locally weighted votes too."""
         from .atlas_prior import fuse_priors
 
-        key = repr((deformable_options.to_json() if deformable_options is not None else None, local))
+        # the grid too: segment_query asks on the scan's canonical grid, another caller may ask on its own
+        grid = (reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection())
+        key = repr((deformable_options.to_json() if deformable_options is not None else None, grid, local))
         if key not in self._priors:
             regs = self.refined(deformable_options, progress)
             t0 = time.perf_counter()

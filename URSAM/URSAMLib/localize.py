@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .boxes import OrganBox, add_margin
+from .boxes import OrganBox
 from .errors import URSAMError
 from .localization import DEFAULT_MARGIN, Localization, check_margin
+from .orientation import Orientation
 from .progress import Progress
 
 # ----------------------------------------------------------------------------------------------
@@ -68,6 +69,7 @@ def fuse_boxes(reference, registrations, organs, margin=DEFAULT_MARGIN, warn=Non
     distance to the fused point): a large spread means the supports disagree.
     """
     size = reference.GetSize()
+    orientation = Orientation.of(reference)  # the margin is on the slices SAM sees
     boxes, raw, skipped, spread = [], [], {}, {}
     for value, name in organs.items():
         sets = [r.points[value] for r in registrations if value in r.points]
@@ -90,7 +92,7 @@ def fuse_boxes(reference, registrations, organs, margin=DEFAULT_MARGIN, warn=Non
             notes.append("box reaches past the image and was clipped")
         box = OrganBox(int(value), name, clo.tolist(), chi.tolist(), notes)
         raw.append(box)
-        boxes.append(add_margin(box, int(margin[0]), float(margin[1]), size))
+        boxes.append(orientation.add_margin(box, int(margin[0]), float(margin[1])))
     for name, reason in skipped.items():
         if warn:
             warn(f"{name} was not localized: {reason}; it is skipped")

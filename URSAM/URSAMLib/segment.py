@@ -12,7 +12,7 @@ so a method's mask is the same whichever of them made it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -48,6 +48,10 @@ class SegmentationResult:
     inputs: dict = field(default_factory=dict)
     #: the pipeline method whose masks are the result (``rectified.nii.gz``)
     rectified_method: str = pipeline.URSAM
+    #: the input's reorientation (URSAMLib.orientation.Orientation): ``organs`` (their boxes and maps)
+    #: are on the canonical grid; ``reference``, ``volume``, ``boxes`` and every accessor's map are on
+    #: the input's. None: the input was canonical already.
+    orientation: object = None
 
     @property
     def params(self):
@@ -68,10 +72,39 @@ class SegmentationResult:
 
     def label_map(self, method=None, prompt_set="main"):
         """The label map of ``method`` (default: the result, :attr:`rectified_method`)."""
-        return pipeline.label_map(self.organs, method or self.rectified_method, self.shape, prompt_set)
+        return self.to_input(pipeline.label_map(self.organs, method or self.rectified_method,
+                                                self._canonical_shape(), prompt_set))
 
     def uncertainty_maps(self):
-        return pipeline.uncertainty_maps(self.organs, self.shape)
+        return tuple(self.to_input(m) for m in pipeline.uncertainty_maps(self.organs, self._canonical_shape()))
+
+    def error_map(self):
+        """Each voxel's probability of being wrong in the fused result (pipeline.error_map), on the input's
+        grid; None where nothing was fused."""
+        errors = pipeline.error_map(self.organs, self._canonical_shape())
+        return None if errors is None else self.to_input(errors)
+
+    def organ_map(self, o, values, fill=0):
+        """One organ's map over its region (``o.sl``), on the whole input grid (``fill`` elsewhere)."""
+        full = np.full(self._canonical_shape(), fill, dtype=np.asarray(values).dtype)
+        full[o.sl] = values
+        return self.to_input(full)
+
+    # -- the input's grid and the canonical one (URSAMLib.orientation) ---------------------------
+    def _canonical_shape(self):
+        return self.shape if self.orientation is None else self.orientation.canonical_size[::-1]
+
+    def to_input(self, array):
+        """An array [z, y, x] on the grid of :attr:`organs`' maps, on the input's grid."""
+        return array if self.orientation is None else self.orientation.to_input(array)
+
+    def to_canonical(self, array):
+        """An array [z, y, x] on the input's grid, on the grid of :attr:`organs`' maps (``o.sl``)."""
+        return array if self.orientation is None else self.orientation.to_canonical(array)
+
+    def input_box(self, box):
+        """A box of :attr:`organs` (canonical voxel indices) in the input's voxel indices."""
+        return box if self.orientation is None else self.orientation.box_to_input(box)
 
     def rerectify(self, rectify_options):
         """New rectification options on the cached maps: no SAM rerun."""
@@ -98,7 +131,7 @@ class SegmentationResult:
             n_ens = int(np.count_nonzero(ensemble == o.label))
             n_rect = int(np.count_nonzero(rectified == o.label))
             organs.append({
-                "label": o.label, "name": o.name, "box": o.box.to_json(),
+                "label": o.label, "name": o.name, "box": self.input_box(o.box).to_json(),
                 "ensemble_voxels": n_ens, "ensemble_ml": round(n_ens * self.voxel_ml, 3),
                 "rectified_voxels": n_rect, "rectified_ml": round(n_rect * self.voxel_ml, 3),
                 "mean_uncertainty_in_box": float(u_box.mean()) if u_box is not None else None,
@@ -210,6 +243,10 @@ def segment_query(volume, reference, localization, backend, settings=None, progr
                   inputs=None, calibration=None):
     """The method on one query scan: a :class:`SegmentationResult`.
 
+    The scan runs in the canonical orientation (:mod:`URSAMLib.orientation`:
+    the axes permuted and flipped to LPS, no resampling); boxes and the
+    result's maps are in the input's voxel indices, on its own grid.
+
     ``volume``: the scan as float32 [z, y, x] in HU; ``reference``: the
     SimpleITK image giving its grid. ``localization``: a
     :class:`URSAMLib.localization.Localization`, or a list of boxes (a box file's,
@@ -224,10 +261,30 @@ def segment_query(volume, reference, localization, backend, settings=None, progr
     ensemble (in the prompt mode the calibration chose for it) and the warped
     support labels.
     """
-    settings = (settings or Settings()).check()
-    progress = progress or Progress()
+    from .orientation import Orientation
+
     if not isinstance(localization, Localization):
         localization = Localization.from_boxes(localization)
+    orient = Orientation.of(reference)
+    if orient.identity:
+        return _segment_canonical(volume, reference, localization, backend, settings, progress, extra_sets,
+                                  inputs, calibration)
+    localization = replace(localization, boxes=[orient.box_to_canonical(b) for b in localization.boxes])
+    extra_sets = {k: [orient.box_to_canonical(b) for b in v] for k, v in (extra_sets or {}).items()} or None
+    inputs = dict(inputs or {})
+    inputs["orientation"] = orient.to_json()
+    result = _segment_canonical(orient.to_canonical(volume), orient.canonical_image(reference), localization,
+                                backend, settings, progress, extra_sets, inputs, calibration)
+    result.reference, result.volume, result.orientation = reference, volume, orient
+    result.boxes = [orient.box_to_input(b) for b in result.boxes]
+    return result
+
+
+def _segment_canonical(volume, reference, localization, backend, settings, progress, extra_sets, inputs,
+                       calibration):
+    """:func:`segment_query` on a scan in the canonical orientation."""
+    settings = (settings or Settings()).check()
+    progress = progress or Progress()
     fusions, modes, crop_modes, local = {}, [settings.prompts.mode], None, None
     if calibration is not None and settings.warps_labels(localization):
         values = {b.name: b.label for b in localization.boxes}
@@ -306,7 +363,7 @@ def write_results(result, out_dir, overwrite=False, progress=None, extra_files=N
         result.timings["write_seconds"] = time.perf_counter() - t0
         report = result.report(ensemble, rectified, unc_labels)
         components = flagged_components(unc_labels, u_full, names, result.voxel_ml,
-                                        error_probability=pipeline.error_map(result.organs, result.shape))
+                                        error_probability=result.error_map())
         report["flagged_components"] = [c.to_json() for c in components]
         for organ in report["organs"]:
             organ["flagged_regions"] = sum(c.label == organ["label"] for c in components)

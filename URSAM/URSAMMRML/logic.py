@@ -248,11 +248,9 @@ class URSAMProcessLogic:
         uncertainty, uncLabels = result.uncertainty_maps()
         computed.maps = {"ensemble": ensemble, "rectified": rectified, "uncertainty": uncertainty,
                          "flagged": uncLabels, "organs": organs}
-        from URSAMLib.pipeline import error_map
-
         computed.components = review.flagged_components(uncLabels, uncertainty, organs, result.voxel_ml,
                                                         int(computed.job.options.minComponentVoxels),
-                                                        error_probability=error_map(result.organs, result.shape))
+                                                        error_probability=result.error_map())
         computed.statistics = review.organ_statistics(result, rectified, ensemble, uncLabels, computed.components)
         mode = promptMode(result)
         for row in computed.statistics:

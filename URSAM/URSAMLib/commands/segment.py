@@ -51,10 +51,11 @@ def localize_from_args(args, settings, progress):
 
 
 def main(args):
-    from ..boxes import add_margin, load_boxes, save_boxes
+    from ..boxes import load_boxes, save_boxes
     from ..evaluation.metrics import dice_table, format_dice_table
     from ..imageio import read_ct, read_labels
     from ..localization import Localization
+    from ..orientation import Orientation
     from ..outputs import check_output_dir
     from ..segment import segment_query, write_results
 
@@ -78,7 +79,8 @@ def main(args):
         boxes = load_boxes(args.boxes, size, warn=progress.warn)
         settings = settings_from_args(args, boxes=boxes)
         if settings.margin != (0, 0.0):
-            boxes = [add_margin(b, settings.margin[0], settings.margin[1], size) for b in boxes]
+            orientation = Orientation.of(reference)  # the margin is on the slices SAM sees
+            boxes = [orientation.add_margin(b, settings.margin[0], settings.margin[1]) for b in boxes]
         localization = Localization.from_boxes(boxes, Path(args.boxes).absolute())
     if args.atlas_prior == "on" and not settings.warps_labels(localization):
         progress.warn("the atlas prior in rectification needs the warped support labels (a template library "

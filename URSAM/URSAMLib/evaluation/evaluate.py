@@ -33,6 +33,7 @@ from ..atomic import atomic_path, atomic_write_text
 from ..boxes import OrganBox, boxes_from_labels, box_iou
 from ..errors import URSAMError
 from ..imageio import read_ct
+from ..orientation import Orientation
 from ..outputs import write_json
 from ..pipeline import FUSION, URSAM, URSAM_ATLAS
 from ..progress import Progress
@@ -79,15 +80,21 @@ def variant_name(opts):
 # ----------------------------------------------------------------------------------------------
 # Scoring
 
-def _z_slices(mask):
-    return np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1))
+def _z_slices(mask, axis=0):
+    """The slices along numpy axis ``axis`` where ``mask`` has a voxel."""
+    return np.flatnonzero(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).any(1))
 
 
-def score_mask(pred, truth, spacing_zyx):
-    """Dice and HD95 over the whole volume, and Dice over the slices where the truth has the organ."""
-    zs = _z_slices(truth)
+def _gt_slice_dice(pred, truth, axis=0):
+    zs = _z_slices(truth, axis)
+    return dice(np.take(pred, zs, axis), np.take(truth, zs, axis)) if len(zs) else float("nan")
+
+
+def score_mask(pred, truth, spacing_zyx, axial_axis=0):
+    """Dice and HD95 over the whole volume, and Dice over the axial slices (numpy axis ``axial_axis``,
+    whatever the file's axis order) where the truth has the organ."""
     return {"dice": dice(pred, truth), "hd95_mm": hd95(pred, truth, spacing_zyx),
-            "dice_gt_slices": dice(pred[zs], truth[zs]) if len(zs) else float("nan"),
+            "dice_gt_slices": _gt_slice_dice(pred, truth, axial_axis),
             "pred_voxels": int(np.count_nonzero(pred)), "truth_voxels": int(np.count_nonzero(truth))}
 
 
@@ -128,6 +135,8 @@ class CaseInputs:
         self.organs = organs  # {dataset value: name}
         self.spacing_xyz = np.array(self.reference.GetSpacing())
         self.spacing_zyx = self.spacing_xyz[::-1]
+        # the numpy axis of the axial slices (URSAMLib.orientation: canonical z is index axis axes[2])
+        self.axial_axis = 2 - Orientation.of(self.reference).axes[2]
         present = set(np.unique(self.truth).tolist())
         self.scored = {v: n for v, n in organs.items() if v in present}
         self.truth_boxes = {b.label: b for b in boxes_from_labels(self.truth, organs, labels=list(self.scored))}
@@ -177,21 +186,23 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
 
     def add_row(value, method, pred, box, extra=None):
         row = {"case": case.case_id, "organ": case.organs[value], "label": value, "method": method}
-        row.update(score_mask(pred, case.truth == value, case.spacing_zyx))
+        row.update(score_mask(pred, case.truth == value, case.spacing_zyx, case.axial_axis))
         row.update(box_scores(box, case.truth_boxes.get(value), case.spacing_xyz))
         row.update({"mean_uncertainty": float("nan"), "uncertainty_auroc": float("nan")})
         row.update(extra or {})
         rows.append(row)
 
     sam_methods = [m for m in methods if m in SAM_METHODS]
-    shape = case.volume.shape
     if sam_methods or "manual" in methods:
         extra_sets = {}
         manual_boxes = []
         if "manual" in methods:
             seed = (settings.params.seed * 1000003 + zlib.crc32(case.case_id.encode())) % (2 ** 32)
-            manual_boxes = boxes_from_labels(case.truth, case.organs, MANUAL_PERTURB_PX, seed,
-                                             labels=list(case.scored))
+            # perturbed on the axial slices SAM sees, whatever the file's axis order
+            orientation = Orientation.of(case.reference)
+            manual_boxes = [orientation.box_to_input(b) for b in boxes_from_labels(
+                orientation.to_canonical(case.truth), case.organs, MANUAL_PERTURB_PX, seed,
+                labels=list(case.scored))]
             extra_sets["manual"] = manual_boxes
         first = None
         for i_mode, mode in enumerate(prompt_modes):
@@ -213,6 +224,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
             info["rectified_method"] = result.rectified_method
             main = {o.label: o for o in result.main_organs()}
             has_prior = any(o.prior is not None for o in main.values())
+            truth = result.to_canonical(case.truth)  # on the grid of the organs' maps
             for method in sam_methods:
                 names = [method] + ([URSAM_ATLAS] if method == URSAM and has_prior else [])
                 for name in names:
@@ -221,9 +233,10 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
                         extra = None
                         if name == "ensemble" and value in main and main[value].u is not None:
                             o = main[value]
-                            extra = uncertainty_scores(o, case.truth[o.sl] == value)
+                            extra = uncertainty_scores(o, truth[o.sl] == value)
                         if name in MAPPED and value in main and main[value].u is not None:
-                            u, flagged = _full(main[value], shape, main[value].u, main[value].m_unc)
+                            o = main[value]
+                            u, flagged = result.organ_map(o, o.u), result.organ_map(o, o.m_unc)
                             extra = {**(extra or {}), **region_scores(labels == value, case.truth == value, u,
                                                                       flagged, case.spacing_zyx)}
                         add_row(value, name + suffix, labels == value, raw.get(value), extra)
@@ -239,7 +252,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
             for value in case.scored:
                 add_row(value, "manual", labels == value, mboxes.get(value))
         if sweep:
-            sweep_rows = _sweep(case, first.organs, settings.params, shape)
+            sweep_rows = _sweep(case, first, settings.params)
     if "atlas" in methods:
         if not localization.warps_labels:
             from ..localize import localize_registration
@@ -254,6 +267,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
             m = atlas == value
             add_row(value, "atlas", m, mask_box(m, value, case.organs[value]))
         deformable = settings.deformable
+        shape = case.volume.shape
         if deformable.method != "none" and localization.deformable_info(deformable) is not None:
             # The same majority vote with the deformable registrations the slice-adaptive prompts used, and the
             # label fusions of classic multi-atlas tools on those registrations: locally weighted votes, STAPLE.
@@ -291,13 +305,6 @@ def _local(calibration):
     return calibration.local if calibration is not None else LocalWeighting()
 
 
-def _full(o, shape, u, flagged):
-    """An organ's uncertainty and flags, on the whole volume (zero outside its region)."""
-    u_full, f_full = np.zeros(shape, np.float32), np.zeros(shape, bool)
-    u_full[o.sl], f_full[o.sl] = u, flagged
-    return u_full, f_full
-
-
 def _full_prior(prior, shape, which):
     if prior is None or getattr(prior, which) is None:
         return np.zeros(shape, np.float32)
@@ -326,7 +333,6 @@ def _fusion_rows(result, case, calibration, variant, raw):
             o.fusion = models.get(o.name, o.fusion)
             pipeline.finish_organ(o, result.params)
         labels = result.label_map(FUSION)
-        shape = case.volume.shape
         out = []
         by_label = {o.label: o for o in main}
         for value in case.scored:
@@ -334,7 +340,7 @@ def _fusion_rows(result, case, calibration, variant, raw):
             pred = labels == value
             extra = None
             if o is not None and o.fused is not None:
-                u, flagged = _full(o, shape, o.fused.uncertainty, o.fused.flagged)
+                u, flagged = result.organ_map(o, o.fused.uncertainty), result.organ_map(o, o.fused.flagged)
                 extra = region_scores(pred, case.truth == value, u, flagged, case.spacing_zyx)
             out.append((value, name, pred, raw.get(value), extra))
         return out
@@ -365,25 +371,24 @@ def _mode_seconds(info, zoomed):
     info["mode_seconds_alone"] = out
 
 
-def _sweep(case, organs, params, shape):
+def _sweep(case, result, params):
     """UR-SAM under each rectification setting of SWEEP_GRID, on the cached SAM maps (no SAM rerun)."""
     rows = []
-    main = [o for o in organs if o.prompt_set == "main"]
+    main = result.main_organs()
     saved = [dict(o.masks) for o in main], [o.m_unc for o in main], [o.info for o in main]
     try:
         for opts in SWEEP_GRID:
             p = replace(params, rectify=opts)
             for o in main:
                 pipeline.finish_organ(o, p)
-            labels = pipeline.label_map(main, "ursam", shape)
+            labels = result.label_map(pipeline.URSAM)
             for value in case.scored:
                 pred = labels == value
                 t = case.truth == value
-                zs = _z_slices(t)
                 rows.append({"case": case.case_id, "organ": case.organs[value], "label": value,
                              "method": variant_name(opts), "scope": opts.scope, "lower": opts.lower,
                              "alpha_h": opts.alpha_h, "dice": dice(pred, t),
-                             "dice_gt_slices": dice(pred[zs], t[zs]) if len(zs) else float("nan")})
+                             "dice_gt_slices": _gt_slice_dice(pred, t, case.axial_axis)})
     finally:
         for o, masks, m_unc, inf in zip(main, *saved):
             o.masks, o.m_unc, o.info = masks, m_unc, inf

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..boxes import OrganBox, add_margin
+from ..boxes import OrganBox
 from ..errors import URSAMError
 from ..localization import DEFAULT_MARGIN, Localization
+from ..orientation import Orientation
 from ..progress import STAGE_LOCALIZE, Progress
 from .checkpoint import load_network, pick_device
 from .network import FEATURE_SCALES
@@ -274,6 +275,7 @@ def localize_medlam(image, library, organs=None, progress=None, checkpoint=None,
         raise URSAMError(str(err), where) from None
     spacing = cfg.spacing_mm
     size = np.array(source.GetSize())
+    orientation = Orientation.of(source)  # the margin is on the slices SAM sees
     lo_valid = np.full(3, prepared.pad, np.float64)
     hi_valid = lo_valid + np.array(prepared.inner_shape) - 1
     boxes, raw, skipped, points_info = [], [], {}, {}
@@ -303,7 +305,7 @@ def localize_medlam(image, library, organs=None, progress=None, checkpoint=None,
             notes.append("box reaches past the image and was clipped")
         box = OrganBox(int(value), name, clo.tolist(), chi.tolist(), notes)
         raw.append(box)
-        boxes.append(add_margin(box, int(margin[0]), float(margin[1]), tuple(int(s) for s in size)))
+        boxes.append(orientation.add_margin(box, int(margin[0]), float(margin[1])))
         points_info[name] = {
             "coarse_ijk": np.round(prepared.zyx_to_source_index(coarse), 1).tolist(),
             "refined_ijk": np.round(prepared.zyx_to_source_index(points), 1).tolist(),

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from ..errors import URSAMError
 from ..imageio import check_volume, read_image
+from ..orientation import canonical
 from ..progress import STAGE_REGISTER, Progress
 
 #: CT intensities outside this range (air, metal) carry no anatomy for registration
@@ -346,6 +347,8 @@ def register_supports(query, templates, carry, options=RegistrationOptions(), pr
     names the points to bring into the query (the localizer's extreme points);
     each registration's ``points`` holds them in query coordinates.
     """
-    fixed = as_float_image(query)
+    # Registered on the canonical grid: the transforms are physical, and the random metric samples
+    # then fall on the same voxels whatever the query's axis order.
+    fixed = canonical(as_float_image(query))
     return map_supports(lambda t: _register_support(t, fixed, carry, options), templates, options.workers,
                         progress, f"{STAGE_REGISTER} ({len(templates)})")

