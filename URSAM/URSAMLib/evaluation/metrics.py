@@ -67,11 +67,12 @@ def box_centre_error_mm(a, b, spacing_xyz):
 def dice_table(result, truth_zyx, methods=None, prompt_set="main"):
     """Per-method, per-organ Dice of a :class:`URSAMLib.segment.SegmentationResult` against a reference
     label map with the boxes' label values (``ursam segment --reference``)."""
-    from ..pipeline import METHODS, URSAM_ATLAS
+    from ..pipeline import FUSION, METHODS, URSAM_ATLAS
 
     if methods is None:
         has_prior = any(o.prior is not None for o in result.main_organs())
-        methods = [m for m in METHODS if m != URSAM_ATLAS or has_prior]
+        fused = any(o.fused is not None for o in result.main_organs())
+        methods = [m for m in METHODS if (m != URSAM_ATLAS or has_prior) and (m != FUSION or fused)]
     table = {}
     for method in methods:
         labels = result.label_map(method, prompt_set)
