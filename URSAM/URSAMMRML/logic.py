@@ -29,7 +29,8 @@ from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.progress import STAGE_RECTIFY, STAGE_WRITE, Progress
 
 from . import display, jobs, outputs, review, segmentations, worker
-from .geometry import arrayToMatrix, boxFromRoi, ijkToRas, roiPlacement, snapshotVolume
+from .geometry import arrayToMatrix, boxFromRoi, ijkToFrameOf, ijkToRas, roiPlacement, snapshotVolume
+from .geometry import worldToLocal as geometryWorldToLocal
 from .options import RunOptions
 
 
@@ -525,12 +526,13 @@ class URSAMProcessLogic:
         if flagged is None or rectified is None:
             raise URSAMError(f"the UR-SAM segmentations of '{inputVolume.GetName()}' are missing; run Segment again")
         component = review.componentFromTable(reviewTable, row)
-        snapshotIjkToRas = ijkToRas(inputVolume)
+        gridIjkToRas, gridWorldToLocal = ijkToRas(inputVolume), geometryWorldToLocal(inputVolume)
         flaggedId = segmentations.findOrganSegment(flagged, component.organ)
         if flaggedId is None:
             raise URSAMError(f"'{flagged.GetName()}' has no segment of {component.organ}")
         mask = review.component_mask(
-            segmentations.segmentMask(flagged, flaggedId, snapshotIjkToRas, component.region), component)
+            segmentations.segmentMask(flagged, flaggedId, ijkToFrameOf(gridIjkToRas, gridWorldToLocal, flagged),
+                                      component.region), component)
         if mask is None:
             raise URSAMError(f"flagged region {component.id} ({component.organ}) is no longer in "
                              f"'{flagged.GetName()}'")
@@ -539,7 +541,8 @@ class URSAMProcessLogic:
             raise URSAMError(f"'{rectified.GetName()}' has no segment of {component.organ}")
         shape = tuple(inputVolume.GetImageData().GetDimensions())[::-1]
         offset = tuple(s.start for s in component.region)
-        segmentations.modifySegmentRegion(rectified, target, mask, offset, snapshotIjkToRas, shape, add=accept)
+        segmentations.modifySegmentRegion(rectified, target, mask, offset,
+                                          ijkToFrameOf(gridIjkToRas, gridWorldToLocal, rectified), shape, add=accept)
         review.setStatus(reviewTable, row, review.ACCEPTED if accept else review.REJECTED)
         return int(mask.sum())
 
@@ -572,8 +575,11 @@ class URSAMProcessLogic:
             names[i + 1] = segmentations.organNameOfSegment(seg.GetSegment(segmentId), segmentId)
         labels = np.zeros(snapshot.array.shape, np.uint16)
         region = tuple(slice(0, s) for s in labels.shape)
+        # the segmentation may sit under another transform than the volume (drawn in world space)
+        gridInSegmentation = ijkToFrameOf(snapshot.ijkToRas, snapshot.worldToLocal, segmentationNode)
         for value, name in names.items():
-            mask = segmentations.segmentMask(segmentationNode, seg.GetNthSegmentID(value - 1), snapshot.ijkToRas, region)
+            mask = segmentations.segmentMask(segmentationNode, seg.GetNthSegmentID(value - 1), gridInSegmentation,
+                                             region)
             labels[mask] = value
         if not labels.any():
             raise URSAMError(f"segmentation '{segmentationNode.GetName()}' is empty")

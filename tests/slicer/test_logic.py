@@ -59,10 +59,17 @@ def run(slab_paths, litemedsam):
     return r
 
 
-def fresh_outputs(run):
-    """The module's computation written into a new scene (same CT file), for tests that change nodes."""
+def fresh_outputs(run, parentTransform=None):
+    """The module's computation written into a new scene (same CT file), for tests that change nodes.
+
+    ``parentTransform``: a 4x4 array; the CT is put under a linear transform node of it first.
+    """
     app = SlicerApp()
     volume = app.loadVolume(run.volume.GetStorageNode().GetFileName(), "tsA_slab")
+    if parentTransform is not None:
+        transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+        transform.SetMatrixTransformToParent(geometry.arrayToMatrix(parentTransform))
+        volume.SetAndObserveTransformNodeID(transform.GetID())
     snapshot = replace(run.computed.job.snapshot, scene=app.scene, nodeID=volume.GetID())
     computed = replace(run.computed, job=replace(run.computed.job, snapshot=snapshot))
     logic = URSAMProcessLogic(app.appLogic)
@@ -279,6 +286,58 @@ def test_accept_and_reject_change_only_that_region_of_that_organ(run):
     assert np.array_equal(after, before & ~region)
     assert table.GetTable().GetValue(row, col["Status"]).ToString() == "rejected"
     assert np.array_equal(full_mask(out.rectified, other, volume), before_other & ~region)
+
+
+def moved():
+    """A rotation about the S axis and a shift: far enough that world and local voxels never coincide."""
+    a = np.radians(25.0)
+    m = np.eye(4)
+    m[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    m[:3, 3] = [40.0, -25.0, 12.0]
+    return m
+
+
+def test_a_transformed_input_gets_its_own_voxels_back_through_review_and_the_library(run, tmp_path):
+    app, volume, logic, out = fresh_outputs(run, parentTransform=moved())
+    transformID = volume.GetTransformNodeID()
+    assert out.rectified.GetTransformNodeID() == transformID  # the outputs sit where the input does
+    rectified = run.computed.maps["rectified"]
+    for label, organ in run.computed.maps["organs"]:
+        assert np.array_equal(full_mask(out.rectified, organ, volume), rectified == label), organ
+
+    # Accept adds exactly the flagged region, in the input's voxels
+    table = out.review
+    col = {table.GetTable().GetColumnName(c): c for c in range(table.GetTable().GetNumberOfColumns())}
+    row = max(range(table.GetTable().GetNumberOfRows()),
+              key=lambda r: table.GetTable().GetValue(r, col["Volume"]).ToDouble())
+    organ = table.GetTable().GetValue(row, col["Organ"]).ToString()
+    component = review.componentFromTable(table, row)
+    flagged = full_mask(out.flagged, organ, volume)
+    labels, _ = ndimage.label(flagged, np.ones((3, 3, 3)))
+    i, j, k = component.seed_ijk
+    region = labels == labels[k, j, i]
+    before = full_mask(out.rectified, organ, volume)
+    assert logic.reviewComponent(table, row, accept=True) == region.sum()
+    assert np.array_equal(full_mask(out.rectified, organ, volume), before | region)
+
+    # Add to library: the reviewed output (under the transform) and a copy drawn in world space
+    world = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn in world space")
+    segmentations.setSegmentsFromLabelmap(world, rectified, run.computed.maps["organs"],
+                                          moved() @ geometry.ijkToRas(volume))
+    assert world.GetTransformNodeID() is None
+    for i, node in enumerate((out.rectified, world)):
+        lib_path = tmp_path / f"lib{i}"
+        logic.addToLibrary(lib_path, volume, node)
+        from URSAMLib.templates import Library
+
+        lib = Library(lib_path)
+        _, back = lib.templates()[0].read_labels()
+        by_name = {v: k for k, v in lib.names.items()}
+        expected = rectified.copy()
+        if node is out.rectified:
+            expected[region] = [b.label for b in run.computed.result.boxes if b.name == organ][0]
+        for label, name in run.computed.maps["organs"]:
+            assert np.array_equal(back == by_name[name], expected == label), (node.GetName(), name)
 
 
 def test_selecting_a_row_jumps_the_slice_views_to_it(run):
