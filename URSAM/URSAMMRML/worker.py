@@ -106,9 +106,9 @@ def roiPromptNote(options, fromRois):
     """
     if not fromRois or options.prompts == "box3d":
         return None
-    return (f"prompt mode {options.prompts} needs the organs localized from a template library (it follows "
-            "the support labels warped into the scan); the organ ROIs were used as box3d prompts "
-            "(uncheck the ROIs to localize from the library)")
+    return (f"the checked organ ROIs run as box3d prompts: prompt mode {options.prompts} follows the support "
+            "labels that a template library warps into the scan (uncheck the ROIs to localize the organs from "
+            "the library)")
 
 
 def promptModeOf(options, fromRois):

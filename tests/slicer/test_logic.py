@@ -434,3 +434,44 @@ def test_an_roi_partly_outside_is_clipped_and_the_user_told(run):
     assert job.boxes[0].min_ijk[0] == 0
     assert len(job.warnings) == 1 and "liver" in job.warnings[0] and "clipped" in job.warnings[0]
     run.app.scene.RemoveNode(roi)
+
+
+def shown_header(table_node, name):
+    """The header Slicer's table view shows (qMRMLTableModel::updateModelFromMRML, 5.6.1 to main): the column's
+    title, else its name, and " [unit]" where it has a unit; None where headers are letters."""
+    if not table_node.GetUseColumnTitleAsColumnHeader():
+        return None
+    text = table_node.GetColumnTitle(name) or name
+    unit = table_node.GetColumnUnitLabel(name)
+    return f"{text} [{unit}]" if unit else text
+
+
+def test_table_headers_show_each_unit_once(run):
+    for node, columns in ((run.outputs.review, review.REVIEW_COLUMNS), (run.outputs.statistics,
+                                                                        review.STATISTICS_COLUMNS)):
+        headers = {name: shown_header(node, name) for name, _, _, _ in columns}
+        for name, kind, unit, description in columns:
+            assert headers[name] == (f"{name} [{unit}]" if unit else name)
+            assert node.GetColumnDescription(name) == description
+    assert shown_header(run.outputs.review, "Volume") == "Volume [ml]"
+    assert shown_header(run.outputs.statistics, "Flagged volume") == "Flagged volume [ml]"
+
+
+def test_the_in_process_run_collects_warnings_without_touching_python_warnings(run, litemedsam):
+    """Python's warning filters are process-wide: a run must neither reset nor replace them."""
+    import warnings
+
+    logic = URSAMProcessLogic()
+    box = boxes_from_labels(slicer.util.arrayFromVolume(run.labels), {3: "spleen"})[0]
+    box.min_ijk[0] = -10  # partly outside: the logic warns that it clipped the box
+    box.min_ijk[2] = box.max_ijk[2] = SLICES[0]
+    roi = run.app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "spleen")
+    objectToNode, radius = geometry.roiPlacement(box, geometry.ijkToRas(run.volume))
+    roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
+    roi.SetRadiusXYZ(*radius)
+    filters, show = list(warnings.filters), warnings.showwarning
+    job = logic.prepareSegmentation(run.volume, rois=[roi], prompts="box3d", nAug=1)
+    computed = logic.computeSegmentation(job, backend=litemedsam)
+    assert warnings.filters == filters and warnings.showwarning is show
+    assert any("clipped" in w for w in computed.result.warnings)
+    run.app.scene.RemoveNode(roi)
