@@ -15,12 +15,10 @@ def test_slicer_5_6s_own_simpleitk_is_enough():
 
 def test_the_installer_is_pip_install_where_slicer_has_no_packaging_module():
     """slicer.packaging (with pip_ensure) is Slicer 5.12's; slicer.util.pip_ensure exists in no version."""
+    import importlib.util
+
     name, install = dependencies.pipInstaller()
-    try:
-        import slicer.packaging  # noqa: F401
-        has_packaging = True
-    except ImportError:
-        has_packaging = False
+    has_packaging = importlib.util.find_spec("slicer.packaging") is not None
     assert name == ("slicer.packaging.pip_ensure" if has_packaging else "slicer.util.pip_install")
     assert callable(install)
     assert not hasattr(slicer.util, "pip_ensure")
