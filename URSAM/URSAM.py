@@ -277,8 +277,10 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shown = _pathText(lineEdit.currentPath)
             path, source = pathToShow(getattr(p, name), shown)
             if source == "widget" and getattr(p, name) != path:
-                setattr(p, name, path)  # the line edit's last used path, for a new scene
-                return  # the node's Modified event brings us back here
+                setattr(p, name, path)  # the line edit's last used path, for a new scene (updates the panel)
+                if name == "libraryPath":
+                    self.refreshOrganList()
+                return
             if shown != path:
                 lineEdit.currentPath = path
                 if name == "libraryPath":

@@ -94,7 +94,7 @@ def ijkToFrameOf(ijkToRasArray, volumeWorldToLocal, node):
 class VolumeSnapshot:
     """What the engine needs of an input volume, copied on the main thread.
 
-    The worker thread reads only this, never the node, and the input node is
+    The compute step reads only this, never the node, and the input node is
     never written to: ``array`` is a float32 copy.
     """
     nodeID: str
