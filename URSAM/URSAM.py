@@ -546,13 +546,9 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run is None:
             self._timer.stop()
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not write the results."), waitCursor=False):
-            try:
-                run.poll()  # loads the results into the scene once the worker has ended
-            finally:
-                if run.done:
-                    self.endRun()
+        run.poll()  # loads the results into the scene once the worker has ended; never raises
         if run.done:
+            self.endRun()
             self.reportRunEnd(run)
             return
         stage, i, n = run.progress

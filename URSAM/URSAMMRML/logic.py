@@ -165,6 +165,8 @@ class BackgroundRun:
     def poll(self):
         """New events of the worker (dicts); loads the result into the scene once the worker has ended.
 
+        It never raises: a failure ends the run with ``state`` "failed" and its ``error``.
+
         The poll that sees the worker end well returns a last progress event,
         "writing results", and the next one writes them: a panel can show that
         step before the main thread is busy with it.
@@ -174,7 +176,11 @@ class BackgroundRun:
             return []
         if self.state != "running":
             return []
-        events = self.process.poll()
+        try:
+            events = self.process.poll()
+        except OSError as err:  # the job folder went away under the worker (a full or cleaned disk)
+            self._end("failed", URSAMError(f"the URSAM worker's events cannot be read ({err})"))
+            return []
         for event in events:
             kind = event.get("event")
             if kind == "progress":
@@ -237,8 +243,12 @@ class BackgroundRun:
                     progress(event.get("stage") or "", int(event.get("done", 0)), int(event.get("total", 0)))
             if self.done:
                 break
-            if (cancel is not None and cancel()) or (timeout is not None and time.perf_counter() - t0 > timeout):
+            if cancel is not None and cancel():
                 self.cancel()
+                break
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                self.cancel()
+                self.error = URSAMError(f"the URSAM worker did not finish within {timeout:g} s; it was stopped")
                 break
             time.sleep(interval)
         if self.error is not None:
