@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--cancels", type=int, default=3)
     ap.add_argument("--cancel-stage", default=STAGE_EMBED, help="cancel once the worker reports this stage")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also run the same job in this process (model loaded in the run), for the CPU ratio")
     args = ap.parse_args()
     data = Path(args.data)
     scene, app_logic, _logics = scene_with_logics()
@@ -124,6 +126,16 @@ def main():
               "longest_poll_ms": round(1000 * longest_poll, 1),
               "load_average": [round(v, 2) for v in os.getloadavg()]}
     print("apply to results:", json.dumps(result), flush=True)
+
+    if args.in_process:
+        own = URSAMProcessLogic(app_logic)
+        self0, p0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        own.process(volume, library=data, device=args.device)
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        result["in_process_seconds"] = round(time.perf_counter() - p0, 2)
+        result["in_process_cpu_seconds"] = round((self1.ru_utime - self0.ru_utime)
+                                                 + (self1.ru_stime - self0.ru_stime), 1)
+        print("in process:", json.dumps(result), flush=True)
 
     latencies = []
     for i in range(args.cancels):
