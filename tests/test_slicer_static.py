@@ -183,7 +183,7 @@ def _top_level_imports(tree):
 
 def test_module_imports_nothing_that_needs_installing(script_ast):
     """Loading the module must not need torch or the engine's packages: they are installed on first use."""
-    allowed = {"logging", "math", "os", "pathlib", "threading", "time", "typing", "warnings", "ctk", "qt", "vtk", "slicer",
+    allowed = {"logging", "math", "os", "pathlib", "shutil", "sys", "time", "typing", "ctk", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
                "URSAMLib.progress", "URSAMMRML.dependencies"}
     extra = set(_top_level_imports(script_ast)) - allowed
@@ -283,3 +283,70 @@ def test_the_parameter_node_needs_only_what_slicer_bundles():
     done = subprocess.run([sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "litemedsam"
+
+
+def test_the_checkable_roi_combo_offers_no_action_on_its_hidden_current_node(widgets):
+    """qMRMLCheckableNodeComboBox turns these off itself (its init): they would act on the current node,
+    which a list of checked nodes does not show; the .ui must not turn them back on."""
+    combo = widgets["roiSelector"]
+    assert combo.get("class") == "qMRMLCheckableNodeComboBox"
+    props = {p.get("name"): p.findtext("bool") for p in combo.findall("property")}
+    for name in ("addEnabled", "removeEnabled", "editEnabled", "renameEnabled"):
+        assert props.get(name, "false") == "false", name
+
+
+def test_every_push_button_of_the_ui_does_something(widgets):
+    text = SCRIPT.read_text(encoding="utf-8")
+    buttons = [n for n, w in widgets.items() if w.get("class") == "QPushButton"]
+    assert "cancelButton" not in buttons  # the running step's own button cancels it
+    for name in buttons:
+        assert re.search(rf"ui\.{name}\.clicked\.connect\(", text), f"{name} is connected to nothing"
+
+
+def test_every_run_option_is_on_the_panel():
+    """An option RunOptions gains (the engine's, through it) must reach the panel, or it is unreachable there."""
+    from dataclasses import fields
+
+    from URSAMMRML.options import RunOptions
+
+    params = _panel_parameters()
+    missing = sorted(f.name for f in fields(RunOptions) if f.name not in params)
+    assert not missing, f"RunOptions fields the panel does not offer: {missing}"
+
+
+def test_a_new_scene_keeps_the_library_the_line_edit_remembers():
+    from URSAMMRML.parameters import pathToShow
+
+    # ctkPathLineEdit selects its latest history entry when its setting key is set; a new scene has no path
+    assert pathToShow("", "/data/lib") == ("/data/lib", "widget")
+    # a loaded scene's own library wins over the remembered one
+    assert pathToShow("/scene/lib", "/data/lib") == ("/scene/lib", "node")
+    assert pathToShow("", "") == ("", "node")
+    assert pathToShow(" /a ", "") == ("/a", "node")
+
+
+def _function(tree, cls, name):
+    klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    return next(f for f in klass.body if isinstance(f, ast.FunctionDef) and f.name == name)
+
+
+def _calls(func):
+    return {n.func.attr for n in ast.walk(func) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+
+
+def test_a_library_that_was_used_goes_into_the_path_history(script_ast):
+    """CTK records a path only on addCurrentPathToHistory(); each step that used the library does so."""
+    remember = _function(script_ast, "URSAMWidget", "rememberLibrary")
+    assert "addCurrentPathToHistory" in _calls(remember)
+    for step in ("finishLocalization", "finishSegmentation", "onAddToLibrary"):
+        assert "rememberLibrary" in _calls(_function(script_ast, "URSAMWidget", step)), step
+
+
+def test_the_panel_runs_steps_through_the_logic_worker(script_ast):
+    """The widget starts runs with the logic's startJob and polls them; it computes nothing itself."""
+    for step in ("onLocalize", "onSegment"):
+        calls = _calls(_function(script_ast, "URSAMWidget", step))
+        assert "startJob" in calls and "startRun" in calls, step
+        assert not calls & {"computeSegmentation", "computeLocalization", "process"}, step
+    assert {"poll"} <= _calls(_function(script_ast, "URSAMWidget", "pollRun"))
+    assert {"cancel"} <= _calls(_function(script_ast, "URSAMWidget", "onCancel"))

@@ -11,25 +11,33 @@ _CATEGORY = ["SCT", "123037004", "Anatomical Structure"]
 _RIGHT = ["SCT", "24028007", "Right"]
 _LEFT = ["SCT", "7771000", "Left"]
 
-# name key -> (SCT code, meaning, laterality, colour in 0..255 as in Slicer's General Anatomy list)
+#: the two segmentation contexts Slicer ships (Modules/Loadable/Terminologies/Resources, the same at 5.6 to 5.10)
+GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
+DICOM_MASTER = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+# name key -> (SCT code, meaning, context that lists the code, colour in 0..255). Slicer 5.6 looks an
+# entry's type up in the context it names and logs "Failed to get terminology type" where it is not
+# there, so each code names a context that has it: the General Anatomy list where it does (with its
+# colour), else the DICOM master list (which has no colour for these; ours are kept).
 _TABLE = {
-    "liver": ("10200004", "Liver", None, (221, 130, 101)),
-    "kidney": ("64033007", "Kidney", None, (185, 102, 83)),
-    "spleen": ("78961009", "Spleen", None, (157, 108, 162)),
-    "pancreas": ("15776009", "Pancreas", None, (249, 180, 111)),
-    "aorta": ("15825003", "Aorta", None, (224, 97, 76)),
-    "inferiorvenacava": ("64131007", "Inferior vena cava", None, (0, 151, 206)),
-    "adrenalgland": ("23451007", "Adrenal gland", None, (244, 214, 49)),
-    "gallbladder": ("28231008", "Gallbladder", None, (139, 150, 98)),
-    "esophagus": ("32849002", "Esophagus", None, (211, 171, 143)),
-    "stomach": ("69695003", "Stomach", None, (216, 132, 105)),
-    "duodenum": ("38848004", "Duodenum", None, (255, 253, 229)),
-    "brainstem": ("15926001", "Brainstem", None, (250, 250, 225)),
-    "spinalcord": ("2748008", "Spinal cord", None, (244, 214, 49)),
-    "parotidgland": ("45289007", "Parotid gland", None, (251, 181, 137)),
-    "parotid": ("45289007", "Parotid gland", None, (251, 181, 137)),
-    "larynx": ("4596009", "Larynx", None, (229, 147, 118)),
-    "mandible": ("91609006", "Mandible", None, (255, 250, 220)),
+    "liver": ("10200004", "Liver", GENERAL_ANATOMY, (221, 130, 101)),
+    "kidney": ("64033007", "Kidney", GENERAL_ANATOMY, (185, 102, 83)),
+    "spleen": ("78961009", "Spleen", GENERAL_ANATOMY, (157, 108, 162)),
+    "pancreas": ("15776009", "Pancreas", GENERAL_ANATOMY, (249, 180, 111)),
+    "aorta": ("15825003", "Aorta", GENERAL_ANATOMY, (224, 97, 76)),
+    "inferiorvenacava": ("64131007", "Inferior vena cava", DICOM_MASTER, (0, 151, 206)),
+    "adrenalgland": ("23451007", "Adrenal gland", GENERAL_ANATOMY, (249, 186, 150)),
+    "gallbladder": ("28231008", "Gallbladder", GENERAL_ANATOMY, (139, 150, 98)),
+    "esophagus": ("32849002", "Esophagus", GENERAL_ANATOMY, (211, 171, 143)),
+    "stomach": ("69695003", "Stomach", GENERAL_ANATOMY, (216, 132, 105)),
+    "duodenum": ("38848004", "Duodenum", GENERAL_ANATOMY, (255, 253, 229)),
+    "brainstem": ("119238007", "Brain stem", DICOM_MASTER, (250, 250, 225)),
+    "spinalcord": ("2748008", "Spinal cord", GENERAL_ANATOMY, (244, 214, 49)),
+    "parotidgland": ("45289007", "Parotid gland", DICOM_MASTER, (251, 181, 137)),
+    "parotid": ("45289007", "Parotid gland", DICOM_MASTER, (251, 181, 137)),
+    "larynx": ("4596009", "Larynx", GENERAL_ANATOMY, (150, 208, 243)),
+    "mandible": ("91609006", "Mandible", GENERAL_ANATOMY, (222, 198, 101)),
 }
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -56,10 +64,9 @@ def lookup(name, label=1):
     if entry is None:
         rgb = _PALETTE[(int(label) - 1) % len(_PALETTE)]
         return name, [c / 255.0 for c in rgb], None
-    code, meaning, _, rgb = entry
-    term = {"contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
-            "category": _CATEGORY, "type": ["SCT", code, meaning],
-            "anatomicContextName": "Anatomic codes - DICOM master list"}
+    code, meaning, context, rgb = entry
+    term = {"contextName": context, "category": _CATEGORY, "type": ["SCT", code, meaning],
+            "anatomicContextName": ANATOMIC_CONTEXT}
     display = meaning
     if side:
         term["typeModifier"] = _RIGHT if side == "R" else _LEFT

@@ -8,8 +8,11 @@ nodes; every computation is delegated to URSAMLib. Modules:
 - ``outputs``: the subject-hierarchy folder and the output nodes of one input volume.
 - ``display``: the uncertainty overlay and its colour legend, slice-view jumps.
 - ``review``: the review and statistics tables (the flagged regions come from URSAMLib.review).
-- ``logic``: the headless ``process(...)``, split into prepare / compute / apply so that
-  the widget can run ``compute`` off the main thread.
+- ``logic``: the headless ``process(...)``, split into prepare / compute / apply; the panel's
+  runs compute in a worker process (``startJob``).
+- ``worker``: the worker process (``python -m URSAMMRML.worker JOBDIR``), which imports only the engine;
+  ``jobs``: starting, polling and killing it.
+- ``demo``: the synthetic demo data in a scene.
 - ``dependencies``: which Python packages a run needs and which are missing.
 
 Nothing here imports Qt, so scripts, Slicer's Python console and the pytest

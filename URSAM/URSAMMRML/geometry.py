@@ -80,11 +80,21 @@ def worldToLocal(node):
     return matrixToArray(matrix)
 
 
+def ijkToFrameOf(ijkToRasArray, volumeWorldToLocal, node):
+    """The IJKToRAS of a volume's grid in ``node``'s own frame.
+
+    ``ijkToRasArray`` and ``volumeWorldToLocal`` are the volume's (its local
+    frame); the two nodes may sit under different linear transforms, e.g. a
+    segmentation drawn in world space over a transformed CT.
+    """
+    return worldToLocal(node) @ np.linalg.inv(volumeWorldToLocal) @ np.asarray(ijkToRasArray, dtype=float)
+
+
 @dataclass
 class VolumeSnapshot:
     """What the engine needs of an input volume, copied on the main thread.
 
-    The worker thread reads only this, never the node, and the input node is
+    The compute step reads only this, never the node, and the input node is
     never written to: ``array`` is a float32 copy.
     """
     nodeID: str

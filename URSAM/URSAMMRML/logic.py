@@ -1,20 +1,23 @@
 """The headless URSAM logic: Slicer nodes in, URSAMLib runs, Slicer nodes out. No Qt.
 
-Every run has three steps so that the panel can keep Slicer responsive:
+Every run has three steps:
 
 1. ``prepare*`` (main thread): check the input nodes and copy what the engine
    needs (voxels, geometry, boxes from ROIs) into a job;
-2. ``compute*`` (any thread): run URSAMLib on the job; it reads no node and
-   writes no node, and honours ``cancel`` between slices;
+2. compute: the engine runs the job (:func:`URSAMMRML.worker.compute`),
+   either in a worker process (:meth:`URSAMProcessLogic.startJob`, what the
+   panel does: Slicer stays responsive and Cancel ends the process at once)
+   or in this process (``compute*``, for scripts and tests); it reads and
+   writes no node;
 3. ``apply*`` (main thread): write the result into output nodes.
 
-``process(...)`` does the three in a row, for scripts, Slicer's Python
-console and tests. A cancelled or failed run raises before step 3, so the
-scene is left exactly as it was.
+``process(...)`` does the three in a row. A cancelled or failed run raises
+before step 3, so the scene is left exactly as it was.
 """
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -22,16 +25,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from URSAMLib import terminology
-from URSAMLib.errors import URSAMError
-from URSAMLib.progress import STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, Progress
+from URSAMLib.errors import Cancelled, URSAMError
+from URSAMLib.progress import STAGE_RECTIFY, STAGE_WRITE, Progress
 
-from . import display, outputs, review, segmentations
-from .geometry import arrayToMatrix, boxFromRoi, ijkToRas, roiPlacement, snapshotVolume
+from . import display, jobs, outputs, review, segmentations, worker
+from .geometry import arrayToMatrix, boxFromRoi, ijkToFrameOf, ijkToRas, roiPlacement, snapshotVolume
+from .geometry import worldToLocal as geometryWorldToLocal
 from .options import RunOptions
 
 
 #: the RunOptions that Rectify may change (the others need a new SAM run)
-RECTIFY_FIELDS = ("thresholdScope", "lowerBound", "alphaH", "fixedThreshold", "minComponentVoxels", "atlasPrior")
+RECTIFY_FIELDS = ("thresholdScope", "lowerBound", "alphaH", "fixedThreshold", "minComponentVoxels", "atlasPrior",
+                  "atlasAdd", "atlasKeep")
 
 
 @dataclass
@@ -43,6 +48,7 @@ class SegmentJob:
     library: str = None
     organs: list = None
     warnings: list = field(default_factory=list)
+    task = "segment"
 
 
 @dataclass
@@ -64,18 +70,27 @@ class LocalizeJob:
     library: str
     organs: list
     options: RunOptions
+    warnings: list = field(default_factory=list)
+    boxes = None
+    task = "localize"
+
+
+def workerJob(job):
+    """The :class:`URSAMMRML.worker.Job` of a prepared job (its voxels are the snapshot's, not a copy)."""
+    snapshot = job.snapshot
+    return worker.Job(job.task, snapshot.name, snapshot.array, snapshot.image(), job.options, job.boxes,
+                      job.library, job.organs)
 
 
 class CollectingProgress(Progress):
     """URSAMLib's Progress that keeps warnings instead of printing them.
 
-    Runs may compute off Slicer's main thread, where nothing should write to
-    the Python console; the warnings reach the user with the results.
+    The warnings reach the user with the results (the engine also puts its
+    own into the result); nothing is written to Slicer's Python console.
     """
 
     def __init__(self, callback=None, cancel=None):
         super().__init__(callback=callback, cancel=cancel, quiet=True)
-        self.warnings = []
 
     def warn(self, message):
         self.warnings.append(str(message))
@@ -100,6 +115,147 @@ def _organNames(organs):
     return [str(o) for o in organs]
 
 
+class BackgroundRun:
+    """A Localize or Segment run in a worker process, for the panel: :meth:`poll` it from a timer.
+
+    The job was prepared on the main thread; the worker computes it; once it
+    has ended, :meth:`poll` (main thread) loads the result into the scene.
+    :meth:`cancel` kills the worker and removes the job folder: nothing was
+    written to the scene, so it is as it was. Every way a run ends removes
+    its job folder.
+
+    After it ended: ``state`` is "done", "failed" or "cancelled"; ``outputs``
+    (Segment: :class:`URSAMMRML.outputs.Outputs`), ``rois`` (the ROI nodes
+    written), ``error`` (an exception with the one-line message), ``notes``.
+    """
+
+    def __init__(self, logic, job, jobDir, process):
+        self.logic = logic
+        self.job = job
+        self.jobDir = jobDir
+        self.process = process
+        self.state = "ready"
+        self.progress = ("starting", 0, 0)
+        self.warnings = []
+        self.outputs = None
+        self.rois = []
+        self.computed = None
+        self.error = None
+        self.startedAt = None
+        self.seconds = None
+
+    @property
+    def name(self):
+        return "Localize" if self.job.task == "localize" else "Segment"
+
+    @property
+    def done(self):
+        return self.state in ("done", "failed", "cancelled")
+
+    def start(self):
+        self.startedAt = time.perf_counter()
+        try:
+            self.process.start()
+        except Exception as err:
+            self._end("failed", err)
+            raise
+        self.state = "running"
+        return self
+
+    def poll(self):
+        """New events of the worker (dicts); loads the result into the scene once the worker has ended.
+
+        It never raises: a failure ends the run with ``state`` "failed" and its ``error``.
+
+        The poll that sees the worker end well returns a last progress event,
+        "writing results", and the next one writes them: a panel can show that
+        step before the main thread is busy with it.
+        """
+        if self.state == "writing":
+            self._finish()
+            return []
+        if self.state != "running":
+            return []
+        try:
+            events = self.process.poll()
+        except OSError as err:  # the job folder went away under the worker (a full or cleaned disk)
+            self._end("failed", URSAMError(f"the URSAM worker's events cannot be read ({err})"))
+            return []
+        for event in events:
+            kind = event.get("event")
+            if kind == "progress":
+                self.progress = (event.get("stage") or "", int(event.get("done", 0)), int(event.get("total", 0)))
+            elif kind == "warning":
+                self.warnings.append(event.get("message", ""))
+        if self.process.returncode is not None:
+            message = self.process.error()
+            if message is not None:
+                self._end("failed", URSAMError(message))
+            else:
+                self.state = "writing"
+                self.progress = (STAGE_WRITE, 0, 0)
+                events.append({"event": "progress", "stage": STAGE_WRITE, "done": 0, "total": 0, "message": ""})
+        return events
+
+    def _finish(self):
+        try:
+            snapshot = self.job.snapshot
+            outcome = worker.read_outcome(self.jobDir, snapshot.array, snapshot.reference())
+            if self.job.task == "localize":
+                self.rois = self.logic.applyLocalization(self.job, outcome.localized)
+            else:
+                self.computed = self.logic._computed(self.job, outcome)
+                self.outputs = self.logic.applySegmentation(self.computed)
+                self.rois = self.outputs.rois
+        except Exception as err:
+            self._end("failed", err)
+            return
+        self._end("done")
+
+    def cancel(self):
+        """Kill the worker now; the scene stays as it was (nothing is written before the worker ends)."""
+        if self.done:
+            return
+        self.process.kill()
+        self._end("cancelled", Cancelled("cancelled by the user"))
+
+    def _end(self, state, error=None):
+        if self.process.running:
+            self.process.kill()
+        self.state, self.error = state, error
+        self.seconds = None if self.startedAt is None else time.perf_counter() - self.startedAt
+        jobs.removeJobDir(self.jobDir)
+
+    @property
+    def notes(self):
+        return self.outputs.notes if self.outputs is not None else list(self.job.warnings) + self.warnings
+
+    def wait(self, progress=None, cancel=None, timeout=None, interval=0.05):
+        """Poll until the run has ended (a script's synchronous run); raises its error.
+
+        ``progress(stage, done, total)`` gets the worker's progress events in
+        order; ``cancel() -> bool`` is asked between polls.
+        """
+        t0 = time.perf_counter()
+        while not self.done:
+            for event in self.poll():
+                if event.get("event") == "progress" and progress is not None:
+                    progress(event.get("stage") or "", int(event.get("done", 0)), int(event.get("total", 0)))
+            if self.done:
+                break
+            if cancel is not None and cancel():
+                self.cancel()
+                break
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                self.cancel()
+                self.error = URSAMError(f"the URSAM worker did not finish within {timeout:g} s; it was stopped")
+                break
+            time.sleep(interval)
+        if self.error is not None:
+            raise self.error
+        return self.outputs if self.job.task == "segment" else self.rois
+
+
 class URSAMProcessLogic:
     """Headless UR-SAM for Slicer scenes; the module's URSAMLogic is this plus Slicer's conveniences.
 
@@ -107,8 +263,12 @@ class URSAMProcessLogic:
     uncertainty legend; it may be None.
     """
 
-    def __init__(self, appLogic=None):
+    def __init__(self, appLogic=None, python=None, env=None, tempRoot=None):
         self.appLogic = appLogic
+        #: the worker process's interpreter and environment, and where its job folders are made
+        self.python = python or sys.executable
+        self.env = env
+        self.tempRoot = tempRoot
         self._backends = {}
         self._backendLock = threading.Lock()
         #: input volume node ID -> the last SegmentComputed, for Rectify without SAM
@@ -120,12 +280,36 @@ class URSAMProcessLogic:
         key = options.backendKey()
         with self._backendLock:
             if key not in self._backends:
-                from URSAMLib.sam.backends import make_backend
-
-                if progress is not None:
-                    progress.stage(f"{STAGE_MODEL} {options.backend}")
-                self._backends = {key: make_backend(options.backend, options.checkpoint or None, options.device)}
+                self._backends = {key: worker.makeBackend(options, progress or CollectingProgress())}
             return self._backends[key]
+
+    # -- the worker process ---------------------------------------------------------------------
+    def startJob(self, job, python=None, env=None, tempRoot=None, start=True):
+        """Run a prepared job (Localize or Segment) in a worker process: a :class:`BackgroundRun`.
+
+        ``python``: the interpreter that runs ``URSAMMRML.worker`` (default:
+        :attr:`python`; in Slicer, PythonSlicer). ``tempRoot``: where the job
+        folder is made (default: the system's temporary folder). ``start=False``
+        writes the job folder without starting the worker (call ``run.start()``).
+        """
+        jobDir = jobs.newJobDir(tempRoot or self.tempRoot)
+        try:
+            worker.write_job(jobDir, workerJob(job))
+        except Exception:
+            jobs.removeJobDir(jobDir)
+            raise
+        process = jobs.WorkerProcess(jobDir, python or self.python, env if env is not None else self.env)
+        run = BackgroundRun(self, job, jobDir, process)
+        return run.start() if start else run
+
+    def _computed(self, job, outcome):
+        """A :class:`SegmentComputed` of a worker's (or this process's) outcome."""
+        computed = SegmentComputed(job, outcome.result, localized=outcome.localized,
+                                   localizeInfo=outcome.localizeInfo, seconds=outcome.seconds)
+        # the engine's own warnings (progress.warn) are in the result already; the job's come first
+        computed.result.warnings[:0] = job.warnings
+        self._derive(computed)
+        return computed
 
     # -- localize -------------------------------------------------------------------------------
     def prepareLocalization(self, inputVolume, library, organs=None, options=None):
@@ -136,16 +320,11 @@ class URSAMProcessLogic:
         return LocalizeJob(snapshotVolume(inputVolume), str(library), _organNames(organs), options)
 
     def computeLocalization(self, job, progress=None, cancel=None):
-        """The :class:`URSAMLib.localize.Localization` of the job's volume from its library."""
-        from URSAMLib.localize import localize
-
+        """The :class:`URSAMLib.localization.Localization` of the job's volume from its library (in this
+        process)."""
         progress = _progress(progress, cancel)
-        progress.stage(STAGE_LOCALIZE)
-        localization = localize(job.snapshot.image(), self._library(job.library), organs=job.organs,
-                                progress=progress, margin=job.options.settings().margin)
-        if not localization.boxes:
-            raise URSAMError(f"the template library localized none of the organs in '{job.snapshot.name}'")
-        return localization
+        return worker.localizeOrgans(job.snapshot.image(), self._library(job.library), job.organs, job.options,
+                                     progress, job.snapshot.name)
 
     def applyLocalization(self, job, boxes, created=None):
         """One ROI per organ, named after it, in the input's output folder; returns the ROI nodes.
@@ -175,17 +354,23 @@ class URSAMProcessLogic:
             raise
         return rois
 
-    def localize(self, inputVolume, library, organs=None, options=None, progress=None, cancel=None):
-        """Localize organs from the template library: one editable ROI per organ (synchronous)."""
+    def localize(self, inputVolume, library, organs=None, options=None, progress=None, cancel=None, python=None):
+        """Localize organs from the template library: one editable ROI per organ (synchronous).
+
+        ``python``: run it in a worker process with this interpreter (default: in this process).
+        """
         job = self.prepareLocalization(inputVolume, library, organs, options)
+        if python:
+            return self.startJob(job, python).wait(progress, cancel)
         return self.applyLocalization(job, self.computeLocalization(job, progress, cancel).boxes)
 
     # -- segment --------------------------------------------------------------------------------
     def prepareSegmentation(self, inputVolume, library=None, rois=None, organs=None, options=None, **overrides):
         """Check the inputs and copy them into a :class:`SegmentJob` (main thread).
 
-        ``rois``: ROI nodes, one per organ, named after it; used as they stand.
-        Without ROIs, ``library`` (a template library folder) localizes the organs.
+        ``rois``: ROI nodes, one per organ, named after it; used as they stand,
+        as box3d prompts (:func:`roiPromptNote`). Without ROIs, ``library`` (a
+        template library folder) localizes the organs.
         """
         options = replace(options or RunOptions(), **overrides).check()
         snapshot = snapshotVolume(inputVolume)
@@ -193,11 +378,9 @@ class URSAMProcessLogic:
         job = SegmentJob(snapshot, options, library=str(library) if library else None, organs=names)
         if rois:
             job.boxes = self._boxesFromRois(rois, snapshot, library, names, job.warnings)
-            if options.prompts != "box3d":
-                job.warnings.append(
-                    f"prompt mode {options.prompts} needs the organs localized from a template library (it follows "
-                    "the support labels warped into the scan); the organ ROIs were used as box3d prompts "
-                    "(uncheck the ROIs to localize from the library)")
+            note = roiPromptNote(options, True)
+            if note:
+                job.warnings.append(note)
         elif not library:
             raise URSAMError("give organ ROIs or a template library to localize the organs")
         else:
@@ -205,39 +388,11 @@ class URSAMProcessLogic:
         return job
 
     def computeSegmentation(self, job, progress=None, cancel=None, backend=None):
-        """Run URSAMLib on a prepared job (no scene access; safe off the main thread)."""
-        from URSAMLib.segment import segment_query
-
-        t0 = time.perf_counter()
+        """Run URSAMLib on a prepared job in this process (no scene access), as the worker does."""
         progress = _progress(progress, cancel)
-        progress.check_cancel()
-        computed = SegmentComputed(job, None)
-        options = job.options
-        calibration = None
-        if job.boxes is None:
-            from URSAMLib.calibration import find_calibration
-
-            localization = self.computeLocalization(
-                LocalizeJob(job.snapshot, job.library, job.organs, options), progress)
-            computed.localized, computed.localizeInfo = localization.boxes, localization.info
-            settings = options.settings()
-            if settings.warps_labels(localization):
-                # the library's own calibration.json, as ursam segment --templates uses it
-                calibration = find_calibration(localization.library, None, progress)
-        else:
-            # ROIs have no per-slice boxes and nothing to warp: prepareSegmentation told the user
-            localization = job.boxes
-            settings = options.settings(mode="box3d")
-        sam = backend if backend is not None else self.backend(options, progress)
-        inputs = {"volume": job.snapshot.name, "boxes": [b.to_json() for b in localization_boxes(localization)]}
-        computed.result = segment_query(job.snapshot.array, job.snapshot.reference(), localization, sam, settings,
-                                        progress=progress, inputs=inputs, calibration=calibration)
-        # the engine's own warnings (progress.warn) are in the result already; the job's come first
-        computed.result.warnings[:0] = job.warnings
-        self._derive(computed)
-        progress.check_cancel()
-        computed.seconds = time.perf_counter() - t0
-        return computed
+        outcome = worker.compute(workerJob(job), progress, backend=backend, loadBackend=self.backend,
+                                 library=self._library(job.library) if job.boxes is None else None)
+        return self._computed(job, outcome)
 
     def _derive(self, computed):
         """Label maps, flagged components and statistics from the engine's result (no SAM)."""
@@ -312,8 +467,8 @@ class URSAMProcessLogic:
             display.showSegmentation(nodes["flagged"], visible=True, outlineOnly=True)
 
     def process(self, inputVolume, library=None, rois=None, organs=None, options=None, progress=None,
-                cancel=None, backend=None, **overrides):
-        """Segment the organs of ``inputVolume`` with UR-SAM and write the output nodes.
+                cancel=None, backend=None, python=None, **overrides):
+        """Segment the organs of ``inputVolume`` with UR-SAM and write the output nodes (synchronous).
 
         - ``rois``: ROI nodes named after the organs (used as they stand), or
         - ``library``: a template library folder; the organs are localized first
@@ -325,12 +480,19 @@ class URSAMProcessLogic:
           raises ``URSAMLib.errors.Cancelled`` and leaves the scene unchanged.
         - ``backend``: a model name (``"litemedsam"``, ``"sam-vit-b"``, ...; same as
           ``options.backend``) or an already built URSAMLib backend object.
+        - ``python``: run the engine in a worker process with this interpreter
+          (as the panel does); default: in this process, with the model kept
+          between runs.
 
         Returns :class:`URSAMMRML.outputs.Outputs` (``.rectified``, ``.uncertainty``, ...).
         """
         if isinstance(backend, str):
             overrides["backend"], backend = backend, None
         job = self.prepareSegmentation(inputVolume, library, rois, organs, options, **overrides)
+        if python:
+            if backend is not None:
+                raise ValueError("a worker process loads its own model: give python or a backend object, not both")
+            return self.startJob(job, python).wait(progress, cancel)
         computed = self.computeSegmentation(job, progress, cancel, backend)
         return self.applySegmentation(computed, progress)
 
@@ -375,12 +537,13 @@ class URSAMProcessLogic:
         if flagged is None or rectified is None:
             raise URSAMError(f"the UR-SAM segmentations of '{inputVolume.GetName()}' are missing; run Segment again")
         component = review.componentFromTable(reviewTable, row)
-        snapshotIjkToRas = ijkToRas(inputVolume)
+        gridIjkToRas, gridWorldToLocal = ijkToRas(inputVolume), geometryWorldToLocal(inputVolume)
         flaggedId = segmentations.findOrganSegment(flagged, component.organ)
         if flaggedId is None:
             raise URSAMError(f"'{flagged.GetName()}' has no segment of {component.organ}")
         mask = review.component_mask(
-            segmentations.segmentMask(flagged, flaggedId, snapshotIjkToRas, component.region), component)
+            segmentations.segmentMask(flagged, flaggedId, ijkToFrameOf(gridIjkToRas, gridWorldToLocal, flagged),
+                                      component.region), component)
         if mask is None:
             raise URSAMError(f"flagged region {component.id} ({component.organ}) is no longer in "
                              f"'{flagged.GetName()}'")
@@ -389,7 +552,8 @@ class URSAMProcessLogic:
             raise URSAMError(f"'{rectified.GetName()}' has no segment of {component.organ}")
         shape = tuple(inputVolume.GetImageData().GetDimensions())[::-1]
         offset = tuple(s.start for s in component.region)
-        segmentations.modifySegmentRegion(rectified, target, mask, offset, snapshotIjkToRas, shape, add=accept)
+        segmentations.modifySegmentRegion(rectified, target, mask, offset,
+                                          ijkToFrameOf(gridIjkToRas, gridWorldToLocal, rectified), shape, add=accept)
         review.setStatus(reviewTable, row, review.ACCEPTED if accept else review.REJECTED)
         return int(mask.sum())
 
@@ -422,8 +586,11 @@ class URSAMProcessLogic:
             names[i + 1] = segmentations.organNameOfSegment(seg.GetSegment(segmentId), segmentId)
         labels = np.zeros(snapshot.array.shape, np.uint16)
         region = tuple(slice(0, s) for s in labels.shape)
+        # the segmentation may sit under another transform than the volume (drawn in world space)
+        gridInSegmentation = ijkToFrameOf(snapshot.ijkToRas, snapshot.worldToLocal, segmentationNode)
         for value, name in names.items():
-            mask = segmentations.segmentMask(segmentationNode, seg.GetNthSegmentID(value - 1), snapshot.ijkToRas, region)
+            mask = segmentations.segmentMask(segmentationNode, seg.GetNthSegmentID(value - 1), gridInSegmentation,
+                                             region)
             labels[mask] = value
         if not labels.any():
             raise URSAMError(f"segmentation '{segmentationNode.GetName()}' is empty")
@@ -485,14 +652,16 @@ class URSAMProcessLogic:
         return node
 
 
+def roiPromptNote(options, fromRois=True):
+    """What the user is told when checked organ ROIs override the prompt mode (None if they do not):
+    ROIs run as box3d prompts. The panel shows the same text."""
+    return worker.roiPromptNote(options, fromRois)
+
+
 def promptMode(result):
     """The prompt mode a URSAMLib result was made with (what ran, not what was asked for)."""
     return str(result.prompt_info.get("mode", result.settings.prompts.mode))
 
-
-def localization_boxes(localization):
-    """The boxes of a Localization, or the list of boxes itself (ROIs)."""
-    return getattr(localization, "boxes", localization)
 
 
 def _caseId(name):

@@ -49,10 +49,17 @@ class RunOptions:
     prompts: str = _PROMPTS.mode
     #: SAM sees a crop around the organs: auto (for slice and propagate), on or off
     zoom: str = _PROMPTS.zoom
+    #: fraction of the supports whose warped label must cover a voxel for the organ to be there (slice,
+    #: propagate)
+    priorThreshold: float = _PROMPTS.prior_threshold
     #: deformable stage after the affine registration, before the support labels are warped
     deformable: str = _DEFORMABLE.method
     #: rectification also follows the warped support labels (needs a template library)
     atlasPrior: bool = _PARAMS.rectify.atlas_prior
+    #: with the atlas prior: uncertain voxels that at least this fraction of the supports label are added ...
+    atlasAdd: float = _PARAMS.rectify.atlas_add
+    #: ... and voxels that fewer than this fraction label are dropped
+    atlasKeep: float = _PARAMS.rectify.atlas_keep
 
     def check(self):
         if self.backend not in BACKENDS:
@@ -72,7 +79,8 @@ class RunOptions:
         return RectifyOptions(scope=self.thresholdScope, lower=self.lowerBound, alpha_h=float(self.alphaH),
                               fixed_threshold=None if self.fixedThreshold is None else float(self.fixedThreshold),
                               atlas_prior=bool(self.atlasPrior) if self.atlasPrior in (True, False)
-                              else self.atlasPrior)
+                              else self.atlasPrior, atlas_add=float(self.atlasAdd),
+                              atlas_keep=float(self.atlasKeep))
 
     def settings(self, mode=None):
         """The engine's :class:`URSAMLib.settings.Settings` of these options, checked."""
@@ -84,9 +92,11 @@ class RunOptions:
         try:
             params = Params(n_aug=int(self.nAug), ratio=float(self.ratio), seed=int(self.seed),
                             rectify=self.rectifyOptions())
+            prompts = PromptOptions(mode=mode or self.prompts, zoom=self.zoom,
+                                    prior_threshold=float(self.priorThreshold))
         except (TypeError, ValueError) as err:
-            raise URSAMError(f"n, ratio and seed must be numbers: {err}") from None
-        return Settings(params=params, prompts=PromptOptions(mode=mode or self.prompts, zoom=self.zoom),
+            raise URSAMError(f"n, ratio, seed and the thresholds must be numbers: {err}") from None
+        return Settings(params=params, prompts=prompts,
                         deformable=DeformableOptions(method=self.deformable),
                         margin=(self.marginZ, self.marginXY)).check()
 

@@ -110,7 +110,7 @@ def _placeInFolder(scene, node, folderItem, transformNodeID):
         item = sh.CreateItem(folderItem or sh.GetSceneItemID(), node)
     if item and folderItem:
         sh.SetItemParent(item, folderItem)
-    if transformNodeID:
+    if transformNodeID and node.IsA("vtkMRMLTransformableNode"):  # tables have no place in space
         node.SetAndObserveTransformNodeID(transformNodeID)
 
 

@@ -51,8 +51,11 @@ def panelParameters():
         P("marginXY", float, d.marginXY, range=(0.0, 200.0)),
         P("prompts", str, d.prompts, choices=tuple(MODES)),
         P("zoom", str, d.zoom, choices=tuple(ZOOMS)),
+        P("priorThreshold", float, d.priorThreshold, range=(0.0, 1.0)),
         P("deformable", str, d.deformable, choices=tuple(METHODS)),
         P("atlasPrior", bool, d.atlasPrior),
+        P("atlasAdd", float, d.atlasAdd, range=(0.0, 1.0)),
+        P("atlasKeep", float, d.atlasKeep, range=(0.0, 1.0)),
         P("thresholdScope", str, d.thresholdScope, choices=tuple(SCOPES)),
         P("lowerBound", str, d.lowerBound, choices=tuple(LOWER_BOUNDS)),
         P("alphaH", float, d.alphaH, range=(0.1, 10.0)),
@@ -76,3 +79,18 @@ def runOptions(values):
     if not values.get("useFixedThreshold", False):
         kw["fixedThreshold"] = None
     return RunOptions(**kw)
+
+
+def pathToShow(nodePath, widgetPath):
+    """``(path, source)``: which of a path parameter and its ctkPathLineEdit wins when the panel syncs them.
+
+    The line edit selects its most recent history entry when its history is
+    read (CTK's ``ctkPathLineEdit::retrieveHistory``) while the parameter node
+    of a new scene holds no path: that pre-selection is kept and goes into the
+    node ("widget"). Otherwise the node's path is shown ("node"), e.g. from a
+    loaded scene.
+    """
+    nodePath, widgetPath = str(nodePath or "").strip(), str(widgetPath or "").strip()
+    if not nodePath and widgetPath:
+        return widgetPath, "widget"
+    return nodePath, "node"

@@ -72,8 +72,10 @@ def fillTable(tableNode, columns, rows):
                 tableNode.SetColumnUnitLabel(name, unit)
             tableNode.SetColumnDescription(name, description)
             if hasattr(tableNode, "SetColumnTitle"):
-                tableNode.SetColumnTitle(name, f"{name} ({unit})" if unit else name)
-        # Slicer 5.8 shows column titles; 5.6 needs column names switched on as headers.
+                # the view adds " [unit]" to the title itself (qMRMLTableModel): the title is the name alone
+                tableNode.SetColumnTitle(name, name)
+        # Since Slicer 5.6.1 the header is the column's title (and its unit); 5.6.0 knew only names as headers
+        # (SetUseColumnNameAsColumnHeader, deprecated since, and then the unit is not shown).
         if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):
             tableNode.SetUseColumnTitleAsColumnHeader(True)
         else:

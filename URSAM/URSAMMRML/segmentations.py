@@ -158,8 +158,11 @@ def findOrganSegment(segmentationNode, organName):
 def segmentMask(segmentationNode, segmentId, ijkToRasArray, region):
     """Boolean mask [z, y, x] of one segment over ``region`` ((z, y, x) slices) of the input grid.
 
-    Works whatever geometry the segment's labelmap has now (the user may have
-    edited it with another source volume): it is resampled (nearest voxel) onto the region.
+    ``ijkToRasArray`` places the grid in the segmentation node's own frame
+    (:func:`URSAMMRML.geometry.ijkToFrameOf`; the volume's IJKToRAS where both
+    sit under the same transform). Works whatever geometry the segment's
+    labelmap has now (the user may have edited it with another source
+    volume): it is resampled (nearest voxel) onto the region.
     """
     shape = tuple(s.stop - s.start for s in region)
     offset = tuple(s.start for s in region)
@@ -167,8 +170,9 @@ def segmentMask(segmentationNode, segmentId, ijkToRasArray, region):
     if segment is None:
         return np.zeros(shape, bool)
     segmentImage = slicer.vtkOrientedImageData()
+    # in the node's own frame, where the grid is given: the default (True) resamples it into world RAS
     ok = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentationNode, segmentId, segmentImage)
+        segmentationNode, segmentId, segmentImage, False)
     if not ok:
         return np.zeros(shape, bool)
     reference = orientedImage(np.zeros(shape, np.uint8), ijkToRasArray, offset)
@@ -198,7 +202,7 @@ def segmentBoundsInGrid(segmentationNode, segmentId, ijkToRasArray, shapeZyx):
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     image = slicer.vtkOrientedImageData()
     if segment is None or not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-            segmentationNode, segmentId, image):
+            segmentationNode, segmentId, image, False):
         return None
     array, offset = orientedImageArray(image)
     if array is None:

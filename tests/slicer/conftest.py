@@ -31,3 +31,21 @@ def slab_paths():
     if not image.is_file():
         pytest.fail(f"missing shared CT: {image} (tests read ../shared/data, or URSAM_DATA)")
     return image, labels
+
+
+#: slices of tsA_slab in the small query crop; spleen and right kidney are on all of them
+CROP = (10, 17)
+
+
+@pytest.fixture(scope="session")
+def crop_paths(slab_paths, tmp_path_factory):
+    """A 7-slice crop of tsA_slab (image, labels), so that a slice-mode run costs about 7 encoder calls."""
+    import SimpleITK as sitk
+
+    folder = tmp_path_factory.mktemp("crop")
+    out = []
+    for path, name in zip(slab_paths, ("image.nii.gz", "labels.nii.gz")):
+        image = sitk.ReadImage(str(path))
+        sitk.WriteImage(image[:, :, CROP[0]:CROP[1]], str(folder / name))
+        out.append(folder / name)
+    return out

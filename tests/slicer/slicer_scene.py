@@ -60,8 +60,9 @@ def voxel_hash(volumeNode):
 
 
 def full_mask(node, organ, volume):
-    """An organ's segment as a boolean array over the whole volume."""
+    """An organ's segment as a boolean array over the whole volume's grid (whatever transforms they sit under)."""
     shape = slicer.util.arrayFromVolume(volume).shape
     segment_id = segmentations.findOrganSegment(node, organ)
     assert segment_id is not None, f"{node.GetName()} has no segment of {organ}"
-    return segmentations.segmentMask(node, segment_id, geometry.ijkToRas(volume), tuple(slice(0, s) for s in shape))
+    grid = geometry.ijkToFrameOf(geometry.ijkToRas(volume), geometry.worldToLocal(volume), node)
+    return segmentations.segmentMask(node, segment_id, grid, tuple(slice(0, s) for s in shape))

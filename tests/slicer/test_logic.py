@@ -59,10 +59,17 @@ def run(slab_paths, litemedsam):
     return r
 
 
-def fresh_outputs(run):
-    """The module's computation written into a new scene (same CT file), for tests that change nodes."""
+def fresh_outputs(run, parentTransform=None):
+    """The module's computation written into a new scene (same CT file), for tests that change nodes.
+
+    ``parentTransform``: a 4x4 array; the CT is put under a linear transform node of it first.
+    """
     app = SlicerApp()
     volume = app.loadVolume(run.volume.GetStorageNode().GetFileName(), "tsA_slab")
+    if parentTransform is not None:
+        transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+        transform.SetMatrixTransformToParent(geometry.arrayToMatrix(parentTransform))
+        volume.SetAndObserveTransformNodeID(transform.GetID())
     snapshot = replace(run.computed.job.snapshot, scene=app.scene, nodeID=volume.GetID())
     computed = replace(run.computed, job=replace(run.computed.job, snapshot=snapshot))
     logic = URSAMProcessLogic(app.appLogic)
@@ -281,6 +288,58 @@ def test_accept_and_reject_change_only_that_region_of_that_organ(run):
     assert np.array_equal(full_mask(out.rectified, other, volume), before_other & ~region)
 
 
+def moved():
+    """A rotation about the S axis and a shift: far enough that world and local voxels never coincide."""
+    a = np.radians(25.0)
+    m = np.eye(4)
+    m[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    m[:3, 3] = [40.0, -25.0, 12.0]
+    return m
+
+
+def test_a_transformed_input_gets_its_own_voxels_back_through_review_and_the_library(run, tmp_path):
+    app, volume, logic, out = fresh_outputs(run, parentTransform=moved())
+    transformID = volume.GetTransformNodeID()
+    assert out.rectified.GetTransformNodeID() == transformID  # the outputs sit where the input does
+    rectified = run.computed.maps["rectified"]
+    for label, organ in run.computed.maps["organs"]:
+        assert np.array_equal(full_mask(out.rectified, organ, volume), rectified == label), organ
+
+    # Accept adds exactly the flagged region, in the input's voxels
+    table = out.review
+    col = {table.GetTable().GetColumnName(c): c for c in range(table.GetTable().GetNumberOfColumns())}
+    row = max(range(table.GetTable().GetNumberOfRows()),
+              key=lambda r: table.GetTable().GetValue(r, col["Volume"]).ToDouble())
+    organ = table.GetTable().GetValue(row, col["Organ"]).ToString()
+    component = review.componentFromTable(table, row)
+    flagged = full_mask(out.flagged, organ, volume)
+    labels, _ = ndimage.label(flagged, np.ones((3, 3, 3)))
+    i, j, k = component.seed_ijk
+    region = labels == labels[k, j, i]
+    before = full_mask(out.rectified, organ, volume)
+    assert logic.reviewComponent(table, row, accept=True) == region.sum()
+    assert np.array_equal(full_mask(out.rectified, organ, volume), before | region)
+
+    # Add to library: the reviewed output (under the transform) and a copy drawn in world space
+    world = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn in world space")
+    segmentations.setSegmentsFromLabelmap(world, rectified, run.computed.maps["organs"],
+                                          moved() @ geometry.ijkToRas(volume))
+    assert world.GetTransformNodeID() is None
+    for i, node in enumerate((out.rectified, world)):
+        lib_path = tmp_path / f"lib{i}"
+        logic.addToLibrary(lib_path, volume, node)
+        from URSAMLib.templates import Library
+
+        lib = Library(lib_path)
+        _, back = lib.templates()[0].read_labels()
+        by_name = {v: k for k, v in lib.names.items()}
+        expected = rectified.copy()
+        if node is out.rectified:
+            expected[region] = [b.label for b in run.computed.result.boxes if b.name == organ][0]
+        for label, name in run.computed.maps["organs"]:
+            assert np.array_equal(back == by_name[name], expected == label), (node.GetName(), name)
+
+
 def test_selecting_a_row_jumps_the_slice_views_to_it(run):
     app, volume, logic, out = fresh_outputs(run)
     centre = review.rowCentre(out.review, 0)
@@ -374,4 +433,45 @@ def test_an_roi_partly_outside_is_clipped_and_the_user_told(run):
     job = logic.prepareSegmentation(run.volume, rois=[roi], prompts="box3d")
     assert job.boxes[0].min_ijk[0] == 0
     assert len(job.warnings) == 1 and "liver" in job.warnings[0] and "clipped" in job.warnings[0]
+    run.app.scene.RemoveNode(roi)
+
+
+def shown_header(table_node, name):
+    """The header Slicer's table view shows (qMRMLTableModel::updateModelFromMRML, 5.6.1 to main): the column's
+    title, else its name, and " [unit]" where it has a unit; None where headers are letters."""
+    if not table_node.GetUseColumnTitleAsColumnHeader():
+        return None
+    text = table_node.GetColumnTitle(name) or name
+    unit = table_node.GetColumnUnitLabel(name)
+    return f"{text} [{unit}]" if unit else text
+
+
+def test_table_headers_show_each_unit_once(run):
+    for node, columns in ((run.outputs.review, review.REVIEW_COLUMNS), (run.outputs.statistics,
+                                                                        review.STATISTICS_COLUMNS)):
+        headers = {name: shown_header(node, name) for name, _, _, _ in columns}
+        for name, kind, unit, description in columns:
+            assert headers[name] == (f"{name} [{unit}]" if unit else name)
+            assert node.GetColumnDescription(name) == description
+    assert shown_header(run.outputs.review, "Volume") == "Volume [ml]"
+    assert shown_header(run.outputs.statistics, "Flagged volume") == "Flagged volume [ml]"
+
+
+def test_the_in_process_run_collects_warnings_without_touching_python_warnings(run, litemedsam):
+    """Python's warning filters are process-wide: a run must neither reset nor replace them."""
+    import warnings
+
+    logic = URSAMProcessLogic()
+    box = boxes_from_labels(slicer.util.arrayFromVolume(run.labels), {3: "spleen"})[0]
+    box.min_ijk[0] = -10  # partly outside: the logic warns that it clipped the box
+    box.min_ijk[2] = box.max_ijk[2] = SLICES[0]
+    roi = run.app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "spleen")
+    objectToNode, radius = geometry.roiPlacement(box, geometry.ijkToRas(run.volume))
+    roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
+    roi.SetRadiusXYZ(*radius)
+    filters, show = list(warnings.filters), warnings.showwarning
+    job = logic.prepareSegmentation(run.volume, rois=[roi], prompts="box3d", nAug=1)
+    computed = logic.computeSegmentation(job, backend=litemedsam)
+    assert warnings.filters == filters and warnings.showwarning is show
+    assert any("clipped" in w for w in computed.result.warnings)
     run.app.scene.RemoveNode(roi)

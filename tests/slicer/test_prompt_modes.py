@@ -8,7 +8,6 @@ moves every support label out of the scan (2 of 6 runs), and the organs then fal
 """
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 import slicer
 from slicer_scene import SlicerApp, full_mask, voxel_hash
@@ -20,18 +19,6 @@ from URSAMMRML import geometry
 from URSAMMRML.logic import RunOptions, URSAMProcessLogic
 
 ORGANS = {2: "kidney_right", 3: "spleen"}
-CROP = (10, 17)  # slices of tsA_slab; both organs are on all of them
-
-
-@pytest.fixture(scope="module")
-def crop_paths(slab_paths, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("crop")
-    out = []
-    for path, name in zip(slab_paths, ("image.nii.gz", "labels.nii.gz")):
-        image = sitk.ReadImage(str(path))
-        sitk.WriteImage(image[:, :, CROP[0]:CROP[1]], str(folder / name))
-        out.append(folder / name)
-    return out
 
 
 class Run:

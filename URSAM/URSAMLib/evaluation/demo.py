@@ -28,6 +28,42 @@ from .phantom import PhantomGrid, make_cohort
 DEMO_METHODS = pipeline.METHODS + ("atlas",)
 
 
+def make_demo_data(out_dir, n_templates=3, grid=None, seed=0, progress=None, timings=None):
+    """The demo's data in ``out_dir``: ``(library, query)``, the template library (``templates/``,
+    built from the cohort's support patients as ``ursam templates add`` builds one) and the query
+    patient (a :class:`URSAMLib.templates.Template` of ``cohort/``, its truth as its labels).
+
+    The same seed makes the same cohort; ``ursam demo`` and the Slicer module's demo data both come
+    from here.
+    """
+    import shutil
+
+    from ..templates import Library
+
+    progress = progress or Progress()
+    timings = {} if timings is None else timings
+    grid = grid or PhantomGrid()
+    if n_templates < 1:
+        raise URSAMError(f"the demo needs at least 1 template patient, got {n_templates}")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    progress.stage(f"making a synthetic cohort of {n_templates + 1} patients")
+    cohort = make_cohort(out / "cohort", n_templates=n_templates, n_queries=1, seed=seed, grid=grid)
+    ds = Library(cohort, role="query")
+    timings["cohort_seconds"] = time.perf_counter() - t0
+
+    progress.stage("building the template library")
+    lib_path = out / "templates"
+    if (lib_path / "dataset.json").exists():
+        shutil.rmtree(lib_path)
+    lib = Library.create(lib_path, ds.names, name="ursam-demo-templates")
+    for case_id in ds.case_ids("support"):
+        t = ds.case(case_id)
+        lib.add(t.image_path, t.labels_path, case_id=case_id, names=ds.names)
+    lib.check()
+    return lib, ds.case(ds.case_ids("query")[0])
+
+
 def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=None, progress=None,
              overwrite=False, calibrate=False):
     """Run the demo into ``out_dir``; returns ``{"table": markdown, "dice": {method: {organ: d}}, ...}``.
@@ -42,7 +78,6 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=N
     from ..localize import localize
     from ..segment import segment_query, write_results
     from ..settings import Settings
-    from ..templates import Library
     from .evaluate import markdown_table, pivot
     from .metrics import dice
 
@@ -56,26 +91,10 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=N
     timings = {}
 
     t0 = time.perf_counter()
-    progress.stage(f"making a synthetic cohort of {n_templates + 1} patients")
-    cohort = make_cohort(out / "cohort", n_templates=n_templates, n_queries=1, seed=seed, grid=grid)
-    ds = Library(cohort, role="query")
-    timings["cohort_seconds"] = time.perf_counter() - t0
+    lib, query = make_demo_data(out, n_templates, grid, seed, progress, timings)
+    lib_path = Path(lib.path)
+    timings["library_seconds"] = time.perf_counter() - t0 - timings["cohort_seconds"]
 
-    t0 = time.perf_counter()
-    progress.stage("building the template library")
-    lib_path = out / "templates"
-    if (lib_path / "dataset.json").exists():
-        import shutil
-
-        shutil.rmtree(lib_path)
-    lib = Library.create(lib_path, ds.names, name="ursam-demo-templates")
-    for case_id in ds.case_ids("support"):
-        t = ds.case(case_id)
-        lib.add(t.image_path, t.labels_path, case_id=case_id, names=ds.names)
-    lib.check()
-    timings["library_seconds"] = time.perf_counter() - t0
-
-    query = ds.case(ds.case_ids("query")[0])
     reference, volume = read_ct(query.image_path)
     _, truth = read_labels(query.labels_path, reference)
     settings = (settings or Settings()).check()
