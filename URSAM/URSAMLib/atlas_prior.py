@@ -89,7 +89,8 @@ def fuse_priors(reference, registrations, library, values, names=None, local=Non
     values = [int(v) for v in values]
     parts, counts = {}, {v: 0 for v in values}
     for r in registrations:
-        arr = _array(warp_labels(reference, r, by_id[r.case_id], values))
+        warped = warp_labels(reference, r, by_id[r.case_id], values)
+        arr = _array(warped)  # a view: ``warped`` holds its voxels while it is used
         present = [v for v in values if v in r.points] if r.points else values
         for v in present:
             counts[v] += 1

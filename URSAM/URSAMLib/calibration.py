@@ -19,8 +19,8 @@ decides, by leave-one-case-out cross-validation among the calibration cases:
 
 It writes ``calibration.json`` (into the library, or where ``out`` says) with
 every choice and the leave-one-out Dice of every source and of the fused
-result. What each support's runs computed is cached, so a rerun resumes. The
-query scans of an evaluation never enter it.
+result. What each support's runs computed is cached in the user's cache
+folder, so a rerun resumes. The query scans of an evaluation never enter it.
 """
 from __future__ import annotations
 
@@ -191,6 +191,7 @@ def _cases_of_run(run, truth):
         if not t.any() and outside == 0:
             continue  # the scan does not have this organ: nothing to learn from it
         refs = {k: o.masks[k] for k in ("ensemble", "ursam", "ursam+atlas") if k in o.masks}
+        refs["atlas vote"] = o.prior.on(o.sl) > 0.5  # the classic majority of the supports' (unblurred) labels
         out[o.name] = Case(evidence, t, outside, refs)
     return out
 
@@ -242,22 +243,14 @@ def _cache_key(library, settings, modes, local):
     return digest.hexdigest()[:16]
 
 
-def cache_folder(library, key):
-    """Where the leave-one-out runs of a library are kept: beside it if it can be written, else in the
-    user's cache (a library on a read-only share can still be calibrated)."""
+def cache_folder(key):
+    """Where the leave-one-out runs of a calibration are kept: the user's cache, never the library (it
+    may be on a read-only share, and a library holds scans and labels, nothing else)."""
     from .sam.fast_encoder import cache_dir
 
-    own = Path(library.path) / ".ursam-calibration" / key
-    try:
-        own.mkdir(parents=True, exist_ok=True)
-        probe = own / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-        return own
-    except OSError:
-        folder = cache_dir() / "calibration" / key
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    folder = cache_dir() / "calibration" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def support_cases(library, case_id, backend, settings, modes, local, progress):
@@ -297,7 +290,7 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
     if not 0 < budget <= 1:
         raise URSAMError(f"the review budget must be in (0, 1], got {budget}")
     t0 = time.perf_counter()
-    folder = cache_folder(library, _cache_key(library, settings, modes, local))
+    folder = cache_folder(_cache_key(library, settings, modes, local))
     per_support = {}
     for i, case_id in enumerate(ids):
         progress.info(f"[{i + 1}/{len(ids)}] {case_id}: segmented with the other {len(ids) - 1} supports")
@@ -491,7 +484,7 @@ def fit_organ(name, by_mode, budget, seed=0):
     no_sam, _ = _fitted(by_mode[ns_mode], ns_sources, None, name, rng)
     no_sam = replace(no_sam, flag_threshold=_flag_threshold(by_mode[ns_mode], no_sam, budget))
     loo = {f"{k} (0.5)": round(v, 4) for k, v in raw.items()}
-    for ref in ("ensemble", "ursam", "ursam+atlas"):
+    for ref in ("atlas vote", "ensemble", "ursam", "ursam+atlas"):
         if ref in cases[0].reference:
             loo[ref] = round(float(np.mean([_dice(c.reference[ref], c) for c in cases])), 4)
     loo["fusion"] = round(in_sample, 4)

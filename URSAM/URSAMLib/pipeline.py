@@ -137,7 +137,7 @@ def distinct_slices(prompt_sets):
 
 
 def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None, plan=None, priors=None,
-        fusions=None):
+        fusions=None, mode_sets=None):
     """Segment ``volume`` (float32 [z, y, x], HU) inside ``boxes`` with one encoder pass per slice.
 
     ``extra_sets`` maps a name to more boxes decoded once each without
@@ -150,30 +150,38 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
     ``priors``: ``{label: atlas_prior.Prior}`` of the main boxes, which
     rectification also scores with (the ``ursam+atlas`` mask); ``fusions``:
     ``{label: fusion.OrganFusion}``, the calibrated fusion of those organs.
+    ``mode_sets``: ``{name: (boxes, fusions)}``, the prompts of other prompt
+    modes, augmented and rectified as the main boxes are (each with its own
+    seeded shifts, so each set's maps are those of a run of it alone), and
+    decoded against the same embeddings: several modes cost one encoder pass.
     Returns ``(organs, timings)``: a list of :class:`OrganMaps` and seconds by stage.
     """
     progress = progress or Progress()
     timings = {}
     sets = {"main": list(boxes)}
+    augmented = {"main": (list(boxes), fusions)}
+    for name, (set_boxes, set_fusions) in (mode_sets or {}).items():
+        sets[name] = list(set_boxes)
+        augmented[name] = (list(set_boxes), set_fusions)
     sets.update(extra_sets or {})
     shape = volume.shape
     height, width = shape[1], shape[2]
     backend.set_volume(volume)
 
     organs, aug_boxes = [], {}
-    rngs = organ_rngs(params.seed, [b.label for b in boxes])
+    rngs = {name: organ_rngs(params.seed, [b.label for b in bs]) for name, (bs, _) in augmented.items()}
     for set_name, set_boxes in sets.items():
-        n = params.n_aug if set_name == "main" else 0
+        n = params.n_aug if set_name in augmented else 0
         for b in set_boxes:
             sl, inner = _region(b, shape, params.region_pad)
             rshape = tuple(s.stop - s.start for s in sl)
             o = OrganMaps(b, set_name, n, sl, inner, np.zeros(rshape, np.float32))
-            if set_name == "main":
+            if set_name in augmented:
                 o.prior = (priors or {}).get(b.label)
-                o.fusion = (fusions or {}).get(b.label)
+                o.fusion = (augmented[set_name][1] or {}).get(b.label)
             if n:
                 o.p_mean = np.zeros(rshape, np.float32)
-                aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[b.label])
+                aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[set_name][b.label])
             # float16 is ample for a [0, 1] intensity compared against means, and halves the largest map
             o.intensity = np.zeros(rshape, np.float16)
             organs.append(o)

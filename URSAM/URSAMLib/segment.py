@@ -213,29 +213,53 @@ def run_modes(volume, reference, localization, backend, settings, modes, progres
     for mode in crop_modes:
         mode_settings = replace(settings, prompts=replace(settings.prompts, mode=mode))
         prompts[mode] = (mode_settings,) + _prompts(localization, reference, mode_settings, progress, local)
-    views = backend if isinstance(backend, Views) else Views(backend, share=len(modes) > 1)
+    # (modes without a slice plan run together below; only the others need embeddings kept between runs)
+    planned = [m for m in modes if prompts[m][2] is not None]
+    views = backend if isinstance(backend, Views) else Views(backend, share=len(modes) > 1 and bool(planned))
     crop = None
     if settings.prompts.zoomed():
         # From the modes' own boxes only, so that every caller gives SAM the same view of the scan.
         crop = organ_crop([b for m in crop_modes for b in prompts[m][1]], volume.shape, settings.params.region_pad)
     view = views.view(crop)
-    runs = {}
-    for i, mode in enumerate(modes):
-        mode_settings, boxes, plan, info, priors = prompts[mode]
-        for warning in fallback_warnings(boxes, mode):
+    for mode in modes:
+        for warning in fallback_warnings(prompts[mode][1], mode):
             progress.warn(warning)
         if crop is not None:
-            info["zoom_crop_yx"] = list(crop)
+            prompts[mode][3]["zoom_crop_yx"] = list(crop)
+
+    def mine(mode):
+        return {label: f for label, f in (fusions or {}).items() if (f.sam_mode or settings.prompts.mode) == mode}
+
+    # Modes without a slice plan go through the pipeline together, each slice embedded once for all of them;
+    # a mode with one (propagate) chooses its boxes as it goes, so it runs on its own.
+    joint = [m for m in modes if prompts[m][2] is None]
+    alone = [m for m in modes if m not in joint]
+    runs = {}
+    groups = ([joint] if joint else []) + [[m] for m in alone]
+    for k, group in enumerate(groups):
+        first = group[0]
+        _, boxes, plan, info, priors = prompts[first]
+        mode_sets = {f"mode:{m}": (prompts[m][1], mine(m)) for m in group[1:]}
         calls0 = views.encoder_calls
         t0 = time.perf_counter()
-        mine = {label: f for label, f in (fusions or {}).items() if (f.sam_mode or settings.prompts.mode) == mode}
-        organs, timings = pipeline.run(volume, view, boxes, settings.params, extra_sets if i == 0 else None,
-                                       progress, plan=plan, priors=priors, fusions=mine)
+        organs, timings = pipeline.run(volume, view, boxes, settings.params, extra_sets if k == 0 else None,
+                                       progress, plan=plan, priors=priors, fusions=mine(first),
+                                       mode_sets=mode_sets)
         timings["total_seconds"] = time.perf_counter() - t0
         timings["encoder_calls"] = views.encoder_calls - calls0
-        if plan is not None:
-            info["propagation"] = {str(k): v for k, v in plan.describe().items()}
-        runs[mode] = ModeRun(mode, organs, list(boxes), info, timings)
+        if len(group) > 1:
+            timings["modes_together"] = list(group)
+        by_mode = {first: [o for o in organs if not o.prompt_set.startswith("mode:")]}
+        for m in group[1:]:
+            by_mode[m] = [o for o in organs if o.prompt_set == f"mode:{m}"]
+            for o in by_mode[m]:
+                o.prompt_set = "main"
+        for m in group:
+            info = prompts[m][3]
+            if prompts[m][2] is not None:
+                info["propagation"] = {str(key): v for key, v in prompts[m][2].describe().items()}
+            runs[m] = ModeRun(m, by_mode[m], list(prompts[m][1]), info, timings)
+    runs = {m: runs[m] for m in modes}
     return runs, view
 
 

@@ -86,14 +86,14 @@ def format_calibration(calibration):
     """The calibration as the user reads it: per organ the chosen model and its leave-one-out Dice."""
     lines = [f"calibration {calibration.path}: {len(calibration.supports)} supports "
              f"({', '.join(calibration.supports)}), review budget {calibration.budget:g}",
-             "| organ | mode | sources (weights) | T | threshold | rectification | LOO Dice: atlas | atlas (local) "
-             "| SAM | UR-SAM + atlas prior | fusion | fusion (cross-validated) |",
+             "| organ | mode | sources (weights) | T | threshold | rectification | LOO Dice: atlas vote "
+             "| atlas (local, 0.5) | SAM ensemble | UR-SAM + atlas prior | fusion | fusion (cross-validated) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in calibration.organs.items():
         d = calibration.loo_dice.get(name, {})
         weights = ", ".join(f"{k} {v:.2f}" for k, v in m.weights.items() if v) + f"; bias {m.bias:.2f}"
         rect = "none" if not m.rectify else f"{m.rectify.get('lower')}, alpha_h {m.rectify.get('alpha_h')}"
-        cells = [d.get(k) for k in ("atlas (0.5)", "atlas_lw (0.5)", "sam (0.5)", "ursam+atlas", "fusion",
+        cells = [d.get(k) for k in ("atlas vote", "atlas_lw (0.5)", "ensemble", "ursam+atlas", "fusion",
                                     "fusion (cross-validated)")]
         lines.append(f"| {name} | {m.sam_mode} | {weights} | {m.temperature:.2f} | {m.threshold:.2f} | {rect} | "
                      + " | ".join("–" if v is None else f"{v:.3f}" for v in cells) + " |")

@@ -132,13 +132,15 @@ class SharedEmbeddings:
         return (ptr - base) // max(1, slice2d.nbytes)
 
     def embed(self, slice2d):
+        # Each user gets its own copy of the embedding's dict: what a decoder derives from it per slice (the
+        # fast decoder's state, several times the embedding's size) goes with that copy, not into the cache.
         key = self._key(slice2d)
         if key is not None and key in self._cache:
-            return self._cache[key]
+            return dict(self._cache[key])
         t0 = time.perf_counter()
         emb = self.backend.embed(slice2d)
         if key is not None:
-            self._cache[key] = emb
+            self._cache[key] = dict(emb)
             self.encoder_seconds[key] = time.perf_counter() - t0
         return emb
 
