@@ -61,6 +61,32 @@ def backend_from_args(args, progress=None, percentile=False):
 
 
 # ----------------------------------------------------------------------------------------------
+# Dask: where the tasks of batch and evaluate run
+
+def add_executor_options(p, what="scans", default_local=True):
+    """--workers N (a Dask cluster of N processes on this machine) or --scheduler ADDRESS (an existing one)."""
+    g = p.add_argument_group("Dask distributed (where the tasks run)")
+    x = g.add_mutually_exclusive_group()
+    default = "default 1" if default_local else "default: none, the cases run one after another in this process"
+    x.add_argument("--workers", type=int, default=None, metavar="N",
+                   help=f"{what} at once on a Dask cluster of N worker processes on this machine, each with its "
+                        f"share of the cores and its own model ({default})")
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on the existing Dask cluster whose scheduler is at ADDRESS (tcp://host:8786), e.g. "
+                        "one started on SLURM with dask-jobqueue or on Kubernetes with dask-kubernetes")
+
+
+def executor_from_args(args, default_local=True):
+    """The :class:`URSAMLib.batch.executor.Executor` of --workers / --scheduler; with neither, a local cluster
+    of one worker, or None where not ``default_local``."""
+    from ..batch.executor import Executor
+
+    if not default_local and args.workers is None and not args.scheduler:
+        return None
+    return Executor(workers=args.workers, scheduler=args.scheduler)
+
+
+# ----------------------------------------------------------------------------------------------
 # The method (METHOD.md §3-§4)
 
 def add_method_options(p):
