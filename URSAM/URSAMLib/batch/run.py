@@ -107,13 +107,51 @@ def _check_out(out, config, overwrite):
         raise URSAMError("output folder is not empty and holds no batch run (use --overwrite to write into it)", out)
 
 
+def _run(pending, executor, rows, failed, result, write, progress, total):
+    progress.info(f"running on {executor.describe()}")
+    bar = None
+    if not progress.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=total - len(pending), desc="scans", unit="scan", file=sys.stderr,
+                   dynamic_ncols=True)
+    futures = {}
+    for i, task in enumerate(pending):
+        futures[executor.submit(segment_task, task, key=f"ursam-segment-{i}-{task.digest[:12]}")] = task
+    last = 0.0
+    try:
+        for future, outcome, error in executor.completed(list(futures)):
+            task = futures[future]
+            if error is None and outcome["status"] == "done":
+                rows[task.id] = outcome["rows"]
+                failed.pop(task.id, None)
+                result.ran.append(task.id)
+            else:
+                message = error or outcome["error"]
+                failed[task.id] = {"id": task.id, "image": task.job.image, "error": message}
+                if bar is not None:
+                    bar.write(f"[ursam] {task.id} failed: {message}", file=sys.stderr)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(failed=len(failed))
+            if time.monotonic() - last > 1.0:  # the finally clause writes the last state
+                write()
+                last = time.monotonic()
+    finally:
+        write()
+        if bar is not None:
+            bar.close()
+
+
 def run_batch(scans, out, executor, template_job, settings, backend, settings_for_boxes=None, overwrite=False,
               progress=None, source=None):
     """Segment ``scans`` (:class:`URSAMLib.batch.scans.Scan`) into ``out`` on ``executor``.
 
-    ``template_job``: a :class:`URSAMLib.scan.ScanJob` with what every scan
-    shares (template library, organs, modality, localizer options); each
-    scan's image, labels, box file and folder fill it in. ``settings``: the
+    ``executor``: a :class:`URSAMLib.batch.executor.Executor`, not yet
+    started: it starts only where some scan has to run. ``template_job``: a
+    :class:`URSAMLib.scan.ScanJob` with what every scan shares (template
+    library, organs, modality, localizer options); each scan's image, labels,
+    box file and folder fill it in. ``settings``: the
     run's :class:`URSAMLib.settings.Settings` with a template library;
     ``settings_for_boxes(boxes)``: a scan's settings from its own box file
     (whose prompts decide the default mode and margin). Returns a
@@ -136,8 +174,17 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
             lib.resolve_organs(template_job.organs)
         common["templates"] = {"path": str(Path(template_job.templates).absolute()), "sha256": library_digest(lib)}
         common["settings"] = _settings_json(settings)
-    elif settings_for_boxes is None:
-        raise URSAMError("every scan needs boxes: give --templates LIB, or a manifest with a boxes column")
+        with_boxes = [s.id for s in scans if s.boxes]
+        if with_boxes:
+            raise URSAMError(f"the manifest gives box files ({', '.join(with_boxes[:3])}) and --templates is "
+                             "given: use one of them", source)
+    else:
+        without = [s.id for s in scans if not s.boxes]
+        if without or settings_for_boxes is None:
+            raise URSAMError(f"every scan needs boxes: give --templates LIB, or a manifest with a box file in the "
+                             f"boxes column of each scan (none for {', '.join(without[:3])})", source)
+        # The options as given; each scan's digest also holds the settings its own box file makes of them.
+        common["settings"] = _settings_json(settings_for_boxes([]))
     if backend.checkpoint:
         ckpt = Path(backend.checkpoint)
         common["checkpoint"] = {"path": str(ckpt.absolute()), "bytes": ckpt.stat().st_size if ckpt.is_file() else None}
@@ -153,16 +200,7 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
         job = replace(template_job, image=scan.image, out=str(out / scan.id), reference=scan.labels,
                       boxes=scan.boxes, overwrite=True)
         try:
-            if template_job.templates:
-                if scan.boxes:
-                    raise URSAMError("the manifest gives a box file and --templates is given; use one of them",
-                                     scan.boxes)
-                scan_settings = settings
-            else:
-                if not scan.boxes:
-                    raise URSAMError("no box file for this scan (a manifest boxes column, or --templates LIB)",
-                                     scan.image)
-                scan_settings = settings_for_boxes(load_boxes(scan.boxes))
+            scan_settings = settings if template_job.templates else settings_for_boxes(load_boxes(scan.boxes))
             scan_common = common if template_job.templates else {**common, "settings": _settings_json(scan_settings)}
             digest = scan_digest(scan, scan_common)
         except URSAMError as err:
@@ -184,40 +222,8 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
     progress.info(f"{len(scans)} scans: {len(result.done_before)} finished before, {len(pending)} to run"
                   + (f", {len(failed)} failed before they could start" if failed else ""))
     if pending:
-        progress.info(f"running on {executor.describe()}")
-        bar = None
-        if not progress.quiet:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(scans), initial=len(scans) - len(pending),
-                       desc="scans", unit="scan", file=sys.stderr, dynamic_ncols=True)
-        futures = {}
-        for i, task in enumerate(pending):
-            key = f"ursam-segment-{i}-{task.digest[:12]}"
-            futures[executor.submit(segment_task, task, key=key)] = task
-        last = 0.0
-        try:
-            for future, outcome, error in executor.completed(list(futures)):
-                task = futures[future]
-                if error is None and outcome["status"] == "done":
-                    rows[task.id] = outcome["rows"]
-                    failed.pop(task.id, None)
-                    result.ran.append(task.id)
-                else:
-                    message = error or outcome["error"]
-                    failed[task.id] = {"id": task.id, "image": task.job.image, "error": message}
-                    if bar is not None:
-                        bar.write(f"[ursam] {task.id} failed: {message}", file=sys.stderr)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(failed=len(failed))
-                if time.monotonic() - last > 1.0:  # the finally clause writes the last state
-                    write()
-                    last = time.monotonic()
-        finally:
-            write()
-            if bar is not None:
-                bar.close()
+        with executor:
+            _run(pending, executor, rows, failed, result, write, progress, len(scans))
     result.failed = {k: v["error"] for k, v in failed.items()}
     return result
 

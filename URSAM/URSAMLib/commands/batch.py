@@ -45,6 +45,7 @@ def main(args):
     from ..scan import ScanJob
 
     progress = Progress(quiet=args.quiet)
+    executor = executor_from_args(args)  # checks --workers / --scheduler; starts only where scans must run
     skipped = []
     scans = find_scans(args.input, skipped)
     for path, why in skipped:
@@ -61,13 +62,11 @@ def main(args):
         from ..sam.backends import resolve_device
 
         resolve_device(args.device)  # a device this machine lacks is a bad argument, not a failure of every scan
-    executor = executor_from_args(args)
     try:
-        with executor:
-            result = run_batch(scans, args.out, executor, template, settings, backend,
-                               settings_for_boxes=None if args.templates else
-                               lambda boxes: settings_from_args(args, boxes=boxes),
-                               overwrite=args.overwrite, progress=progress, source=Path(args.input).absolute())
+        result = run_batch(scans, args.out, executor, template, settings, backend,
+                           settings_for_boxes=None if args.templates else
+                           lambda boxes: settings_from_args(args, boxes=boxes),
+                           overwrite=args.overwrite, progress=progress, source=Path(args.input).absolute())
     except KeyboardInterrupt:
         print("ursam: interrupted; the finished scans are kept in the output folder: rerun to resume",
               file=sys.stderr, flush=True)

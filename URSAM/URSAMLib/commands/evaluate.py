@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..progress import Progress
-from .options import (add_localizer_options, add_method_options, add_prompt_options, add_sam_options,
-                      backend_from_args, localizer_options, settings_from_args)
+from .options import (add_executor_options, add_localizer_options, add_method_options, add_prompt_options,
+                      add_sam_options, backend_from_args, backend_options_from_args, executor_from_args,
+                      localizer_options, settings_from_args)
 
 
 def add_parser(sub):
@@ -26,6 +27,7 @@ def add_parser(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="start anew where the folder holds an evaluation with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_executor_options(p, what="cases", default_local=False)
     add_localizer_options(p, templates=False)
     add_sam_options(p)
     add_method_options(p)
@@ -43,10 +45,17 @@ def main(args):
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     modes = parse_modes(args.prompts) if args.prompts else [default_mode(args.localizer)]
     settings = settings_from_args(args, mode=modes[0])
-    summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
-                       backend_factory=lambda: backend_from_args(args, progress), settings=settings,
-                       localizer_options=localizer_options(args), sweep=args.sweep, backend_name=args.backend,
-                       progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes)
+    executor = executor_from_args(args, default_local=False)
+    kwargs = dict(methods=methods, support_from=args.support_from, cases=cases,
+                  backend_factory=lambda: backend_from_args(args, progress), settings=settings,
+                  localizer_options=localizer_options(args), sweep=args.sweep, backend_name=args.backend,
+                  progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes,
+                  backend_options=backend_options_from_args(args))
+    if executor is None:
+        summary = evaluate(args.dataset, args.out, **kwargs)
+    else:
+        with executor:
+            summary = evaluate(args.dataset, args.out, executor=executor, **kwargs)
     table = summary["dice_table"]
     organs = [o for o in next(iter(table.values())) if o != "Avg"] if table else []
     print(markdown_table(table, organs))
