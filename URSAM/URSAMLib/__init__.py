@@ -16,6 +16,8 @@ The method's steps, in the order data flows through them (METHOD.md §0):
   ``settings``; ``review`` finds the flagged regions, ``outputs`` writes the
   files (through ``atomic``).
 
+``scan`` takes one scan from files to files (what ``ursam segment`` and each
+``ursam batch`` task run); ``batch`` runs cohorts on Dask distributed.
 ``evaluation`` scores and measures the method (evaluate, metrics, bench, the
 demo and its phantom); ``cli`` is the ``ursam`` command, one module per
 command in ``commands``.
