@@ -110,6 +110,8 @@ def test_summary_volumes_and_dice_are_those_of_each_report(two_workers):
             assert row["status"] == "done"
             assert float(row["volume_ml"]) == organ["rectified_ml"] > 0
             assert float(row["flagged_ml"]) == pytest.approx(organ["flagged_voxels"] * voxel_ml, abs=1e-3)
+            assert float(row["flagged_share"]) == pytest.approx(organ["flagged_fraction"], abs=1e-4)
+            assert 0 < organ["flagged_fraction"] == organ["flagged_voxels"] / organ["flagged_or_rectified_voxels"] < 1
             assert float(row["dice"]) == pytest.approx(dice[organ["name"]], abs=1e-4)
             assert float(row["dice"]) > 0.5  # SAM inside boxes from the labels finds these organs
     # The review table ranks the scans by flagged share, highest first.

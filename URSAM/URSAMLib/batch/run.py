@@ -22,11 +22,8 @@ from ..atomic import atomic_write_text
 from ..errors import URSAMError
 from ..progress import Progress
 from .executor import one_line, worker_backend
-from .scans import RESERVED, scan_digest
-from .summary import SUMMARY_FILES, rows_from_report, write_summaries
-
-#: Params fields that change speed, never results: other values still resume
-SPEED_ONLY_PARAMS = ("decode_batch",)
+from .scans import scan_digest
+from .summary import rows_from_report, write_summaries
 
 
 @dataclass
@@ -74,13 +71,15 @@ def settings_digest(common):
 
 
 def _settings_json(settings):
+    from ..evaluation.evaluate import SPEED_ONLY_PARAMS
+
     out = settings.to_json()
     out["params"] = {k: v for k, v in out["params"].items() if k not in SPEED_ONLY_PARAMS}
     return out
 
 
 def finished_before(folder, files, digest):
-    """Whether ``folder`` holds every output file of a run with this digest."""
+    """The report.json of ``folder`` where it holds every output file of a run with this digest, else None."""
     report_path = folder / "report.json"
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -227,5 +226,3 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
     result.failed = {k: v["error"] for k, v in failed.items()}
     return result
 
-
-__all__ = ["run_batch", "segment_task", "BatchResult", "SUMMARY_FILES", "RESERVED"]

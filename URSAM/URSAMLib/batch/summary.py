@@ -40,8 +40,9 @@ def rows_from_report(scan_id, report, status):
                      "volume_ml": organ["rectified_ml"],
                      "mean_uncertainty": None if u is None else round(u, 6),
                      "flagged_ml": round(flagged * voxel_ml, 3),
-                     "flagged_share": round(flagged / organ["rectified_voxels"], 4) if organ["rectified_voxels"]
-                     else None,
+                     "flagged_share": None if organ.get("flagged_fraction") is None
+                     else round(organ["flagged_fraction"], 4),
+                     "flagged_or_rectified_ml": (organ.get("flagged_or_rectified_voxels") or 0) * voxel_ml,
                      "dice": None if dice.get(organ["name"]) is None else round(dice[organ["name"]], 4),
                      "seconds": seconds})
     skipped = report.get("inputs", {}).get("localization", {}).get("skipped", {})
@@ -71,12 +72,14 @@ def _mean(values):
 
 
 def scan_figures(scan_rows):
-    """One scan's totals: volume, flagged volume, flagged share of the volume, mean uncertainty and Dice."""
+    """One scan's totals: volume, flagged volume, flagged share (flagged over flagged-or-segmented volume, all
+    organs together), mean uncertainty and Dice."""
     organs = [r for r in scan_rows if r["status"] != "not localized"]
     volume = sum(r["volume_ml"] for r in organs)
     flagged = sum(r["flagged_ml"] for r in organs)
+    union = sum(r["flagged_or_rectified_ml"] for r in organs)
     return {"organs": len(organs), "volume_ml": volume, "flagged_ml": flagged,
-            "flagged_share": flagged / volume if volume else (math.inf if flagged else 0.0),
+            "flagged_share": flagged / union if union else 0.0,
             "mean_uncertainty": _mean([r["mean_uncertainty"] for r in organs]),
             "dice": _mean([r.get("dice") for r in organs]), "seconds": organs[0]["seconds"] if organs else None,
             "not_localized": [r["organ"] for r in scan_rows if r["status"] == "not localized"]}
@@ -107,8 +110,8 @@ def markdown(order, rows, failed, header):
     figures = {i: scan_figures(rows[i]) for i in done}
     ranked = sorted(done, key=lambda i: (-figures[i]["flagged_share"], i))
     lines += ["## Scans to review first", "",
-              "Highest flagged share first: the uncertain volume flagged by UR-SAM over the segmented volume, "
-              f"all organs of the scan together (the first {REVIEW_ROWS}; summary.csv has every scan and organ).",
+              "Highest flagged share first: the volume UR-SAM flags as uncertain over the volume flagged or "
+              f"segmented, all organs of the scan together (the first {REVIEW_ROWS}; summary.csv has every scan and organ).",
               "", "| scan | organs | volume ml | flagged ml | flagged share | mean uncertainty | Dice | seconds | "
               "not localized |", "|---|---|---|---|---|---|---|---|---|"]
     for i in ranked[:REVIEW_ROWS]:
