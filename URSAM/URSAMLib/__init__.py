@@ -17,6 +17,8 @@ The method's steps, in the order data flows through them (METHOD.md §0):
   back on the input's grid); ``review`` finds the flagged regions, ``outputs``
   writes the files (through ``atomic``).
 
+``scan`` takes one scan from files to files (what ``ursam segment`` and each
+``ursam batch`` task run); ``batch`` runs cohorts on Dask distributed.
 ``evaluation`` scores and measures the method (evaluate, metrics, bench, the
 demo and its phantom); ``cli`` is the ``ursam`` command, one module per
 command in ``commands``.

@@ -15,6 +15,7 @@ from .errors import URSAMError, Cancelled
 #: modules that each add one subcommand: ``add_parser(subparsers)`` and ``main(args)``
 COMMAND_MODULES = [
     "URSAMLib.commands.segment",
+    "URSAMLib.commands.batch",
     "URSAMLib.commands.boxes_from_labels",
     "URSAMLib.commands.templates",
     "URSAMLib.commands.localize",

@@ -130,6 +130,10 @@ class SegmentationResult:
             u_box = u_own[inner] if u_own is not None else None
             n_ens = int(np.count_nonzero(ensemble == o.label))
             n_rect = int(np.count_nonzero(rectified == o.label))
+            flagged = unc_labels == o.label
+            n_flag = int(np.count_nonzero(flagged))
+            # The share the Slicer statistics table shows: flagged over flagged-or-rectified voxels.
+            n_union = int(np.count_nonzero(flagged | (rectified == o.label)))
             organs.append({
                 "label": o.label, "name": o.name, "box": self.input_box(o.box).to_json(),
                 "ensemble_voxels": n_ens, "ensemble_ml": round(n_ens * self.voxel_ml, 3),
@@ -137,7 +141,8 @@ class SegmentationResult:
                 "mean_uncertainty_in_box": float(u_box.mean()) if u_box is not None else None,
                 "fusion": o.fusion.to_json() if o.fused is not None else None,
                 # counted on uncertain.nii.gz, where overlaps went to the organ of the higher u
-                "flagged_voxels": int(np.count_nonzero(unc_labels == o.label)),
+                "flagged_voxels": n_flag, "flagged_or_rectified_voxels": n_union,
+                "flagged_fraction": n_flag / n_union if n_union else 0.0,
                 "threshold_T": o.info.get("T"),
                 "I_t": o.info.get("I_t"), "I_b": o.info.get("I_b"),
                 "atlas_prior": o.prior is not None,

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..progress import Progress
-from .options import (add_localizer_options, add_method_options, add_prompt_options, add_sam_options,
-                      backend_from_args, localizer_options, settings_from_args)
+from .options import (add_executor_options, add_localizer_options, add_method_options, add_prompt_options,
+                      add_sam_options, backend_from_args, backend_options_from_args, executor_from_args,
+                      localizer_options, settings_from_args)
 
 
 def add_parser(sub):
@@ -30,6 +31,7 @@ def add_parser(sub):
                    help="the fusion's calibration on the supports (default: the support library's calibration.json, "
                         "if any; `ursam templates calibrate` makes one): adds the fusion's rows and its ablations'")
     p.add_argument("--no-calibration", action="store_true", help="ignore the support library's calibration")
+    add_executor_options(p, what="cases", default_local=False)
     add_localizer_options(p, templates=False)
     add_sam_options(p)
     add_method_options(p)
@@ -54,11 +56,17 @@ def main(args):
 
         support = Library(args.support_from) if args.support_from else Library(args.dataset, role="support")
         calibration = find_calibration(support, args.calibration, progress)
-    summary = evaluate(args.dataset, args.out, methods=methods, support_from=args.support_from, cases=cases,
-                       backend_factory=lambda: backend_from_args(args, progress), settings=settings,
-                       localizer_options=localizer_options(args), sweep=args.sweep, backend_name=args.backend,
-                       progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes,
-                       calibration=calibration)
+    executor = executor_from_args(args, default_local=False)
+    kwargs = dict(methods=methods, support_from=args.support_from, cases=cases,
+                  backend_factory=lambda: backend_from_args(args, progress), settings=settings,
+                  localizer_options=localizer_options(args), sweep=args.sweep, backend_name=args.backend,
+                  progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes,
+                  backend_options=backend_options_from_args(args), calibration=calibration)
+    if executor is None:
+        summary = evaluate(args.dataset, args.out, **kwargs)
+    else:
+        with executor:
+            summary = evaluate(args.dataset, args.out, executor=executor, **kwargs)
     table = summary["dice_table"]
     organs = [o for o in next(iter(table.values())) if o != "Avg"] if table else []
     print(markdown_table(table, organs))

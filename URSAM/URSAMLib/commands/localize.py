@@ -28,7 +28,7 @@ def main(args):
     from ..prompt_modes import PromptOptions, default_mode, make_prompts
     from ..registration.deformable import DeformableOptions
     from ..settings import Settings
-    from .segment import localize_from_args
+    from ..scan import localize_scan
 
     progress = Progress(quiet=args.quiet)
     mode = args.prompts or default_mode(args.localizer)
@@ -36,8 +36,8 @@ def main(args):
                         deformable=DeformableOptions(method=args.deformable),
                         margin=parse_margin(args.margin) if args.margin else DEFAULT_MARGIN,
                         localizer=args.localizer).check()
-    localizer_options(args)  # its checks, before the registrations
-    localization = localize_from_args(args, settings, progress)
+    localization = localize_scan(args.image, args.templates, settings, args.organs, localizer_options(args),
+                                 progress)
     boxes = localization.boxes
     extra = {"localization": localization.info}
     if mode != "box3d":

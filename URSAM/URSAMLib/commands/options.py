@@ -48,30 +48,42 @@ def add_sam_options(p):
                    help="CT window LO,HI in HU before min-max (default: the backend's published window)")
 
 
-def percentile_for(args, volume, image_path, progress):
-    """Whether CT windowing applies; warns when it does not."""
-    from ..imageio import looks_like_ct
+def backend_options_from_args(args):
+    """The :class:`URSAMLib.scan.BackendOptions` of the SAM options."""
+    from ..scan import BackendOptions
 
-    if args.modality == "ct":
-        return False
-    if args.modality == "other":
-        return True
-    if looks_like_ct(volume):
-        return False
-    progress.warn(f"{image_path} does not look like a CT in HU (no air near -1000): CT windowing does not "
-                  "apply, using 0.5-99.5 percentile normalization (set --modality ct to override)")
-    return True
+    return BackendOptions(name=args.backend, checkpoint=args.checkpoint, device=args.device,
+                          window=tuple(args.window) if args.window else None, encoder=args.encoder)
 
 
 def backend_from_args(args, progress=None, percentile=False):
-    from ..progress import STAGE_MODEL
-    from ..sam.backends import make_backend
+    return backend_options_from_args(args).make(percentile, progress)
 
-    if progress:
-        progress.stage(f"{STAGE_MODEL} {args.backend}")
-    return make_backend(args.backend, args.checkpoint, args.device,
-                        window=args.window if args.window else "default", percentile=percentile,
-                        encoder=args.encoder)
+
+# ----------------------------------------------------------------------------------------------
+# Dask: where the tasks of batch and evaluate run
+
+def add_executor_options(p, what="scans", default_local=True):
+    """--workers N (a Dask cluster of N processes on this machine) or --scheduler ADDRESS (an existing one)."""
+    g = p.add_argument_group("Dask distributed (where the tasks run)")
+    x = g.add_mutually_exclusive_group()
+    default = "default 1" if default_local else "default: none, the cases run one after another in this process"
+    x.add_argument("--workers", type=int, default=None, metavar="N",
+                   help=f"{what} at once on a Dask cluster of N worker processes on this machine, each with its "
+                        f"share of the cores and its own model ({default})")
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on the existing Dask cluster whose scheduler is at ADDRESS (tcp://host:8786), e.g. "
+                        "one started on SLURM with dask-jobqueue or on Kubernetes with dask-kubernetes")
+
+
+def executor_from_args(args, default_local=True):
+    """The :class:`URSAMLib.batch.executor.Executor` of --workers / --scheduler; with neither, a local cluster
+    of one worker, or None where not ``default_local``."""
+    from ..batch.executor import Executor
+
+    if not default_local and args.workers is None and not args.scheduler:
+        return None
+    return Executor(workers=args.workers, scheduler=args.scheduler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +139,7 @@ def add_localizer_options(p, templates=True, required=False):
                    help="margin added to the boxes: Z slices, XY px of SAM's 1024 grid (default "
                         f"{DEFAULT_MARGIN[0]},{DEFAULT_MARGIN[1]:g} for localized boxes as in METHOD.md §1; "
                         "0,0 for a box file)")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--support-workers", type=int, default=None, metavar="N",
                    help="support scans registered at once (default: one per core)")
     g.add_argument("--localizer-checkpoint", metavar="PATH",
                    help="MedLAM checkpoint for --localizer medlam (from `ursam train-localizer`)")
@@ -138,10 +150,10 @@ def add_localizer_options(p, templates=True, required=False):
 def localizer_options(args):
     """Keyword options of :func:`URSAMLib.localize.localize` beyond the settings (margin, localizer)."""
     opts = {}
-    if args.localizer == "registration" and args.workers is not None:
-        if args.workers < 1:
-            raise URSAMError(f"--workers must be at least 1, got {args.workers}")
-        opts["workers"] = args.workers
+    if args.localizer == "registration" and args.support_workers is not None:
+        if args.support_workers < 1:
+            raise URSAMError(f"--support-workers must be at least 1, got {args.support_workers}")
+        opts["workers"] = args.support_workers
     if args.localizer == "medlam":
         if not args.localizer_checkpoint:
             raise URSAMError("--localizer medlam needs --localizer-checkpoint PATH "

@@ -1,12 +1,9 @@
 """``ursam segment``: boxes (or a template library) in, every output of a run out."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..errors import URSAMError
 from ..progress import Progress
 from .options import (add_localizer_options, add_method_options, add_prompt_options, add_sam_options,
-                      backend_from_args, localizer_options, percentile_for, settings_from_args)
+                      backend_options_from_args, localizer_options, settings_from_args)
 
 
 def add_parser(sub):
@@ -36,79 +33,30 @@ def add_parser(sub):
     return p
 
 
-def localize_from_args(args, settings, progress):
-    """The :class:`URSAMLib.localize.Localization` of ``args.image`` from ``args.templates``."""
-    from ..localize import localize
+def job_from_args(args):
+    """The :class:`URSAMLib.scan.ScanJob` of ``ursam segment``'s arguments."""
+    from ..scan import ScanJob
 
-    if settings.prompts.mode != "box3d" and settings.localizer != "registration":
-        raise URSAMError(f"--prompts {settings.prompts.mode} needs --localizer registration "
-                         "(the warped support labels)")
-    localization = localize(args.image, args.templates, organs=args.organs, method=settings.localizer,
-                            progress=progress, margin=settings.margin, **localizer_options(args))
-    if not localization.boxes:
-        raise URSAMError("no organ could be localized from the template library", args.templates)
-    return localization
+    return ScanJob(image=args.image, out=args.out, templates=args.templates, boxes=args.boxes,
+                   reference=args.reference, organs=args.organs, modality=args.modality,
+                   atlas_prior=args.atlas_prior, localizer_options=localizer_options(args),
+                   overwrite=args.overwrite, calibration=getattr(args, "calibration", None),
+                   use_calibration=not (getattr(args, "no_calibration", False) or getattr(args, "paper", False)))
 
 
 def main(args):
-    from ..boxes import load_boxes, save_boxes
-    from ..evaluation.metrics import dice_table, format_dice_table
-    from ..imageio import read_ct, read_labels
-    from ..localization import Localization
-    from ..orientation import Orientation
-    from ..outputs import check_output_dir
-    from ..segment import segment_query, write_results
+    from ..evaluation.metrics import format_dice_table
+    from ..scan import segment_scan
 
     progress = Progress(quiet=args.quiet)
-    check_output_dir(args.out, args.overwrite)
-    reference, volume = read_ct(args.image)
-    size = reference.GetSize()
-    calibration = None
-    if args.templates:
-        settings = settings_from_args(args)
-        localization = localize_from_args(args, settings, progress)
-        if not (args.no_calibration or args.paper) and settings.warps_labels(localization):
-            from ..calibration import find_calibration
-
-            calibration = find_calibration(localization.library, args.calibration, progress)
-    else:
-        if args.calibration:
-            raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
-        if args.organs:
-            raise URSAMError("--organs goes with --templates; with --boxes, edit the box file")
-        boxes = load_boxes(args.boxes, size, warn=progress.warn)
-        settings = settings_from_args(args, boxes=boxes)
-        if settings.margin != (0, 0.0):
-            orientation = Orientation.of(reference)  # the margin is on the slices SAM sees
-            boxes = [orientation.add_margin(b, settings.margin[0], settings.margin[1]) for b in boxes]
-        localization = Localization.from_boxes(boxes, Path(args.boxes).absolute())
-    if args.atlas_prior == "on" and not settings.warps_labels(localization):
-        progress.warn("the atlas prior in rectification needs the warped support labels (a template library "
-                      "and the registration localizer); it is off for these boxes")
-    truth = read_labels(args.reference, reference, "reference label map")[1] if args.reference else None
-    percentile = percentile_for(args, volume, args.image, progress)
-    backend = backend_from_args(args, progress, percentile)
-    source = {"templates": str(Path(args.templates).absolute())} if args.templates else \
-        {"boxes": str(Path(args.boxes).absolute())}
-    inputs = {"image": str(Path(args.image).absolute()), **source,
-              "margin_z_xy": list(settings.margin), "normalization": "percentile" if percentile else "ct-window"}
-    if args.templates:
-        inputs["localization"] = localization.info
-    result = segment_query(volume, reference, localization, backend, settings, progress=progress, inputs=inputs,
-                           calibration=calibration)
-    extra_files = {}
-    if args.templates:
-        # Written after the run, so propagate's file holds the boxes it chose on each slice.
-        extra_files["boxes.json"] = lambda path: save_boxes(result.boxes, path, extra={
-            "localization": localization.info, "prompts": result.prompt_info})
-        result.warnings += [f"{name} was not localized ({why}); it was skipped"
-                            for name, why in localization.info.get("skipped", {}).items()]
-    table = dice_table(result, truth) if truth is not None else None
-    write_results(result, args.out, args.overwrite, progress, extra_files=extra_files,
-                  extra_report={"dice_vs_reference": table} if table else None)
-    if table:
-        print(format_dice_table(table))
+    job = job_from_args(args)
+    backend = backend_options_from_args(args)
+    outcome = segment_scan(job, lambda boxes: settings_from_args(args, boxes=boxes),
+                           lambda percentile: backend.make(percentile, progress), progress)
+    if outcome.dice_table:
+        print(format_dice_table(outcome.dice_table))
     if not args.quiet:
+        result = outcome.result
         t = result.timings
         print(f"wrote {len(result.boxes)} organs to {args.out} in {t['total_seconds']:.1f} s "
               f"({t['distinct_slices']} slices, {t['encoder_calls']} encoder calls)")

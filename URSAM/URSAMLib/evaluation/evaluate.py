@@ -664,9 +664,46 @@ def _config_hash(config):
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def evaluate_case(case_id, ds, organs, support, lib_to_ds, methods, settings, localizer_options, sweep,
+                  prompt_modes, calibration=None, views=None, progress=None):
+    """One query case read and run (:func:`run_case`): ``(rows, sweep_rows, info)``. ``views()`` gives SAM's
+    views of the case (None: no SAM method runs)."""
+    case = CaseInputs(ds, case_id, organs)
+    return run_case(case, support, lib_to_ds, methods, views() if views else None, settings, localizer_options,
+                    sweep, progress, prompt_modes, calibration)
+
+
+def _case_task(case_id, case_args, backend_options, needs_sam):
+    """On a Dask worker: one case with the worker's own SAM model (loaded once per worker process)."""
+    from ..batch.executor import worker_backend
+    from ..sam.views import Views
+
+    share = len(case_args[-2]) > 1  # several prompt modes share the slice embeddings of a view
+    progress = Progress(quiet=True)
+    progress.warn = progress.warnings.append  # run_case keeps them in the case's info; the client shows them
+    views = (lambda: Views(worker_backend(backend_options), share=share)) if needs_sam else None
+    return evaluate_case(case_id, *case_args, views=views, progress=progress)
+
+
+def _cases_on(executor, pending, case_args, backend_options, needs_sam, progress):
+    """``(case_id, (rows, sweep_rows, info))`` of the pending cases, run on the executor's workers."""
+    if not pending:
+        return
+    futures = {executor.submit(_case_task, c, case_args, backend_options, needs_sam, key=f"ursam-case-{c}"): c
+               for c in pending}
+    progress.info(f"{len(pending)} case(s) on {executor.describe()}")
+    for future, result, error in executor.completed(list(futures)):
+        case_id = futures[future]
+        if error is not None:
+            raise URSAMError(f"case {case_id} failed: {error}")
+        for warning in result[2].get("warnings", []):
+            progress.warn(f"{case_id}: {warning}")
+        yield case_id, result
+
+
 def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, backend_factory=None,
              settings=None, localizer_options=None, sweep=False, backend_name=None, progress=None, overwrite=False,
-             organs=None, prompt_modes=None, calibration=None):
+             organs=None, prompt_modes=None, calibration=None, executor=None, backend_options=None):
     """Run and score every method on the query cases of ``dataset``; returns the summary dict.
 
     ``settings``: the run's :class:`URSAMLib.settings.Settings` (the same as
@@ -678,7 +715,11 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     ablations' join the tables.
 
     ``backend_factory()`` returns the SAM backend (called once, only if a case
-    needs SAM). Finished cases in ``out_dir/cases`` are reused when the
+    needs SAM). ``executor``: a :class:`URSAMLib.batch.executor.Executor`
+    that runs the cases as tasks on its Dask workers, each loading the model
+    of ``backend_options`` (:class:`URSAMLib.scan.BackendOptions`, default the
+    backend named ``backend_name``) once; None: one case after another here.
+    Finished cases in ``out_dir/cases`` are reused when the
     configuration matches; a different configuration is an error unless
     ``overwrite``.
     """
@@ -758,26 +799,42 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
                 backend_holder.append(backend_factory())
         return Views(backend_holder[0], share=len(prompt_modes) > 1)
 
-    all_rows, all_sweep, infos = [], [], {}
+    saved_cases, pending = {}, []
     for i, case_id in enumerate(query_ids):
         path = out / "cases" / f"{case_id}.json"
         if path.exists():
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("hash") == digest:
                 progress.info(f"[{i + 1}/{len(query_ids)}] {case_id}: finished before, skipped")
-                all_rows += saved["rows"]; all_sweep += saved.get("sweep_rows", []); infos[case_id] = saved["info"]
+                saved_cases[case_id] = saved
                 continue
-        progress.info(f"[{i + 1}/{len(query_ids)}] {case_id}")
-        case = CaseInputs(ds, case_id, organs)
-        needs_sam = any(m in SAM_METHODS or m == "manual" for m in methods)
-        rows, sweep_rows, info = run_case(case, support, lib_to_ds, methods, case_views() if needs_sam else None,
-                                          settings, localizer_options, sweep, progress, prompt_modes, calibration)
-        write_json({"hash": digest, "rows": rows, "sweep_rows": sweep_rows, "info": info}, path)
-        all_rows += rows; all_sweep += sweep_rows; infos[case_id] = info
+        pending.append(case_id)
+    needs_sam = any(m in SAM_METHODS or m == "manual" for m in methods)
+    case_args = (ds, organs, support, lib_to_ds, methods, settings, localizer_options, sweep, prompt_modes,
+                 calibration)
+    if executor is None:
+        def finished_cases():
+            for case_id in pending:
+                progress.info(f"[{query_ids.index(case_id) + 1}/{len(query_ids)}] {case_id}")
+                yield case_id, evaluate_case(case_id, *case_args, views=case_views if needs_sam else None,
+                                             progress=progress)
+        finished = finished_cases()
+    else:
+        from ..scan import BackendOptions
+
+        finished = _cases_on(executor, pending, case_args, backend_options or BackendOptions(name=backend_name),
+                             needs_sam, progress)
+    for case_id, (rows, sweep_rows, info) in finished:
+        saved_cases[case_id] = {"hash": digest, "rows": rows, "sweep_rows": sweep_rows, "info": info}
+        write_json(saved_cases[case_id], out / "cases" / f"{case_id}.json")
         by_m = {m: _mean([r["dice"] for r in rows if r["method"] == m])
                 for m in table_methods(methods, prompt_modes, deformable_method, calibration is not None) if any(r["method"] == m for r in rows)}
         progress.info(f"{case_id}: " + ", ".join(f"{m} {v:.3f}" for m, v in by_m.items())
                       + f" ({info['seconds']:.0f} s)")
+    all_rows, all_sweep, infos = [], [], {}
+    for case_id in query_ids:
+        saved = saved_cases[case_id]
+        all_rows += saved["rows"]; all_sweep += saved.get("sweep_rows", []); infos[case_id] = saved["info"]
     write_csv(out / "results.csv", all_rows, COLUMNS)
     if all_sweep:
         write_csv(out / "sweep.csv", all_sweep,

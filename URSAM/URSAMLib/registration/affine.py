@@ -271,8 +271,20 @@ def _register_support(template, fixed, carry, options):
     return SupportRegistration(template.case_id, transform, time.perf_counter() - t0, metric, mapped, stages)
 
 
+#: at most this many cores for this process (None: all it may run on); a batch worker's share of the machine
+_CORES_LIMIT = [None]
+
+
 def cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: its CPU affinity, at most :func:`limit_cores`'s number."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(n, _CORES_LIMIT[0]) if _CORES_LIMIT[0] else n
+
+
+def limit_cores(n):
+    """Let :func:`cores` (the default number of supports registered at once) give at most ``n``
+    (None: no limit), so that several worker processes on one machine do not each take every core."""
+    _CORES_LIMIT[0] = None if n is None else max(1, int(n))
 
 
 _ITK_LOCK = threading.Lock()
