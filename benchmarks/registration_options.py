@@ -6,8 +6,9 @@ Usage (from the repository root)::
         --variant base --variant 'samples=10000' --variant 'deformable:demons_shrink=4,2;demons_iterations=40,30'
 
 A variant is ``;``-separated ``FIELD=VALUE`` items: fields of
-``RegistrationOptions`` (the affine registration of the localizer), and after
-``deformable:`` fields of ``DeformableOptions``; ``base`` is the defaults. For
+``RegistrationOptions`` (the affine registration of the localizer), then from
+the item marked ``deformable:`` on, fields of ``DeformableOptions``; ``base``
+is the defaults. For
 each query case and variant the supports are registered as ``ursam segment
 --templates`` does (in parallel, one ITK thread each, so runs repeat), then
 refined by the deformable stage. Reported per variant: CPU seconds per support
@@ -50,10 +51,10 @@ def parse_variant(text):
     reg, dfm = {}, {}
     if text.strip() in ("", "base"):
         return reg, dfm
+    target = reg
     for item in text.split(";"):
         item = item.strip()
-        target = reg
-        if item.startswith("deformable:"):
+        if item.startswith("deformable:"):  # this item and the ones after it
             target, item = dfm, item[len("deformable:"):]
         key, _, value = item.partition("=")
         target[key.strip()] = _value(value.strip())

@@ -181,6 +181,8 @@ class SamBackend:
     image_size = 1024
     decoder_name = "eager"
     _fast = None
+    #: whether the pipeline may embed the next slice while this one is decoded (sam.views.EmbedAhead)
+    embeds_ahead = False
 
     def __init__(self, device="auto", window=None, percentile=False):
         self.device = resolve_device(device)
@@ -264,6 +266,9 @@ class SamBackend:
         else:
             self._encoder, self.encoder_name = make_encoder(self.model.image_encoder, encoder, self.device,
                                                             model=self.name, input_size=input_size)
+        # OpenVINO's threads are its own, so its encoder of the next slice can run while torch decodes this
+        # one (pipeline: sam.views.EmbedAhead); measured on tsA_slab, 2 cores: 9% less wall time, same masks.
+        self.embeds_ahead = self.encoder_name.startswith("openvino")
 
     def use_decoder(self, name):
         """Switch between the ``fast`` and ``eager`` decoder of a built backend (to compare them)."""
