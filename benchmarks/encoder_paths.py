@@ -13,8 +13,9 @@ line is one JSON object.
 
 Paths: eager (PyTorch fp32, the reference), jit-freeze (TorchScript, frozen
 and optimized for inference), channels-last, torch-int8 (torch dynamic int8
-quantization of the Linear layers), onnx and onnx-int8 (URSAMLib.sam.fast_encoder:
-ONNX Runtime fp32, and with int8 dynamically quantized matrix products),
+quantization of the Linear layers), openvino and openvino-bf16 (URSAMLib.sam.fast_encoder:
+OpenVINO with float32 and, where the CPU has bf16 instructions, bfloat16 inference), onnx and
+onnx-int8 (ONNX Runtime fp32, and with int8 dynamically quantized matrix products),
 compile (torch.compile, inductor with freezing; --compile, as its first
 compilation takes minutes) and bf16 (CPU autocast; --bf16, as a CPU without
 bf16 instructions runs it two orders of magnitude slower).
@@ -54,7 +55,7 @@ def build_paths(encoder, args):
     paths["torch-int8"] = torch.ao.quantization.quantize_dynamic(
         make_backend("litemedsam", device="cpu", encoder="eager").model.image_encoder, {torch.nn.Linear},
         dtype=torch.qint8)
-    for name in ("onnx", "onnx-int8"):
+    for name in ("openvino", "openvino-bf16", "onnx", "onnx-int8"):
         try:
             paths[name] = make_encoder(encoder, name, "cpu")[0]
         except Exception as err:  # noqa: BLE001 - report and go on

@@ -68,3 +68,20 @@ def test_bench_reports_bad_input_in_one_line(crop, tmp_path, capsys):
     code = main(["bench", str(folder / "image.nii.gz"), "--boxes", str(folder / "boxes.json"),
                  "--n-values", "3,1"])
     assert code == 2 and "--n-values must satisfy 1 <= N1 < N3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_times_the_whole_case_and_each_support_from_a_template_library(crop, capsys):
+    folder, _ = crop
+    code = main(["bench", str(folder / "image.nii.gz"), "--templates", str(ABD), "--encoders", "auto",
+                 "--timing-slices", "1", "--rounds", "1", "--n-values", "1,2", "--device", "cpu"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    reg = record["registration"]
+    assert reg["supports"] == 1 and set(reg["affine_seconds_per_support"]) == {"tsA"}
+    assert reg["deformable"] == "demons" and reg["deformable_seconds_per_support"]["tsA"] > 0
+    assert set(reg["affine_stage_seconds"]["tsA"]) == {"initialize", "rigid", "affine"}
+    # the whole case holds the registrations and one SAM run with every output
+    assert record["whole_case_seconds"] > reg["localize_seconds"] + reg["deformable_seconds"]
+    assert record["encoder_calls"] == record["distinct_slices"] > 0
+    assert record["paths"][record["encoder_path"]]["exact"]

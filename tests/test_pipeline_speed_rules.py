@@ -70,6 +70,30 @@ def test_one_encoder_call_per_distinct_slice_whatever_the_organs_and_boxes(slab,
         assert 0 <= o.p_auto.min() and o.p_auto.max() <= 1 and o.p_auto.max() > 0.5, o.name
 
 
+def test_embedding_the_next_slice_ahead_keeps_the_calls_and_the_masks(slab, litemedsam):
+    """The encoder of slice k + 1 runs while slice k is decoded (sam.views.EmbedAhead): each slice is still
+    embedded once, and every map is the same to the bit as with the encoder and decoder taking turns."""
+    volume, truth = slab[0][8:16], slab[1][8:16]
+    boxes = boxes_from_labels(truth, names(ABD), labels=[2, 3])
+    # gaps: slices 3, 4 and 7 have no prompt, so they are skipped in the order of the slices ahead
+    boxes[0].min_ijk[2], boxes[0].max_ijk[2] = 5, 6
+    boxes[1].min_ijk[2], boxes[1].max_ijk[2] = 0, 2
+    runs = {}
+    for ahead in (False, True):
+        counting = Counting(litemedsam, volume)
+        counting.embeds_ahead = ahead
+        maps, timings = pipeline.run(volume, counting, boxes, pipeline.Params(n_aug=3))
+        assert sorted(counting.calls) == pipeline.distinct_slices({"main": boxes}) == [0, 1, 2, 5, 6]
+        assert set(counting.calls.values()) == {1} and timings["encoder_seconds"] > 0
+        runs[ahead] = maps
+    for a, b in zip(runs[False], runs[True]):
+        assert np.array_equal(a.p_auto, b.p_auto) and np.array_equal(a.p_mean, b.p_mean), a.name
+        assert a.p_auto.max() > 0.5, a.name
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("ursam-encoder")]  # no thread left
+
+
 def _boxes_and_regions(shape, rng, k):
     h, w = shape
     boxes, regions = [], []

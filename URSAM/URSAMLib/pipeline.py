@@ -19,6 +19,7 @@ from .errors import URSAMError
 from .prompt_augmentation import augment_box, organ_rngs, shift_box
 from .progress import STAGE_EMBED, STAGE_RECTIFY, Progress
 from .rectification import RectifyOptions, atlas_rectified, rectify
+from .sam.views import EmbedAhead
 from .baselines import FnpcOptions
 from .uncertainty import binary_entropy
 
@@ -189,9 +190,12 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
     zs = distinct_slices(sets)
     region_zs = sorted({z for o in organs for z in range(o.sl[0].start, o.sl[0].stop)})
     by_slice = {z: [o for o in organs if o.sl[0].start <= z < o.sl[0].stop] for z in region_zs}
+    ahead = None
     if plan is None:
         prompted = {id(o): set(o.box.prompt_slices) for o in organs}
-        steps = ((z, [o for o in by_slice[z] if z in prompted[id(o)]], False) for z in zs)
+        steps = [(z, [o for o in by_slice[z] if z in prompted[id(o)]], False) for z in zs]
+        # The encoder of the next slice may run while this one is decoded (same slices, same order).
+        ahead = EmbedAhead.where_it_pays(backend, volume, [z for z, group, _ in steps if group])
     else:
         steps = plan(organs)
     total = len(zs) if plan is None else len(region_zs)
@@ -207,9 +211,8 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
         slice2d = volume[z]
         emb = cache.pop(z, None)
         if emb is None:
-            ta = time.perf_counter()
-            emb = backend.embed(slice2d)
-            t_enc += time.perf_counter() - ta
+            emb, seconds = ahead.take(z) if ahead is not None else EmbedAhead.now(backend, slice2d)
+            t_enc += seconds
         embedded.add(z)
         norm = backend.intensity(slice2d)
         prompts, owners = [], []
@@ -240,6 +243,8 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
         if keep:
             cache[z] = emb
         del emb
+    if ahead is not None:
+        ahead.close()
     # Slices of a region that got no prompt still need their intensity for rectification.
     for z in region_zs:
         if z not in embedded:

@@ -32,15 +32,15 @@ def _on_off(value):
 
 def add_sam_options(p):
     """The SAM model: backend, checkpoint, device, encoder path, intensity normalization."""
-    from ..sam import BACKEND_NAMES, DEFAULT_BACKEND, DEFAULT_DEVICE
+    from ..sam import BACKEND_NAMES, DEFAULT_BACKEND, DEFAULT_DEVICE, ENCODER_PATHS, describe_paths
 
     g = p.add_argument_group("SAM backend")
     g.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKEND_NAMES),
                    help=f"SAM model (default: {DEFAULT_BACKEND}, bundled; the others need --checkpoint)")
     g.add_argument("--checkpoint", help="checkpoint file for sam-vit-* and medsam (never downloaded)")
     g.add_argument("--device", default=DEFAULT_DEVICE, help=f"auto, cpu or cuda (default: {DEFAULT_DEVICE})")
-    g.add_argument("--encoder", default="auto",
-                   help="LiteMedSAM image encoder path: auto (the fastest available), eager, or a fast path name")
+    g.add_argument("--encoder", default="auto", choices=["auto", "eager"] + list(ENCODER_PATHS),
+                   help="image encoder path (default: auto). " + describe_paths())
     g.add_argument("--modality", choices=["auto", "ct", "other"], default="auto",
                    help="ct: CT window in HU; other (MR, ...): 0.5-99.5 percentile normalization; "
                         "auto: decide from the intensities (default)")

@@ -3,14 +3,18 @@
 One call measures, in one process and in interleaved rounds so that a busy
 machine hits every path alike:
 
-- the encoder per slice on each encoder path (eager and the fast ones);
+- with a template library: the whole case first (localization, the
+  deformable stage, SAM, outputs) and the seconds per support of the affine
+  registration and of the deformable stage;
+- the encoder per slice on each encoder path (eager and the fast ones), with
+  its speed-up over eager in wall and in CPU time;
 - the decoder per box, fast and eager, on the slice with the most boxes;
 - two whole segment runs (SAM, rectification and every output file) with 1
   and with n augmented boxes, on the default path, and the encoder calls
   they made (one per distinct slice, whatever the organs and boxes);
-- one more whole run on the eager encoder, whose masks give the largest
-  per-organ Dice difference between the fast and the eager path;
-- the process's peak resident memory.
+- one more whole run per other encoder path, whose masks give each path's
+  largest per-organ Dice difference from the eager path (against labels);
+- the process's peak resident memory and its CPU seconds.
 
 It prints a short summary, then one JSON object as its last line.
 """
@@ -131,19 +135,28 @@ def decoder_ms_per_box(backend, volume, boxes, params, rounds):
     return out, len(prompts), z
 
 
-def whole_run(volume, reference, boxes, backend, params, out_root, tag):
-    """One ``ursam segment --boxes`` run without reading the inputs: SAM, rectification, all outputs."""
-    from ..prompt_modes import PromptOptions, default_mode
-    from ..settings import Settings
+def whole_run(volume, reference, source, backend, settings, out_root, tag):
+    """One ``ursam segment`` run without reading the inputs: SAM, rectification, all outputs.
 
-    settings = Settings(params=params, prompts=PromptOptions(mode=default_mode(boxes=boxes)))
+    ``source``: boxes (a box file's), or the query's :class:`URSAMLib.localization.Localization`
+    (whose warps and deformable stage are computed on its first use and kept).
+    """
     calls0 = backend.encoder_calls
     c0, t0 = time.process_time(), time.perf_counter()
-    result = segment_query(volume, reference, boxes, backend, settings, progress=Progress(quiet=True))
+    result = segment_query(volume, reference, source, backend, settings, progress=Progress(quiet=True))
     write_results(result, Path(out_root) / tag, overwrite=False, progress=Progress(quiet=True))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     result.timings["encoder_calls"] = backend.encoder_calls - calls0  # this run's, not the backend's total
     return seconds, cpu, backend.encoder_calls - calls0, result
+
+
+def _box_settings(settings, boxes):
+    """The settings of a box-file run: the file's own prompt mode, as ``ursam segment --boxes`` takes it."""
+    from dataclasses import replace
+
+    from ..prompt_modes import default_mode
+
+    return replace(settings, prompts=replace(settings.prompts, mode=default_mode(boxes=boxes)))
 
 
 def organ_dice(result, labels):
@@ -168,71 +181,171 @@ def mask_agreement(a, b):
     return round(worst, 5)
 
 
-def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "auto"), n_values=(1, 3),
-              timing_slices=4, rounds=2, repeat=1, log=print):
-    """Measure and return the bench record (a dict); ``make(encoder)`` builds a backend."""
+def expand_encoders(encoders, available):
+    """The paths to measure: ``all`` is eager, auto and every fast path this installation has."""
+    out = []
+    for name in encoders:
+        for n in (["eager", "auto"] + list(available)) if name == "all" else [name]:
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def registration_record(localization, settings):
+    """Seconds per support of the affine registration (and its stages) and of the deformable stage."""
+    regs = localization.registrations or []
+    deformable = localization.deformable_info(settings.deformable) or {}
+    per = deformable.get("seconds_per_support", {})
+    out = {"supports": len(regs),
+           "affine_seconds_per_support": {r.case_id: round(r.seconds, 2) for r in regs},
+           "affine_stage_seconds": {r.case_id: {k: round(v, 2) for k, v in r.stages.items()} for r in regs},
+           "deformable": settings.deformable.method,
+           "deformable_seconds_per_support": per,
+           "localize_seconds": localization.info.get("seconds"),
+           "localize_cpu_seconds": localization.info.get("registration_cpu_seconds"),
+           "deformable_seconds": deformable.get("seconds")}
+    if regs:
+        out["affine_seconds_mean"] = round(statistics.mean(r.seconds for r in regs), 2)
+    if per:
+        out["deformable_seconds_mean"] = round(statistics.mean(per.values()), 2)
+    return out
+
+
+def run_bench(image, make, settings, boxes_path=None, templates=None, labels=None, encoders=("all",),
+              n_values=(1, 3), timing_slices=4, rounds=2, repeat=1, file_prompts=True, log=print):
+    """Measure and return the bench record (a dict); ``make(encoder)`` builds a backend.
+
+    ``boxes_path``: the organs' boxes (prompted as the file says where ``file_prompts``, as ``ursam
+    segment --boxes`` does); or ``templates``: a template library, from which the whole case
+    (localization, deformable stage, SAM, outputs) is timed first, with the settings' prompt mode.
+    """
     load_start = _loadavg()
+    cpu_start = time.process_time()
     reference, volume = read_ct(image)
     size = reference.GetSize()
     progress = Progress(quiet=True)
-    boxes = load_boxes(boxes_path, size, warn=progress.warn)
     truth = read_labels(labels, reference)[1] if labels else None
     n_lo, n_hi = n_values
 
     # one backend per encoder path actually resolved; the default ("auto") runs the whole runs
-    backends, main_name = {}, None
-    for name in list(encoders) + ([] if "auto" in encoders else ["auto"]):
+    eager = make("eager")
+    from ..sam.fast_encoder import AUTO_ORDER, available_paths
+
+    names = expand_encoders(encoders, available_paths(eager.name) if eager.device.type == "cpu" else ())
+    backends, main_name = {"eager": eager}, None
+    for name in names:
+        if name == "eager":
+            continue
         b = make(name)
         resolved = getattr(b, "encoder_name", "eager")
         backends.setdefault(resolved, b)
         if name == "auto":
             main_name = resolved
+    if main_name is None:
+        main_name = getattr(make("auto"), "encoder_name", "eager")
+        backends.setdefault(main_name, make(main_name))
+    if "eager" not in names and main_name != "eager":
+        del backends["eager"]
     main = backends[main_name]
     eager = backends.get("eager")
-    fast_name = main_name if main_name != "eager" else next((k for k in backends if k != "eager"), None)
 
-    zs_all = pipeline.distinct_slices({"main": boxes})
-    zs = _spread(zs_all, timing_slices)
-    log(f"case {image}: {len(boxes)} organs, {len(zs_all)} distinct slices, grid {size}")
-    log(f"backend {main.name} on {main.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"encoder paths {', '.join(backends)}")
-
-    enc, enc_cpu = encoder_ms(backends, volume, zs, rounds)
-    log("encoder ms/slice: " + ", ".join(f"{k} {v}" for k, v in enc.items())
-        + "; CPU ms/slice (torch at 1 thread): " + ", ".join(f"{k} {v}" for k, v in enc_cpu.items()))
-
-    p_hi = _with_n(params, n_hi)
-    dec, n_boxes_slice, z_dec = decoder_ms_per_box(main, volume, boxes, p_hi, rounds)
-    log(f"decoder ms/box on slice {z_dec} ({n_boxes_slice} boxes): " + ", ".join(f"{k} {v}" for k, v in dec.items()))
-
-    seconds = {n_lo: [], n_hi: []}
-    cpu_seconds = {n_lo: [], n_hi: []}
-    calls = {}
-    results = {}
+    record = {"image": str(image), "boxes": str(boxes_path) if boxes_path else None,
+              "templates": str(templates) if templates else None, "backend": main.name,
+              "device": str(main.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.machine(), "cpu_count": os.cpu_count(), "encoder_path": main_name,
+              "encoder_paths": list(backends), "exact_paths": [n for n in backends if n in ("eager",) + AUTO_ORDER]}
     with tempfile.TemporaryDirectory(prefix="ursam-bench-") as tmp:
+        if templates is not None:
+            from ..localize import localize
+
+            t0, c0 = time.perf_counter(), time.process_time()
+            source = localize(image, templates, method=settings.localizer, progress=progress,
+                              margin=settings.margin)
+            run_settings = settings
+            s, cs, c, res = whole_run(volume, reference, source, main, run_settings, tmp, "whole-case")
+            whole = time.perf_counter() - t0
+            record["whole_case_seconds"] = round(whole, 2)
+            record["whole_case_cpu_seconds"] = round(time.process_time() - c0, 2)
+            record["registration"] = registration_record(source, settings)
+            boxes = res.boxes
+            log(f"whole case ({main_name} encoder, prompts {settings.prompts.mode}): {whole:.1f} s "
+                f"({record['whole_case_cpu_seconds']:.1f} CPU s): localization {source.info.get('seconds')} s, "
+                f"deformable {record['registration']['deformable_seconds']} s, SAM and outputs {s:.1f} s")
+            log("seconds per support: affine " + json.dumps(record["registration"]["affine_seconds_per_support"])
+                + f", {settings.deformable.method} "
+                + json.dumps(record["registration"]["deformable_seconds_per_support"]))
+        else:
+            boxes = load_boxes(boxes_path, size, warn=progress.warn)
+            source = boxes
+            run_settings = _box_settings(settings, boxes) if file_prompts else settings
+            record["whole_case_seconds"] = None
+            record["registration"] = None
+
+        zs_all = pipeline.distinct_slices({"main": boxes})
+        zs = _spread(zs_all, timing_slices)
+        record["organs"] = len(boxes)
+        record["distinct_slices"] = None if templates is not None else len(zs_all)
+        log(f"case {image}: {len(boxes)} organs, grid {size}")
+        log(f"backend {main.name} on {main.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"encoder paths {', '.join(backends)}")
+
+        enc, enc_cpu = encoder_ms(backends, volume, zs, rounds)
+        log("encoder ms/slice: " + ", ".join(f"{k} {v}" for k, v in enc.items())
+            + "; CPU ms/slice (torch at 1 thread): " + ", ".join(f"{k} {v}" for k, v in enc_cpu.items()))
+
+        p_hi = _with_n(run_settings.params, n_hi)
+        dec, n_boxes_slice, z_dec = decoder_ms_per_box(main, volume, boxes, p_hi, rounds)
+        log(f"decoder ms/box on slice {z_dec} ({n_boxes_slice} boxes): "
+            + ", ".join(f"{k} {v}" for k, v in dec.items()))
+
+        seconds = {n_lo: [], n_hi: []}
+        cpu_seconds = {n_lo: [], n_hi: []}
+        calls, results = {}, {}
         for r in range(repeat):
             for n in (n_lo, n_hi):
-                s, cs, c, res = whole_run(volume, reference, boxes, main, _with_n(params, n), tmp,
+                s, cs, c, res = whole_run(volume, reference, source, main, _with_settings_n(run_settings, n), tmp,
                                           f"{main_name}-n{n}-{r}")
                 seconds[n].append(s)
                 cpu_seconds[n].append(cs)
                 calls[n] = c
                 results[n] = res
-                log(f"whole run n={n} ({main_name} encoder): {s:.1f} s ({cs:.1f} CPU s), {c} encoder calls")
-        eager_run = None
-        if eager is not None and main is not eager:
-            s, _, c, eager_run = whole_run(volume, reference, boxes, eager, p_hi, tmp, f"eager-n{n_hi}")
-            log(f"whole run n={n_hi} (eager encoder): {s:.1f} s")
-            eager_seconds = s
-        else:
-            eager_seconds = None
+                log(f"whole run n={n} ({main_name} encoder): {s:.1f} s ({cs:.1f} CPU s), {c} encoder calls, "
+                    f"{res.timings['distinct_slices']} distinct slices")
+        others = {}
+        for name, b in backends.items():
+            if name == main_name:
+                continue
+            s, cs, c, res = whole_run(volume, reference, source, b, _with_settings_n(run_settings, n_hi), tmp,
+                                      f"{name}-n{n_hi}")
+            others[name] = (s, cs, res)
+            log(f"whole run n={n_hi} ({name} encoder): {s:.1f} s ({cs:.1f} CPU s)")
 
     s_lo, s_hi = statistics.median(seconds[n_lo]), statistics.median(seconds[n_hi])
-    record = {
-        "image": str(image), "boxes": str(boxes_path), "backend": main.name, "device": str(main.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-        "organs": len(boxes),
-        "distinct_slices": len(zs_all),
+    runs = dict(others)
+    runs[main_name] = (s_hi, statistics.median(cpu_seconds[n_hi]), results[n_hi])
+    eager_run = runs["eager"][2] if "eager" in runs else None
+    d_eager = organ_dice(eager_run, truth) if eager_run is not None and truth is not None else None
+    paths = {}
+    for name in backends:
+        entry = {"encoder_ms_per_slice": enc[name], "encoder_cpu_ms_per_slice": enc_cpu[name],
+                 "exact": name in record["exact_paths"],
+                 "seconds_n3": round(runs[name][0], 2), "cpu_seconds_n3": round(runs[name][1], 2)}
+        if "eager" in enc:
+            entry["speedup_vs_eager"] = round(enc["eager"] / enc[name], 2)
+            entry["speedup_vs_eager_cpu"] = round(enc_cpu["eager"] / enc_cpu[name], 2)
+        if eager_run is not None and name != "eager":
+            entry["mask_dice_vs_eager_min"] = mask_agreement(runs[name][2], eager_run)
+            if d_eager is not None:
+                d = organ_dice(runs[name][2], truth)
+                entry["dice_delta_vs_eager"] = round(max(abs(d[m][k] - d_eager[m][k])
+                                                         for m in DICE_METHODS for k in d[m]), 4)
+                entry["dice_mean_delta_vs_eager"] = round(statistics.mean(
+                    d[m][k] - d_eager[m][k] for m in DICE_METHODS for k in d[m]), 4)
+        paths[name] = entry
+    fast_name = main_name if main_name != "eager" else next((k for k in backends if k != "eager"), None)
+    res_hi = results[n_hi]
+    record.update({
+        "distinct_slices": res_hi.timings["distinct_slices"],
         "encoder_calls": calls[n_hi],
         "encoder_calls_n1": calls[n_lo],
         "n_values": [n_lo, n_hi],
@@ -244,43 +357,39 @@ def run_bench(image, boxes_path, make, params, labels=None, encoders=("eager", "
         "cpu_seconds_n3": round(statistics.median(cpu_seconds[n_hi]), 2),
         "ratio_n3_n1_cpu": round(statistics.median(cpu_seconds[n_hi]) / statistics.median(cpu_seconds[n_lo]), 3),
         "seconds_all_runs": {f"n{n}": [round(v, 1) for v in seconds[n]] for n in seconds},
-        # 1-minute load average at the start and the end: above the core count, timings are shared
-        "load_average": [round(load_start[0], 1) if load_start else None,
-                         round(_loadavg()[0], 1) if _loadavg() else None],
-        "cpu_count": os.cpu_count(),
-        "run_timings_n3": {k: round(v, 2) if isinstance(v, float) else v
-                           for k, v in results[n_hi].timings.items()},
-        "encoder_path": main_name,
+        "run_timings_n3": {k: round(v, 2) if isinstance(v, float) else v for k, v in res_hi.timings.items()},
         "encoder_ms_per_slice": enc,
-        "speedup_fast_vs_eager": (round(enc["eager"] / enc[fast_name], 2)
-                                  if fast_name and "eager" in enc else None),
         "encoder_cpu_ms_per_slice": enc_cpu,
-        "speedup_fast_vs_eager_cpu": (round(enc_cpu["eager"] / enc_cpu[fast_name], 2)
-                                      if fast_name and "eager" in enc_cpu else None),
+        "paths": paths,
+        "speedup_fast_vs_eager": paths.get(fast_name, {}).get("speedup_vs_eager") if fast_name else None,
+        "speedup_fast_vs_eager_cpu": paths.get(fast_name, {}).get("speedup_vs_eager_cpu") if fast_name else None,
         "decoder": main.decoder_name,
         "decoder_ms_per_box": dec,
         "decoder_speedup_fast_vs_eager": round(dec["eager"] / dec["fast"], 2) if "fast" in dec else None,
-        "seconds_n3_eager_encoder": round(eager_seconds, 2) if eager_seconds is not None else None,
-        "dice_delta_fast_vs_eager": None,
-        "mask_dice_fast_vs_eager_min": None,
-    }
-    if eager_run is not None:
-        record["mask_dice_fast_vs_eager_min"] = mask_agreement(results[n_hi], eager_run)
-        if truth is not None:
-            d_fast, d_eager = organ_dice(results[n_hi], truth), organ_dice(eager_run, truth)
-            record["dice_delta_fast_vs_eager"] = round(max(
-                abs(d_fast[m][k] - d_eager[m][k]) for m in DICE_METHODS for k in d_fast[m]), 4)
-            record["dice_ursam_fast"] = d_fast["ursam"]
-            record["dice_ursam_eager"] = d_eager["ursam"]
+        "seconds_n3_eager_encoder": paths["eager"]["seconds_n3"] if "eager" in paths else None,
+        "dice_delta_fast_vs_eager": paths.get(fast_name, {}).get("dice_delta_vs_eager") if fast_name else None,
+        "mask_dice_fast_vs_eager_min": paths.get(fast_name, {}).get("mask_dice_vs_eager_min") if fast_name else None,
+    })
+    if d_eager is not None:
+        if fast_name:
+            record["dice_ursam_fast"] = organ_dice(runs[fast_name][2], truth)["ursam"]
+        record["dice_ursam_eager"] = d_eager["ursam"]
     elif truth is not None:
-        record["dice_ursam"] = organ_dice(results[n_hi], truth)["ursam"]
+        record["dice_ursam"] = organ_dice(res_hi, truth)["ursam"]
     record["peak_rss_mb"] = peak_rss_mb()
+    record["cpu_seconds_total"] = round(time.process_time() - cpu_start, 1)
+    # 1-minute load average at the start and the end: above the core count, timings are shared
+    record["load_average"] = [round(load_start[0], 1) if load_start else None,
+                              round(_loadavg()[0], 1) if _loadavg() else None]
 
     rule = "holds" if record["encoder_calls"] == record["distinct_slices"] else "BROKEN"
     log(f"encoder calls {record['encoder_calls']} for {record['distinct_slices']} distinct slices ({rule}); "
-        f"n={n_hi} vs n={n_lo}: {record['ratio_n3_n1']}x ({record['ratio_n3_n1_cpu']}x in CPU time); fast encoder speedup "
-        f"{record['speedup_fast_vs_eager']}; Dice delta {record['dice_delta_fast_vs_eager']}; "
-        f"peak RSS {record['peak_rss_mb']} MiB")
+        f"n={n_hi} vs n={n_lo}: {record['ratio_n3_n1']}x ({record['ratio_n3_n1_cpu']}x in CPU time)")
+    for name, e in paths.items():
+        log(f"  {name}: {e['encoder_ms_per_slice']} ms/slice, speed-up {e.get('speedup_vs_eager')} "
+            f"({e.get('speedup_vs_eager_cpu')} in CPU time), Dice delta {e.get('dice_delta_vs_eager')}, "
+            f"worst mask Dice vs eager {e.get('mask_dice_vs_eager_min')}")
+    log(f"peak RSS {record['peak_rss_mb']} MiB")
     return record
 
 
@@ -295,6 +404,12 @@ def _with_n(params, n):
     from dataclasses import replace
 
     return replace(params, n_aug=n)
+
+
+def _with_settings_n(settings, n):
+    from dataclasses import replace
+
+    return replace(settings, params=_with_n(settings.params, n))
 
 
 def dumps(record):

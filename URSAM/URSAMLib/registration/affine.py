@@ -47,6 +47,13 @@ class RegistrationOptions:
     #: voxels of the query's body sampled by the mutual information metric, per level
     samples: int = 20000
     iterations: int = 40
+    #: pyramid (shrink factors) of the rigid and of the affine stage
+    rigid_shrink: tuple = (4, 2, 1)
+    affine_shrink: tuple = (2, 1)
+    #: the metric's support-image gradient from a smoothed gradient image made per pyramid level (True),
+    #: or by central differences at the sampled points only (False: the same fit, without filtering the
+    #: whole support at every level)
+    gradient_image: bool = True
     seed: int = 0
 
     def check(self):
@@ -56,6 +63,10 @@ class RegistrationOptions:
             raise URSAMError(f"workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise URSAMError(f"threads must be at least 1, got {self.threads}")
+        for name in ("rigid_shrink", "affine_shrink"):
+            levels = getattr(self, name)
+            if not levels or any(int(v) != v or v < 1 for v in levels):
+                raise URSAMError(f"{name} must be whole numbers of at least 1, got {levels}")
         return self
 
     def to_json(self):
@@ -145,6 +156,8 @@ def _method(options, mask=None, shrink=(1,), n_voxels=None):
     if mask is not None:
         reg.SetMetricFixedMask(mask)
     reg.SetInterpolator(sitk.sitkLinear)
+    if not options.gradient_image:
+        reg.MetricUseMovingImageGradientFilterOff()
     if options.threads:
         reg.SetNumberOfThreads(int(options.threads))
     reg.SetShrinkFactorsPerLevel(list(shrink))
@@ -157,7 +170,34 @@ def _count(mask):
     return max(1, int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))))
 
 
-def initial_translation(fixed, moving, options):
+@dataclass
+class PreparedQuery:
+    """The query on the registration grids, made once and shared by every support's registration."""
+    #: the query at ``spacing_mm`` (float32, HU clipped), its body mask and the mask's voxel count
+    grid: sitk.Image
+    mask: sitk.Image
+    n_body: int
+    #: the query on the coarse grid of the initial translation search, its body mask and voxel count
+    coarse: sitk.Image
+    coarse_mask: sitk.Image
+    coarse_n_body: int
+    coarse_centroid: np.ndarray
+
+
+def coarse_spacing(options):
+    return 4.0 * options.spacing_mm
+
+
+def prepare_query(fixed, options):
+    """The query's registration grids (:class:`PreparedQuery`), made once for all supports."""
+    grid = resample_iso(fixed, options.spacing_mm)
+    coarse = resample_iso(fixed, coarse_spacing(options))
+    mask, coarse_mask = body_mask(grid), body_mask(coarse)
+    return PreparedQuery(grid, mask, _count(mask), coarse, coarse_mask, _count(coarse_mask),
+                         _body_centroid(coarse))
+
+
+def initial_translation(fixed, moving, options, prepared=None):
     """A robust start: body centroids matched in-plane, then a search over all z offsets.
 
     Scans differ in their field of view (head only, or down to the chest; a
@@ -166,10 +206,11 @@ def initial_translation(fixed, moving, options):
     is tried on a coarse grid, with small in-plane shifts, and the best
     mutual information wins.
     """
-    coarse = 4.0 * options.spacing_mm
-    f = resample_iso(fixed, coarse)
+    prepared = prepared or prepare_query(fixed, options)
+    coarse = coarse_spacing(options)
+    f = prepared.coarse
     m = resample_iso(moving, coarse)
-    shift = _body_centroid(m) - _body_centroid(f)
+    shift = _body_centroid(m) - prepared.coarse_centroid
     flo, fhi = physical_extent(f)
     mlo, mhi = physical_extent(m)
     # Along z: every offset with at least half of the shorter extent overlapping.
@@ -179,8 +220,7 @@ def initial_translation(fixed, moving, options):
     n_z = max(1, int(np.ceil((tz_hi - tz_lo) / 2.0 / coarse)))
     n_xy = 2
     tx = sitk.TranslationTransform(3, (float(shift[0]), float(shift[1]), float(centre_z)))
-    mask = body_mask(f)
-    reg = _method(options, mask, n_voxels=_count(mask))
+    reg = _method(options, prepared.coarse_mask, n_voxels=prepared.coarse_n_body)
     reg.SetInitialTransform(tx, inPlace=True)
     reg.SetOptimizerAsExhaustive([n_xy, n_xy, n_z])
     reg.SetOptimizerScales([coarse, coarse, coarse])
@@ -200,26 +240,26 @@ def _linear_stage(f, m, transform, options, mask, n_body, shrink, learning_rate,
     return reg.GetMetricValue()
 
 
-def register(fixed, moving, options=RegistrationOptions(), fixed_prepared=None):
+def register(fixed, moving, options=RegistrationOptions(), prepared=None):
     """Register ``moving`` (support) to ``fixed`` (query): returns (transform, metric, stage seconds).
 
-    Both are float images in HU. The transform maps query points to support points.
+    Both are float images in HU. The transform maps query points to support points. ``prepared``:
+    the query's grids (:func:`prepare_query`), when several supports share them.
     """
     stages = {}
     t0 = time.perf_counter()
-    f = fixed_prepared if fixed_prepared is not None else resample_iso(fixed, options.spacing_mm)
+    prepared = prepared or prepare_query(fixed, options)
+    f, mask, n_body = prepared.grid, prepared.mask, prepared.n_body
     m = resample_iso(moving, options.spacing_mm)
-    offset = initial_translation(fixed, moving, options)
+    offset = initial_translation(fixed, moving, options, prepared)
     stages["initialize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    mask = body_mask(f)
-    n_body = _count(mask)
     flo, fhi = physical_extent(f)
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(((flo + fhi) / 2).tolist())
     rigid.SetTranslation(offset.tolist())
-    _linear_stage(f, m, rigid, options, mask, n_body, (4, 2, 1), learning_rate=2.0, min_step=0.01)
+    _linear_stage(f, m, rigid, options, mask, n_body, options.rigid_shrink, learning_rate=2.0, min_step=0.01)
     stages["rigid"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -227,7 +267,8 @@ def register(fixed, moving, options=RegistrationOptions(), fixed_prepared=None):
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    metric = _linear_stage(f, m, affine, options, mask, n_body, (2, 1), learning_rate=1.0, min_step=0.005)
+    metric = _linear_stage(f, m, affine, options, mask, n_body, options.affine_shrink, learning_rate=1.0,
+                           min_step=0.005)
     stages["affine"] = time.perf_counter() - t0
     return affine, float(metric), stages
 
@@ -262,11 +303,11 @@ def invert_points(transform, points, tol=0.05, max_iter=50):
 # ----------------------------------------------------------------------------------------------
 # One support per worker thread (SimpleITK releases the GIL while it computes)
 
-def _register_support(template, fixed, carry, options):
+def _register_support(template, fixed, carry, options, prepared=None):
     """Read one support, register it to the query, carry its points across."""
     t0 = time.perf_counter()
     moving = template.read_image()
-    transform, metric, stages = register(fixed, moving, options)
+    transform, metric, stages = register(fixed, moving, options, prepared)
     mapped = {v: invert_points(transform, p) for v, p in carry(template, moving).items()}
     return SupportRegistration(template.case_id, transform, time.perf_counter() - t0, metric, mapped, stages)
 
@@ -362,5 +403,7 @@ def register_supports(query, templates, carry, options=RegistrationOptions(), pr
     # Registered on the canonical grid: the transforms are physical, and the random metric samples
     # then fall on the same voxels whatever the query's axis order.
     fixed = canonical(as_float_image(query))
-    return map_supports(lambda t: _register_support(t, fixed, carry, options), templates, options.workers,
-                        progress, f"{STAGE_REGISTER} ({len(templates)})")
+    with repeatable_itk():
+        prepared = prepare_query(fixed, options)
+    return map_supports(lambda t: _register_support(t, fixed, carry, options, prepared), templates,
+                        options.workers, progress, f"{STAGE_REGISTER} ({len(templates)})")

@@ -35,9 +35,10 @@ import SimpleITK as sitk
 
 from ..errors import URSAMError
 from ..orientation import canonical
-from .affine import as_float_image, itk_seed, map_supports, resample_iso
+from .affine import as_float_image, itk_seed, map_supports, repeatable_itk, resample_iso
 
 METHODS = ("none", "demons", "bspline", "elastix")
+CROPS = ("none", "tissue", "organs")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class DeformableOptions:
     demons_sigma_mm: float = 3.0
     #: largest update per iteration, mm (keeps a level from tearing the field)
     demons_max_step_mm: float = 3.0
+    #: the part of the query's grid the stage runs on: "tissue", the bounding box of what is above the
+    #: window's low end (most of a head and neck grid is air); "organs", that of the organs' points the
+    #: registrations carried into the query (the warped labels need the deformation there only); "none"
+    crop: str = "tissue"
+    #: the crop's box grown by this margin (mm) on every side
+    crop_margin_mm: float = 30.0
     # coarse B-spline: control grid spacing (mm), L-BFGS-B iterations, metric samples
     bspline_mm: float = 80.0
     bspline_iterations: int = 30
@@ -71,6 +78,10 @@ class DeformableOptions:
         check_method(self.method)
         if self.spacing_mm <= 0:
             raise URSAMError(f"deformable grid spacing must be positive, got {self.spacing_mm}")
+        if self.crop not in CROPS:
+            raise URSAMError(f"unknown crop {self.crop!r} of the deformable stage; choose one of {', '.join(CROPS)}")
+        if self.crop_margin_mm < 0:
+            raise URSAMError(f"the deformable stage's crop margin must not be negative, got {self.crop_margin_mm}")
         return self
 
     def to_json(self):
@@ -204,18 +215,72 @@ def _elastix(fixed, moving, options):
     return out
 
 
-def refine(fixed, moving, affine, options=DeformableOptions()):
+def _index_box(grid, lo, hi, margin_mm):
+    """Voxel box [lo, hi) of ``grid`` (z, y, x) grown by ``margin_mm`` and clipped to the grid."""
+    size = np.array(grid.GetSize())[::-1]
+    pad = np.ceil(margin_mm / np.array(grid.GetSpacing())[::-1]).astype(int)
+    return np.maximum(np.asarray(lo) - pad, 0), np.minimum(np.asarray(hi) + pad, size)
+
+
+def _crop(grid, lo, hi):
+    size = np.array(grid.GetSize())[::-1]
+    if np.all(lo <= 0) and np.all(hi >= size):
+        return grid
+    return sitk.RegionOfInterest(grid, [int(v) for v in (hi - lo)[::-1]], [int(v) for v in lo[::-1]])
+
+
+def tissue_box(grid, margin_mm):
+    """The bounding box (z, y, x voxels, [lo, hi)) of ``grid``'s tissue (above 0 after windowing), grown.
+
+    Where both scans are air the demons forces are zero, yet every voxel costs the same: on a head and
+    neck CT, two thirds of the grid. The displacement is zero outside the box (a displacement field
+    transform moves no point outside its field), and the margin keeps the box's edge in air.
+    """
+    idx = np.argwhere(sitk.GetArrayViewFromImage(grid) > 0)
+    if len(idx) == 0:
+        return np.zeros(3, int), np.array(grid.GetSize())[::-1]
+    return _index_box(grid, idx.min(0), idx.max(0) + 1, margin_mm)
+
+
+def organs_box(grid, registrations, margin_mm):
+    """The bounding box (z, y, x voxels) of every organ point the registrations carried into the query,
+    grown; None without points."""
+    points = [p for r in registrations for p in r.points.values()]
+    if not points:
+        return None
+    idx = np.array([grid.TransformPhysicalPointToContinuousIndex([float(c) for c in q])
+                    for p in points for q in np.asarray(p).reshape(-1, 3)])[:, ::-1]
+    return _index_box(grid, np.floor(idx.min(0)).astype(int), np.ceil(idx.max(0)).astype(int) + 1, margin_mm)
+
+
+def query_grid(fixed, options, registrations=()):
+    """The query on the deformable stage's grid (windowed to [0, 1]) and cropped as the options say,
+    made once for all supports."""
+    grid = _grid(fixed, options.spacing_mm, options.window)
+    if options.crop == "none":
+        return grid
+    lo, hi = tissue_box(grid, options.crop_margin_mm)
+    box = organs_box(grid, registrations, options.crop_margin_mm) if options.crop == "organs" else None
+    if box is not None:
+        lo, hi = np.maximum(lo, box[0]), np.minimum(hi, box[1])
+        if np.any(hi <= lo):
+            lo, hi = tissue_box(grid, options.crop_margin_mm)
+    return _crop(grid, lo, hi)
+
+
+def refine(fixed, moving, affine, options=DeformableOptions(), fixed_grid=None):
     """The deformable stage of one support: ``(transform, stage seconds)``.
 
     ``fixed`` (query) and ``moving`` (support) are float images in HU,
     ``affine`` maps query points to support points (:func:`.affine.register`).
-    The returned transform does the same, with the deformation.
+    The returned transform does the same, with the deformation. ``fixed_grid``:
+    :func:`query_grid` of ``fixed``, when several supports share it.
     """
     method = check_method(options.method)
     t0 = time.perf_counter()
     if method == "none":
         return affine, 0.0
-    f = _grid(fixed, options.spacing_mm, options.window)
+    f = fixed_grid if fixed_grid is not None else query_grid(fixed, options)
     m = _affine_on_grid(moving, f, affine, options)
     if method == "bspline":
         local = _bspline(f, m, options)
@@ -237,9 +302,11 @@ def refine_registrations(query, registrations, library, options=DeformableOption
         return list(registrations)
     fixed = canonical(as_float_image(query))  # as the affine stage: the same field whatever the axis order
     by_id = {t.case_id: t for t in library.templates()}
+    with repeatable_itk():
+        grid = query_grid(fixed, options, registrations)
 
     def one(r):
-        transform, seconds = refine(fixed, by_id[r.case_id].read_image(), r.transform, options)
+        transform, seconds = refine(fixed, by_id[r.case_id].read_image(), r.transform, options, grid)
         return replace(r, transform=transform, seconds=r.seconds + seconds, stages={**r.stages, "deformable": seconds})
 
     # The supports in parallel, one ITK thread each: the same field every run (affine.repeatable_itk).

@@ -175,3 +175,56 @@ class Views:
         if self.share:
             view = self._views[key] = SharedEmbeddings(view)
         return view
+
+
+class EmbedAhead:
+    """The encoder one slice ahead of the decoder: while slice k is decoded, slice k + 1 is embedded
+    on a worker thread. Each slice is still embedded once, in the same order, so the masks are the same.
+
+    It pays where the encoder runs outside torch's thread pool (OpenVINO), so that encoder and decoder
+    share the cores instead of taking turns; a backend says so with ``embeds_ahead``
+    (:meth:`where_it_pays`).
+    """
+
+    def __init__(self, backend, volume, zs):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.backend, self.volume, self.zs = backend, volume, list(zs)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ursam-encoder")
+        self.pending = {}
+        self.next = 0
+        self._submit()
+
+    @classmethod
+    def where_it_pays(cls, backend, volume, zs):
+        """An :class:`EmbedAhead` over ``zs`` where the backend gains from it, else None."""
+        if not zs or not getattr(backend, "embeds_ahead", False):
+            return None
+        return cls(backend, volume, zs)
+
+    @staticmethod
+    def now(backend, slice2d):
+        """``(embedding, seconds)`` of one slice, embedded here."""
+        t0 = time.perf_counter()
+        return backend.embed(slice2d), time.perf_counter() - t0
+
+    def _submit(self):
+        if self.next < len(self.zs):
+            z = self.zs[self.next]
+            self.pending[z] = self.pool.submit(self.now, self.backend, self.volume[z])
+            self.next += 1
+
+    def take(self, z):
+        """Slice ``z``'s ``(embedding, encoder seconds)``; starts the next slice's."""
+        future = self.pending.pop(z, None)
+        if future is None:  # off the planned order: embed it here
+            return self.now(self.backend, self.volume[z])
+        out = future.result()
+        self._submit()
+        return out
+
+    def close(self):
+        for future in self.pending.values():
+            future.cancel()
+        self.pending = {}
+        self.pool.shutdown(wait=True)
