@@ -46,9 +46,10 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(evaluated, capsys):
     assert "| UR-SAM |" in printed and "| Atlas" in printed
 
     rows = list(csv.DictReader((out / "results.csv").open()))
-    # The default prompt mode (slice) warps the support labels, so two rows come with it: UR-SAM with
-    # the atlas prior in rectification (on by default), and the atlas vote with those warps.
-    methods = set(ALL_METHODS) | {"ursam+atlas", "atlas@demons"}
+    # The default prompt mode (slice) warps the support labels, so rows come with it: UR-SAM with the atlas
+    # prior in rectification (on by default), and three label fusions of those warps (majority vote, locally
+    # weighted vote, STAPLE). The library has no calibration, so no row of the calibrated fusion.
+    methods = set(ALL_METHODS) | {"ursam+atlas", "atlas@demons", "atlas-lw@demons", "atlas-staple@demons"}
     assert len(rows) == len(ORGANS) * len(methods)
     assert {r["method"] for r in rows} == methods
     assert {r["organ"] for r in rows} == set(ORGANS)
