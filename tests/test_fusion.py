@@ -72,31 +72,32 @@ def test_flags_stay_within_the_review_budget():
     assert cap_flags(u > 0.3, u, 5).sum() == 5 and cap_flags(u > 0.3, u, 5)[-5:].all()
 
 
-def _parotid_slab(folder):
-    """The slices of a case's left parotid (and one more at each end), its labels kept for 2 and 4 only."""
+def _organ_slab(folder):
+    """The slices of a case's brainstem and left parotid (and one more at each end), its labels kept for those
+    two (1 and 4) only."""
     image = sitk.ReadImage(str(folder / "image.nii.gz"))
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
     arr = sitk.GetArrayFromImage(labels)
-    z = np.flatnonzero((arr == 4).any((1, 2)))
+    z = np.flatnonzero(np.isin(arr, [1, 4]).any((1, 2)))
     lo, hi = max(0, int(z.min()) - 1), min(image.GetSize()[2], int(z.max()) + 2)
-    kept = sitk.GetImageFromArray(np.where(np.isin(arr, [2, 4]), arr, 0).astype(np.uint8))
+    kept = sitk.GetImageFromArray(np.where(np.isin(arr, [1, 4]), arr, 0).astype(np.uint8))
     kept.CopyInformation(labels)
     return image[:, :, lo:hi], kept[:, :, lo:hi]
 
 
 @pytest.fixture(scope="module")
 def small_library(tmp_path_factory):
-    """Three real H&N supports cropped to the slices of the left parotid, labelled with the spinal cord (which
-    crosses the whole slab) and that parotid alone (a small, fast library)."""
+    """Three real H&N supports cropped to the slices of the brainstem and the left parotid, labelled with those
+    two alone (a small, fast library)."""
     lib = tmp_path_factory.mktemp("lib3")
     meta = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))
     ids = ["pt_4", "pt_13", "pt_17"]
     for c in ids:
         (lib / "cases" / c).mkdir(parents=True)
-        image, labels = _parotid_slab(HN / "cases" / c)
+        image, labels = _organ_slab(HN / "cases" / c)
         sitk.WriteImage(image, str(lib / "cases" / c / "image.nii.gz"))
         sitk.WriteImage(labels, str(lib / "cases" / c / "labels.nii.gz"))
-    (lib / "dataset.json").write_text(json.dumps({"labels": {"2": "SpinalCord", "4": "Parotid_L"}, "support": ids}))
+    (lib / "dataset.json").write_text(json.dumps({"labels": {"1": "Brainstem", "4": "Parotid_L"}, "support": ids}))
     return lib
 
 
@@ -113,9 +114,9 @@ def test_calibration_on_a_small_real_library_beats_each_source(small_library, li
     cal = calibrate(lib, litemedsam, settings, modes=("slice",))
     assert (small_library / "calibration.json").is_file()
     again = Calibration.load(small_library / "calibration.json")
-    assert set(again.organs) == {"SpinalCord", "Parotid_L"} and again.supports == ["pt_4", "pt_13", "pt_17"]
-    # every support has both organs in the slab: each is segmented in each leave-one-out run
-    assert cal.loo_dice["Parotid_L"]["cases"] == 3 and cal.loo_dice["SpinalCord"]["cases"] == 3
+    assert set(again.organs) == {"Brainstem", "Parotid_L"} and again.supports == ["pt_4", "pt_13", "pt_17"]
+    # both organs lie whole in every support's slab: each is segmented in each leave-one-out run
+    assert cal.loo_dice["Parotid_L"]["cases"] == 3 and cal.loo_dice["Brainstem"]["cases"] == 3
     for name, loo in cal.loo_dice.items():
         for source in ("atlas (0.5)", "atlas_lw (0.5)", "sam (0.5)"):
             assert loo["fusion"] >= loo[source] - 1e-9, (name, loo)
@@ -126,7 +127,7 @@ def test_calibration_on_a_small_real_library_beats_each_source(small_library, li
     assert litemedsam.encoder_calls == before
     # `ursam templates check` shows it
     assert ursam(["templates", "check", str(small_library)]) == 0
-    assert "| SpinalCord | slice |" in capsys.readouterr().out
+    assert "| Brainstem | slice |" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -135,9 +136,14 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
     and writes UR-SAM with the atlas prior."""
     from URSAMLib.cli import main as ursam
 
-    image, labels = _parotid_slab(HN / "cases" / "pt_22")
+    # a whole scan against the library's slabs (pt_31 is not in the small library)
+    image = sitk.ReadImage(str(HN / "cases" / "pt_31" / "image.nii.gz"))
+    labels = sitk.ReadImage(str(HN / "cases" / "pt_31" / "labels.nii.gz"))
+    kept = sitk.GetImageFromArray(np.where(np.isin(sitk.GetArrayFromImage(labels), [1, 4]),
+                                           sitk.GetArrayFromImage(labels), 0).astype(np.uint8))
+    kept.CopyInformation(labels)
     sitk.WriteImage(image, str(tmp_path / "q.nii.gz"))
-    sitk.WriteImage(labels, str(tmp_path / "q_labels.nii.gz"))
+    sitk.WriteImage(kept, str(tmp_path / "q_labels.nii.gz"))
     if not (small_library / "calibration.json").is_file():
         assert ursam(["templates", "calibrate", str(small_library), "--modes", "slice", "--n-aug", "2",
                       "--quiet"]) == 0
@@ -148,10 +154,10 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
     assert report["rectified_method"]["name"] == "fusion"
     assert report["inputs"]["calibration"]["used"] and len(report["inputs"]["calibration"]["sha256"]) == 64
     organs = {o["name"]: o for o in report["organs"]}
-    assert all(organs[n]["fusion"] is not None for n in ("SpinalCord", "Parotid_L"))
+    assert all(organs[n]["fusion"] is not None for n in ("Brainstem", "Parotid_L"))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "q_labels.nii.gz")))
     rect = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "rectified.nii.gz")))
-    for value in (2, 4):
+    for value in (1, 4):
         assert _dice(rect == value, Case(None, truth == value, 0)) > 0.5
         # flags within the review budget (10% of the organ's segmented volume)
         unc = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertain.nii.gz")))

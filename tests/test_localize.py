@@ -122,3 +122,34 @@ def test_registrations_and_the_deformable_stage_repeat_exactly(hn_two_supports):
     assert [x.to_json() for x in a.boxes] == [x.to_json() for x in b.boxes]
     for x, y in zip(fa, fb):
         assert np.array_equal(x, y)
+
+
+def test_a_library_of_slabs_localizes_organs_in_a_whole_scan(tmp_path):
+    """Supports that cover a small part of the query (slabs of the brainstem and parotid level against a whole
+    head and neck scan) leave some offsets of the first search without overlap; the search goes on without
+    them and the organs land on the truth."""
+    from URSAMLib.localize import localize
+    from URSAMLib.templates import Library
+
+    ids = ["pt_4", "pt_13", "pt_17"]
+    for c in ids:
+        image, labels = (sitk.ReadImage(str(p)) for p in case(HN, c))
+        arr = sitk.GetArrayFromImage(labels)
+        z = np.flatnonzero(np.isin(arr, [1, 4]).any((1, 2)))
+        lo, hi = int(z.min()) - 1, int(z.max()) + 2
+        kept = sitk.GetImageFromArray(np.where(np.isin(arr, [1, 4]), arr, 0).astype(np.uint8))
+        kept.CopyInformation(labels)
+        (tmp_path / "cases" / c).mkdir(parents=True)
+        sitk.WriteImage(image[:, :, lo:hi], str(tmp_path / "cases" / c / "image.nii.gz"))
+        sitk.WriteImage(kept[:, :, lo:hi], str(tmp_path / "cases" / c / "labels.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"1": "Brainstem", "4": "Parotid_L"},
+                                                       "support": ids}))
+    image, labels = (sitk.ReadImage(str(p)) for p in case(HN, "pt_31"))
+    loc = localize(image, Library(tmp_path))
+    truth = {b.name: b for b in boxes_from_labels(sitk.GetArrayFromImage(labels), {1: "Brainstem", 4: "Parotid_L"})}
+    assert {b.name for b in loc.boxes} == {"Brainstem", "Parotid_L"}
+    for b in loc.boxes:
+        t = truth[b.name]
+        lo, hi = np.maximum(b.min_ijk, t.min_ijk), np.minimum(b.max_ijk, t.max_ijk)
+        covered = np.prod(np.clip(hi - lo + 1, 0, None)) / np.prod(np.array(t.max_ijk) - t.min_ijk + 1)
+        assert covered > 0.6, (b, t)

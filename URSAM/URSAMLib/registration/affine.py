@@ -224,8 +224,31 @@ def initial_translation(fixed, moving, options, prepared=None):
     reg.SetInitialTransform(tx, inPlace=True)
     reg.SetOptimizerAsExhaustive([n_xy, n_xy, n_z])
     reg.SetOptimizerScales([coarse, coarse, coarse])
-    reg.Execute(f, m)
+    try:
+        reg.Execute(f, m)
+    except RuntimeError:
+        # A support that covers a small part of the query (a slab against a whole head) leaves some offsets
+        # of the search without one sample inside it, and ITK's search then stops; such offsets are skipped.
+        return _search_offsets(reg, f, m, tx.GetOffset(), (n_xy, n_xy, n_z), coarse)
     return np.array(tx.GetOffset())
+
+
+def _search_offsets(reg, f, m, start, steps, step_mm):
+    """The exhaustive search, one offset at a time: the best Mattes MI among those that can be measured."""
+    best, best_value = np.asarray(start, float), np.inf
+    grids = [np.arange(-n, n + 1) * step_mm for n in steps]
+    for dz in grids[2]:
+        for dy in grids[1]:
+            for dx in grids[0]:
+                offset = np.asarray(start, float) + (dx, dy, dz)
+                reg.SetInitialTransform(sitk.TranslationTransform(3, offset.tolist()))
+                try:
+                    value = reg.MetricEvaluate(f, m)
+                except RuntimeError:
+                    continue
+                if value < best_value:
+                    best, best_value = offset, value
+    return best
 
 
 def _linear_stage(f, m, transform, options, mask, n_body, shrink, learning_rate, min_step):
