@@ -1,4 +1,4 @@
-"""Peak memory of a whole run on a large CT (issue: memory stays bounded as the scan grows).
+"""Peak memory of a whole run on a large CT (memory must stay bounded as the scan grows).
 
 Resamples the shared abdomen CT tsA (3 mm) to a 512x512x400 grid with its labels, writes it as NIfTI
 with the boxes of every labelled organ, runs `ursam segment` on it in its own process (LiteMedSAM, n
