@@ -94,6 +94,25 @@ def test_embedding_the_next_slice_ahead_keeps_the_calls_and_the_masks(slab, lite
     assert not [t for t in threading.enumerate() if t.name.startswith("ursam-encoder")]  # no thread left
 
 
+
+def test_a_run_cancelled_while_a_slice_is_embedded_ahead_leaves_the_encoder_free(slab, litemedsam):
+    """Cancel stops the run between slices while the next slice is being embedded on the encoder thread; the
+    run waits for that call, so the same backend segments again at once (an OpenVINO request left busy would
+    refuse it) and no encoder thread is left."""
+    import threading
+
+    from URSAMLib.progress import Cancelled, Progress
+
+    volume, truth = slab[0][8:16], slab[1][8:16]
+    boxes = boxes_from_labels(truth, names(ABD), labels=[2, 3])
+    steps = []
+    progress = Progress(cancel=lambda: len(steps) >= 2, callback=lambda stage, done, total: steps.append(done))
+    with pytest.raises(Cancelled):
+        pipeline.run(volume, litemedsam, boxes, pipeline.Params(n_aug=1), progress=progress)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ursam-encoder")]
+    maps, _ = pipeline.run(volume, litemedsam, boxes, pipeline.Params(n_aug=1))
+    assert all(o.p_auto.max() > 0.5 for o in maps)
+
 def _boxes_and_regions(shape, rng, k):
     h, w = shape
     boxes, regions = [], []

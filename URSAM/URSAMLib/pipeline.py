@@ -203,48 +203,52 @@ def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None,
     t0 = time.perf_counter()
     t_enc = t_dec = 0.0
     progress.stage(STAGE_EMBED, total=total)
-    for z, group, keep in steps:
-        if not group:
-            cache.pop(z, None)
-            continue
-        progress.step(len(embedded), total)
-        slice2d = volume[z]
-        emb = cache.pop(z, None)
-        if emb is None:
-            emb, seconds = ahead.take(z) if ahead is not None else EmbedAhead.now(backend, slice2d)
-            t_enc += seconds
-        embedded.add(z)
-        norm = backend.intensity(slice2d)
-        prompts, owners = [], []
-        for o in group:
-            box = o.box.xyxy_at(z)
-            prompts.append(box); owners.append((o, "auto"))
-            members = aug_boxes.get(id(o))
-            if o.n_aug and o.box.slice_boxes is not None:
-                # The organ's shifts, applied to this slice's box.
-                members = shift_box(box, members - o.box.xyxy(), (width, height))
-            for k in range(o.n_aug):
-                prompts.append(members[k]); owners.append((o, "member"))
-        ta = time.perf_counter()
-        # Only each organ's region is kept, so only that is decoded at full resolution.
-        crops = backend.decode_regions(emb, np.asarray(prompts), [(o.sl[1], o.sl[2]) for o, _ in owners],
-                                       batch=params.decode_batch)
-        t_dec += time.perf_counter() - ta
-        for o in by_slice[z]:
-            k = z - o.sl[0].start
-            yx = (o.sl[1], o.sl[2])
-            o.intensity[k] = norm[yx]
-        for crop, (o, kind) in zip(crops, owners):
-            k = z - o.sl[0].start
-            if kind == "auto":
-                o.p_auto[k] = crop
-            else:
-                o.p_mean[k] += crop / o.n_aug
-        if keep:
-            cache[z] = emb
-        del emb
-    if ahead is not None:
-        ahead.close()
+    try:
+        for z, group, keep in steps:
+            if not group:
+                cache.pop(z, None)
+                continue
+            progress.step(len(embedded), total)
+            slice2d = volume[z]
+            emb = cache.pop(z, None)
+            if emb is None:
+                emb, seconds = ahead.take(z) if ahead is not None else EmbedAhead.now(backend, slice2d)
+                t_enc += seconds
+            embedded.add(z)
+            norm = backend.intensity(slice2d)
+            prompts, owners = [], []
+            for o in group:
+                box = o.box.xyxy_at(z)
+                prompts.append(box); owners.append((o, "auto"))
+                members = aug_boxes.get(id(o))
+                if o.n_aug and o.box.slice_boxes is not None:
+                    # The organ's shifts, applied to this slice's box.
+                    members = shift_box(box, members - o.box.xyxy(), (width, height))
+                for k in range(o.n_aug):
+                    prompts.append(members[k]); owners.append((o, "member"))
+            ta = time.perf_counter()
+            # Only each organ's region is kept, so only that is decoded at full resolution.
+            crops = backend.decode_regions(emb, np.asarray(prompts), [(o.sl[1], o.sl[2]) for o, _ in owners],
+                                           batch=params.decode_batch)
+            t_dec += time.perf_counter() - ta
+            for o in by_slice[z]:
+                k = z - o.sl[0].start
+                yx = (o.sl[1], o.sl[2])
+                o.intensity[k] = norm[yx]
+            for crop, (o, kind) in zip(crops, owners):
+                k = z - o.sl[0].start
+                if kind == "auto":
+                    o.p_auto[k] = crop
+                else:
+                    o.p_mean[k] += crop / o.n_aug
+            if keep:
+                cache[z] = emb
+            del emb
+    finally:
+        # A cancelled or failed run waits here for the slice being embedded ahead, so that no encoder call
+        # outlives it.
+        if ahead is not None:
+            ahead.close()
     # Slices of a region that got no prompt still need their intensity for rectification.
     for z in region_zs:
         if z not in embedded:

@@ -37,6 +37,7 @@ import gc
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -348,6 +349,9 @@ class OvEncoder:
         if want not in got:
             raise Unavailable(f"OpenVINO compiled the encoder for {got}, not {want}", lasting=False)
         self.request = self.compiled.create_infer_request()
+        # One request serves every caller; a second caller (the slice embedded ahead, a cancelled run's last
+        # slice) waits for it instead of finding it busy.
+        self._lock = threading.Lock()
         shape = self.compiled.input(0).get_partial_shape()
         self.input_shape = tuple(int(d.get_length()) for d in shape) if shape.is_static else None
 
@@ -355,7 +359,8 @@ class OvEncoder:
         if self.input_shape is not None and tuple(x.shape) != self.input_shape:
             raise ValueError(f"the OpenVINO encoder takes {self.input_shape}, got {tuple(x.shape)}")
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.request.infer({0: arr})[0]  # copied out of the request's buffer (share_outputs off)
+        with self._lock:
+            out = self.request.infer({0: arr})[0]  # copied out of the request's buffer (share_outputs off)
         return torch.from_numpy(out).to(self.device)
 
 
