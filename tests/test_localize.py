@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared_data import HN, case, names
+from shared_data import ABD, HN, case, names
 from URSAMLib.boxes import OrganBox, boxes_from_labels, box_iou, load_boxes
 from URSAMLib.cli import main as ursam
 from URSAMLib.localize import extreme_points, fuse_boxes
@@ -153,3 +153,17 @@ def test_a_library_of_slabs_localizes_organs_in_a_whole_scan(tmp_path):
         lo, hi = np.maximum(b.min_ijk, t.min_ijk), np.minimum(b.max_ijk, t.max_ijk)
         covered = np.prod(np.clip(hi - lo + 1, 0, None)) / np.prod(np.array(t.max_ijk) - t.min_ijk + 1)
         assert covered > 0.6, (b, t)
+
+
+def test_a_scan_of_three_slices_is_registered_without_an_itk_error():
+    """ITK's pyramid needs four voxels along every axis; a scan of three slices is registered on a grid padded
+    with air, and each organ is placed or skipped with its reason."""
+    from URSAMLib.localize import localize
+    from URSAMLib.templates import Library
+
+    image = sitk.ReadImage(str(case(ABD, "tsA_slab")[0]))[:, :, 12:15]
+    loc = localize(image, Library(ABD))
+    placed = {b.name for b in loc.boxes}
+    skipped = loc.info.get("skipped", {})
+    assert placed | set(skipped) == set(names(ABD).values()) and not placed & set(skipped)
+    assert all(reason for reason in skipped.values())

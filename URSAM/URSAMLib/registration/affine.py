@@ -104,16 +104,33 @@ def as_float_image(image_or_path, what="image"):
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
+#: the fewest voxels along an axis of a registration grid
+MIN_GRID_VOXELS = 8
+
+
+def smooth(image, sigma_mm):
+    """Gaussian smoothing of ``image`` by ``sigma_mm`` (physical, per axis). The recursive filter needs four
+    voxels along every axis; a thinner scan (a few slices) is smoothed by the discrete kernel instead."""
+    if min(image.GetSize()) >= 4:
+        return sitk.SmoothingRecursiveGaussian(image, sigma_mm)
+    return sitk.DiscreteGaussian(image, [float(v) ** 2 for v in sigma_mm], 32, 0.01, True)
+
+
 def resample_iso(image, spacing_mm, interpolator=sitk.sitkLinear, default=HU_CLIP[0]):
     """``image`` on an isotropic grid of ``spacing_mm`` covering the same space, clipped to HU_CLIP."""
     size = np.array(image.GetSize())
     spacing = np.array(image.GetSpacing())
-    new_size = [max(2, int(round(n))) for n in size * spacing / spacing_mm]
+    new_size = np.array([max(2, int(round(n))) for n in size * spacing / spacing_mm])
+    # A thin scan (a few slices) gets a grid of MIN_GRID_VOXELS along that axis, centred on it and air
+    # beyond it: ITK's pyramid smooths each level with a filter that needs four voxels per axis.
+    pad = np.maximum(MIN_GRID_VOXELS - new_size, 0)
+    origin = image.TransformContinuousIndexToPhysicalPoint(
+        [float(v) for v in -(pad / 2.0) * spacing_mm / spacing]) if pad.any() else image.GetOrigin()
     # The image is smoothed first where it is downsampled, so the new grid does not alias.
     sigma = [max(0.01, (spacing_mm - s) / 2.0) for s in spacing]
     if max(sigma) > 0.1:
-        image = sitk.SmoothingRecursiveGaussian(image, sigma)
-    out = sitk.Resample(image, new_size, sitk.Transform(), interpolator, image.GetOrigin(),
+        image = smooth(image, sigma)
+    out = sitk.Resample(image, [int(v) for v in new_size + pad], sitk.Transform(), interpolator, origin,
                         [spacing_mm] * 3, image.GetDirection(), default, sitk.sitkFloat32)
     return sitk.Clamp(out, sitk.sitkFloat32, HU_CLIP[0], HU_CLIP[1])
 

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 
 from ..errors import URSAMError
 from ..orientation import canonical
-from .affine import as_float_image, itk_seed, map_supports, repeatable_itk, resample_iso
+from .affine import as_float_image, itk_seed, map_supports, repeatable_itk, resample_iso, smooth
 
 METHODS = ("none", "demons", "bspline", "elastix")
 CROPS = ("none", "tissue", "organs")
@@ -120,7 +120,7 @@ def _affine_on_grid(moving, fixed_grid, affine, options):
     m = sitk.Cast(moving, sitk.sitkFloat32)
     sigma = [max(0.01, (options.spacing_mm - s) / 2.0) for s in m.GetSpacing()]
     if max(sigma) > 0.1:
-        m = sitk.SmoothingRecursiveGaussian(m, sigma)
+        m = smooth(m, sigma)
     m = sitk.Resample(m, fixed_grid, affine, sitk.sitkLinear, lo, sitk.sitkFloat32)
     m = sitk.Clamp(m, sitk.sitkFloat32, lo, hi)
     return sitk.Cast((m - lo) / (hi - lo), sitk.sitkFloat32)
