@@ -47,7 +47,9 @@ def test_bench_prints_a_summary_then_the_json_record(crop, capsys):
     assert record["distinct_slices"] == len(union) == 3
     assert record["encoder_calls"] == record["encoder_calls_n1"] == 3
     assert record["seconds_n1"] > 0 and record["seconds_n3"] > 0
-    assert record["ratio_n3_n1"] == pytest.approx(record["seconds_n3"] / record["seconds_n1"], abs=2e-3)
+    # the seconds are printed to 0.01 s, the ratio from the unrounded ones: on runs of a few seconds they
+    # agree to about 0.5 %
+    assert record["ratio_n3_n1"] == pytest.approx(record["seconds_n3"] / record["seconds_n1"], rel=0.01)
     assert "eager" in record["encoder_ms_per_slice"] and all(v > 0 for v in record["encoder_ms_per_slice"].values())
     assert record["peak_rss_mb"] > 100
     if len(record["encoder_ms_per_slice"]) > 1:  # a fast path was there: it was compared on this case
