@@ -241,6 +241,23 @@ def test_bad_executor_arguments(tmp_path, capsys, cohort, monkeypatch):
     assert "cannot reach the Dask scheduler" in capsys.readouterr().err
 
 
+
+def test_a_bad_calibration_is_one_error_before_any_scan(tmp_path, capsys, cohort):
+    """--calibration is read once, before the cluster starts: a missing file is exit 2 naming it, and no scan
+    runs; without --templates it is refused as it is by ursam segment."""
+    first = next(iter(CROPS))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"id,image\n{first},{cohort / (first + '.nii.gz')}\n", encoding="utf-8")
+    missing = tmp_path / "nope.json"
+    assert main(["batch", str(manifest), "--templates", str(ABD), "--calibration", str(missing),
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ursam: error: calibration file not found") and str(missing) in err[-1]
+    assert not (tmp_path / "out").exists()
+    assert main(["batch", str(cohort / "manifest.csv"), "--calibration", str(missing),
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "--calibration goes with --templates" in capsys.readouterr().err
+
 # ----------------------------------------------------------------------------------------------
 # ursam evaluate on the same executor
 

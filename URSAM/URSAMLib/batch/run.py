@@ -66,6 +66,20 @@ def segment_task(task):
     return {"status": "done", "rows": rows_from_report(task.id, report, "done")}
 
 
+def _calibration_json(job, library):
+    """The calibration the scans will fuse with (path and SHA-256; None: none), read and checked here, so a
+    bad file is one error before any scan and a new calibration of the library runs the scans again."""
+    if not job.use_calibration:
+        return None
+    from ..calibration import CALIBRATION_FILE, Calibration
+
+    path = Path(job.calibration) if job.calibration else Path(library.path) / CALIBRATION_FILE
+    if not job.calibration and not path.is_file():
+        return None
+    calibration = Calibration.load(path)
+    return {"path": str(path.absolute()), "sha256": calibration.sha256}
+
+
 def settings_digest(common):
     return hashlib.sha256(json.dumps(common, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -173,6 +187,7 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
             lib.resolve_organs(template_job.organs)
         common["templates"] = {"path": str(Path(template_job.templates).absolute()), "sha256": library_digest(lib)}
         common["settings"] = _settings_json(settings)
+        common["calibration"] = _calibration_json(template_job, lib)
         with_boxes = [s.id for s in scans if s.boxes]
         if with_boxes:
             raise URSAMError(f"the manifest gives box files ({', '.join(with_boxes[:3])}) and --templates is "

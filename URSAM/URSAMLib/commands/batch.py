@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..progress import Progress
-from .options import (TEMPLATES_HELP, add_executor_options, add_localizer_options, add_method_options,
-                      add_prompt_options, add_sam_options, backend_options_from_args, executor_from_args,
-                      localizer_options, settings_from_args)
+from .options import (TEMPLATES_HELP, add_calibration_options, add_executor_options, add_localizer_options,
+                      add_method_options, add_prompt_options, add_sam_options, backend_options_from_args, executor_from_args,
+                      localizer_options, settings_from_args, uses_calibration)
 
 
 def add_parser(sub):
@@ -26,6 +26,7 @@ def add_parser(sub):
                    help="run again where DIR holds a batch with other settings, or write into a folder that "
                         "holds other files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_calibration_options(p)
     add_executor_options(p, what="scans")
     add_sam_options(p)
     add_method_options(p)
@@ -52,8 +53,11 @@ def main(args):
         progress.info(f"skipped {path}: {why}")
     if args.organs and not args.templates:
         raise URSAMError("--organs goes with --templates; with box files, edit the box files")
+    if args.calibration and not args.templates:
+        raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
     template = ScanJob(image="", out="", templates=args.templates, organs=args.organs, modality=args.modality,
-                       atlas_prior=args.atlas_prior, localizer_options=localizer_options(args))
+                       atlas_prior=args.atlas_prior, localizer_options=localizer_options(args),
+                       calibration=args.calibration, use_calibration=uses_calibration(args))
     settings = settings_from_args(args) if args.templates else None
     if not args.templates:
         settings_from_args(args, boxes=[])  # the options' own checks, before any scan

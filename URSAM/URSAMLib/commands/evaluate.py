@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..progress import Progress
-from .options import (add_executor_options, add_localizer_options, add_method_options, add_prompt_options,
+from .options import (add_calibration_options, add_executor_options, add_localizer_options, add_method_options, add_prompt_options,
                       add_sam_options, backend_from_args, backend_options_from_args, executor_from_args,
-                      localizer_options, settings_from_args)
+                      localizer_options, settings_from_args, uses_calibration)
 
 
 def add_parser(sub):
@@ -27,10 +27,7 @@ def add_parser(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="start anew where the folder holds an evaluation with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="the fusion's calibration on the supports (default: the support library's calibration.json, "
-                        "if any; `ursam templates calibrate` makes one): adds the fusion's rows and its ablations'")
-    p.add_argument("--no-calibration", action="store_true", help="ignore the support library's calibration")
+    add_calibration_options(p, library="the support library")
     add_executor_options(p, what="cases", default_local=False)
     add_localizer_options(p, templates=False)
     add_sam_options(p)
@@ -50,7 +47,7 @@ def main(args):
     modes = parse_modes(args.prompts) if args.prompts else [default_mode(args.localizer)]
     settings = settings_from_args(args, mode=modes[0])
     calibration = None
-    if not (args.no_calibration or args.paper):
+    if uses_calibration(args):
         from ..calibration import find_calibration
         from ..templates import Library
 

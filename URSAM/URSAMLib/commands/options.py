@@ -164,6 +164,23 @@ def localizer_options(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# The fusion's calibration
+
+def add_calibration_options(p, library="the template library"):
+    """--calibration FILE and --no-calibration (``library``: the library whose calibration.json is the default)."""
+    p.add_argument("--calibration", metavar="FILE",
+                   help=f"the fusion's calibration (default: {library}'s calibration.json, made by `ursam "
+                        "templates calibrate`; without one, UR-SAM with the atlas prior)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help=f"ignore {library}'s calibration: the uncalibrated result (UR-SAM with the atlas prior)")
+
+
+def uses_calibration(args):
+    """Whether the run may fuse with a calibration: not with --no-calibration, nor with the paper's pipeline."""
+    return not (args.no_calibration or args.paper)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prompt modes
 
 def add_prompt_options(p, several=False):

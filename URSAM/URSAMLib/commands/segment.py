@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..progress import Progress
-from .options import (add_localizer_options, add_method_options, add_prompt_options, add_sam_options,
-                      backend_options_from_args, localizer_options, settings_from_args)
+from .options import (add_calibration_options, add_localizer_options, add_method_options, add_prompt_options,
+                      add_sam_options, backend_options_from_args, localizer_options, settings_from_args,
+                      uses_calibration)
 
 
 def add_parser(sub):
@@ -18,11 +19,7 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--reference", help="reference label map (same label values as the boxes): "
                                         "scores every method and prints the Dice table")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="the fusion's calibration (default: the template library's calibration.json, made by "
-                        "`ursam templates calibrate`; without one, UR-SAM with the atlas prior)")
-    p.add_argument("--no-calibration", action="store_true",
-                   help="ignore the library's calibration: the uncalibrated result (UR-SAM with the atlas prior)")
+    add_calibration_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sam_options(p)
@@ -40,8 +37,7 @@ def job_from_args(args):
     return ScanJob(image=args.image, out=args.out, templates=args.templates, boxes=args.boxes,
                    reference=args.reference, organs=args.organs, modality=args.modality,
                    atlas_prior=args.atlas_prior, localizer_options=localizer_options(args),
-                   overwrite=args.overwrite, calibration=getattr(args, "calibration", None),
-                   use_calibration=not (getattr(args, "no_calibration", False) or getattr(args, "paper", False)))
+                   overwrite=args.overwrite, calibration=args.calibration, use_calibration=uses_calibration(args))
 
 
 def main(args):
