@@ -884,9 +884,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
         box = boxes_from_labels(slicer.util.arrayFromVolume(labels), {3: "spleen"})[0]
         box.min_ijk[2] = box.max_ijk[2] = int(np.mean([box.min_ijk[2], box.max_ijk[2]]))
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "spleen")
-        objectToNode, radius = geometry.roiPlacement(box, geometry.ijkToRas(volume))
-        roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
-        roi.SetRadiusXYZ(*radius)
+        geometry.placeRoi(roi, box, geometry.ijkToRas(volume))
         widget.ui.roiSelector.setCheckState(roi, qt.Qt.Checked)
 
         self.delayDisplay("Segment from the panel: the work runs in a worker process, the panel stays live")

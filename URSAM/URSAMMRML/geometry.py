@@ -210,3 +210,13 @@ def roiPlacement(box, ijkToRasArray):
     objectToNode[:3, 3] = centre[:3]
     radius = (hi - lo + 1.0) * spacing / 2.0
     return objectToNode, radius
+
+
+def placeRoi(roi, box, ijkToRasArray):
+    """``roi`` (a ``vtkMRMLMarkupsROINode``) set to cover ``box`` (:func:`roiPlacement`), in one modification."""
+    objectToNode, radius = roiPlacement(box, ijkToRasArray)
+    wasModified = roi.StartModify()
+    roi.SetAndObserveObjectToNodeMatrix(arrayToMatrix(objectToNode))
+    roi.SetRadiusXYZ(*[float(r) for r in radius])
+    roi.EndModify(wasModified)
+    return roi

@@ -29,7 +29,7 @@ from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.progress import STAGE_RECTIFY, STAGE_WRITE, Progress
 
 from . import display, jobs, outputs, review, segmentations, worker
-from .geometry import arrayToMatrix, boxFromRoi, ijkToFrameOf, ijkToRas, roiPlacement, snapshotVolume
+from .geometry import boxFromRoi, ijkToFrameOf, ijkToRas, placeRoi, snapshotVolume
 from .geometry import worldToLocal as geometryWorldToLocal
 from .options import RunOptions
 
@@ -339,11 +339,7 @@ class URSAMProcessLogic:
             folder = outputs.outputFolder(scene, inputVolume)
             for box in boxes:
                 roi = outputs.obtainRoi(scene, inputVolume, box.name, box.label, folder, created)
-                objectToNode, radius = roiPlacement(box, job.snapshot.ijkToRas)
-                wasModified = roi.StartModify()
-                roi.SetAndObserveObjectToNodeMatrix(arrayToMatrix(objectToNode))
-                roi.SetRadiusXYZ(*[float(r) for r in radius])
-                roi.EndModify(wasModified)
+                placeRoi(roi, box, job.snapshot.ijkToRas)
                 if roi.GetDisplayNode() is None:
                     roi.CreateDefaultDisplayNodes()
                 roi.GetDisplayNode().SetSelectedColor(*terminology.lookup(box.name, box.label)[1])

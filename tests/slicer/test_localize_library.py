@@ -51,9 +51,7 @@ def test_localize_again_moves_the_same_rois_and_segment_uses_them_as_they_stand(
     spleen = next(r for r in rois if r.GetName() == "spleen")
     # the user moves and shrinks the box to voxels x 20..26, y 30..36, z 10..12
     wanted = boxes_from_labels(np.pad(np.ones((3, 7, 7), np.uint8), ((10, 17), (30, 64), (20, 95))), {1: "spleen"})[0]
-    objectToNode, radius = geometry.roiPlacement(wanted, geometry.ijkToRas(volume))
-    spleen.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
-    spleen.SetRadiusXYZ(*radius)
+    geometry.placeRoi(spleen, wanted, geometry.ijkToRas(volume))
     job = logic.prepareSegmentation(volume, rois=[spleen])
     box = job.boxes[0]
     assert (box.label, box.name) == (3, "spleen")  # the library's label, kept on the ROI

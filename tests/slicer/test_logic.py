@@ -31,9 +31,7 @@ def make_rois(scene, volume, label_volume):
     for box in boxes:
         box.min_ijk[2], box.max_ijk[2] = SLICES
         roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", box.name)
-        objectToNode, radius = geometry.roiPlacement(box, snapshot.ijkToRas)
-        roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
-        roi.SetRadiusXYZ(*radius)
+        geometry.placeRoi(roi, box, snapshot.ijkToRas)
         rois.append(roi)
     return boxes, rois
 
@@ -427,9 +425,7 @@ def test_an_roi_partly_outside_is_clipped_and_the_user_told(run):
     roi = run.app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "liver")
     box = boxes_from_labels(slicer.util.arrayFromVolume(run.labels), {1: "liver"})[0]
     box.min_ijk[0] = -10  # beyond the image's first column
-    objectToNode, radius = geometry.roiPlacement(box, snapshot.ijkToRas)
-    roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
-    roi.SetRadiusXYZ(*radius)
+    geometry.placeRoi(roi, box, snapshot.ijkToRas)
     job = logic.prepareSegmentation(run.volume, rois=[roi], prompts="box3d")
     assert job.boxes[0].min_ijk[0] == 0
     assert len(job.warnings) == 1 and "liver" in job.warnings[0] and "clipped" in job.warnings[0]
@@ -466,9 +462,7 @@ def test_the_in_process_run_collects_warnings_without_touching_python_warnings(r
     box.min_ijk[0] = -10  # partly outside: the logic warns that it clipped the box
     box.min_ijk[2] = box.max_ijk[2] = SLICES[0]
     roi = run.app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "spleen")
-    objectToNode, radius = geometry.roiPlacement(box, geometry.ijkToRas(run.volume))
-    roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
-    roi.SetRadiusXYZ(*radius)
+    geometry.placeRoi(roi, box, geometry.ijkToRas(run.volume))
     filters, show = list(warnings.filters), warnings.showwarning
     job = logic.prepareSegmentation(run.volume, rois=[roi], prompts="box3d", nAug=1)
     computed = logic.computeSegmentation(job, backend=litemedsam)

@@ -105,9 +105,7 @@ def test_rois_with_a_slice_mode_run_box3d_and_say_so(crop_paths, litemedsam):
     for box in boxes_from_labels(labels, ORGANS):
         box.min_ijk[2], box.max_ijk[2] = 3, 4  # two slices keep the run short
         roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", box.name)
-        objectToNode, radius = geometry.roiPlacement(box, snapshot.ijkToRas)
-        roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
-        roi.SetRadiusXYZ(*radius)
+        geometry.placeRoi(roi, box, snapshot.ijkToRas)
         rois.append(roi)
     logic = URSAMProcessLogic(app.appLogic)
     out = logic.process(volume, rois=rois, backend=litemedsam, prompts="slice")

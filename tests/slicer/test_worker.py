@@ -169,9 +169,7 @@ def roi_job(logic, volume, labels, slices):
     for box in boxes_from_labels(labels, ORGANS):
         box.min_ijk[2], box.max_ijk[2] = slices
         roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", box.name)
-        objectToNode, radius = geometry.roiPlacement(box, snapshot.ijkToRas)
-        roi.SetAndObserveObjectToNodeMatrix(geometry.arrayToMatrix(objectToNode))
-        roi.SetRadiusXYZ(*radius)
+        geometry.placeRoi(roi, box, snapshot.ijkToRas)
         rois.append(roi)
     return logic.prepareSegmentation(volume, rois=rois, prompts="box3d", nAug=3)
 
