@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "URSAM"))
 
 import slicer  # noqa: E402
 from URSAMLib.progress import STAGE_EMBED, stage_of  # noqa: E402
+from URSAMMRML.jobs import processGroupAlive  # noqa: E402
 from URSAMMRML.logic import URSAMProcessLogic  # noqa: E402
 
 
@@ -59,14 +60,6 @@ def load_volume(scene, path, name):
         raise SystemExit(f"could not read {path}")
     volume.SetAndObserveStorageNodeID(storage.GetID())
     return volume
-
-
-def group_alive(pid):
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def main():
@@ -148,7 +141,7 @@ def main():
             raise SystemExit(f"the run ended before reaching {args.cancel_stage}")
         c0 = time.perf_counter()
         run.cancel()
-        while group_alive(pid):
+        while processGroupAlive(pid):
             time.sleep(0.001)
         latencies.append(round(time.perf_counter() - c0, 3))
         assert not any(temp.iterdir()), "a job folder was left behind"

@@ -209,6 +209,15 @@ def _parseEvent(raw):
     return event
 
 
+def processGroupAlive(pid):
+    """Whether any process of the group led by ``pid`` (a worker: :func:`killTree`) still runs (POSIX)."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def killTree(proc):
     """Kill a process started by :class:`WorkerProcess` and every process it started."""
     if os.name == "nt":

@@ -174,14 +174,6 @@ def roi_job(logic, volume, labels, slices):
     return logic.prepareSegmentation(volume, rois=rois, prompts="box3d", nAug=3)
 
 
-def group_alive(pid):
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(os.name == "nt", reason="checks the POSIX process group")
 def test_cancel_mid_run_ends_the_process_at_once_and_leaves_everything_as_it_was(crop_paths, tmp_path):
     app = SlicerApp()
@@ -199,13 +191,13 @@ def test_cancel_mid_run_ends_the_process_at_once_and_leaves_everything_as_it_was
         assert not run.done, run.error
         assert time.perf_counter() < deadline
         time.sleep(0.02)
-    assert group_alive(pid)
+    assert jobs.processGroupAlive(pid)
     t0 = time.perf_counter()
     run.cancel()
-    while group_alive(pid) and time.perf_counter() - t0 < 5:
+    while jobs.processGroupAlive(pid) and time.perf_counter() - t0 < 5:
         time.sleep(0.01)
     latency = time.perf_counter() - t0
-    assert not group_alive(pid) and latency < 2.0, latency
+    assert not jobs.processGroupAlive(pid) and latency < 2.0, latency
     assert run.state == "cancelled" and isinstance(run.error, Cancelled)
     assert app.nodeIDs() == ids and app.scene.GetSubjectHierarchyNode().GetNumberOfItems() == items
     assert voxel_hash(volume) == hash_before
