@@ -257,19 +257,23 @@ def test_edited_rectified_segmentation_is_kept_and_a_new_node_made(run):
     assert third.rectified is again.rectified and third.notes == []
 
 
+def largest_flagged_region(out, volume):
+    """The review table's largest region: (table, its columns, the row, the organ, the region's voxels)."""
+    table = out.review
+    col = {table.GetTable().GetColumnName(c): c for c in range(table.GetTable().GetNumberOfColumns())}
+    row = max(range(table.GetTable().GetNumberOfRows()),
+              key=lambda r: table.GetTable().GetValue(r, col["Volume"]).ToDouble())
+    organ = table.GetTable().GetValue(row, col["Organ"]).ToString()
+    component = review.componentFromTable(table, row)
+    labels, _ = ndimage.label(full_mask(out.flagged, organ, volume), np.ones((3, 3, 3)))
+    i, j, k = component.seed_ijk
+    return table, col, row, organ, labels == labels[k, j, i]
+
+
 def test_accept_and_reject_change_only_that_region_of_that_organ(run):
     app, volume, logic, out = fresh_outputs(run)
-    table = out.review
-    rows = table.GetTable().GetNumberOfRows()
-    col = {table.GetTable().GetColumnName(c): c for c in range(table.GetTable().GetNumberOfColumns())}
-    row = max(range(rows), key=lambda r: table.GetTable().GetValue(r, col["Volume"]).ToDouble())
-    organ = table.GetTable().GetValue(row, col["Organ"]).ToString()
+    table, col, row, organ, region = largest_flagged_region(out, volume)
     other = next(o for o in ORGANS.values() if o != organ)
-    component = review.componentFromTable(table, row)
-    flagged = full_mask(out.flagged, organ, volume)
-    labels, _ = ndimage.label(flagged, np.ones((3, 3, 3)))
-    i, j, k = component.seed_ijk
-    region = labels == labels[k, j, i]
     before = full_mask(out.rectified, organ, volume)
     before_other = full_mask(out.rectified, other, volume)
 
@@ -304,16 +308,7 @@ def test_a_transformed_input_gets_its_own_voxels_back_through_review_and_the_lib
         assert np.array_equal(full_mask(out.rectified, organ, volume), rectified == label), organ
 
     # Accept adds exactly the flagged region, in the input's voxels
-    table = out.review
-    col = {table.GetTable().GetColumnName(c): c for c in range(table.GetTable().GetNumberOfColumns())}
-    row = max(range(table.GetTable().GetNumberOfRows()),
-              key=lambda r: table.GetTable().GetValue(r, col["Volume"]).ToDouble())
-    organ = table.GetTable().GetValue(row, col["Organ"]).ToString()
-    component = review.componentFromTable(table, row)
-    flagged = full_mask(out.flagged, organ, volume)
-    labels, _ = ndimage.label(flagged, np.ones((3, 3, 3)))
-    i, j, k = component.seed_ijk
-    region = labels == labels[k, j, i]
+    table, col, row, organ, region = largest_flagged_region(out, volume)
     before = full_mask(out.rectified, organ, volume)
     assert logic.reviewComponent(table, row, accept=True) == region.sum()
     assert np.array_equal(full_mask(out.rectified, organ, volume), before | region)
