@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared_data import HN
+from shared_data import ABD, HN
 from URSAMLib.calibration import Case, fit_organ, _dice, _flag_threshold
 from URSAMLib.fusion import Evidence, OrganFusion, cap_flags, fuse
 
@@ -177,3 +177,18 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
         assert report["rectified_method"]["name"] == "ursam+atlas"
     finally:
         (small_library / "kept.json").rename(small_library / "calibration.json")
+
+
+def test_a_bad_calibration_file_is_one_error_before_any_registration(tmp_path, capsys):
+    """`ursam segment --calibration FILE` reads the file first: broken JSON is exit 2 naming it, no output."""
+    from URSAMLib.cli import main as ursam
+
+    bad = tmp_path / "calibration.json"
+    bad.write_text("{not json", encoding="utf-8")
+    out = tmp_path / "out"
+    assert ursam(["segment", str(ABD / "cases" / "tsA_slab" / "image.nii.gz"), "--templates", str(ABD),
+                  "--calibration", str(bad), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ursam: error: calibration file is not valid JSON") and str(bad) in err[-1]
+    assert not any("registering" in line or "localized" in line for line in err)
+    assert not out.exists()

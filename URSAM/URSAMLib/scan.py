@@ -136,13 +136,15 @@ def segment_scan(job, settings, backend, progress=None, extra_report=None):
     t0 = time.perf_counter()
     calibration = None
     if job.templates:
+        from .calibration import Calibration, find_calibration
+
         settings = settings if isinstance(settings, Settings) else settings(None)
+        # A calibration file given is read before the registrations, so a bad one costs no minutes.
+        given = Calibration.load(job.calibration) if job.calibration and job.use_calibration else None
         localization = localize_scan(job.image, job.templates, settings, job.organs, job.localizer_options,
                                      progress)
         if job.use_calibration and settings.warps_labels(localization):
-            from .calibration import find_calibration
-
-            calibration = find_calibration(localization.library, job.calibration, progress)
+            calibration = given or find_calibration(localization.library, None, progress)
     else:
         if job.calibration:
             raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
