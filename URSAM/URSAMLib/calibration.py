@@ -237,8 +237,8 @@ def _cache_key(library, settings, modes, local):
     digest = hashlib.sha256()
     parts = {"version": __version__, "settings": settings.to_json(), "modes": list(modes),
              "local": [local.sigma_mm, local.power, list(local.window), local.eps, local.label_sigma_voxels],
-             "supports": [(t.case_id, str(t.image_path), Path(t.image_path).stat().st_size,
-                           str(t.labels_path), Path(t.labels_path).stat().st_size) for t in library.templates()]}
+             # the supports' bytes: a support relabelled or replaced in place is not served from the cache
+             "library": library.digest(), "supports": library.case_ids()}
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

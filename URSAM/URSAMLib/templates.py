@@ -12,6 +12,7 @@ headless (no Slicer, no Qt), so the CLI and the Slicer logic share it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -72,6 +73,28 @@ def _relabel_segments(array, segments, names, path):
             continue
         out[array == int(seg["labelValue"])] = int(value)
     return out
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes, or of every file of a folder (a DICOM series) with their names;
+    ``"missing"`` where there is nothing to read (the scan then fails with its own message)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        return "missing"
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        try:
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            digest.update(b"unreadable")
+    return digest.hexdigest()
 
 
 class Library:
@@ -197,6 +220,15 @@ class Library:
         return [self.case(c) for c in ids]
 
     # -- checking -----------------------------------------------------------------------------
+
+    def digest(self):
+        """SHA-256 of the library: dataset.json and every support's image and labels (their bytes)."""
+        digest = hashlib.sha256(self.meta_path.read_bytes())
+        for template in self.templates():
+            for f in (template.image_path, template.labels_path):
+                if f is not None:
+                    digest.update(file_digest(f).encode())
+        return digest.hexdigest()
     def check(self, organs=None, progress=None):
         """Read every support scan and label map, check grids and organs.
 

@@ -180,12 +180,10 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
               "modality": template_job.modality, "organs": template_job.organs,
               "localizer_options": {k: v for k, v in template_job.localizer_options.items() if k != "workers"}}
     if template_job.templates:
-        from .scans import library_digest
-
         lib = Library(template_job.templates)
         if template_job.organs:
             lib.resolve_organs(template_job.organs)
-        common["templates"] = {"path": str(Path(template_job.templates).absolute()), "sha256": library_digest(lib)}
+        common["templates"] = {"path": str(Path(template_job.templates).absolute()), "sha256": lib.digest()}
         common["settings"] = _settings_json(settings)
         common["calibration"] = _calibration_json(template_job, lib)
         with_boxes = [s.id for s in scans if s.boxes]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import URSAMError
+from ..templates import file_digest
 
 #: single-file image formats a scan folder may hold (DICOM comes as series in sub-folders)
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -137,41 +138,6 @@ def read_manifest(path):
 
 # ----------------------------------------------------------------------------------------------
 # Digests: a rerun skips a scan whose inputs and settings are what made its outputs
-
-def file_digest(path):
-    """SHA-256 of a file's bytes, or of every file of a folder (a DICOM series) with their names;
-    ``"missing"`` where there is nothing to read (the scan then fails with its own message)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif path.is_file():
-        files = [path]
-    else:
-        return "missing"
-    for f in files:
-        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        try:
-            with open(f, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError:
-            digest.update(b"unreadable")
-    return digest.hexdigest()
-
-
-def library_digest(library):
-    """SHA-256 of a template library: dataset.json and every support's image and labels."""
-    from ..templates import Library
-
-    lib = library if isinstance(library, Library) else Library(library)
-    digest = hashlib.sha256(lib.meta_path.read_bytes())
-    for template in lib.templates():
-        for f in (template.image_path, template.labels_path):
-            if f is not None:
-                digest.update(file_digest(f).encode())
-    return digest.hexdigest()
-
 
 def scan_digest(scan, common):
     """The hash recorded in a scan's report.json: its input files and the run's common settings."""
