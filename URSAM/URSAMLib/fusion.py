@@ -92,9 +92,8 @@ class OrganFusion:
         from .rectification import RectifyOptions, rectify
 
         u = binary_entropy(p) if u is None else u
-        opts = RectifyOptions(lower=self.rectify.get("lower", "written"),
-                              alpha_h=float(self.rectify.get("alpha_h", 1.2)),
-                              scope=self.rectify.get("scope", "box"))
+        # the fit records only what it chose; every other option keeps RectifyOptions' own default
+        opts = RectifyOptions(**{k: v for k, v in self.rectify.items() if k in ("lower", "alpha_h", "scope")})
         return rectify(mask, u, np.asarray(intensity, np.float32), opts)[0]
 
     def to_json(self):
