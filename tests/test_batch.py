@@ -148,7 +148,12 @@ def test_a_killed_run_resumes_with_only_the_missing_scans(cohort, tmp_path):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while not any((out / n / "report.json").exists() for n in CROPS):
+
+        def summarized():  # a scan's folder is in place before the coordinator writes its summary row
+            rows = read_csv(out / "summary.csv") if (out / "summary.csv").is_file() else []
+            return {r["id"] for r in rows if r["status"] == "done"}
+
+        while not summarized():
             assert run.poll() is None and time.monotonic() < deadline, "the batch ended before any scan finished"
             time.sleep(0.2)
     finally:
@@ -158,8 +163,9 @@ def test_a_killed_run_resumes_with_only_the_missing_scans(cohort, tmp_path):
     missing = [n for n in CROPS if n not in finished] + ["broken"]
     assert 1 <= len(finished) < len(CROPS)
     stamps = {n: (out / n / "report.json").stat().st_mtime_ns for n in finished}
-    written = read_csv(out / "summary.csv")  # written as the run went
-    assert {r["id"] for r in written if r["status"] == "done"} == set(finished)
+    # written as the run went: every scan it calls done has its outputs (one may have finished since)
+    done = summarized()
+    assert done and done <= set(finished)
 
     counter = CountTasks()
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
