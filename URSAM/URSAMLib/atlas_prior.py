@@ -1,16 +1,31 @@
 """The atlas prior: the support labels warped into the query and fused into a vote fraction per organ.
 
-The slice-adaptive prompt modes (:mod:`URSAMLib.prompt_modes`) take each
-slice's box from it, and rectification may use it as a prior
-(:func:`URSAMLib.rectification.atlas_rectified`). The warping itself is
-:mod:`URSAMLib.registration`; :meth:`URSAMLib.localization.Localization.priors`
-builds and caches the priors of one query.
+:func:`warp_supports` is the step after localization: the deformable stage on
+top of the localizer's support registrations, then each support's labels
+warped onto the query and fused (:class:`WarpedSupports`). The slice-adaptive
+prompt modes (:mod:`URSAMLib.prompt_modes`) take each slice's box from the
+priors, rectification may use them (:func:`URSAMLib.rectification.atlas_rectified`),
+and the calibrated fusion pools them with SAM (:mod:`URSAMLib.fusion`). The
+warping itself is :mod:`URSAMLib.registration`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .progress import STAGE_DEFORM
+from .registration.deformable import DeformableOptions, refine_registrations
+from .registration.warp import atlas_labels, warp_labels
+
+if TYPE_CHECKING:
+    from .localization import Localization
+    from .registration.affine import SupportRegistration
+    from .templates import Library
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,20 @@ class LocalWeighting:
     window: tuple = (-400.0, 600.0)
     eps: float = 1e-3
     label_sigma_voxels: float = 0.7
+
+    def to_json(self):
+        out = asdict(self)
+        out["window"] = list(self.window)
+        return out
+
+    @classmethod
+    def from_json(cls, data):
+        """The weighting of a JSON object (a field it lacks keeps its default)."""
+        data = dict(data or {})
+        if "window" in data:
+            data["window"] = tuple(float(v) for v in data["window"])
+        return cls(**{k: (v if k == "window" else float(v)) for k, v in data.items()
+                      if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -78,13 +107,10 @@ def fuse_priors(reference, registrations, library, values, names=None, local=Non
 
     A support votes only for the organs it labels, so an organ missing from
     one support is not voted down by it. ``registrations``: the support
-    registrations of :class:`URSAMLib.localization.Localization` (affine, or with
-    the deformable stage on top). ``local``: a :class:`LocalWeighting` to also
+    registrations (affine, or with the deformable stage on top). ``local``: a :class:`LocalWeighting` to also
     give each prior its locally weighted vote ``lw`` (``reference`` must then
     hold the query's voxels, in HU).
     """
-    from .registration.warp import warp_labels
-
     by_id = {t.case_id: t for t in library.templates()}
     values = [int(v) for v in values]
     parts, counts = {}, {v: 0 for v in values}
@@ -123,9 +149,6 @@ def _local_votes(reference, registrations, by_id, parts, priors, counts, local):
     The support images are warped once each onto the union of the priors'
     crops (not the whole scan: a large CT would hold five warped copies).
     """
-    import SimpleITK as sitk
-    from scipy import ndimage
-
     lo = np.min([p.origin for p in priors.values()], axis=0)
     hi = np.max([np.array(p.origin) + p.frac.shape for p in priors.values()], axis=0)
     size_xyz = [int(v) for v in (hi - lo)[::-1]]
@@ -169,6 +192,85 @@ def _local_votes(reference, registrations, by_id, parts, priors, counts, local):
 
 
 def _array(image):
-    import SimpleITK as sitk
-
     return sitk.GetArrayViewFromImage(image)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step: the supports warped into one query
+
+@dataclass
+class WarpedSupports:
+    """The support labels of a template library warped into one query.
+
+    ``registrations``: each support's registration to the query, the
+    deformable stage of ``deformable`` on top of the localizer's affine one.
+    ``priors``: ``{label: Prior}`` on the query's canonical grid, in the
+    boxes' label values. ``seconds``: the deformable stage; ``prior_seconds``:
+    warping and fusing the labels.
+    """
+    registrations: List[SupportRegistration]
+    library: Library
+    #: the library's label values of the warped organs, and library value -> the boxes' value
+    values: List[int]
+    relabel: Dict[int, int]
+    deformable: DeformableOptions
+    priors: Dict[int, Prior] = field(default_factory=dict)
+    seconds: float = 0.0
+    prior_seconds: float = 0.0
+
+    @classmethod
+    def affine(cls, localization):
+        """The localizer's own (affine) registrations, nothing warped yet: for the classic atlas baseline."""
+        return cls(list(localization.registrations), localization.library, localization.library_values(),
+                   dict(localization.relabel), DeformableOptions(method="none"))
+
+    def atlas(self, reference, fusion="vote"):
+        """The multi-atlas segmentation of these registrations (no SAM) on ``reference``'s grid, in the
+        boxes' label values: a majority vote, or STAPLE (``fusion``)."""
+        voted = atlas_labels(reference, self.registrations, self.library, self.values, fusion)
+        if not self.relabel:
+            return voted
+        out = np.zeros_like(voted)
+        for lib_value, value in self.relabel.items():
+            out[voted == lib_value] = value
+        return out
+
+    def info(self):
+        """What the step did (JSON, for report.json's ``inputs.prompts``)."""
+        out = {"prior_seconds": round(self.prior_seconds, 2),
+               "prior_supports": {p.name: p.n_supports for p in self.priors.values()}}
+        if self.deformable.method != "none":
+            out["deformable"] = {"options": self.deformable.to_json(), "seconds": round(self.seconds, 2),
+                                 "seconds_per_support": {r.case_id: round(r.stages.get("deformable", 0.0), 2)
+                                                         for r in self.registrations}}
+        return out
+
+
+def warp_supports(localization: Localization, query, deformable=None, local=None, progress=None):
+    """The step after localization: the deformable stage of ``deformable`` (a
+    :class:`DeformableOptions`; None: affine only) on the localizer's support
+    registrations, then the support labels warped onto ``query`` and fused
+    into each organ's :class:`Prior`; ``local``: a :class:`LocalWeighting`
+    for the locally weighted votes too.
+
+    ``query``: the query's voxels in HU as a SimpleITK image, on the grid the
+    priors are wanted on (the scan's canonical grid): the locally weighted
+    votes compare the supports' warped images with it.
+    Returns a :class:`WarpedSupports`.
+    """
+    deformable = deformable or DeformableOptions(method="none")
+    regs = localization.registrations
+    t0 = time.perf_counter()
+    if deformable.method != "none":
+        if progress is not None:
+            progress.stage(f"{STAGE_DEFORM} ({deformable.method}, {len(regs)} support scans)")
+        regs = refine_registrations(localization.query, regs, localization.library, deformable, progress)
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    values = localization.library_values()
+    priors = fuse_priors(query, regs, localization.library, values, local=local)
+    priors = {localization.relabel.get(v, v): p for v, p in priors.items()}
+    for v, p in priors.items():
+        p.label = v
+    return WarpedSupports(list(regs), localization.library, values, dict(localization.relabel), deformable,
+                          priors, seconds, time.perf_counter() - t0)

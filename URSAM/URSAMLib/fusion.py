@@ -24,9 +24,12 @@ from typing import Optional
 
 import numpy as np
 
+from .rectification import RectifyOptions, rectify
 from .uncertainty import LOG2, binary_entropy
 
 SOURCES = ("sam", "atlas", "atlas_lw")
+#: the review budget: a fused organ's flagged voxels are at most this fraction of its segmented volume
+DEFAULT_REVIEW_BUDGET = 0.1
 #: how far each source is clipped from 0 and 1 before its logit: a vote of 0 of K supports means "unlikely",
 #: not "impossible"; SAM's sigmoid saturates, so its clip is tighter
 CLIP = {"sam": 1e-3, "atlas": 0.01, "atlas_lw": 0.01}
@@ -89,8 +92,6 @@ class OrganFusion:
         mask = p > self.threshold
         if self.rectify is None or intensity is None:
             return mask
-        from .rectification import RectifyOptions, rectify
-
         u = binary_entropy(p) if u is None else u
         # the fit records only what it chose; every other option keeps RectifyOptions' own default
         opts = RectifyOptions(**{k: v for k, v in self.rectify.items() if k in ("lower", "alpha_h", "scope")})

@@ -6,10 +6,11 @@ engine writes copies origin, spacing and direction from the input.
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -201,13 +202,62 @@ def read_ct(path):
     image = read_image(path, "image")
     check_volume(image, path)
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    if not np.isfinite(array).all() or nifti_has_nonfinite(path):
+    if nifti_has_nonfinite(path):
         raise URSAMError("image has NaN or infinite voxels", path)
-    if float(array.max()) == float(array.min()):
-        raise URSAMError("image is constant (every voxel has the same value)", path)
+    _check_voxels(array, path)
     ref = sitk.Image(image.GetSize(), sitk.sitkUInt8)
     ref.CopyInformation(image)
     return ref, array
+
+
+#: how ``modality`` names what a scan is: CT in HU, another modality, or decided from its intensities
+MODALITIES = ("auto", "ct", "other")
+
+
+@dataclass
+class Scan:
+    """A scan as the method reads it (the first step of a run).
+
+    ``reference``: the grid (an empty UInt8 image with the scan's size,
+    origin, spacing and direction); ``volume``: its voxels as float32
+    [z, y, x]; ``source``: what the localizer reads (the file's path, or a
+    SimpleITK image in HU for a scan given in memory); ``percentile``:
+    0.5-99.5 percentile normalization instead of CT windowing (the scan is
+    not CT in HU).
+    """
+    reference: sitk.Image
+    volume: np.ndarray
+    source: Union[str, sitk.Image]
+    name: str
+    percentile: bool = False
+
+    @classmethod
+    def in_memory(cls, image, name="volume"):
+        """A scan of a SimpleITK image in memory (the Slicer worker's input), checked as a file is."""
+        check_volume(image, name)
+        volume = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        _check_voxels(volume, name)
+        ref = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        ref.CopyInformation(image)
+        return cls(ref, volume, sitk.Cast(image, sitk.sitkFloat32), name)
+
+
+def read_scan(image, modality="auto", warn: Optional[Callable[[str], None]] = None):
+    """The run's :class:`Scan`: ``image`` is a path (NIfTI, NRRD, MHA, a DICOM series folder) or a
+    :class:`Scan` already in memory. ``modality`` (:data:`MODALITIES`) decides the normalization; with
+    ``auto`` a scan that does not look like a CT in HU is normalized by percentiles, with a warning."""
+    if modality not in MODALITIES:
+        raise URSAMError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+    if isinstance(image, Scan):
+        scan = image
+    else:
+        reference, volume = read_ct(image)
+        scan = Scan(reference, volume, str(image), str(image))
+    percentile = modality == "other" or (modality == "auto" and not looks_like_ct(scan.volume))
+    if percentile and modality == "auto" and warn is not None:
+        warn(f"{scan.name} does not look like a CT in HU (no air near -1000): CT windowing does not apply, "
+             "using 0.5-99.5 percentile normalization (set --modality ct to override)")
+    return replace(scan, percentile=percentile)
 
 
 def looks_like_ct(array):
@@ -218,6 +268,13 @@ def looks_like_ct(array):
     sample = array.ravel()[:: max(1, array.size // 2_000_000)]
     low = float(np.percentile(sample, 0.5))
     return low < -300.0
+
+
+def _check_voxels(array, path):
+    if not np.isfinite(array).all():
+        raise URSAMError("image has NaN or infinite voxels", path)
+    if float(array.max()) == float(array.min()):
+        raise URSAMError("image is constant (every voxel has the same value)", path)
 
 
 def check_volume(image, path):

@@ -5,7 +5,7 @@ in-plane margin and per-slice boxes are on those slices, whatever the image's
 direction says. A scan stored with permuted axes (a sagittal or coronal
 acquisition, a converter with another axis order) or flipped axes would get
 SAM on other slices than an axial scan of the same patient. So
-:func:`URSAMLib.segment.segment_query` runs every scan in one canonical
+:func:`URSAMLib.runner.run_scan` runs every scan in one canonical
 orientation, LPS: index x runs towards the patient's left, y towards
 posterior, z towards superior (what ``sitk.DICOMOrient(image, "LPS")`` gives),
 reached by a permutation and flips of the axes only (no resampling, every
@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .boxes import OrganBox, add_margin
+from .boxes import add_margin
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,39 @@ class Orientation:
             return add_margin(box, margin_z, margin_grid_px, self.size)
         grown = add_margin(self.box_to_canonical(box), margin_z, margin_grid_px, self.canonical_size)
         return self.box_to_input(grown)
+
+
+@dataclass
+class CanonicalScan:
+    """A scan on the canonical grid, and the way back to the input's.
+
+    ``input_reference`` (the grid; voxels unused) and ``input_volume``
+    (float32 [z, y, x], HU) are the scan as read; ``reference`` and ``volume``
+    the same on the canonical grid (the same arrays where the input is
+    canonical already).
+    """
+    orientation: Orientation
+    input_reference: sitk.Image
+    input_volume: np.ndarray
+    reference: sitk.Image
+    volume: np.ndarray
+
+    @classmethod
+    def of(cls, reference, volume):
+        orient = Orientation.of(reference)
+        return cls(orient, reference, volume, orient.canonical_image(reference), orient.to_canonical(volume))
+
+    def box_to_canonical(self, box):
+        return self.orientation.box_to_canonical(box)
+
+    def box_to_input(self, box):
+        return self.orientation.box_to_input(box)
+
+    def hu_image(self):
+        """The canonical voxels (HU) as a SimpleITK image on the canonical grid."""
+        image = sitk.GetImageFromArray(self.volume)
+        image.CopyInformation(self.reference)
+        return image
 
 
 def canonical(image):

@@ -9,14 +9,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from . import terminology
 from .atomic import atomic_path, atomic_write_text, staged_dir
 from .errors import URSAMError
-from . import terminology
+from .imageio import write_image
+from .progress import STAGE_WRITE, Progress
+from .review import flagged_components
+
+#: what every run writes into its output folder
+OUTPUT_FILES = ("ensemble.nii.gz", "uncertainty.nii.gz", "uncertain.nii.gz", "rectified.nii.gz",
+                "rectified.seg.nrrd", "report.json", "overview.png")
 
 
 def check_output_dir(out_dir, overwrite=False):
@@ -141,3 +149,45 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None, extra_report=None,
+                  started=None):
+    """Write every output of a run (:data:`OUTPUT_FILES`) of ``result`` (a
+    :class:`URSAMLib.result.SegmentationResult`) into ``out_dir``, atomically as a folder.
+
+    ``extra_files``: ``{name: writer(path)}`` of more files (boxes.json);
+    ``extra_report``: more keys for report.json; ``started``: the run's
+    ``time.perf_counter()`` at its start: report.json's ``total_seconds``
+    then covers every step, writing included.
+    """
+    progress = progress or Progress()
+    progress.stage(STAGE_WRITE)
+    t0 = time.perf_counter()
+    ensemble = result.label_map("ensemble")
+    rectified = result.label_map()
+    u_full, unc_labels = result.uncertainty_maps()
+    names = [(o.label, o.name) for o in result.main_organs()]
+    with staged_output_dir(out_dir, overwrite) as stage:
+        ref = result.reference
+        write_image(ensemble, ref, stage / "ensemble.nii.gz")
+        write_image(u_full, ref, stage / "uncertainty.nii.gz")
+        write_image(unc_labels, ref, stage / "uncertain.nii.gz")
+        write_image(rectified, ref, stage / "rectified.nii.gz")
+        write_seg_nrrd(rectified, ref, names, stage / "rectified.seg.nrrd")
+        write_overview(result.volume, rectified, u_full, names, stage / "overview.png")
+        for name, writer in (extra_files or {}).items():
+            writer(stage / name)
+        components = flagged_components(unc_labels, u_full, names, result.voxel_ml,
+                                        error_probability=result.error_map())
+        result.timings["write_seconds"] = time.perf_counter() - t0
+        if started is not None:
+            result.timings["total_seconds"] = time.perf_counter() - started
+        report = result.report(ensemble, rectified, unc_labels)
+        report["flagged_components"] = [c.to_json() for c in components]
+        for organ in report["organs"]:
+            organ["flagged_regions"] = sum(c.label == organ["label"] for c in components)
+        report.update(extra_report or {})
+        write_json(report, stage / "report.json")
+    progress.done()
+    return out_dir

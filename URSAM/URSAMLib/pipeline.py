@@ -10,18 +10,25 @@ memory bounded by the boxes, not by the scan.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
 
 from . import baselines
 from .errors import URSAMError
+from .fusion import DEFAULT_REVIEW_BUDGET, Evidence, expected_errors, fuse
 from .prompt_augmentation import augment_box, organ_rngs, shift_box
 from .progress import STAGE_EMBED, STAGE_RECTIFY, Progress
 from .rectification import RectifyOptions, atlas_rectified, rectify
 from .sam.views import EmbedAhead
 from .baselines import FnpcOptions
 from .uncertainty import binary_entropy
+
+if TYPE_CHECKING:
+    from .atlas_prior import Prior
+    from .boxes import OrganBox
+    from .fusion import Fused, OrganFusion
 
 #: UR-SAM's own result: the paper's Algorithm 1
 URSAM = "ursam"
@@ -46,8 +53,9 @@ class Params:
     region_pad: float = 0.1
     #: boxes decoded per decoder call (bounds the decoder's memory: about 20 MB a box)
     decode_batch: int = 16
-    #: flagged voxels of a fused organ are at most this fraction of its segmented volume (the review budget)
-    review_budget: float = 0.1
+    #: flagged voxels of a fused organ are at most this fraction of its segmented volume (the review budget;
+    #: a calibrated run takes its calibration's)
+    review_budget: float = DEFAULT_REVIEW_BUDGET
 
     def check(self):
         if int(self.n_aug) != self.n_aug or self.n_aug < 1:
@@ -68,29 +76,38 @@ class Params:
 
 @dataclass(eq=False)
 class OrganMaps:
-    """One organ of one prompt set, over its region ``sl`` (z, y, x slices of the volume)."""
-    box: object
+    """One organ of one prompt set, over its region ``sl`` (z, y, x slices of the volume).
+
+    Every map is [z, y, x] of the region's shape: ``p_auto`` the unshifted
+    box's probability, ``p_mean`` the ensemble p̄ (eq. 2), ``u`` its entropy
+    (eq. 3), ``m_unc`` M_unc (eq. 5), ``intensity`` the backend's normalized
+    image, ``masks`` every method's mask by name.
+    """
+    box: OrganBox
+    #: MAIN for the method's own prompts, else the baseline's name (``manual``)
     prompt_set: str
     n_aug: int
-    sl: tuple
-    box_in_region: tuple
+    sl: Tuple[slice, slice, slice]
+    #: the box inside the region (slices of the region's maps)
+    box_in_region: Tuple[slice, slice, slice]
     p_auto: np.ndarray
-    p_mean: np.ndarray = None
-    intensity: np.ndarray = None
-    masks: dict = field(default_factory=dict)
-    u: np.ndarray = None
-    m_unc: np.ndarray = None
+    p_mean: Optional[np.ndarray] = None
+    intensity: Optional[np.ndarray] = None
+    masks: Dict[str, np.ndarray] = field(default_factory=dict)
+    u: Optional[np.ndarray] = None
+    m_unc: Optional[np.ndarray] = None
+    #: Algorithm 1's T, I_t, I_b
     info: dict = field(default_factory=dict)
-    #: the organ's atlas prior (URSAMLib.atlas_prior.Prior), where the support labels were warped
-    prior: object = None
-    #: the organ's calibrated fusion (URSAMLib.fusion.OrganFusion) and its result (fusion.Fused)
-    fusion: object = None
-    fused: object = None
+    #: the prompt mode of the method's prompts (None for a baseline's)
+    mode: Optional[str] = None
+    #: the organ's atlas prior, where the support labels were warped
+    prior: Optional[Prior] = None
+    #: the organ's calibrated fusion, and its result
+    fusion: Optional[OrganFusion] = None
+    fused: Optional[Fused] = None
 
     def evidence(self):
         """The organ's fusion sources over its region (URSAMLib.fusion.Evidence); None without a prior."""
-        from .fusion import Evidence
-
         if self.prior is None or self.p_mean is None:
             return None
         sources = {"sam": self.p_mean, "atlas": self.prior.on(self.sl)}
@@ -129,65 +146,66 @@ def _region(box, shape_zyx, pad):
     return sl, inner
 
 
-def distinct_slices(prompt_sets):
-    zs = set()
-    for boxes in prompt_sets.values():
-        for b in boxes:
-            zs.update(b.prompt_slices)
-    return sorted(zs)
+def distinct_slices(boxes):
+    """The slices that any of ``boxes`` prompts on (each is embedded once)."""
+    return sorted({z for b in boxes for z in b.prompt_slices})
 
 
-def run(volume, backend, boxes, params=Params(), extra_sets=None, progress=None, plan=None, priors=None,
-        fusions=None, mode_sets=None):
-    """Segment ``volume`` (float32 [z, y, x], HU) inside ``boxes`` with one encoder pass per slice.
+#: the prompt set of the method's own prompts; the others are baselines decoded beside them (``manual``)
+MAIN = "main"
 
-    ``extra_sets`` maps a name to more boxes decoded once each without
-    augmentation against the same embeddings (the manual-prompt baseline).
-    A box decodes ``box.xyxy_at(z)`` on each of its ``prompt_slices``.
-    ``plan`` (prompt mode propagate, URSAMLib.propagation): called with the
-    organ maps, it yields ``(z, organs, keep)`` steps in the order to run
-    them, choosing boxes from the maps decoded so far; an embedding is kept
-    for a later step of the same slice only where ``keep`` says so.
-    ``priors``: ``{label: atlas_prior.Prior}`` of the main boxes, which
-    rectification also scores with (the ``ursam+atlas`` mask); ``fusions``:
-    ``{label: fusion.OrganFusion}``, the calibrated fusion of those organs.
-    ``mode_sets``: ``{name: (boxes, fusions)}``, the prompts of other prompt
-    modes, augmented and rectified as the main boxes are (each with its own
-    seeded shifts, so each set's maps are those of a run of it alone), and
-    decoded against the same embeddings: several modes cost one encoder pass.
+
+def run(volume, backend, prompts, params=Params(), progress=None, baselines=None):
+    """Segment ``volume`` (float32 [z, y, x], HU) inside the boxes of ``prompts`` with one encoder pass per slice.
+
+    ``prompts``: :class:`URSAMLib.prompt_modes.PromptSet` of one or more
+    prompt modes, each augmented and rectified (each with its own seeded
+    shifts, so each mode's maps are those of a run of it alone) and decoded
+    against the same embeddings: several modes cost one encoder pass. A
+    mode with a slice plan (propagate, :mod:`URSAMLib.propagation`) runs
+    alone: its plan, called with the organ maps, yields ``(z, organs, keep)``
+    steps in the order to run them, choosing boxes from the maps decoded so
+    far; an embedding is kept for a later step of the same slice only where
+    ``keep`` says so. A box decodes ``box.xyxy_at(z)`` on each of its
+    ``prompt_slices``. A set's priors (``{label: atlas_prior.Prior}``) also
+    rectify (the ``ursam+atlas`` mask) and its fusions
+    (``{label: fusion.OrganFusion}``) fuse.
+    ``baselines``: ``{name: boxes}`` decoded once each without augmentation
+    against the same embeddings (the manual-prompt baseline).
     Returns ``(organs, timings)``: a list of :class:`OrganMaps` and seconds by stage.
     """
     progress = progress or Progress()
     timings = {}
-    sets = {"main": list(boxes)}
-    augmented = {"main": (list(boxes), fusions)}
-    for name, (set_boxes, set_fusions) in (mode_sets or {}).items():
-        sets[name] = list(set_boxes)
-        augmented[name] = (list(set_boxes), set_fusions)
-    sets.update(extra_sets or {})
+    prompts = list(prompts)
+    plan = prompts[0].plan
+    if plan is not None and len(prompts) > 1:
+        raise ValueError("a prompt mode with a slice plan runs alone")
     shape = volume.shape
     height, width = shape[1], shape[2]
     backend.set_volume(volume)
 
+    # (augmented?, prompt set, mode, boxes, priors, fusions) of every set to decode
+    sets = [(True, MAIN, p.mode, p.boxes, p.priors or {}, p.fusions) for p in prompts]
+    sets += [(False, name, None, boxes, {}, {}) for name, boxes in (baselines or {}).items()]
     organs, aug_boxes = [], {}
-    rngs = {name: organ_rngs(params.seed, [b.label for b in bs]) for name, (bs, _) in augmented.items()}
-    for set_name, set_boxes in sets.items():
-        n = params.n_aug if set_name in augmented else 0
+    for augmented, set_name, mode, set_boxes, priors, fusions in sets:
+        n = params.n_aug if augmented else 0
+        rngs = organ_rngs(params.seed, [b.label for b in set_boxes]) if augmented else {}
         for b in set_boxes:
             sl, inner = _region(b, shape, params.region_pad)
             rshape = tuple(s.stop - s.start for s in sl)
-            o = OrganMaps(b, set_name, n, sl, inner, np.zeros(rshape, np.float32))
-            if set_name in augmented:
-                o.prior = (priors or {}).get(b.label)
-                o.fusion = (augmented[set_name][1] or {}).get(b.label)
+            o = OrganMaps(b, set_name, n, sl, inner, np.zeros(rshape, np.float32), mode=mode)
+            if augmented:
+                o.prior = priors.get(b.label)
+                o.fusion = fusions.get(b.label)
             if n:
                 o.p_mean = np.zeros(rshape, np.float32)
-                aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[set_name][b.label])
+                aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[b.label])
             # float16 is ample for a [0, 1] intensity compared against means, and halves the largest map
             o.intensity = np.zeros(rshape, np.float16)
             organs.append(o)
 
-    zs = distinct_slices(sets)
+    zs = distinct_slices(o.box for o in organs)
     region_zs = sorted({z for o in organs for z in range(o.sl[0].start, o.sl[0].stop)})
     by_slice = {z: [o for o in organs if o.sl[0].start <= z < o.sl[0].stop] for z in region_zs}
     ahead = None
@@ -304,8 +322,6 @@ def finish_organ(o, params):
     o.fused = None
     evidence = o.evidence() if o.fusion is not None else None
     if evidence is not None:
-        from .fusion import fuse
-
         o.fused = fuse(evidence, o.fusion, params.review_budget)
         o.masks[FUSION] = o.fused.mask
     else:
@@ -329,7 +345,7 @@ def _union_frame(organs, shape):
     return frame, local
 
 
-def label_map(organs, method, shape, prompt_set="main"):
+def label_map(organs, method, shape, prompt_set=MAIN):
     """One label map of ``method``; overlaps go to the organ of the higher probability."""
     labels = np.zeros(shape, np.uint16)
     chosen = [o for o in organs if o.prompt_set == prompt_set and method in o.masks]
@@ -349,8 +365,6 @@ def label_map(organs, method, shape, prompt_set="main"):
 def error_map(organs, shape):
     """Each voxel's probability of being wrong in the fused result (URSAMLib.fusion.expected_errors), the
     highest over the fused organs; None where no organ was fused (SAM's probabilities are not calibrated)."""
-    from .fusion import expected_errors
-
     fused = [o for o in organs if o.fused is not None]
     if not fused:
         return None

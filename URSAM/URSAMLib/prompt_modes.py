@@ -17,7 +17,8 @@ rectification then run unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
@@ -25,7 +26,13 @@ from .boxes import OrganBox, bbox2d, box_area, grid_px_to_slice_px, grow_box
 from .errors import URSAMError
 from .propagation import Propagation
 
+if TYPE_CHECKING:
+    from .atlas_prior import Prior, WarpedSupports
+    from .fusion import OrganFusion
+
 MODES = ("box3d", "slice", "propagate")
+#: the mode to be chosen by the source of the boxes (:func:`default_mode`), by ``Settings.resolved``
+AUTO = "auto"
 ZOOMS = ("auto", "on", "off")
 #: the mode ``ursam segment``, ``ursam evaluate`` and the Slicer panel use unless told otherwise, where
 #: the support labels can be warped into the scan (see :func:`default_mode`); it won on hn-openkbp
@@ -59,7 +66,8 @@ class PromptOptions:
     zoom: str = "auto"
 
     def check(self):
-        check_mode(self.mode)
+        if self.mode != AUTO:
+            check_mode(self.mode)
         if self.zoom not in ZOOMS:
             raise URSAMError(f"zoom must be one of {', '.join(ZOOMS)}, got {self.zoom!r}")
         if not 0 <= self.prior_threshold <= 1:
@@ -170,6 +178,42 @@ def fallback_warnings(boxes, mode):
         return []
     return [f"{b.name}: no support labels were warped onto it, so the {mode} prompt used its 3D box (box3d)"
             for b in boxes if any(FALLBACK_NOTE in n for n in b.notes)]
+
+
+@dataclass
+class PromptSet:
+    """One prompt mode's prompts on one scan, what the pipeline decodes (:func:`URSAMLib.pipeline.run`).
+
+    ``boxes``: each organ's :class:`OrganBox` (its region; ``slice_boxes``
+    say which slice gets which box); ``plan``: propagate's slice plan (None
+    for the other modes); ``priors``: ``{label: Prior}`` where the support
+    labels were warped (the atlas prior of rectification and the fusion's
+    atlas sources); ``fusions``: ``{label: OrganFusion}``, the calibrated
+    fusion of the organs this mode's SAM maps serve; ``info``: JSON for
+    report.json.
+    """
+    mode: str
+    boxes: List[OrganBox]
+    plan: Optional[Propagation] = None
+    priors: Optional[Dict[int, Prior]] = None
+    fusions: Dict[int, OrganFusion] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def prompt_set(boxes, warped: Optional[WarpedSupports], options, size_xyz):
+    """The :class:`PromptSet` of ``options.mode`` for the localized (or given) ``boxes``.
+
+    ``warped``: the supports warped into the scan (:func:`URSAMLib.atlas_prior.warp_supports`),
+    whose priors give the slice-adaptive modes their boxes; None for boxes
+    from a file or drawn by the user, which keep their own per-slice boxes.
+    """
+    info = {"mode": options.mode, "options": options.to_json()}
+    if warped is None:
+        out, plan = prompts_from_box_file(list(boxes), options, size_xyz)
+        return PromptSet(options.mode, out, plan, info=info)
+    info.update(warped.info())
+    out, plan = make_prompts(boxes, warped.priors, options, size_xyz)
+    return PromptSet(options.mode, out, plan, warped.priors, info=info)
 
 
 def make_prompts(boxes, priors, options, size_xyz):

@@ -288,7 +288,7 @@ class Library:
         unnamed = [v for v in present if v not in source_names]
         if unnamed:
             raise URSAMError(f"label values {unnamed} have no name; give --names dataset.json", labels_path)
-        remap, changed = {}, False
+        remap = {}
         for v in present:
             name = source_names[v]
             try:
@@ -297,7 +297,6 @@ class Library:
                 target = max(self.names, default=0) + 1
                 self.names[target] = name
                 self.meta["labels"][str(target)] = name
-                changed = True
             remap[v] = target
         out = np.zeros(array.shape, np.uint16 if max(remap.values()) > 255 else np.uint8)
         for v, target in remap.items():

@@ -26,6 +26,7 @@ import numpy as np
 
 from URSAMLib import terminology
 from URSAMLib.errors import Cancelled, URSAMError
+from URSAMLib.localization import Localization
 from URSAMLib.progress import STAGE_RECTIFY, STAGE_WRITE, Progress
 
 from . import display, jobs, outputs, review, segmentations, worker
@@ -275,12 +276,13 @@ class URSAMProcessLogic:
         self._cache = {}
 
     # -- model --------------------------------------------------------------------------------
-    def backend(self, options, progress=None):
-        """The SAM backend for these options, loaded once and kept (loading costs seconds)."""
-        key = options.backendKey()
+    def backend(self, options, progress=None, percentile=False):
+        """The SAM backend for these options (and normalization), loaded once and kept (loading costs
+        seconds)."""
+        key = options.backendKey() + (bool(percentile),)
         with self._backendLock:
             if key not in self._backends:
-                self._backends = {key: worker.makeBackend(options, progress or CollectingProgress())}
+                self._backends = {key: worker.makeBackend(options, progress, percentile)}
             return self._backends[key]
 
     # -- the worker process ---------------------------------------------------------------------
@@ -323,8 +325,8 @@ class URSAMProcessLogic:
         """The :class:`URSAMLib.localization.Localization` of the job's volume from its library (in this
         process)."""
         progress = _progress(progress, cancel)
-        return worker.localizeOrgans(job.snapshot.image(), self._library(job.library), job.organs, job.options,
-                                     progress, job.snapshot.name)
+        outcome = worker.compute(workerJob(job), progress, library=self._library(job.library))
+        return Localization(outcome.localized, outcome.localizeInfo)
 
     def applyLocalization(self, job, boxes, created=None):
         """One ROI per organ, named after it, in the input's output folder; returns the ROI nodes.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from URSAMLib.errors import URSAMError
 from URSAMLib.localization import DEFAULT_MARGIN
-from URSAMLib.sam import BACKEND_NAMES as BACKENDS, DEFAULT_BACKEND, DEFAULT_DEVICE, DEVICES, needs_checkpoint
+from URSAMLib.sam import DEFAULT_BACKEND, DEFAULT_DEVICE, check_backend
 
 
 def _engineDefaults():
@@ -62,12 +62,7 @@ class RunOptions:
     atlasKeep: float = _PARAMS.rectify.atlas_keep
 
     def check(self):
-        if self.backend not in BACKENDS:
-            raise URSAMError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if needs_checkpoint(self.backend) and not self.checkpoint:
-            raise URSAMError(f"backend {self.backend} needs a checkpoint file; nothing is downloaded")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise URSAMError(f"unknown device {self.device!r}; use auto, cpu or cuda")
+        check_backend(self.backend, self.checkpoint, self.device)
         if int(self.minComponentVoxels) < 1:
             raise URSAMError(f"the smallest review region must be at least 1 voxel, got {self.minComponentVoxels}")
         self.settings()  # the engine's own checks
@@ -82,8 +77,9 @@ class RunOptions:
                               else self.atlasPrior, atlas_add=float(self.atlasAdd),
                               atlas_keep=float(self.atlasKeep))
 
-    def settings(self, mode=None):
-        """The engine's :class:`URSAMLib.settings.Settings` of these options, checked."""
+    def settings(self, fromRois=False):
+        """The engine's :class:`URSAMLib.settings.Settings` of these options, checked. ``fromRois``: the
+        organs are the user's ROIs, which run as box3d prompts with no margin (:func:`URSAMMRML.worker.roiPromptNote`)."""
         from URSAMLib.pipeline import Params
         from URSAMLib.prompt_modes import PromptOptions
         from URSAMLib.registration.deformable import DeformableOptions
@@ -92,13 +88,13 @@ class RunOptions:
         try:
             params = Params(n_aug=int(self.nAug), ratio=float(self.ratio), seed=int(self.seed),
                             rectify=self.rectifyOptions())
-            prompts = PromptOptions(mode=mode or self.prompts, zoom=self.zoom,
+            prompts = PromptOptions(mode="box3d" if fromRois else self.prompts, zoom=self.zoom,
                                     prior_threshold=float(self.priorThreshold))
         except (TypeError, ValueError) as err:
             raise URSAMError(f"n, ratio, seed and the thresholds must be numbers: {err}") from None
         return Settings(params=params, prompts=prompts,
                         deformable=DeformableOptions(method=self.deformable),
-                        margin=(self.marginZ, self.marginXY)).check()
+                        margin=None if fromRois else (self.marginZ, self.marginXY)).check()
 
     def backendKey(self):
         return (self.backend, self.checkpoint or None, self.device)

@@ -47,8 +47,13 @@ from pathlib import Path
 
 import numpy as np
 
+from URSAMLib.calibration.file import find_calibration
 from URSAMLib.errors import URSAMError
-from URSAMLib.progress import STAGE_LOCALIZE, STAGE_MODEL, Progress
+from URSAMLib.imageio import Scan
+from URSAMLib.progress import Progress
+from URSAMLib.runner import BoxSource, LibrarySource, ScanJob, run_scan
+from URSAMLib.sam import BackendOptions
+from URSAMLib.templates import Library
 
 JOB_FILE = "job.json"
 INPUT_FILE = "input.nrrd"
@@ -111,68 +116,55 @@ def roiPromptNote(options, fromRois):
             "the library)")
 
 
-def promptModeOf(options, fromRois):
-    """The prompt mode a run of these options really uses: box3d from ROIs, else the options' own."""
-    return "box3d" if fromRois else options.prompts
+def _library(library):
+    return library if isinstance(library, Library) else Library(library)
 
 
-def localizeOrgans(image, library, organs, options, progress, name=""):
-    """The :class:`URSAMLib.localization.Localization` of a volume from a template library."""
-    from URSAMLib.localize import localize
-    from URSAMLib.templates import Library
-
-    progress.stage(STAGE_LOCALIZE)
-    lib = library if isinstance(library, Library) else Library(library)
-    localization = localize(image, lib, organs=organs, progress=progress, margin=options.settings().margin)
-    if not localization.boxes:
-        raise URSAMError(f"the template library localized none of the organs in '{name}'")
-    return localization
+def makeBackend(options, progress=None, percentile=False):
+    """The SAM model of a run's options (``percentile``: normalization for a scan that is not CT in HU)."""
+    return BackendOptions(options.backend, options.checkpoint or None, options.device).make(percentile)
 
 
-def makeBackend(options, progress):
-    from URSAMLib.sam.backends import make_backend
-
-    progress.stage(f"{STAGE_MODEL} {options.backend}")
-    return make_backend(options.backend, options.checkpoint or None, options.device)
+def scanJob(job, library=None, progress=None):
+    """The engine's :class:`URSAMLib.runner.ScanJob` of a worker job: the in-memory scan, ROIs as box3d
+    prompts or organs from the library with its own calibration, as ``ursam segment --templates`` uses it."""
+    scan = Scan(job.reference(), job.volume, job.image, job.name)
+    fromRois = job.boxes is not None
+    settings = job.options.settings(fromRois=fromRois)
+    if fromRois:
+        return ScanJob(scan, BoxSource(list(job.boxes)), settings)
+    library = _library(library or job.library)
+    calibration = None
+    if job.task == "segment":
+        calibration = find_calibration(library, None, progress, fuses=settings.warps_labels())
+    return ScanJob(scan, LibrarySource(library, job.organs), settings, calibration,
+                   stop_after="localize" if job.task == "localize" else None)
 
 
 def compute(job, progress=None, backend=None, loadBackend=makeBackend, library=None):
-    """Run the engine on a job: an :class:`Outcome`. Reads no scene; safe in any process.
+    """Run the engine on a job (:func:`URSAMLib.runner.run_scan`, the run of every caller): an
+    :class:`Outcome`. Reads no scene; safe in any process.
 
     ``backend``: a SAM backend already loaded; else ``loadBackend(options,
-    progress)`` gives one (the in-process logic keeps its model between runs).
-    ``library``: the job's template library, already opened.
+    progress, percentile)`` gives one (the in-process logic keeps its models
+    between runs). ``library``: the job's template library, already opened.
     """
-    from URSAMLib.segment import segment_query
-
     t0 = time.perf_counter()
     progress = progress or Progress()
     progress.check_cancel()
-    outcome = Outcome(job.task)
-    options = job.options
-    if job.boxes is None:
-        localization = localizeOrgans(job.image, library or job.library, job.organs, options, progress, job.name)
-        outcome.localized, outcome.localizeInfo = localization.boxes, localization.info
-    else:
-        localization = list(job.boxes)  # nothing to warp: the boxes keep their own (box3d) prompts
-    if job.task == "segment":
-        settings = options.settings(mode=promptModeOf(options, job.boxes is not None))
-        if backend is None:
-            backend = loadBackend(options, progress)
-        boxes = getattr(localization, "boxes", localization)
-        inputs = {"volume": job.name, "boxes": [b.to_json() for b in boxes]}
-        calibration = None
-        if job.boxes is None and settings.warps_labels(localization):
-            from URSAMLib.calibration import find_calibration
+    run = scanJob(job, library, progress)
 
-            # the library's own calibration.json, as ursam segment --templates uses it
-            calibration = find_calibration(localization.library, None, progress)
-        outcome.result = segment_query(job.volume, job.reference(), localization, backend, settings,
-                                       progress=progress, inputs=inputs, calibration=calibration)
-    outcome.warnings = list(progress.warnings)
+    def sam(percentile):
+        return backend if backend is not None else loadBackend(job.options, progress, percentile)
+
+    outcome = run_scan(run, sam, progress)
+    result = Outcome(job.task, result=outcome.result if job.task == "segment" else None)
+    if job.boxes is None:
+        result.localized, result.localizeInfo = outcome.localization.boxes, outcome.localization.info
+    result.warnings = list(progress.warnings)
     progress.check_cancel()
-    outcome.seconds = time.perf_counter() - t0
-    return outcome
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 # -- the job folder ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``ursam batch``: every scan of a cohort through :func:`URSAMLib.scan.segment_scan`, one Dask task each.
+"""``ursam batch``: every scan of a cohort through :func:`URSAMLib.runner.run_scan`, one Dask task each.
 
 Per scan, ``DIR/<id>/`` receives what ``ursam segment`` writes (atomically,
 as a folder), and its report.json records in ``batch.hash`` a digest of the
@@ -19,8 +19,12 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import atomic_write_text
+from ..boxes import load_boxes
 from ..errors import URSAMError
 from ..progress import Progress
+from ..runner import BoxSource, ScanJob, run_scan
+from ..sam import BackendOptions
+from ..templates import Library
 from .executor import one_line, worker_backend
 from .scans import scan_digest
 from .summary import rows_from_report, write_summaries
@@ -30,9 +34,8 @@ from .summary import rows_from_report, write_summaries
 class ScanTask:
     """One scan's work as it travels to a worker."""
     id: str
-    job: object  # URSAMLib.scan.ScanJob
-    settings: object  # URSAMLib.settings.Settings
-    backend: object  # URSAMLib.scan.BackendOptions
+    job: ScanJob
+    backend: BackendOptions
     digest: str
 
 
@@ -51,13 +54,11 @@ class BatchResult:
 def segment_task(task):
     """On a worker: one scan's outputs; returns ``{"status", "rows" | "error"}`` (never raises for the scan's
     own problems, so that one bad scan is a record and not an error of the cohort)."""
-    from ..scan import segment_scan
-
     progress = Progress(quiet=True)
     progress.warn = progress.warnings.append  # the warnings go into report.json, not the worker's log
+    job = replace(task.job, extra_report={"batch": {"id": task.id, "hash": task.digest}})
     try:
-        segment_scan(task.job, task.settings, lambda percentile: worker_backend(task.backend, percentile), progress,
-                     extra_report={"batch": {"id": task.id, "hash": task.digest}})
+        run_scan(job, lambda percentile: worker_backend(task.backend, percentile), progress)
         report = json.loads((Path(task.job.out) / "report.json").read_text(encoding="utf-8"))
     except URSAMError as err:
         return {"status": "failed", "error": str(err)}
@@ -66,30 +67,14 @@ def segment_task(task):
     return {"status": "done", "rows": rows_from_report(task.id, report, "done")}
 
 
-def _calibration_json(job, library):
-    """The calibration the scans will fuse with (path and SHA-256; None: none), read and checked here, so a
-    bad file is one error before any scan and a new calibration of the library runs the scans again."""
-    if not job.use_calibration:
-        return None
-    from ..calibration import CALIBRATION_FILE, Calibration
-
-    path = Path(job.calibration) if job.calibration else Path(library.path) / CALIBRATION_FILE
-    if not job.calibration and not path.is_file():
-        return None
-    calibration = Calibration.load(path)
-    return {"path": str(path.absolute()), "sha256": calibration.sha256}
+def _calibration_json(calibration):
+    """What the digest holds of the calibration the scans fuse with: a new calibration of the library runs
+    the scans again."""
+    return None if calibration is None else {"path": calibration.path, "sha256": calibration.sha256}
 
 
 def settings_digest(common):
     return hashlib.sha256(json.dumps(common, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _settings_json(settings):
-    from ..evaluation.evaluate import SPEED_ONLY_PARAMS
-
-    out = settings.to_json()
-    out["params"] = {k: v for k, v in out["params"].items() if k not in SPEED_ONLY_PARAMS}
-    return out
 
 
 def finished_before(folder, files, digest):
@@ -156,47 +141,44 @@ def _run(pending, executor, rows, failed, result, write, progress, total):
             bar.close()
 
 
-def run_batch(scans, out, executor, template_job, settings, backend, settings_for_boxes=None, overwrite=False,
-              progress=None, source=None):
+def run_batch(scans, out, executor, template_job, backend, overwrite=False, progress=None, source=None):
     """Segment ``scans`` (:class:`URSAMLib.batch.scans.Scan`) into ``out`` on ``executor``.
 
     ``executor``: a :class:`URSAMLib.batch.executor.Executor`, not yet
     started: it starts only where some scan has to run. ``template_job``: a
-    :class:`URSAMLib.scan.ScanJob` with what every scan shares (template
-    library, organs, modality, localizer options); each scan's image, labels,
-    box file and folder fill it in. ``settings``: the
-    run's :class:`URSAMLib.settings.Settings` with a template library;
-    ``settings_for_boxes(boxes)``: a scan's settings from its own box file
-    (whose prompts decide the default mode and margin). Returns a
+    :class:`URSAMLib.runner.ScanJob` with what every scan shares (the
+    source: a template library, or boxes that each scan's own box file
+    replaces; the settings; the calibration; the modality); each scan's
+    image, labels, box file and folder fill it in. ``backend``: the
+    :class:`URSAMLib.sam.BackendOptions` each worker loads once. Returns a
     :class:`BatchResult`.
     """
-    from ..boxes import load_boxes
-    from ..scan import output_files
-    from ..templates import Library
-
     progress = progress or Progress()
     out = Path(out).absolute()
-    common = {"ursam_version": __version__, "backend": backend.to_json(),
-              "modality": template_job.modality, "organs": template_job.organs,
-              "localizer_options": {k: v for k, v in template_job.localizer_options.items() if k != "workers"}}
-    if template_job.templates:
-        lib = Library(template_job.templates)
-        if template_job.organs:
-            lib.resolve_organs(template_job.organs)
-        common["templates"] = {"path": str(Path(template_job.templates).absolute()), "sha256": lib.digest()}
-        common["settings"] = _settings_json(settings)
-        common["calibration"] = _calibration_json(template_job, lib)
+    settings = template_job.settings
+    from_library = template_job.from_library
+    common = {"ursam_version": __version__, "backend": backend.to_json(), "modality": template_job.modality}
+    if from_library:
+        lib_source = template_job.source
+        lib = lib_source.library if isinstance(lib_source.library, Library) else Library(lib_source.library)
+        if lib_source.organs:
+            lib.resolve_organs(lib_source.organs)
+        common["organs"] = lib_source.organs
+        common["localizer_options"] = {k: v for k, v in lib_source.localizer_options.items() if k != "workers"}
+        common["templates"] = {"path": str(Path(lib.path).absolute()), "sha256": lib.digest()}
+        common["settings"] = settings.resolved().result_json()
+        common["calibration"] = _calibration_json(template_job.calibration)
         with_boxes = [s.id for s in scans if s.boxes]
         if with_boxes:
             raise URSAMError(f"the manifest gives box files ({', '.join(with_boxes[:3])}) and --templates is "
                              "given: use one of them", source)
     else:
         without = [s.id for s in scans if not s.boxes]
-        if without or settings_for_boxes is None:
+        if without:
             raise URSAMError(f"every scan needs boxes: give --templates LIB, or a manifest with a box file in the "
                              f"boxes column of each scan (none for {', '.join(without[:3])})", source)
         # The options as given; each scan's digest also holds the settings its own box file makes of them.
-        common["settings"] = _settings_json(settings_for_boxes([]))
+        common["settings"] = settings.result_json()
     if backend.checkpoint:
         ckpt = Path(backend.checkpoint)
         common["checkpoint"] = {"path": str(ckpt.absolute()), "bytes": ckpt.stat().st_size if ckpt.is_file() else None}
@@ -209,21 +191,21 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
     result = BatchResult(len(scans))
     rows, failed, pending = {}, {}, []
     for scan in scans:
-        job = replace(template_job, image=scan.image, out=str(out / scan.id), reference=scan.labels,
-                      boxes=scan.boxes, overwrite=True)
+        job = replace(template_job, image=scan.image, out=str(out / scan.id), reference=scan.labels, overwrite=True,
+                      source=template_job.source if from_library else BoxSource(scan.boxes))
         try:
-            scan_settings = settings if template_job.templates else settings_for_boxes(load_boxes(scan.boxes))
-            scan_common = common if template_job.templates else {**common, "settings": _settings_json(scan_settings)}
+            scan_common = common if from_library else {
+                **common, "settings": settings.resolved(load_boxes(scan.boxes)).result_json()}
             digest = scan_digest(scan, scan_common)
         except URSAMError as err:
             failed[scan.id] = {"id": scan.id, "image": scan.image, "error": str(err)}
             continue
-        report = finished_before(out / scan.id, output_files(job), digest)
+        report = finished_before(out / scan.id, job.output_files(), digest)
         if report is not None:
             rows[scan.id] = rows_from_report(scan.id, report, "done before")
             result.done_before.append(scan.id)
         else:
-            pending.append(ScanTask(scan.id, job, scan_settings, backend, digest))
+            pending.append(ScanTask(scan.id, job, backend, digest))
     order = [s.id for s in scans]
     header = {"input": str(source) if source else "", "backend": backend.name, "settings_hash": config["settings_hash"]}
 

@@ -1,10 +1,17 @@
 """``ursam batch``: a cohort of scans through ``ursam segment``, one Dask task per scan."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from ..batch.run import run_batch
+from ..batch.scans import find_scans
 from ..progress import Progress
+from ..runner import BoxSource, LibrarySource, ScanJob
 from .options import (TEMPLATES_HELP, add_calibration_options, add_executor_options, add_localizer_options,
-                      add_method_options, add_prompt_options, add_sam_options, backend_options_from_args, executor_from_args,
-                      localizer_options, settings_from_args, uses_calibration)
+                      add_method_options, add_prompt_options, add_sam_options, backend_options_from_args,
+                      calibration_from_args, check_source_options, executor_from_args, localizer_options,
+                      settings_from_args)
 
 
 def add_parser(sub):
@@ -37,40 +44,29 @@ def add_parser(sub):
 
 
 def main(args):
-    import sys
-    from pathlib import Path
-
-    from ..batch.run import run_batch
-    from ..batch.scans import find_scans
-    from ..errors import URSAMError
-    from ..scan import ScanJob
-
     progress = Progress(quiet=args.quiet)
     executor = executor_from_args(args)  # checks --workers / --scheduler; starts only where scans must run
     skipped = []
     scans = find_scans(args.input, skipped)
     for path, why in skipped:
         progress.info(f"skipped {path}: {why}")
-    if args.organs and not args.templates:
-        raise URSAMError("--organs goes with --templates; with box files, edit the box files")
-    if args.calibration and not args.templates:
-        raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
-    template = ScanJob(image="", out="", templates=args.templates, organs=args.organs, modality=args.modality,
-                       atlas_prior=args.atlas_prior, localizer_options=localizer_options(args),
-                       calibration=args.calibration, use_calibration=uses_calibration(args))
-    settings = settings_from_args(args) if args.templates else None
-    if not args.templates:
-        settings_from_args(args, boxes=[])  # the options' own checks, before any scan
+    check_source_options(args)
+    settings = settings_from_args(args)
+    if args.templates:
+        source = LibrarySource(args.templates, args.organs, localizer_options(args))
+    else:
+        source = BoxSource([])  # each scan's own box file
+    # the calibration is read once here: a bad file is one error before any scan
+    template = ScanJob("", source, settings, calibration_from_args(args, settings, progress),
+                       modality=args.modality, atlas_prior_asked=args.atlas_prior == "on")
     backend = backend_options_from_args(args)
     if args.device not in ("auto", "cpu") and not args.scheduler:
-        from ..sam.backends import resolve_device
+        from ..sam.backends import resolve_device  # imports torch: only where a GPU is named
 
         resolve_device(args.device)  # a device this machine lacks is a bad argument, not a failure of every scan
     try:
-        result = run_batch(scans, args.out, executor, template, settings, backend,
-                           settings_for_boxes=None if args.templates else
-                           lambda boxes: settings_from_args(args, boxes=boxes),
-                           overwrite=args.overwrite, progress=progress, source=Path(args.input).absolute())
+        result = run_batch(scans, args.out, executor, template, backend, overwrite=args.overwrite,
+                           progress=progress, source=Path(args.input).absolute())
     except KeyboardInterrupt:
         print("ursam: interrupted; the finished scans are kept in the output folder: rerun to resume",
               file=sys.stderr, flush=True)

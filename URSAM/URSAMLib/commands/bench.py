@@ -66,7 +66,7 @@ def main(args):
         if name not in ("all", "auto", "eager") + ENCODER_PATHS:
             raise URSAMError(f"unknown encoder path {name!r} in --encoders; use all, auto, eager, "
                              + ", ".join(ENCODER_PATHS))
-    settings = settings_from_args(args, boxes=None if args.templates else [])
+    settings = settings_from_args(args)
     progress = Progress(quiet=True)
 
     def make(encoder):
@@ -75,8 +75,7 @@ def main(args):
 
     record = run_bench(args.image, make, settings, boxes_path=args.boxes, templates=args.templates,
                        labels=args.labels, encoders=encoders, n_values=n_values, timing_slices=args.timing_slices,
-                       rounds=args.rounds, repeat=args.repeat, file_prompts=args.prompts is None,
-                       log=lambda m: print(m, flush=True))
+                       rounds=args.rounds, repeat=args.repeat, log=lambda m: print(m, flush=True))
     if progress.warnings:
         record["warnings"] = list(progress.warnings)
     line = dumps(record)

@@ -1,15 +1,17 @@
 """``ursam evaluate``: every method on every query case of a dataset, the paper's table."""
 from __future__ import annotations
 
+from ..calibration.file import find_calibration
+from ..evaluation.evaluate import ALL_METHODS, evaluate, markdown_table, parse_methods
 from ..progress import Progress
-from .options import (add_calibration_options, add_executor_options, add_localizer_options, add_method_options, add_prompt_options,
-                      add_sam_options, backend_from_args, backend_options_from_args, executor_from_args,
+from ..prompt_modes import default_mode, parse_modes
+from ..templates import Library
+from .options import (add_calibration_options, add_executor_options, add_localizer_options, add_method_options,
+                      add_prompt_options, add_sam_options, backend_options_from_args, executor_from_args,
                       localizer_options, settings_from_args, uses_calibration)
 
 
 def add_parser(sub):
-    from ..evaluation.evaluate import ALL_METHODS
-
     p = sub.add_parser("evaluate", help="score every method on a dataset's query cases",
                        description="Localize from the support scans, run SAM once per slice for all methods, "
                                    "score Dice/HD95 over the whole volume and write results.csv, table.md "
@@ -38,26 +40,17 @@ def add_parser(sub):
 
 
 def main(args):
-    from ..evaluation.evaluate import evaluate, markdown_table, parse_methods
-    from ..prompt_modes import default_mode, parse_modes
-
     progress = Progress(quiet=args.quiet)
     methods = parse_methods(args.methods)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     modes = parse_modes(args.prompts) if args.prompts else [default_mode(args.localizer)]
-    settings = settings_from_args(args, mode=modes[0])
-    calibration = None
-    if uses_calibration(args):
-        from ..calibration import find_calibration
-        from ..templates import Library
-
-        support = Library(args.support_from) if args.support_from else Library(args.dataset, role="support")
-        calibration = find_calibration(support, args.calibration, progress)
+    settings = settings_from_args(args, mode=modes[0]).resolved()
+    support = Library(args.support_from) if args.support_from else Library(args.dataset, role="support")
+    calibration = find_calibration(support, args.calibration, progress, use=uses_calibration(args))
     executor = executor_from_args(args, default_local=False)
-    kwargs = dict(methods=methods, support_from=args.support_from, cases=cases,
-                  backend_factory=lambda: backend_from_args(args, progress), settings=settings,
-                  localizer_options=localizer_options(args), sweep=args.sweep, backend_name=args.backend,
-                  progress=progress, overwrite=args.overwrite, organs=args.organs, prompt_modes=modes,
+    kwargs = dict(methods=methods, support_from=args.support_from, cases=cases, settings=settings,
+                  localizer_options=localizer_options(args), sweep=args.sweep, progress=progress,
+                  overwrite=args.overwrite, organs=args.organs, prompt_modes=modes,
                   backend_options=backend_options_from_args(args), calibration=calibration)
     if executor is None:
         summary = evaluate(args.dataset, args.out, **kwargs)

@@ -1,8 +1,15 @@
 """``ursam localize``: organ boxes of a CT from a template library, no SAM."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..boxes import save_boxes
+from ..localization import parse_margin
 from ..progress import Progress
+from ..prompt_modes import PromptOptions, default_mode, prompt_set
+from ..registration.deformable import DeformableOptions
+from ..runner import LibrarySource, ScanJob, run_scan
+from ..settings import Settings
 from .options import add_localizer_options, add_prompt_options, localizer_options
 
 
@@ -21,33 +28,25 @@ def add_parser(sub):
 
 
 def main(args):
-    from dataclasses import replace
-
-    from ..imageio import read_image
-    from ..localization import DEFAULT_MARGIN, parse_margin
-    from ..prompt_modes import PromptOptions, default_mode, make_prompts
-    from ..registration.deformable import DeformableOptions
-    from ..settings import Settings
-    from ..scan import localize_scan
-
     progress = Progress(quiet=args.quiet)
     mode = args.prompts or default_mode(args.localizer)
     settings = Settings(prompts=PromptOptions(mode=mode, zoom=args.zoom),
                         deformable=DeformableOptions(method=args.deformable),
-                        margin=parse_margin(args.margin) if args.margin else DEFAULT_MARGIN,
-                        localizer=args.localizer).check()
-    localization = localize_scan(args.image, args.templates, settings, args.organs, localizer_options(args),
-                                 progress)
+                        margin=parse_margin(args.margin) if args.margin else None, localizer=args.localizer)
+    job = ScanJob(args.image, LibrarySource(args.templates, args.organs, localizer_options(args)), settings,
+                  stop_after="localize" if mode == "box3d" else "warp")
+    outcome = run_scan(job, None, progress)
+    localization = outcome.localization
     boxes = localization.boxes
     extra = {"localization": localization.info}
-    if mode != "box3d":
+    if outcome.warped is not None:
         # The box file carries the warped prior's box on each slice; `ursam segment --prompts slice`
         # uses them as they are, `--prompts propagate` as its fallback.
-        reference = read_image(args.image, "image")
-        priors, info = localization.priors(reference, settings.deformable, progress)
-        slice_opts = replace(settings.prompts, mode="slice")
-        boxes, _ = make_prompts(boxes, priors, slice_opts, reference.GetSize())
-        extra["prompts"] = {"mode": "slice", "options": slice_opts.to_json(), **info}
+        canonical = outcome.canonical
+        slices = prompt_set([canonical.box_to_canonical(b) for b in boxes], outcome.warped,
+                            replace(outcome.settings.prompts, mode="slice"), canonical.reference.GetSize())
+        boxes = [canonical.box_to_input(b) for b in slices.boxes]
+        extra["prompts"] = slices.info
     save_boxes(boxes, args.out, extra=extra)
     if not args.quiet:
         info = localization.info

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import argparse
 
+from ..calibration.file import find_calibration
 from ..errors import URSAMError
+from ..localization import DEFAULT_MARGIN, parse_margin
+from ..localizers import DEFAULT_LOCALIZER, LOCALIZERS
+from ..pipeline import Params
+from ..prompt_modes import AUTO, DEFAULT_MODE, MODES, ZOOMS, PromptOptions
+from ..rectification import LOWER_BOUNDS, SCOPES, RectifyOptions
+from ..registration.deformable import METHODS, DeformableOptions
+from ..sam import BACKEND_NAMES, DEFAULT_BACKEND, DEFAULT_DEVICE, ENCODER_PATHS, BackendOptions, describe_paths
+from ..settings import Settings
+from ..templates import Library
 
 TEMPLATES_HELP = "template library: dataset.json + cases/<id>/image.* and labels.*"
 
@@ -32,8 +42,6 @@ def _on_off(value):
 
 def add_sam_options(p):
     """The SAM model: backend, checkpoint, device, encoder path, intensity normalization."""
-    from ..sam import BACKEND_NAMES, DEFAULT_BACKEND, DEFAULT_DEVICE, ENCODER_PATHS, describe_paths
-
     g = p.add_argument_group("SAM backend")
     g.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKEND_NAMES),
                    help=f"SAM model (default: {DEFAULT_BACKEND}, bundled; the others need --checkpoint)")
@@ -49,15 +57,9 @@ def add_sam_options(p):
 
 
 def backend_options_from_args(args):
-    """The :class:`URSAMLib.scan.BackendOptions` of the SAM options."""
-    from ..scan import BackendOptions
-
+    """The :class:`URSAMLib.sam.BackendOptions` of the SAM options, checked."""
     return BackendOptions(name=args.backend, checkpoint=args.checkpoint, device=args.device,
-                          window=tuple(args.window) if args.window else None, encoder=args.encoder)
-
-
-def backend_from_args(args, progress=None, percentile=False):
-    return backend_options_from_args(args).make(percentile, progress)
+                          window=tuple(args.window) if args.window else None, encoder=args.encoder).check()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,9 +92,6 @@ def executor_from_args(args, default_local=True):
 # The method (METHOD.md §3-§4)
 
 def add_method_options(p):
-    from ..pipeline import Params
-    from ..rectification import LOWER_BOUNDS, SCOPES, RectifyOptions
-
     params, rect = Params(), RectifyOptions()
     m = p.add_argument_group("UR-SAM method (METHOD.md §3-§4)")
     m.add_argument("--n-aug", type=int, default=params.n_aug,
@@ -126,9 +125,6 @@ def add_localizer_options(p, templates=True, required=False):
     ``templates=False`` leaves out --templates (segment puts it beside --boxes;
     evaluate names its supports otherwise).
     """
-    from ..localization import DEFAULT_MARGIN
-    from ..localize import DEFAULT_LOCALIZER, LOCALIZERS
-
     g = p.add_argument_group("auto-localization (METHOD.md §1)")
     if templates:
         g.add_argument("--templates", metavar="LIB", required=required, help=TEMPLATES_HELP)
@@ -148,7 +144,7 @@ def add_localizer_options(p, templates=True, required=False):
 
 
 def localizer_options(args):
-    """Keyword options of :func:`URSAMLib.localize.localize` beyond the settings (margin, localizer)."""
+    """Keyword options of :func:`URSAMLib.localizers.localize` beyond the settings (margin, localizer)."""
     opts = {}
     if args.localizer == "registration" and args.support_workers is not None:
         if args.support_workers < 1:
@@ -185,9 +181,6 @@ def uses_calibration(args):
 
 def add_prompt_options(p, several=False):
     """--prompts, the deformable stage behind the slice-adaptive modes, and the zoom."""
-    from ..prompt_modes import DEFAULT_MODE, MODES, ZOOMS, PromptOptions
-    from ..registration.deformable import METHODS, DeformableOptions
-
     g = p.add_argument_group("prompt mode (which 2D box each slice gets)")
     default = (f"default {DEFAULT_MODE} with --templates and the registration localizer; box3d with "
                "--localizer medlam; with --boxes, the file's own prompts: slice where it has per-slice boxes, "
@@ -211,9 +204,6 @@ def add_prompt_options(p, several=False):
 
 def params_from_args(args):
     """The method's :class:`URSAMLib.pipeline.Params` (with the rectification options), checked."""
-    from ..pipeline import Params
-    from ..rectification import RectifyOptions
-
     atlas_prior = RectifyOptions.atlas_prior if args.atlas_prior is None else args.atlas_prior == "on"
     if getattr(args, "paper", False):
         if args.atlas_prior == "on":
@@ -224,27 +214,42 @@ def params_from_args(args):
     return Params(n_aug=args.n_aug, ratio=args.ratio, seed=args.seed, rectify=rect).check()
 
 
-def settings_from_args(args, mode=None, boxes=None):
+def settings_from_args(args, mode=None):
     """The run's :class:`URSAMLib.settings.Settings` from parsed arguments, checked.
 
     ``mode`` overrides ``--prompts`` (evaluate, whose --prompts is a list,
-    passes its first mode); ``boxes``: those of a box file (``--boxes``),
-    whose own prompts decide the mode when ``--prompts`` is not given.
+    passes its first mode). Without ``--prompts`` the mode is "auto" and
+    without ``--margin`` the margin None: each run resolves them for its
+    source (:meth:`URSAMLib.settings.Settings.resolved`: a box file's own
+    prompts decide).
     """
-    from ..localization import DEFAULT_MARGIN, parse_margin
-    from ..localize import DEFAULT_LOCALIZER
-    from ..prompt_modes import PromptOptions, default_mode
-    from ..registration.deformable import DeformableOptions
-    from ..settings import Settings
-
     localizer = getattr(args, "localizer", DEFAULT_LOCALIZER)
     params = params_from_args(args)
     margin = getattr(args, "margin", None)
-    margin = parse_margin(margin) if margin else (DEFAULT_MARGIN if boxes is None else (0, 0.0))
+    margin = parse_margin(margin) if margin else None
     if getattr(args, "paper", False):
         if (mode or args.prompts or "box3d") != "box3d":
             raise URSAMError("--paper prompts with the paper's box3d; it takes no other --prompts")
         mode = "box3d"
-    prompts = PromptOptions(mode=mode or args.prompts or default_mode(localizer, boxes), zoom=args.zoom)
+    prompts = PromptOptions(mode=mode or args.prompts or AUTO, zoom=args.zoom)
     return Settings(params=params, prompts=prompts, deformable=DeformableOptions(method=args.deformable),
                     margin=margin, localizer=localizer).check()
+
+
+def check_source_options(args):
+    """The one home of the options that need ``--templates`` (segment, batch)."""
+    if not args.templates:
+        if args.organs:
+            raise URSAMError("--organs goes with --templates; with box files, edit the box files")
+        if args.calibration:
+            raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
+
+
+def calibration_from_args(args, settings, progress=None):
+    """The calibration a run of these options fuses with (:func:`URSAMLib.calibration.file.find_calibration`):
+    --calibration FILE, else the library's own; None with --no-calibration, --paper, without a library, or where
+    the run warps no support labels. A file given is read here, before any registration."""
+    if not args.templates:
+        return None
+    return find_calibration(Library(args.templates), args.calibration, progress, use=uses_calibration(args),
+                            fuses=settings.warps_labels())

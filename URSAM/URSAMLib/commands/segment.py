@@ -1,10 +1,12 @@
 """``ursam segment``: boxes (or a template library) in, every output of a run out."""
 from __future__ import annotations
 
+from ..metrics import format_dice_table
 from ..progress import Progress
+from ..runner import BoxSource, LibrarySource, ScanJob, run_scan
 from .options import (add_calibration_options, add_localizer_options, add_method_options, add_prompt_options,
-                      add_sam_options, backend_options_from_args, localizer_options, settings_from_args,
-                      uses_calibration)
+                      add_sam_options, backend_options_from_args, calibration_from_args, check_source_options,
+                      localizer_options, settings_from_args)
 
 
 def add_parser(sub):
@@ -30,25 +32,25 @@ def add_parser(sub):
     return p
 
 
-def job_from_args(args):
-    """The :class:`URSAMLib.scan.ScanJob` of ``ursam segment``'s arguments."""
-    from ..scan import ScanJob
-
-    return ScanJob(image=args.image, out=args.out, templates=args.templates, boxes=args.boxes,
-                   reference=args.reference, organs=args.organs, modality=args.modality,
-                   atlas_prior=args.atlas_prior, localizer_options=localizer_options(args),
-                   overwrite=args.overwrite, calibration=args.calibration, use_calibration=uses_calibration(args))
+def job_from_args(args, progress=None):
+    """The :class:`URSAMLib.runner.ScanJob` of ``ursam segment``'s arguments (its calibration read, so that a
+    bad file fails before any registration)."""
+    check_source_options(args)
+    settings = settings_from_args(args)
+    if args.templates:
+        source = LibrarySource(args.templates, args.organs, localizer_options(args))
+    else:
+        source = BoxSource(args.boxes)
+    return ScanJob(args.image, source, settings, calibration_from_args(args, settings, progress),
+                   modality=args.modality, reference=args.reference, out=args.out, overwrite=args.overwrite,
+                   atlas_prior_asked=args.atlas_prior == "on")
 
 
 def main(args):
-    from ..evaluation.metrics import format_dice_table
-    from ..scan import segment_scan
-
     progress = Progress(quiet=args.quiet)
-    job = job_from_args(args)
     backend = backend_options_from_args(args)
-    outcome = segment_scan(job, lambda boxes: settings_from_args(args, boxes=boxes),
-                           lambda percentile: backend.make(percentile, progress), progress)
+    job = job_from_args(args, progress)
+    outcome = run_scan(job, backend.make, progress)
     if outcome.dice_table:
         print(format_dice_table(outcome.dice_table))
     if not args.quiet:

@@ -1,8 +1,17 @@
 """``ursam templates``: build and check a template library of labelled support scans."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..boxes import read_names
+from ..calibration.calibrate import calibrate
+from ..calibration.file import CANDIDATE_MODES, find_calibration
 from ..errors import URSAMError
+from ..fusion import DEFAULT_REVIEW_BUDGET
+from ..progress import Progress
+from ..prompt_modes import parse_modes
+from ..templates import Library
+from .options import add_method_options, add_prompt_options, add_sam_options, backend_options_from_args, settings_from_args
 
 
 def add_parser(sub):
@@ -37,14 +46,12 @@ def add_parser(sub):
     k.add_argument("library", metavar="LIB", help="library folder (at least 3 support scans)")
     k.add_argument("--out", metavar="FILE", help="where to write the calibration (default: LIB/calibration.json; "
                                                  "give it for a library you cannot write)")
-    k.add_argument("--modes", default=",".join(_candidate_modes()),
-                   help=f"prompt modes to choose from per organ (default {','.join(_candidate_modes())})")
-    k.add_argument("--budget", type=float, default=_default_budget(),
+    k.add_argument("--modes", default=",".join(CANDIDATE_MODES),
+                   help=f"prompt modes to choose from per organ (default {','.join(CANDIDATE_MODES)})")
+    k.add_argument("--budget", type=float, default=DEFAULT_REVIEW_BUDGET,
                    help="review budget: flagged voxels at most this fraction of an organ's segmented volume "
-                        f"(default {_default_budget()})")
+                        f"(default {DEFAULT_REVIEW_BUDGET})")
     k.add_argument("--quiet", action="store_true", help="no progress messages")
-    from .options import add_method_options, add_prompt_options, add_sam_options
-
     add_sam_options(k)
     add_method_options(k)
     add_prompt_options(k)
@@ -52,30 +59,12 @@ def add_parser(sub):
     return p
 
 
-def _candidate_modes():
-    from ..calibration import CANDIDATE_MODES
-
-    return CANDIDATE_MODES
-
-
-def _default_budget():
-    from ..pipeline import Params
-
-    return Params().review_budget
-
-
 def main_calibrate(args):
-    from ..calibration import calibrate
-    from ..progress import Progress
-    from ..prompt_modes import parse_modes
-    from ..templates import Library
-    from .options import backend_from_args, settings_from_args
-
     progress = Progress(quiet=args.quiet)
     lib = Library(args.library)
     modes = parse_modes(args.modes)
     settings = settings_from_args(args, mode=args.prompts or modes[0])
-    backend = backend_from_args(args, progress)
+    backend = backend_options_from_args(args).make()
     calibration = calibrate(lib, backend, settings, progress, out=args.out, modes=modes, budget=args.budget)
     print(format_calibration(calibration))
     print(f"wrote {calibration.path} ({calibration.seconds:.0f} s)")
@@ -101,10 +90,6 @@ def format_calibration(calibration):
 
 
 def main_add(args):
-    from pathlib import Path
-
-    from ..templates import Library
-
     names = read_names(args.names) if args.names else None
     lib_path = Path(args.library)
     if (lib_path / "dataset.json").exists():
@@ -131,8 +116,6 @@ def _segment_names(path):
 
 
 def main_check(args):
-    from ..templates import Library
-
     lib = Library(args.library)
     report = lib.check(organs=args.organs, progress=None)
     print(f"template library {lib.path}: {len(report['scans'])} support scans, {len(report['organs'])} organs")
@@ -144,9 +127,6 @@ def main_check(args):
         size = "x".join(str(s) for s in scan["size"])
         spacing = "x".join(f"{s:g}" for s in scan["spacing"])
         print(f"  scan {scan['id']}: {size} voxels at {spacing} mm, {len(scan['organs'])} organs")
-    from ..calibration import find_calibration
-    from ..progress import Progress
-
     progress = Progress(quiet=True)
     progress.warn = lambda message: print(f"  {message}")
     calibration = find_calibration(lib, args.calibration, progress)

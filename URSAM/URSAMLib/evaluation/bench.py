@@ -28,18 +28,22 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import pipeline
-from ..boxes import load_boxes
 from ..imageio import read_ct, read_labels
+from ..metrics import dice
+from ..outputs import write_results
 from ..progress import Progress
+from ..prompt_augmentation import augment_box, organ_rngs
+from ..runner import BoxSource, LibrarySource, ScanJob, run_scan
 from ..sam.backends import one_torch_thread
-from ..segment import segment_query, write_results
-from .metrics import dice
+from ..sam.fast_encoder import AUTO_ORDER, available_paths
+from ..segment import segment
 
 #: masks whose Dice is compared between encoder paths
 DICE_METHODS = ("auto", "ensemble", "ursam")
@@ -92,8 +96,6 @@ def encoder_ms(backends, volume, zs, rounds):
 
 def _slice_prompts(volume, boxes, params):
     """The pipeline's prompts on the slice with the most organs: boxes (K, 4) and their regions."""
-    from ..prompt_augmentation import augment_box, organ_rngs
-
     shape = volume.shape
     counts = {}
     for b in boxes:
@@ -135,28 +137,18 @@ def decoder_ms_per_box(backend, volume, boxes, params, rounds):
     return out, len(prompts), z
 
 
-def whole_run(volume, reference, source, backend, settings, out_root, tag):
-    """One ``ursam segment`` run without reading the inputs: SAM, rectification, all outputs.
-
-    ``source``: boxes (a box file's), or the query's :class:`URSAMLib.localization.Localization`
-    (whose warps and deformable stage are computed on its first use and kept).
-    """
+def whole_run(outcome, backend, settings, out_root, tag):
+    """SAM, rectification and every output file on a scan already read, localized and warped (``outcome``:
+    a :class:`URSAMLib.runner.ScanOutcome`): the later steps of a run, as ``run_scan`` takes them."""
     calls0 = backend.encoder_calls
     c0, t0 = time.process_time(), time.perf_counter()
-    result = segment_query(volume, reference, source, backend, settings, progress=Progress(quiet=True))
+    canonical = outcome.canonical
+    boxes = [canonical.box_to_canonical(b) for b in outcome.localization.boxes]
+    result = segment(canonical, boxes, outcome.warped, backend, settings, progress=Progress(quiet=True)).result
     write_results(result, Path(out_root) / tag, overwrite=False, progress=Progress(quiet=True))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     result.timings["encoder_calls"] = backend.encoder_calls - calls0  # this run's, not the backend's total
     return seconds, cpu, backend.encoder_calls - calls0, result
-
-
-def _box_settings(settings, boxes):
-    """The settings of a box-file run: the file's own prompt mode, as ``ursam segment --boxes`` takes it."""
-    from dataclasses import replace
-
-    from ..prompt_modes import default_mode
-
-    return replace(settings, prompts=replace(settings.prompts, mode=default_mode(boxes=boxes)))
 
 
 def organ_dice(result, labels):
@@ -191,10 +183,11 @@ def expand_encoders(encoders, available):
     return out
 
 
-def registration_record(localization, settings):
+def registration_record(outcome, settings):
     """Seconds per support of the affine registration (and its stages) and of the deformable stage."""
+    localization = outcome.localization
     regs = localization.registrations or []
-    deformable = localization.deformable_info(settings.deformable) or {}
+    deformable = outcome.warped.info().get("deformable", {}) if outcome.warped is not None else {}
     per = deformable.get("seconds_per_support", {})
     out = {"supports": len(regs),
            "affine_seconds_per_support": {r.case_id: round(r.seconds, 2) for r in regs},
@@ -212,12 +205,12 @@ def registration_record(localization, settings):
 
 
 def run_bench(image, make, settings, boxes_path=None, templates=None, labels=None, encoders=("all",),
-              n_values=(1, 3), timing_slices=4, rounds=2, repeat=1, file_prompts=True, log=print):
+              n_values=(1, 3), timing_slices=4, rounds=2, repeat=1, log=print):
     """Measure and return the bench record (a dict); ``make(encoder)`` builds a backend.
 
-    ``boxes_path``: the organs' boxes (prompted as the file says where ``file_prompts``, as ``ursam
-    segment --boxes`` does); or ``templates``: a template library, from which the whole case
-    (localization, deformable stage, SAM, outputs) is timed first, with the settings' prompt mode.
+    ``boxes_path``: the organs' boxes (prompted as ``ursam segment --boxes`` prompts them: the settings'
+    mode, or the file's own where it is "auto"); or ``templates``: a template library, from which the
+    whole case (localization, deformable stage, SAM, outputs) is timed first, with the settings' prompt mode.
     """
     load_start = _loadavg()
     cpu_start = time.process_time()
@@ -229,8 +222,6 @@ def run_bench(image, make, settings, boxes_path=None, templates=None, labels=Non
 
     # one backend per encoder path actually resolved; the default ("auto") runs the whole runs
     eager = make("eager")
-    from ..sam.fast_encoder import AUTO_ORDER, available_paths
-
     names = expand_encoders(encoders, available_paths(eager.name) if eager.device.type == "cpu" else ())
     backends, main_name = {"eager": eager}, None
     for name in names:
@@ -256,32 +247,34 @@ def run_bench(image, make, settings, boxes_path=None, templates=None, labels=Non
               "encoder_paths": list(backends), "exact_paths": [n for n in backends if n in ("eager",) + AUTO_ORDER]}
     with tempfile.TemporaryDirectory(prefix="ursam-bench-") as tmp:
         if templates is not None:
-            from ..localize import localize
-
             t0, c0 = time.perf_counter(), time.process_time()
-            source = localize(image, templates, method=settings.localizer, progress=progress,
-                              margin=settings.margin)
-            run_settings = settings
-            s, cs, c, res = whole_run(volume, reference, source, main, run_settings, tmp, "whole-case")
+            job = ScanJob(image, LibrarySource(templates), settings, out=str(Path(tmp) / "whole-case"))
+            outcome = run_scan(job, lambda percentile: main, progress)
             whole = time.perf_counter() - t0
+            res = outcome.result
             record["whole_case_seconds"] = round(whole, 2)
             record["whole_case_cpu_seconds"] = round(time.process_time() - c0, 2)
-            record["registration"] = registration_record(source, settings)
+            record["whole_case_timings"] = {k: round(v, 2) if isinstance(v, float) else v
+                                            for k, v in res.timings.items()}
+            record["registration"] = registration_record(outcome, outcome.settings)
             boxes = res.boxes
-            log(f"whole case ({main_name} encoder, prompts {settings.prompts.mode}): {whole:.1f} s "
-                f"({record['whole_case_cpu_seconds']:.1f} CPU s): localization {source.info.get('seconds')} s, "
-                f"deformable {record['registration']['deformable_seconds']} s, SAM and outputs {s:.1f} s")
+            log(f"whole case ({main_name} encoder, prompts {outcome.settings.prompts.mode}): {whole:.1f} s "
+                f"({record['whole_case_cpu_seconds']:.1f} CPU s): localization "
+                f"{outcome.localization.info.get('seconds')} s, deformable "
+                f"{record['registration']['deformable_seconds']} s, SAM and outputs "
+                f"{res.timings['segment_seconds'] + res.timings['write_seconds']:.1f} s")
             log("seconds per support: affine " + json.dumps(record["registration"]["affine_seconds_per_support"])
-                + f", {settings.deformable.method} "
+                + f", {outcome.settings.deformable.method} "
                 + json.dumps(record["registration"]["deformable_seconds_per_support"]))
         else:
-            boxes = load_boxes(boxes_path, size, warn=progress.warn)
-            source = boxes
-            run_settings = _box_settings(settings, boxes) if file_prompts else settings
+            outcome = run_scan(ScanJob(image, BoxSource(boxes_path), settings, stop_after="localize"), None,
+                               progress)
+            boxes = outcome.localization.boxes
             record["whole_case_seconds"] = None
             record["registration"] = None
+        run_settings = outcome.settings
 
-        zs_all = pipeline.distinct_slices({"main": boxes})
+        zs_all = pipeline.distinct_slices(boxes)
         zs = _spread(zs_all, timing_slices)
         record["organs"] = len(boxes)
         record["distinct_slices"] = None if templates is not None else len(zs_all)
@@ -303,7 +296,7 @@ def run_bench(image, make, settings, boxes_path=None, templates=None, labels=Non
         calls, results = {}, {}
         for r in range(repeat):
             for n in (n_lo, n_hi):
-                s, cs, c, res = whole_run(volume, reference, source, main, _with_settings_n(run_settings, n), tmp,
+                s, cs, c, res = whole_run(outcome, main, _with_settings_n(run_settings, n), tmp,
                                           f"{main_name}-n{n}-{r}")
                 seconds[n].append(s)
                 cpu_seconds[n].append(cs)
@@ -315,7 +308,7 @@ def run_bench(image, make, settings, boxes_path=None, templates=None, labels=Non
         for name, b in backends.items():
             if name == main_name:
                 continue
-            s, cs, c, res = whole_run(volume, reference, source, b, _with_settings_n(run_settings, n_hi), tmp,
+            s, cs, c, res = whole_run(outcome, b, _with_settings_n(run_settings, n_hi), tmp,
                                       f"{name}-n{n_hi}")
             others[name] = (s, cs, res)
             log(f"whole run n={n_hi} ({name} encoder): {s:.1f} s ({cs:.1f} CPU s)")
@@ -401,14 +394,10 @@ def _loadavg():
 
 
 def _with_n(params, n):
-    from dataclasses import replace
-
     return replace(params, n_aug=n)
 
 
 def _with_settings_n(settings, n):
-    from dataclasses import replace
-
     return replace(settings, params=_with_n(settings.params, n))
 
 

@@ -15,14 +15,24 @@ Layout of ``DIR``: ``cohort/`` (all patients, dataset layout), ``templates/``
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from .. import pipeline
+from ..atlas_prior import WarpedSupports
 from ..atomic import atomic_write_text
+from ..calibration.calibrate import calibrate as calibrate_library
 from ..errors import URSAMError
+from ..imageio import read_labels
+from ..metrics import dice
 from ..outputs import check_output_dir
 from ..progress import STAGE_MODEL, Progress
+from ..runner import LibrarySource, ScanJob, run_scan
+from ..sam import BackendOptions
+from ..settings import Settings
+from ..templates import Library
+from .evaluate import markdown_table, pivot
 from .phantom import PhantomGrid, make_cohort
 
 DEMO_METHODS = pipeline.METHODS + ("atlas",)
@@ -36,10 +46,6 @@ def make_demo_data(out_dir, n_templates=3, grid=None, seed=0, progress=None, tim
     The same seed makes the same cohort; ``ursam demo`` and the Slicer module's demo data both come
     from here.
     """
-    import shutil
-
-    from ..templates import Library
-
     progress = progress or Progress()
     timings = {} if timings is None else timings
     grid = grid or PhantomGrid()
@@ -73,14 +79,6 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=N
     templates calibrate``; needs at least 3 template patients), so that the
     query is segmented with the calibrated fusion.
     """
-    from ..boxes import save_boxes
-    from ..imageio import read_ct, read_labels
-    from ..localize import localize
-    from ..segment import segment_query, write_results
-    from ..settings import Settings
-    from .evaluate import markdown_table, pivot
-    from .metrics import dice
-
     progress = progress or Progress()
     grid = grid or PhantomGrid()
     if n_templates < 1:
@@ -92,41 +90,28 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=N
 
     t0 = time.perf_counter()
     lib, query = make_demo_data(out, n_templates, grid, seed, progress, timings)
-    lib_path = Path(lib.path)
     timings["library_seconds"] = time.perf_counter() - t0 - timings["cohort_seconds"]
 
-    reference, volume = read_ct(query.image_path)
-    _, truth = read_labels(query.labels_path, reference)
     settings = (settings or Settings()).check()
     if backend is None:
-        from ..sam.backends import make_backend
-
         progress.stage(f"{STAGE_MODEL} litemedsam")
-        backend = make_backend("litemedsam")
+        backend = BackendOptions().make()
     calibration = None
     if calibrate:
-        from ..calibration import calibrate as calibrate_library
-
         t0 = time.perf_counter()
         calibration = calibrate_library(lib, backend, settings, progress)
         timings["calibration_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    localization = localize(query.image_path, lib, progress=progress, method=settings.localizer,
-                            margin=settings.margin)
+    job = ScanJob(query.image_path, LibrarySource(lib), settings, calibration, reference=query.labels_path,
+                  out=str(out / "segment"), overwrite=overwrite)
+    outcome = run_scan(job, lambda percentile: backend, progress)
+    result, localization = outcome.result, outcome.localization
     info = localization.info
-    timings["localize_seconds"] = time.perf_counter() - t0
-
-    inputs = {"image": str(Path(query.image_path).absolute()), "templates": str(lib_path.absolute()),
-              "margin_z_xy": info["margin_z_xy"], "normalization": "ct-window", "localization": info}
-    result = segment_query(volume, reference, localization, backend, settings, progress=progress, inputs=inputs,
-                           calibration=calibration)
-    write_results(result, out / "segment", overwrite, progress,
-                  extra_files={"boxes.json": lambda p: save_boxes(result.boxes, p, extra={
-                      "localization": info, "prompts": result.prompt_info})})
+    timings["localize_seconds"] = outcome.timings["localize_seconds"]
     timings["segment_seconds"] = result.timings["total_seconds"]
+    _, truth = read_labels(query.labels_path, outcome.scan.reference)
 
     values = sorted(lib.names)
-    atlas = localization.atlas(reference)
+    atlas = WarpedSupports.affine(localization).atlas(outcome.scan.reference)
     rows = []
     methods = [m for m in DEMO_METHODS if m != pipeline.FUSION or calibration is not None]
     for method in methods:

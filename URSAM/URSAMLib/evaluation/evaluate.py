@@ -29,18 +29,27 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, pipeline
+from ..atlas_prior import LocalWeighting, WarpedSupports
 from ..atomic import atomic_path, atomic_write_text
-from ..boxes import OrganBox, boxes_from_labels, box_iou
+from ..batch.executor import worker_backend
+from ..boxes import OrganBox, box_iou, boxes_from_labels
 from ..errors import URSAMError
-from ..imageio import read_ct
+from ..imageio import Scan, read_ct
+from ..localizers import localize_registration
 from ..orientation import Orientation
 from ..outputs import write_json
 from ..pipeline import FUSION, URSAM, URSAM_ATLAS
 from ..progress import Progress
+from ..prompt_modes import check_mode
 from ..rectification import RectifyOptions
+from ..runner import LibrarySource, ScanJob, run_scan
+from ..sam import DEFAULT_BACKEND, BackendOptions
+from ..sam.views import Views
+from ..settings import Settings
+from ..templates import Library
 from ..uncertainty import binary_entropy
-from .metrics import auroc, box_centre_error_mm, dice, hd95, spearman
-from .metrics import uncertainty_scores as region_scores
+from ..metrics import auroc, box_centre_error_mm, dice, hd95, spearman
+from ..metrics import uncertainty_scores as region_scores
 
 #: the pipeline's methods; ``ursam+atlas`` rows exist where the run warped the support labels
 SAM_METHODS = tuple(m for m in pipeline.METHODS if m not in (URSAM_ATLAS, FUSION))
@@ -141,23 +150,33 @@ class CaseInputs:
         self.scored = {v: n for v, n in organs.items() if v in present}
         self.truth_boxes = {b.label: b for b in boxes_from_labels(self.truth, organs, labels=list(self.scored))}
 
+    def scan(self):
+        """The case as the runner reads it (already read here; the localizer reads the file)."""
+        return Scan(self.reference, self.volume, str(self.image_path), self.case_id)
+
+    def manual_boxes(self, seed):
+        """The paper's simulated user: the true boxes perturbed on the axial slices SAM sees, whatever the
+        file's axis order (METHOD.md §5)."""
+        seed = (seed * 1000003 + zlib.crc32(self.case_id.encode())) % (2 ** 32)
+        orientation = Orientation.of(self.reference)
+        return [orientation.box_to_input(b) for b in boxes_from_labels(
+            orientation.to_canonical(self.truth), self.organs, MANUAL_PERTURB_PX, seed, labels=list(self.scored))]
+
 
 def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer_options=None, sweep=False,
              progress=None, prompt_modes=None, calibration=None):
     """Every method on one case: ``(rows, sweep_rows, info)``.
 
-    The SAM methods are the masks of :func:`URSAMLib.segment.segment_query`
-    with ``settings``, the function ``ursam segment`` runs; ``backend`` is a
-    :class:`URSAMLib.sam.views.Views` shared by the case's runs. ``prompt_modes``
-    (default: the settings' mode): the SAM methods run once per mode; with
-    several modes their rows are named ``method@mode`` (the manual baseline and
-    ``sweep`` go with the first mode). ``calibration``: the support library's
-    fusion calibration; the first mode's run uses it, and adds the rows of
-    the fusion and of its ablations (without SAM, without rectification).
+    The SAM methods are the masks of :func:`URSAMLib.runner.run_scan` with
+    ``settings``, what ``ursam segment`` runs; ``backend(percentile)`` gives a
+    :class:`URSAMLib.sam.views.Views` shared by the case's runs (None: no
+    SAM method runs). ``prompt_modes`` (default: the settings' mode): the SAM
+    methods run once per mode; with several modes their rows are named
+    ``method@mode`` (the manual baseline and ``sweep`` go with the first mode).
+    ``calibration``: the support library's fusion calibration; the first
+    mode's run uses it, and adds the rows of the fusion and of its ablations
+    (without SAM, without rectification).
     """
-    from ..localize import localize
-    from ..segment import segment_query
-
     progress = progress or Progress()
     prompt_modes = list(prompt_modes or [settings.prompts.mode])
     t_case = time.perf_counter()
@@ -172,14 +191,22 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
     missing = [n for v, n in case.organs.items() if v not in case.scored]
     if missing:
         note(f"no ground truth for {', '.join(missing)} in this case; not scored")
-    t0 = time.perf_counter()
     sub = Progress(callback=progress.callback, cancel=progress.cancel, quiet=True)
-    sub.warn = lambda m: note(m)
-    localization = localize(case.image_path, support_lib, organs=lib_values, method=settings.localizer,
-                            progress=sub, missing="skip", margin=settings.margin, **dict(localizer_options or {}))
-    localization = localization.relabeled(lib_to_ds, keep=set(case.scored))
+    sub.warn = note
+    sam_methods = [m for m in methods if m in SAM_METHODS]
+    runs_sam = bool(sam_methods or "manual" in methods) and backend is not None
+    manual_boxes = case.manual_boxes(settings.params.seed) if "manual" in methods else []
+    source = LibrarySource(support_lib, lib_values, dict(localizer_options or {}), missing="skip",
+                           relabel=lib_to_ds, keep=set(case.scored))
+    job = ScanJob(case.scan(), source, settings.with_mode(prompt_modes[0]), calibration,
+                  baselines={"manual": manual_boxes} if manual_boxes else {},
+                  compare_modes=tuple(prompt_modes[1:]), local=_local(calibration))
+    if not runs_sam:
+        job.stop_after = "localize"
+    outcome = run_scan(job, backend, sub)
+    localization = outcome.localization
     info["localization"] = localization.info
-    info["localize_seconds"] = round(time.perf_counter() - t0, 2)
+    info["localize_seconds"] = round(outcome.timings["localize_seconds"], 2)
     raw = {lib_to_ds[b["label"]]: OrganBox(lib_to_ds[b["label"]], b["name"], b["min_ijk"], b["max_ijk"])
            for b in localization.info.get("raw_boxes", []) if b["label"] in lib_to_ds}
     rows, sweep_rows = [], []
@@ -192,24 +219,18 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
         row.update(extra or {})
         rows.append(row)
 
-    sam_methods = [m for m in methods if m in SAM_METHODS]
-    if sam_methods or "manual" in methods:
-        extra_sets = {}
-        manual_boxes = []
-        if "manual" in methods:
-            seed = (settings.params.seed * 1000003 + zlib.crc32(case.case_id.encode())) % (2 ** 32)
-            # perturbed on the axial slices SAM sees, whatever the file's axis order
-            orientation = Orientation.of(case.reference)
-            manual_boxes = [orientation.box_to_input(b) for b in boxes_from_labels(
-                orientation.to_canonical(case.truth), case.organs, MANUAL_PERTURB_PX, seed,
-                labels=list(case.scored))]
-            extra_sets["manual"] = manual_boxes
+    if runs_sam:
+        segmentations = {prompt_modes[0]: outcome.segmentation, **outcome.compared}
         first = None
         for i_mode, mode in enumerate(prompt_modes):
-            mode_settings = replace(settings, prompts=replace(settings.prompts, mode=mode))
-            result = segment_query(case.volume, case.reference, localization, backend, mode_settings, progress,
-                                   extra_sets=extra_sets if i_mode == 0 else None,
-                                   calibration=calibration if i_mode == 0 else None)
+            segmentation = segmentations.get(mode)
+            if segmentation is None:  # no organ was localized: every SAM method's mask is empty
+                for method in sam_methods:
+                    for value in case.scored:
+                        add_row(value, method + ("" if len(prompt_modes) == 1 else f"@{mode}"),
+                                np.zeros(case.volume.shape, bool), raw.get(value))
+                continue
+            result = segmentation.result
             suffix = "" if len(prompt_modes) == 1 else f"@{mode}"
             timings = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.timings.items()}
             prompt_info = result.prompt_info
@@ -246,49 +267,46 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
                         add_row(*row[:4], extra=row[4])
         if len(prompt_modes) > 1:
             _mode_seconds(info, {m for m in prompt_modes if settings.prompts.zoomed(m)})
-        if "manual" in methods:
+        if "manual" in methods and first is not None:
             labels = first.label_map("auto", prompt_set="manual")
             mboxes = {b.label: b for b in manual_boxes}
             for value in case.scored:
                 add_row(value, "manual", labels == value, mboxes.get(value))
-        if sweep:
+        if sweep and first is not None:
             sweep_rows = _sweep(case, first, settings.params)
     if "atlas" in methods:
         if not localization.warps_labels:
-            from ..localize import localize_registration
-
             # MedLAM registers nothing: the atlas baseline registers the supports itself.
             localization = localize_registration(case.image_path, support_lib, organs=lib_values, progress=sub,
                                                  missing="skip").relabeled(lib_to_ds, keep=set(case.scored))
         t0 = time.perf_counter()
-        atlas = localization.atlas(case.reference)
+        atlas = WarpedSupports.affine(localization).atlas(case.reference)
         info["atlas_seconds"] = round(time.perf_counter() - t0, 2)
         for value in case.scored:
             m = atlas == value
             add_row(value, "atlas", m, mask_box(m, value, case.organs[value]))
-        deformable = settings.deformable
-        shape = case.volume.shape
-        if deformable.method != "none" and localization.deformable_info(deformable) is not None:
+        warped = outcome.warped
+        if warped is not None and warped.deformable.method != "none":
             # The same majority vote with the deformable registrations the slice-adaptive prompts used, and the
             # label fusions of classic multi-atlas tools on those registrations: locally weighted votes, STAPLE.
-            atlas = localization.atlas(case.reference, deformable)
-            priors, _ = localization.priors(case.reference, deformable, local=_local(calibration))
+            method = warped.deformable.method
+            atlas = warped.atlas(case.reference)
+            lw = _vote_labels(outcome, "lw")
+            staple = warped.atlas(case.reference, fusion="staple")
             for value in case.scored:
                 m = atlas == value
-                votes = _full_prior(priors.get(value), shape, "frac")
+                votes = _input_prior(outcome, value, "frac")
                 extra = region_scores(m, case.truth == value, binary_entropy(votes), (votes > 0) & (votes < 1),
                                       case.spacing_zyx)
-                add_row(value, f"atlas@{deformable.method}", m, mask_box(m, value, case.organs[value]), extra)
-            lw = _vote_labels(priors, shape, "lw")
-            staple = localization.atlas(case.reference, deformable, fusion="staple")
+                add_row(value, f"atlas@{method}", m, mask_box(m, value, case.organs[value]), extra)
             for value in case.scored:
-                votes = _full_prior(priors.get(value), shape, "lw")
+                votes = _input_prior(outcome, value, "lw")
                 m = lw == value
                 extra = region_scores(m, case.truth == value, binary_entropy(votes),
                                       binary_entropy(votes) >= LW_FLAG, case.spacing_zyx)
-                add_row(value, f"atlas-lw@{deformable.method}", m, mask_box(m, value, case.organs[value]), extra)
+                add_row(value, f"atlas-lw@{method}", m, mask_box(m, value, case.organs[value]), extra)
                 m = staple == value
-                add_row(value, f"atlas-staple@{deformable.method}", m, mask_box(m, value, case.organs[value]))
+                add_row(value, f"atlas-staple@{method}", m, mask_box(m, value, case.organs[value]))
     info["seconds"] = round(time.perf_counter() - t_case, 2)
     return rows, sweep_rows, info
 
@@ -300,22 +318,27 @@ LW_FLAG = float(binary_entropy(np.float32(0.25)))
 
 
 def _local(calibration):
-    from ..atlas_prior import LocalWeighting
-
     return calibration.local if calibration is not None else LocalWeighting()
 
 
-def _full_prior(prior, shape, which):
+def _input_prior(outcome, value, which):
+    """One organ's vote (``frac`` or ``lw``) on the case's own grid (zeros where it has none)."""
+    canonical = outcome.canonical
+    prior = outcome.warped.priors.get(value)
+    shape = canonical.volume.shape
     if prior is None or getattr(prior, which) is None:
-        return np.zeros(shape, np.float32)
-    return prior.on(tuple(slice(0, n) for n in shape), which)
+        votes = np.zeros(shape, np.float32)
+    else:
+        votes = prior.on(tuple(slice(0, n) for n in shape), which)
+    return canonical.orientation.to_input(votes)
 
 
-def _vote_labels(priors, shape, which):
+def _vote_labels(outcome, which):
     """A label map of votes of at least one half, overlaps to the organ of the higher vote."""
+    shape = outcome.canonical.input_volume.shape
     labels, best = np.zeros(shape, np.int32), np.zeros(shape, np.float32)
-    for value, prior in priors.items():
-        v = _full_prior(prior, shape, which)
+    for value in outcome.warped.priors:
+        v = _input_prior(outcome, value, which)
         m = (v >= 0.5) & (v > best)
         labels[m], best[m] = value, v[m]
     return labels
@@ -650,38 +673,26 @@ def write_boxplot(path, rows, organs, methods):
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation
 
-#: Params fields that change speed, never results: a rerun with other values still resumes
-SPEED_ONLY_PARAMS = ("decode_batch",)
-
-
-def _result_settings(settings):
-    out = settings.to_json()
-    out["params"] = {k: v for k, v in out["params"].items() if k not in SPEED_ONLY_PARAMS}
-    return out
-
-
 def _config_hash(config):
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def evaluate_case(case_id, ds, organs, support, lib_to_ds, methods, settings, localizer_options, sweep,
                   prompt_modes, calibration=None, views=None, progress=None):
-    """One query case read and run (:func:`run_case`): ``(rows, sweep_rows, info)``. ``views()`` gives SAM's
-    views of the case (None: no SAM method runs)."""
+    """One query case read and run (:func:`run_case`): ``(rows, sweep_rows, info)``. ``views(percentile)``
+    gives SAM's views of the case (None: no SAM method runs)."""
     case = CaseInputs(ds, case_id, organs)
-    return run_case(case, support, lib_to_ds, methods, views() if views else None, settings, localizer_options,
-                    sweep, progress, prompt_modes, calibration)
+    return run_case(case, support, lib_to_ds, methods, views, settings, localizer_options, sweep, progress,
+                    prompt_modes, calibration)
 
 
 def _case_task(case_id, case_args, backend_options, needs_sam):
     """On a Dask worker: one case with the worker's own SAM model (loaded once per worker process)."""
-    from ..batch.executor import worker_backend
-    from ..sam.views import Views
-
     share = len(case_args[-2]) > 1  # several prompt modes share the slice embeddings of a view
     progress = Progress(quiet=True)
     progress.warn = progress.warnings.append  # run_case keeps them in the case's info; the client shows them
-    views = (lambda: Views(worker_backend(backend_options), share=share)) if needs_sam else None
+    views = (lambda percentile: Views(worker_backend(backend_options, percentile), share=share)) if needs_sam \
+        else None
     return evaluate_case(case_id, *case_args, views=views, progress=progress)
 
 
@@ -701,9 +712,9 @@ def _cases_on(executor, pending, case_args, backend_options, needs_sam, progress
         yield case_id, result
 
 
-def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, backend_factory=None,
-             settings=None, localizer_options=None, sweep=False, backend_name=None, progress=None, overwrite=False,
-             organs=None, prompt_modes=None, calibration=None, executor=None, backend_options=None):
+def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, settings=None,
+             localizer_options=None, sweep=False, backend_name=None, progress=None, overwrite=False, organs=None,
+             prompt_modes=None, calibration=None, executor=None, backend_options=None):
     """Run and score every method on the query cases of ``dataset``; returns the summary dict.
 
     ``settings``: the run's :class:`URSAMLib.settings.Settings` (the same as
@@ -714,23 +725,20 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     :class:`URSAMLib.calibration.Calibration`; None: none); its rows and its
     ablations' join the tables.
 
-    ``backend_factory()`` returns the SAM backend (called once, only if a case
-    needs SAM). ``executor``: a :class:`URSAMLib.batch.executor.Executor`
-    that runs the cases as tasks on its Dask workers, each loading the model
-    of ``backend_options`` (:class:`URSAMLib.scan.BackendOptions`, default the
-    backend named ``backend_name``) once; None: one case after another here.
+    ``backend_options``: the SAM model (:class:`URSAMLib.sam.BackendOptions`,
+    default the backend named ``backend_name``), loaded once per
+    normalization, only if a case needs SAM. ``executor``: a
+    :class:`URSAMLib.batch.executor.Executor` that runs the cases as tasks on
+    its Dask workers, each loading the model once; None: one case after
+    another here.
     Finished cases in ``out_dir/cases`` are reused when the
     configuration matches; a different configuration is an error unless
     ``overwrite``.
     """
-    from ..prompt_modes import check_mode
-    from ..sam import DEFAULT_BACKEND
-    from ..settings import Settings
-    from ..templates import Library
-
     progress = progress or Progress()
     settings = (settings or Settings()).check()
-    backend_name = backend_name or DEFAULT_BACKEND
+    backend_options = backend_options or BackendOptions(name=backend_name or DEFAULT_BACKEND)
+    backend_name = backend_options.name
     localizer_options = dict(localizer_options or {})
     methods = list(methods)
     prompt_modes = [check_mode(m) for m in (prompt_modes or [settings.prompts.mode])]
@@ -768,7 +776,7 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     (out / "cases").mkdir(parents=True, exist_ok=True)
     config = {"ursam_version": __version__, "dataset": str(ds.path.absolute()),
               "supports": str(Path(support.path).absolute()), "support_ids": sorted(support_ids),
-              "methods": methods, "settings": _result_settings(settings), "prompt_modes": prompt_modes,
+              "methods": methods, "settings": settings.result_json(), "prompt_modes": prompt_modes,
               "backend": backend_name, "localizer_options": localizer_options, "sweep": bool(sweep),
               "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values()),
               "calibration": calibration.sha256 if calibration is not None else None}
@@ -784,20 +792,13 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
                 f.unlink()
     write_json({**config, "hash": digest}, config_path)
 
-    backend_holder = []
+    models = {}
 
-    def case_views():
+    def case_views(percentile):
         """SAM's views of one case: the modes that see the same view share its slice embeddings."""
-        from ..sam.views import Views
-
-        if not backend_holder:
-            if backend_factory is None:
-                from ..sam.backends import make_backend
-
-                backend_holder.append(make_backend(backend_name))
-            else:
-                backend_holder.append(backend_factory())
-        return Views(backend_holder[0], share=len(prompt_modes) > 1)
+        if percentile not in models:
+            models[percentile] = backend_options.make(percentile)
+        return Views(models[percentile], share=len(prompt_modes) > 1)
 
     saved_cases, pending = {}, []
     for i, case_id in enumerate(query_ids):
@@ -820,10 +821,7 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
                                              progress=progress)
         finished = finished_cases()
     else:
-        from ..scan import BackendOptions
-
-        finished = _cases_on(executor, pending, case_args, backend_options or BackendOptions(name=backend_name),
-                             needs_sam, progress)
+        finished = _cases_on(executor, pending, case_args, backend_options, needs_sam, progress)
     for case_id, (rows, sweep_rows, info) in finished:
         saved_cases[case_id] = {"hash": digest, "rows": rows, "sweep_rows": sweep_rows, "info": info}
         write_json(saved_cases[case_id], out / "cases" / f"{case_id}.json")

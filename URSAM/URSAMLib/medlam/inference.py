@@ -228,7 +228,7 @@ def _cached(checkpoint, library, templates, organs, options, device, progress):
 
 def localize_medlam(image, library, organs=None, progress=None, checkpoint=None, device="auto",
                     margin=DEFAULT_MARGIN, missing="error", **options):
-    """MedLAM localizer with :func:`URSAMLib.localize.localize`'s signature; returns a
+    """MedLAM localizer with :func:`URSAMLib.localizers.localize`'s signature; returns a
     :class:`URSAMLib.localization.Localization` without support registrations (MedLAM registers nothing;
     ``ursam evaluate``'s atlas baseline runs its own registrations).
 

