@@ -29,6 +29,7 @@ from slicer.util import VTKObservationMixin
 
 from URSAMLib.progress import STAGE_EMBED, STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, stage_of
 from URSAMMRML.dependencies import TORCH_REQUIREMENT
+from URSAMMRML.guiconnection import GuiConnection
 
 
 #
@@ -168,7 +169,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._parameterNodeGui = None  # URSAMMRML.guiconnection.GuiConnection of self.ui
         self._run = None  # the running URSAMMRML.logic.BackgroundRun
         self._runButton = None  # the button that started it, which cancels it meanwhile
         self._runButtonText = ""
@@ -182,6 +183,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self._parameterNodeGui = GuiConnection(self.ui)
         self.logic = URSAMLogic()
 
         self.ui.libraryPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
@@ -220,16 +222,16 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.onCancel()
         self._timer.stop()
+        self.setParameterNode(None)  # a reloaded module's old widgets must not stay connected to the node
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        # The connection to the parameter node stays while the panel is hidden: connecting again on enter
+        # would refill every combo box (URSAMMRML.guiconnection).
+        pass
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()  # the scene it would write into is going away
@@ -254,14 +256,15 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     break
 
     def setParameterNode(self, inputParameterNode: Optional[URSAMParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            # widgets with a "SlicerParameterName" property in the .ui file are connected here
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        previous = self._parameterNode
+        # widgets with a "SlicerParameterName" property in the .ui file are connected here, once per node:
+        # a wrapper of the node already shown gives back the connected one
+        self._parameterNode = self._parameterNodeGui.bind(inputParameterNode)
+        if previous is not None and previous is not self._parameterNode:
+            self.removeObserver(previous, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        if self._parameterNode is not None:
+            if previous is not self._parameterNode:
+                self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
             self.refreshOrganList()
             self.updateGuiFromParameterNode()
 

@@ -185,7 +185,7 @@ def test_module_imports_nothing_that_needs_installing(script_ast):
     """Loading the module must not need torch or the engine's packages: they are installed on first use."""
     allowed = {"logging", "math", "os", "pathlib", "shutil", "sys", "time", "typing", "ctk", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
-               "URSAMLib.progress", "URSAMMRML.dependencies"}
+               "URSAMLib.progress", "URSAMMRML.dependencies", "URSAMMRML.guiconnection"}
     extra = set(_top_level_imports(script_ast)) - allowed
     assert not extra, f"URSAM.py imports at load time: {extra}"
     deps = ast.parse((MODULE / "URSAMMRML" / "dependencies.py").read_text(encoding="utf-8"))
@@ -350,3 +350,13 @@ def test_the_panel_runs_steps_through_the_logic_worker(script_ast):
         assert not calls & {"computeSegmentation", "computeLocalization", "process"}, step
     assert {"poll"} <= _calls(_function(script_ast, "URSAMWidget", "pollRun"))
     assert {"cancel"} <= _calls(_function(script_ast, "URSAMWidget", "onCancel"))
+
+
+def test_the_panel_connects_its_parameter_node_only_through_gui_connection(script_ast):
+    """Reconnecting refills the combo boxes, and on Slicer 5.6/5.8 the tag connectGui returns is None: the
+    widget leaves connecting to URSAMMRML.guiconnection, which connects once per node."""
+    text = SCRIPT.read_text(encoding="utf-8")
+    assert "connectGui(" not in text and "disconnectGui(" not in text
+    assert "bind" in _calls(_function(script_ast, "URSAMWidget", "setParameterNode"))
+    assert not _calls(_function(script_ast, "URSAMWidget", "exit"))  # hidden, the panel stays connected
+    assert "setParameterNode" in _calls(_function(script_ast, "URSAMWidget", "cleanup"))

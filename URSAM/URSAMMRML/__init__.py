@@ -14,6 +14,7 @@ nodes; every computation is delegated to URSAMLib. Modules:
   ``jobs``: starting, polling and killing it.
 - ``demo``: the synthetic demo data in a scene.
 - ``dependencies``: which Python packages a run needs and which are missing.
+- ``guiconnection``: the panel's one connection to its parameter node, alike on Slicer 5.6 to 5.12.
 
 Nothing here imports Qt, so scripts, Slicer's Python console and the pytest
 suite (PyPI ``slicer-core``) use it as the module's widget does.
