@@ -176,6 +176,8 @@ def _top_level_imports(tree):
     for node in tree.body:
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module in ("URSAMLib", "URSAMMRML"):
+            names += [f"{node.module}.{a.name}" for a in node.names]  # the package's modules, each by name
         elif isinstance(node, ast.ImportFrom):
             names.append(node.module or "")
     return names
