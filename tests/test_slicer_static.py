@@ -187,7 +187,8 @@ def test_module_imports_nothing_that_needs_installing(script_ast):
     """Loading the module must not need torch or the engine's packages: they are installed on first use."""
     allowed = {"logging", "math", "os", "pathlib", "shutil", "sys", "time", "typing", "ctk", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
-               "URSAMLib.progress", "URSAMMRML.dependencies", "URSAMMRML.guiconnection"}
+               "URSAMLib.progress", "URSAMMRML.dependencies", "URSAMMRML.guiconnection",
+               "URSAMMRML.selftest"}
     extra = set(_top_level_imports(script_ast)) - allowed
     assert not extra, f"URSAM.py imports at load time: {extra}"
     deps = ast.parse((MODULE / "URSAMMRML" / "dependencies.py").read_text(encoding="utf-8"))
@@ -362,3 +363,14 @@ def test_the_panel_connects_its_parameter_node_only_through_gui_connection(scrip
     assert "bind" in _calls(_function(script_ast, "URSAMWidget", "setParameterNode"))
     assert not _calls(_function(script_ast, "URSAMWidget", "exit"))  # hidden, the panel stays connected
     assert "setParameterNode" in _calls(_function(script_ast, "URSAMWidget", "cleanup"))
+
+
+def test_the_self_test_runs_each_test_through_the_runner(script_ast):
+    """A skip in Reload and Test must not stop the other tests (URSAMMRML.selftest.runEach)."""
+    run = _function(script_ast, "URSAMTest", "runTest")
+    called = {n.func.id for n in ast.walk(run) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert "runEach" in called
+    listed = {n.attr for n in ast.walk(run) if isinstance(n, ast.Attribute) and n.attr.startswith("test_")}
+    klass = next(n for n in script_ast.body if isinstance(n, ast.ClassDef) and n.name == "URSAMTest")
+    tests = {f.name for f in klass.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
+    assert listed == tests
