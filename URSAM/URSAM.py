@@ -788,9 +788,10 @@ class URSAMTest(ScriptedLoadableModuleTest):
     def runTest(self):
         # each test on its own: one that skips (no shared data, or packages missing in testing mode) is
         # reported and the others still run (URSAMMRML.selftest)
-        skipped = runEach([self.test_URSAM_logic_workflow, self.test_URSAM_panel_runs_in_background_and_cancels,
-                           self.test_URSAM_demo_data_load_and_select], setUp=self.setUp, report=self.delayDisplay)
-        self.delayDisplay(f"URSAM self-test done, {len(skipped)} of 3 tests skipped")
+        tests = [self.test_URSAM_logic_workflow, self.test_URSAM_panel_runs_in_background_and_cancels,
+                 self.test_URSAM_demo_data_load_and_select]
+        skipped = runEach(tests, setUp=self.setUp, report=self.delayDisplay)
+        self.delayDisplay(f"URSAM self-test passed: {len(tests) - len(skipped)} tests passed, {len(skipped)} skipped")
 
     def requireDependencies(self, backend):
         """Skip the calling test where the packages it needs are missing and cannot be installed (testing mode)."""
