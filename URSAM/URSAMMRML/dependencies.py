@@ -131,8 +131,9 @@ def ensure(backend="litemedsam", *, testing, installTorch, installPip, confirm=N
     line 3851 at v5.6.2, 3899 at v5.8.1, 3991 at v5.10.0; from v5.12.0 it calls
     ``slicer.packaging.pip_install``, which there skips only the progress
     dialog, packaging.py line 652 at v5.12.3). So a test run offline failed in
-    pip and one online downloaded gigabytes; ``slicer.packaging.pip_ensure``
-    (5.12) skips in testing mode, but silently.
+    pip and one online downloaded gigabytes. ``slicer.packaging.pip_ensure``
+    (5.12) does skip in testing mode (packaging.py line 421 at v5.12.3), but
+    returns as if it had installed, with a line in the log only.
     """
     check = check if check is not None else (lambda: missing(backend))
     wanted = check()

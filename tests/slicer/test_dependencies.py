@@ -1,4 +1,4 @@
-"""Which packages the module asks Slicer to install, and with which of Slicer's installers."""
+"""Which packages the module asks Slicer to install, with which of Slicer's installers, and when it installs nothing."""
 import sys
 
 import pytest
