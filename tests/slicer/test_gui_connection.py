@@ -11,9 +11,8 @@ addItem() change the current index and emit currentIndexChanged. The values
 live in a real MRML parameter node of a real scene (slicer-core).
 """
 import pytest
-import vtk
-
 import slicer
+import vtk
 from URSAMMRML.guiconnection import GuiConnection, connectGui
 from URSAMMRML.parameters import panelParameters
 
@@ -98,7 +97,7 @@ class Wrapper56:
 
     def __init__(self, parameterNode):
         self.parameterNode = parameterNode
-        self._parameterGUIs = dict()
+        self._parameterGUIs = {}
         self._nextParameterGUIsTag = 0
         self._updatingGUIFromParameterNode = False
         for name, (_, default) in CHOICES.items():

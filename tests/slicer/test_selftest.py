@@ -2,7 +2,6 @@
 import unittest
 
 import pytest
-
 from URSAMMRML.selftest import runEach
 
 
