@@ -28,7 +28,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from URSAMLib.progress import STAGE_EMBED, STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, stage_of
-from URSAMMRML.dependencies import TORCH_REQUIREMENT
+from URSAMMRML import dependencies
+from URSAMMRML.guiconnection import GuiConnection
+from URSAMMRML.selftest import runEach
 
 
 #
@@ -168,7 +170,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._parameterNodeGui = None  # URSAMMRML.guiconnection.GuiConnection of self.ui
         self._run = None  # the running URSAMMRML.logic.BackgroundRun
         self._runButton = None  # the button that started it, which cancels it meanwhile
         self._runButtonText = ""
@@ -182,6 +184,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self._parameterNodeGui = GuiConnection(self.ui)
         self.logic = URSAMLogic()
 
         self.ui.libraryPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
@@ -220,16 +223,16 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.onCancel()
         self._timer.stop()
+        self.setParameterNode(None)  # a reloaded module's old widgets must not stay connected to the node
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        # The connection to the parameter node stays while the panel is hidden: connecting again on enter
+        # would refill every combo box (URSAMMRML.guiconnection).
+        pass
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()  # the scene it would write into is going away
@@ -254,14 +257,15 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     break
 
     def setParameterNode(self, inputParameterNode: Optional[URSAMParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            # widgets with a "SlicerParameterName" property in the .ui file are connected here
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        previous = self._parameterNode
+        # widgets with a "SlicerParameterName" property in the .ui file are connected here, once per node:
+        # a wrapper of the node already shown gives back the connected one
+        self._parameterNode = self._parameterNodeGui.bind(inputParameterNode)
+        if previous is not None and previous is not self._parameterNode:
+            self.removeObserver(previous, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        if self._parameterNode is not None:
+            if previous is not self._parameterNode:
+                self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
             self.refreshOrganList()
             self.updateGuiFromParameterNode()
 
@@ -717,47 +721,39 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         """Install missing packages after asking: torch through the PyTorch extension, the rest with pip.
 
         ``backend=None``: only what localization and the template library need
-        (no torch). Returns False if the user declined.
+        (no torch). Returns False if the user declined. In testing mode nothing
+        is installed: :class:`URSAMMRML.dependencies.MissingDependencies` lists
+        what is missing (URSAMMRML.dependencies.ensure).
         """
-        from URSAMMRML import dependencies
+        def confirm(packages):
+            return not ask or slicer.util.confirmOkCancelDisplay(
+                _("URSAM needs Python packages that are not installed yet:\n\n{packages}\n\n"
+                  "Install them now? This downloads them and may take several minutes.").format(
+                    packages="\n".join(packages)),
+                windowTitle=_("URSAM: install dependencies"))
 
-        def missingNow():
-            return dependencies.missingRequirements(backend, templates=True)
-
-        needTorch = backend is not None and dependencies.torchMissing()
-        missing = missingNow()
-        if not needTorch and not missing:
-            return True
-        packages = (["torch (through the PyTorch extension)"] if needTorch else []) + missing
-        if ask and not slicer.app.testingEnabled():
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("URSAM needs Python packages that are not installed yet:\n\n{packages}\n\n"
-                      "Install them now? This downloads them and may take several minutes.").format(
-                        packages="\n".join(packages)),
-                    windowTitle=_("URSAM: install dependencies")):
-                return False
-        if needTorch:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_("URSAM needs the PyTorch extension: install 'PyTorch' from the Extensions "
-                                     "Manager and restart Slicer.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-                if torch is None:
-                    raise RuntimeError(_("PyTorch was not installed; URSAM cannot run SAM without it."))
-        if missing:
+        def installPip(requirements):
             name, install = dependencies.pipInstaller()
-            logging.info(f"URSAM: installing {', '.join(missing)} with {name}")
-            install(missing)
-        still = missingNow() + (["torch"] if backend is not None and dependencies.torchMissing() else [])
-        if still:
-            hint = (_(" (Slicer installs nothing in testing mode)") if slicer.app.testingEnabled() else
-                    _("; see the Python console"))
-            raise RuntimeError(_("Installing {packages} did not succeed{hint}.").format(
-                packages=", ".join(still), hint=hint))
-        return True
+            logging.info(f"URSAM: installing {', '.join(requirements)} with {name}")
+            install(requirements)
+
+        return dependencies.ensure(backend, testing=slicer.app.testingEnabled(), installTorch=self.installTorch,
+                                   installPip=installPip, confirm=confirm)
+
+    @staticmethod
+    def installTorch():
+        """Install torch through the PyTorch extension, which picks the build for this machine's GPU."""
+        try:
+            import PyTorchUtils  # the PyTorch extension's module, there only when the extension is installed
+        except ModuleNotFoundError:
+            raise RuntimeError(_("URSAM needs the PyTorch extension: install 'PyTorch' from the Extensions "
+                                 "Manager and restart Slicer.")) from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=False,
+                                            torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
+            if torch is None:
+                raise RuntimeError(_("PyTorch was not installed; URSAM cannot run SAM without it."))
 
 
 def _delegate(name):
@@ -790,12 +786,20 @@ class URSAMTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_URSAM_logic_workflow()
-        self.setUp()
-        self.test_URSAM_panel_runs_in_background_and_cancels()
-        self.setUp()
-        self.test_URSAM_demo_data_load_and_select()
+        # each test on its own: one that skips (no shared data, or packages missing in testing mode) is
+        # reported and the others still run (URSAMMRML.selftest)
+        tests = [self.test_URSAM_logic_workflow, self.test_URSAM_panel_runs_in_background_and_cancels,
+                 self.test_URSAM_demo_data_load_and_select]
+        skipped = runEach(tests, setUp=self.setUp, report=self.delayDisplay)
+        self.delayDisplay(f"URSAM self-test passed: {len(tests) - len(skipped)} tests passed, {len(skipped)} skipped")
+
+    def requireDependencies(self, backend):
+        """Skip the calling test where the packages it needs are missing and cannot be installed (testing mode)."""
+        try:
+            if not URSAMLogic().ensureDependencies(backend):
+                self.skipTest("the Python packages URSAM needs were not installed (declined)")
+        except dependencies.MissingDependencies as err:
+            self.skipTest(str(err))
 
     def dataFolder(self):
         here = os.path.dirname(os.path.abspath(__file__))
@@ -819,11 +823,8 @@ class URSAMTest(ScriptedLoadableModuleTest):
         library = os.path.join(self.dataFolder(), "abdomen-ts")
         volume, _labels = self.loadCase("tsA_slab")
         before = slicer.util.arrayFromVolume(volume).copy()
+        self.requireDependencies("litemedsam")
         logic = URSAMLogic()
-        try:
-            self.assertTrue(logic.ensureDependencies("litemedsam", ask=False))
-        except RuntimeError as err:
-            self.skipTest(str(err))  # testing mode installs nothing
 
         self.delayDisplay("Localize spleen and right kidney from the template library")
         rois = logic.localize(volume, library, organs=["spleen", "kidney_right"])
@@ -871,6 +872,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
 
     def test_URSAM_panel_runs_in_background_and_cancels(self):
         volume, labels = self.loadCase("tsA_slab")
+        self.requireDependencies("litemedsam")  # Segment would otherwise stop at the same check
         slicer.util.selectModule("URSAM")
         widget = slicer.util.getModuleWidget("URSAM")
         widget._parameterNode.inputVolume = volume

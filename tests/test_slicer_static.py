@@ -176,6 +176,8 @@ def _top_level_imports(tree):
     for node in tree.body:
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module in ("URSAMLib", "URSAMMRML"):
+            names += [f"{node.module}.{a.name}" for a in node.names]  # the package's modules, each by name
         elif isinstance(node, ast.ImportFrom):
             names.append(node.module or "")
     return names
@@ -185,7 +187,8 @@ def test_module_imports_nothing_that_needs_installing(script_ast):
     """Loading the module must not need torch or the engine's packages: they are installed on first use."""
     allowed = {"logging", "math", "os", "pathlib", "shutil", "sys", "time", "typing", "ctk", "qt", "vtk", "slicer",
                "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
-               "URSAMLib.progress", "URSAMMRML.dependencies"}
+               "URSAMLib.progress", "URSAMMRML.dependencies", "URSAMMRML.guiconnection",
+               "URSAMMRML.selftest"}
     extra = set(_top_level_imports(script_ast)) - allowed
     assert not extra, f"URSAM.py imports at load time: {extra}"
     deps = ast.parse((MODULE / "URSAMMRML" / "dependencies.py").read_text(encoding="utf-8"))
@@ -350,3 +353,99 @@ def test_the_panel_runs_steps_through_the_logic_worker(script_ast):
         assert not calls & {"computeSegmentation", "computeLocalization", "process"}, step
     assert {"poll"} <= _calls(_function(script_ast, "URSAMWidget", "pollRun"))
     assert {"cancel"} <= _calls(_function(script_ast, "URSAMWidget", "onCancel"))
+
+
+#: Slicer's extension catalog entry schema, copied unchanged from Slicer/Slicer
+#: Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (the same at v5.8.1, v5.10.0, v5.12.3 and main)
+CATALOG_SCHEMA = ROOT / "tests" / "fixtures" / "slicer-extension-catalog-entry-schema-v1.0.1.json"
+
+
+def _s4ext(path):
+    """An .s4ext description: keyword, then the rest of the line as its value (# comments, blank lines skipped)."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            out[key] = value.strip()
+    return out
+
+
+def _cmake_set(text, var):
+    m = re.search(rf'set\({var}\s+"([^"]*)"\)', text)
+    assert m, f"{var} not set"
+    return m.group(1)
+
+
+def test_the_json_description_has_what_slicer_and_the_catalog_require():
+    """Slicer 5.8 and later read URSAM.json (the extension index holds only *.json from its 5.8 branch on)."""
+    import json
+
+    path = ROOT / "URSAM.json"
+    assert b"\r" not in path.read_bytes()  # the index's check_json_file_format wants LF only
+    description = json.loads(path.read_text(encoding="utf-8"))
+    schema = json.loads(CATALOG_SCHEMA.read_text(encoding="utf-8"))
+    assert description["$schema"].rstrip("#") == schema["$id"].rstrip("#")
+    # the schema's required fields, and SCM_REVISION, which Slicer's reader requires too
+    # (Extensions/CMake/SlicerFunctionExtractExtensionDescription.cmake lines 142-146 at v5.8.1 and v5.10.0)
+    for key in schema["required"] + ["scm_revision"]:
+        assert description.get(key), f"URSAM.json lacks {key}"
+    assert set(description) <= set(schema["properties"]), "the schema allows no other properties"
+    root = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"project\(URSAM\)", root)  # the index names the file after the extension
+
+
+def test_the_json_description_is_valid_against_slicers_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+
+    schema = json.loads(CATALOG_SCHEMA.read_text(encoding="utf-8"))
+    description = json.loads((ROOT / "URSAM.json").read_text(encoding="utf-8"))
+    jsonschema.validate(description, schema)
+    with pytest.raises(jsonschema.ValidationError):  # the copy of the schema does check
+        jsonschema.validate(dict(description, homepage="https://example.org"), schema)
+
+
+def test_the_json_and_s4ext_descriptions_and_the_cmake_lists_agree():
+    """URSAM.s4ext serves Slicer 5.6, URSAM.json 5.8 and later; what the JSON has no field for (homepage, icon,
+    contributors) Slicer takes from the top-level CMakeLists.txt, which must say the same."""
+    import json
+
+    s4ext = _s4ext(ROOT / "URSAM.s4ext")
+    description = json.loads((ROOT / "URSAM.json").read_text(encoding="utf-8"))
+    assert description.get("scm_type", "git") == s4ext["scm"] == "git"
+    assert description["scm_url"] == s4ext["scmurl"]
+    assert description["scm_revision"] == s4ext["scmrevision"]
+    assert description["category"] == s4ext["category"]
+    depends = [] if s4ext.get("depends", "NA") == "NA" else s4ext["depends"].split()
+    assert description.get("build_dependencies", []) == depends == ["PyTorch"]
+    assert description.get("build_subdirectory", ".") == s4ext.get("build_subdirectory", ".")
+    assert description.get("enabled", True) == (s4ext.get("enabled", "1") == "1")
+    root = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert _cmake_set(root, "EXTENSION_CATEGORY") == s4ext["category"]
+    assert _cmake_set(root, "EXTENSION_DEPENDS").split() == depends
+    assert _cmake_set(root, "EXTENSION_HOMEPAGE") == s4ext["homepage"]
+    assert _cmake_set(root, "EXTENSION_ICONURL") == s4ext["iconurl"]
+    assert _cmake_set(root, "EXTENSION_CONTRIBUTORS") == s4ext["contributors"]
+    assert s4ext["scmurl"].startswith(s4ext["homepage"])
+
+
+def test_the_panel_connects_its_parameter_node_only_through_gui_connection(script_ast):
+    """Reconnecting refills the combo boxes, and on Slicer 5.6/5.8 the tag connectGui returns is None: the
+    widget leaves connecting to URSAMMRML.guiconnection, which connects once per node."""
+    text = SCRIPT.read_text(encoding="utf-8")
+    assert "connectGui(" not in text and "disconnectGui(" not in text
+    assert "bind" in _calls(_function(script_ast, "URSAMWidget", "setParameterNode"))
+    assert not _calls(_function(script_ast, "URSAMWidget", "exit"))  # hidden, the panel stays connected
+    assert "setParameterNode" in _calls(_function(script_ast, "URSAMWidget", "cleanup"))
+
+
+def test_the_self_test_runs_each_test_through_the_runner(script_ast):
+    """A skip in Reload and Test must not stop the other tests (URSAMMRML.selftest.runEach)."""
+    run = _function(script_ast, "URSAMTest", "runTest")
+    called = {n.func.id for n in ast.walk(run) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert "runEach" in called
+    listed = {n.attr for n in ast.walk(run) if isinstance(n, ast.Attribute) and n.attr.startswith("test_")}
+    klass = next(n for n in script_ast.body if isinstance(n, ast.ClassDef) and n.name == "URSAMTest")
+    tests = {f.name for f in klass.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
+    assert listed == tests

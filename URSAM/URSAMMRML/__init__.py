@@ -13,7 +13,10 @@ nodes; every computation is delegated to URSAMLib. Modules:
 - ``worker``: the worker process (``python -m URSAMMRML.worker JOBDIR``), which imports only the engine;
   ``jobs``: starting, polling and killing it.
 - ``demo``: the synthetic demo data in a scene.
-- ``dependencies``: which Python packages a run needs and which are missing.
+- ``dependencies``: which Python packages a run needs, which are missing, and installing them
+  (nothing in Slicer's testing mode).
+- ``guiconnection``: the panel's one connection to its parameter node, alike on Slicer 5.6 to 5.12.
+- ``selftest``: running the self-test's tests one by one, so that a skipped one does not stop the others.
 
 Nothing here imports Qt, so scripts, Slicer's Python console and the pytest
 suite (PyPI ``slicer-core``) use it as the module's widget does.
