@@ -16,22 +16,24 @@ from typing import Annotated, Optional
 
 import ctk
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from URSAMLib.progress import STAGE_EMBED, STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, stage_of
 from URSAMMRML import dependencies
 from URSAMMRML.guiconnection import GuiConnection
 from URSAMMRML.selftest import runEach
-
 
 #
 # URSAM
@@ -880,6 +882,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
         logic = widget.logic
         # one small ROI (3 slices of the spleen) as the only organ box
         import numpy as np
+
         from URSAMLib.boxes import boxes_from_labels
         from URSAMMRML import geometry
 

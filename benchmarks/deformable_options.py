@@ -25,10 +25,11 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
 
-from URSAMLib.evaluation.metrics import dice  # noqa: E402
-from URSAMLib.localize import localize  # noqa: E402
+from URSAMLib.atlas_prior import atlas_labels  # noqa: E402
+from URSAMLib.orientation import canonical  # noqa: E402
+from URSAMLib.localizers import localize  # noqa: E402
+from URSAMLib.metrics import dice  # noqa: E402
 from URSAMLib.registration import deformable  # noqa: E402
-from URSAMLib.registration.warp import atlas_labels  # noqa: E402
 from URSAMLib.templates import Library  # noqa: E402
 
 
@@ -113,7 +114,7 @@ def main(argv=None):
             walls, cpus, refined = [], [], []
             for r in regs:
                 w0, c0 = time.perf_counter(), time.process_time()
-                refined += deformable.refine_registrations(query, [r], lib, opts)
+                refined += deformable.refine_registrations(canonical(query), [r], lib, opts)
                 walls.append(time.perf_counter() - w0)
                 cpus.append(time.process_time() - c0)
             atlas = atlas_labels(query, refined, lib, list(lib.names))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "URSAM"))
 
 from URSAMLib import pipeline  # noqa: E402
 from URSAMLib.boxes import boxes_from_labels  # noqa: E402
-from URSAMLib.evaluation.metrics import dice  # noqa: E402
+from URSAMLib.metrics import dice  # noqa: E402
 from URSAMLib.sam.backends import make_backend  # noqa: E402
 from URSAMLib.sam.fast_encoder import make_encoder  # noqa: E402
 

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-
 try:  # the repository's engine, for its fast decoder (the device machine gets a copy of the tree)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
     from URSAMLib.sam.fast_decoder import BoxDecoder

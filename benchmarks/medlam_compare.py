@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
 
 from URSAMLib.boxes import OrganBox, box_iou, boxes_from_labels  # noqa: E402
 from URSAMLib.errors import URSAMError  # noqa: E402
-from URSAMLib.evaluation.metrics import box_centre_error_mm  # noqa: E402
+from URSAMLib.metrics import box_centre_error_mm  # noqa: E402
 
 
 def _mean(values):
@@ -47,7 +47,7 @@ def _fmt(v, digits):
 
 def localize_case(image, library, method, options, names, truth_path):
     from URSAMLib.imageio import read_labels
-    from URSAMLib.localize import localize
+    from URSAMLib.localizers import localize
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     info = localize(str(image), library, method=method, missing="skip", **options).info

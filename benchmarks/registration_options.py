@@ -25,16 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
 
+from URSAMLib.atlas_prior import atlas_labels  # noqa: E402
+from URSAMLib.orientation import canonical  # noqa: E402
 from URSAMLib.boxes import OrganBox, box_iou, boxes_from_labels  # noqa: E402
-from URSAMLib.evaluation.metrics import dice  # noqa: E402
-from URSAMLib.localize import localize  # noqa: E402
-from URSAMLib.registration.deformable import DeformableOptions  # noqa: E402
-from URSAMLib.registration.warp import atlas_labels  # noqa: E402
+from URSAMLib.localizers import localize  # noqa: E402
+from URSAMLib.metrics import dice  # noqa: E402
+from URSAMLib.registration.deformable import DeformableOptions, refine_registrations  # noqa: E402
 from URSAMLib.templates import Library  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def run_case(ds, case_id, reg_opts, dfm_opts):
     loc, affine_cpu, affine_wall = _AFFINE[key]
     opts = DeformableOptions(**dfm_opts)
     c0, w0 = time.process_time(), time.perf_counter()
-    refined = loc.refined(opts)
+    refined = refine_registrations(canonical(query), loc.registrations, lib, opts)
     dfm_cpu, dfm_wall = time.process_time() - c0, time.perf_counter() - w0
     n = len(loc.registrations)
     truth_boxes = {b.label: b for b in boxes_from_labels(truth, names)}

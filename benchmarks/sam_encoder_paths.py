@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "URSAM"))
 
 from URSAMLib.boxes import boxes_from_labels  # noqa: E402
-from URSAMLib.evaluation.metrics import dice  # noqa: E402
+from URSAMLib.metrics import dice  # noqa: E402
 
 CASE = ROOT.parent / "shared" / "data" / "abdomen-ts" / "cases" / "tsA_slab"
 KINDS = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h", "medsam": "vit_b"}

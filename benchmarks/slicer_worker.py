@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "URSAM"))
 
 import slicer  # noqa: E402
+
 from URSAMLib.progress import STAGE_EMBED, stage_of  # noqa: E402
 from URSAMMRML.jobs import processGroupAlive  # noqa: E402
 from URSAMMRML.logic import URSAMProcessLogic  # noqa: E402

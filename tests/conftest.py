@@ -1,6 +1,5 @@
 """Shared test fixtures: the real data in ../shared/data (see shared_data.py)."""
 import pytest
-
 from shared_data import DATA
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from distributed.diagnostics.plugin import SchedulerPlugin
-
 from shared_data import ABD, ROOT, case, names
 from test_imageio import write_dicom
+
 from URSAMLib.boxes import boxes_from_labels, save_boxes
 from URSAMLib.cli import main
-from URSAMLib.segment import OUTPUT_FILES
+from URSAMLib.outputs import OUTPUT_FILES
 
 #: three crops of tsA_slab, each a few slices: small enough that SAM runs in seconds
 CROPS = {"a": (4, 7), "b": (12, 15), "c": (20, 23)}

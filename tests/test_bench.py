@@ -1,11 +1,10 @@
 """`ursam bench` on a small crop of real CT: the encoder-call rule and the JSON record (no timing checks)."""
 import json
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from shared_data import ABD, case, names
+
 from URSAMLib.boxes import boxes_from_labels, save_boxes
 from URSAMLib.cli import main
 from URSAMLib.pipeline import distinct_slices
@@ -43,7 +42,7 @@ def test_bench_prints_a_summary_then_the_json_record(crop, capsys):
     for key in KEYS:
         assert key in record, key
     # the encoder-call rule: one call per slice of the union of the boxes, for n = 1 and n = 3 alike
-    union = distinct_slices({"main": boxes})
+    union = distinct_slices(boxes)
     assert record["distinct_slices"] == len(union) == 3
     assert record["encoder_calls"] == record["encoder_calls_n1"] == 3
     assert record["seconds_n1"] > 0 and record["seconds_n3"] > 0

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from shared_data import HN, case
-from URSAMLib.registration import deformable
+
 from URSAMLib.errors import URSAMError
-from URSAMLib.evaluation.metrics import dice
+from URSAMLib.metrics import dice
+from URSAMLib.registration import deformable
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,14 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from shared_data import ABD, case, names, paper_settings, segment_boxes
 
-from shared_data import ABD, case, names, paper_settings
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.cli import main
 from URSAMLib.imageio import read_ct, read_labels
-from URSAMLib.evaluation.metrics import dice
+from URSAMLib.metrics import dice
+from URSAMLib.outputs import OUTPUT_FILES
 from URSAMLib.pipeline import distinct_slices
-from URSAMLib.segment import OUTPUT_FILES, segment_query
 from URSAMLib.uncertainty import LOG2
 
 
@@ -39,9 +39,9 @@ def test_encoder_runs_once_per_distinct_slice(crop, litemedsam):
     # Shrink one organ's z-range so the union is not every slice of every box.
     boxes[0].max_ijk[2] = boxes[0].min_ijk[2]
     before = litemedsam.encoder_calls
-    result = segment_query(volume, ref, boxes, litemedsam, paper_settings(n_aug=3), extra_sets={"manual": manual})
+    result = segment_boxes(volume, ref, boxes, litemedsam, paper_settings(n_aug=3), baselines={"manual": manual})
     calls = litemedsam.encoder_calls - before
-    expected = len(distinct_slices({"a": boxes, "b": manual}))
+    expected = len(distinct_slices(boxes + manual))
     assert calls == expected == result.timings["distinct_slices"]
     assert 4 * 4 + 4 > calls  # far fewer than one call per organ and box
 
@@ -107,7 +107,7 @@ def test_ts_a_auto_dice_with_boxes_from_labels(litemedsam):
     _, truth = read_labels(labels, ref)
     boxes = boxes_from_labels(truth, names(ABD))
     assert len(boxes) == 12
-    result = segment_query(volume, ref, boxes, litemedsam, paper_settings(n_aug=1))
+    result = segment_boxes(volume, ref, boxes, litemedsam, paper_settings(n_aug=1))
     auto = result.label_map("auto")
     scores = [dice(auto == b.label, truth == b.label) for b in boxes]
     assert np.mean(scores) >= 0.62, scores
@@ -117,7 +117,7 @@ def test_same_seed_gives_bit_identical_results(crop, litemedsam):
     ref, volume = read_ct(crop / "image.nii.gz")
     _, labels = read_labels(crop / "labels.nii.gz", ref)
     boxes = boxes_from_labels(labels[1:4], names(ABD), labels=[2, 3])
-    runs = [segment_query(volume[1:4], ref[:, :, 1:4], boxes, litemedsam, paper_settings(seed=s)) for s in (5, 5, 6)]
+    runs = [segment_boxes(volume[1:4], ref[:, :, 1:4], boxes, litemedsam, paper_settings(seed=s)) for s in (5, 5, 6)]
     a, b, c = runs
     for oa, ob in zip(a.organs, b.organs):
         assert np.array_equal(oa.p_mean, ob.p_mean) and np.array_equal(oa.u, ob.u)

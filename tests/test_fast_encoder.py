@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from shared_data import ABD, ROOT, case, names
+
 from URSAMLib import pipeline
-from URSAMLib.sam import fast_encoder
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
-from URSAMLib.evaluation.metrics import dice
+from URSAMLib.metrics import dice
+from URSAMLib.prompt_modes import PromptSet
+from URSAMLib.sam import fast_encoder
 from URSAMLib.sam.backends import make_backend
 
 #: largest per-organ Dice difference accepted between the fast and the eager encoder
@@ -58,8 +59,8 @@ def test_fast_path_masks_match_eager_on_a_shared_case(litemedsam, eager, path):
              for z in (0, 2)]
     assert max(feats) < fast_encoder.EXACT_TOLERANCE
     params = pipeline.Params(n_aug=3)
-    fast_maps, _ = pipeline.run(volume, litemedsam, boxes, params)
-    eager_maps, _ = pipeline.run(volume, eager, boxes, params)
+    fast_maps, _ = pipeline.run(volume, litemedsam, [PromptSet("box3d", boxes)], params)
+    eager_maps, _ = pipeline.run(volume, eager, [PromptSet("box3d", boxes)], params)
     for method in ("auto", "ensemble", "ursam"):
         lf = pipeline.label_map(fast_maps, method, volume.shape)
         le = pipeline.label_map(eager_maps, method, volume.shape)

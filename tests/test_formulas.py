@@ -1,11 +1,10 @@
 """Each formula of METHOD.md §3-§5 on small hand-made arrays with known answers."""
 import numpy as np
-import pytest
 
-from URSAMLib.uncertainty import binary_entropy, ensemble, LOG2
-from URSAMLib.rectification import RectifyOptions, class_threshold, rectify, uncertain_mask
-from URSAMLib.baselines import FnpcOptions, fnc, fpc, fpnc, fnpc_uncertain
+from URSAMLib.baselines import FnpcOptions, fnc, fnpc_uncertain, fpc, fpnc
 from URSAMLib.prompt_augmentation import augment_box, organ_rngs
+from URSAMLib.rectification import RectifyOptions, class_threshold, rectify, uncertain_mask
+from URSAMLib.uncertainty import LOG2, binary_entropy, ensemble
 
 
 def test_entropy_is_zero_where_all_members_agree():

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from shared_data import ABD, HN, make_small_library
 
-from shared_data import ABD, HN
-from URSAMLib.calibration import Case, fit_organ, _dice, _flag_threshold
+from URSAMLib.calibration.fit import Case, _flag_threshold, fit_organ
 from URSAMLib.fusion import Evidence, OrganFusion, cap_flags, fuse
 
 rng = np.random.default_rng(7)
@@ -45,19 +45,19 @@ def test_one_source_with_weight_one_reproduces_it():
 def test_the_fit_puts_the_weight_on_the_informative_source():
     cases = [_case(_sphere((12, 24, 24), (6, 12 + d, 12), 6), "atlas", "sam") for d in (-2, 0, 2)]
     fit = fit_organ("organ", {"slice": cases}, budget=0.1)
-    model = fit["model"]
+    model = fit.model
     assert model.weights.get("atlas", 0) > 0.5 and abs(model.weights.get("sam", 0)) < 0.2 * model.weights["atlas"]
     cases = [_case(_sphere((12, 24, 24), (6, 12 + d, 12), 6), "sam", "atlas") for d in (-2, 0, 2)]
-    model = fit_organ("organ", {"slice": cases}, budget=0.1)["model"]
+    model = fit_organ("organ", {"slice": cases}, budget=0.1).model
     assert model.weights.get("sam", 0) > 0.5 and abs(model.weights.get("atlas", 0)) < 0.2 * model.weights["sam"]
     # never worse on its own data than a source alone
-    loo = fit_organ("organ", {"slice": cases}, budget=0.1)["loo_dice"]
+    loo = fit_organ("organ", {"slice": cases}, budget=0.1).loo_dice
     assert loo["fusion"] >= max(loo["sam (0.5)"], loo["atlas (0.5)"])
 
 
 def test_flags_stay_within_the_review_budget():
     cases = [_case(_sphere((12, 24, 24), (6, 12, 12 + d), 6), "atlas", "sam") for d in (-1, 0, 1)]
-    model = fit_organ("organ", {"slice": cases}, budget=0.1)["model"]
+    model = fit_organ("organ", {"slice": cases}, budget=0.1).model
     flagged = segmented = 0
     for c in cases:
         out = fuse(c.evidence, model, budget=0.1)
@@ -72,38 +72,17 @@ def test_flags_stay_within_the_review_budget():
     assert cap_flags(u > 0.3, u, 5).sum() == 5 and cap_flags(u > 0.3, u, 5)[-5:].all()
 
 
-def _organ_slab(folder):
-    """The slices of a case's brainstem and left parotid (and one more at each end), its labels kept for those
-    two (1 and 4) only."""
-    image = sitk.ReadImage(str(folder / "image.nii.gz"))
-    labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
-    arr = sitk.GetArrayFromImage(labels)
-    z = np.flatnonzero(np.isin(arr, [1, 4]).any((1, 2)))
-    lo, hi = max(0, int(z.min()) - 1), min(image.GetSize()[2], int(z.max()) + 2)
-    kept = sitk.GetImageFromArray(np.where(np.isin(arr, [1, 4]), arr, 0).astype(np.uint8))
-    kept.CopyInformation(labels)
-    return image[:, :, lo:hi], kept[:, :, lo:hi]
-
-
 @pytest.fixture(scope="module")
 def small_library(tmp_path_factory):
     """Three real H&N supports cropped to the slices of the brainstem and the left parotid, labelled with those
     two alone (a small, fast library)."""
-    lib = tmp_path_factory.mktemp("lib3")
-    meta = json.loads((HN / "dataset.json").read_text(encoding="utf-8"))
-    ids = ["pt_4", "pt_13", "pt_17"]
-    for c in ids:
-        (lib / "cases" / c).mkdir(parents=True)
-        image, labels = _organ_slab(HN / "cases" / c)
-        sitk.WriteImage(image, str(lib / "cases" / c / "image.nii.gz"))
-        sitk.WriteImage(labels, str(lib / "cases" / c / "labels.nii.gz"))
-    (lib / "dataset.json").write_text(json.dumps({"labels": {"1": "Brainstem", "4": "Parotid_L"}, "support": ids}))
-    return lib
+    return make_small_library(tmp_path_factory.mktemp("lib3"))
 
 
 @pytest.mark.slow
 def test_calibration_on_a_small_real_library_beats_each_source(small_library, litemedsam, capsys):
-    from URSAMLib.calibration import Calibration, calibrate
+    from URSAMLib.calibrate import calibrate
+    from URSAMLib.calibration.file import Calibration
     from URSAMLib.cli import main as ursam
     from URSAMLib.pipeline import Params
     from URSAMLib.settings import Settings
@@ -158,7 +137,7 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "q_labels.nii.gz")))
     rect = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "rectified.nii.gz")))
     for value in (1, 4):
-        assert _dice(rect == value, Case(None, truth == value, 0)) > 0.5
+        assert Case(None, truth == value, 0).dice(rect == value) > 0.5
         # flags within the review budget (10% of the organ's segmented volume)
         unc = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertain.nii.gz")))
         assert (unc == value).sum() <= 0.1 * (rect == value).sum() + 1

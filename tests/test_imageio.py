@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from shared_data import ABD, case
+
 from URSAMLib.imageio import read_ct, write_image
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from shared_data import HN, case
+
 from URSAMLib.errors import URSAMError
 from URSAMLib.medlam.checkpoint import load_network, save_checkpoint
 from URSAMLib.medlam.losses import medlam_loss, pair_offsets
@@ -196,7 +196,7 @@ def test_save_is_atomic(tmp_path):
 
 
 def test_inference_end_to_end_on_a_real_case(trained):
-    from URSAMLib.localize import LOCALIZERS, localize
+    from URSAMLib.localizers import LOCALIZERS, localize
 
     assert "medlam" in LOCALIZERS
     image, _ = case(HN, "pt_34")
@@ -220,7 +220,7 @@ def test_inference_end_to_end_on_a_real_case(trained):
 
 
 def test_localizer_needs_a_usable_checkpoint(tmp_path):
-    from URSAMLib.localize import localize
+    from URSAMLib.localizers import localize
 
     image, _ = case(HN, "pt_34")
     with pytest.raises(URSAMError, match="needs a checkpoint"):

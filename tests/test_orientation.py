@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from shared_data import ABD, case, names
+
 from URSAMLib.boxes import OrganBox, add_margin, boxes_from_labels
-from URSAMLib.evaluation.metrics import dice
+from URSAMLib.metrics import dice
 from URSAMLib.orientation import Orientation, canonical
 
 #: how each variant is made from the original image, and how an image on its grid goes back

@@ -11,14 +11,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-
 from shared_data import ABD, HN, case, names
+
 from URSAMLib import pipeline
-from URSAMLib.sam import backends as sam_backend
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
-from URSAMLib.sam.fast_decoder import BoxDecoder, UnsupportedDecoder
+from URSAMLib.prompt_modes import PromptSet
+from URSAMLib.sam import backends as sam_backend
 from URSAMLib.sam.backends import make_backend
+from URSAMLib.sam.fast_decoder import BoxDecoder, UnsupportedDecoder
 
 #: probabilities of the fast decoder may differ from eager by float rounding only
 PROB_TOLERANCE = 1e-4
@@ -59,9 +60,10 @@ def test_one_encoder_call_per_distinct_slice_whatever_the_organs_and_boxes(slab,
     boxes = boxes_from_labels(truth, names(ABD), labels=organs)
     manual = boxes_from_labels(truth, names(ABD), perturb_px=20, seed=2, labels=organs[:1])
     boxes[0].min_ijk[2] = boxes[0].max_ijk[2] = 1  # one organ on one slice only
-    union = pipeline.distinct_slices({"main": boxes, "manual": manual})
+    union = pipeline.distinct_slices(boxes + manual)
     counting = Counting(litemedsam, volume)
-    maps, timings = pipeline.run(volume, counting, boxes, pipeline.Params(n_aug=n_aug), extra_sets={"manual": manual})
+    maps, timings = pipeline.run(volume, counting, [PromptSet("box3d", boxes)], pipeline.Params(n_aug=n_aug),
+                                   baselines={"manual": manual})
     assert sorted(counting.calls) == union and set(counting.calls.values()) == {1}
     assert timings["distinct_slices"] == len(union)
     # every organ of every prompt set was decoded: probabilities are in [0, 1] and not all zero
@@ -82,8 +84,8 @@ def test_embedding_the_next_slice_ahead_keeps_the_calls_and_the_masks(slab, lite
     for ahead in (False, True):
         counting = Counting(litemedsam, volume)
         counting.embeds_ahead = ahead
-        maps, timings = pipeline.run(volume, counting, boxes, pipeline.Params(n_aug=3))
-        assert sorted(counting.calls) == pipeline.distinct_slices({"main": boxes}) == [0, 1, 2, 5, 6]
+        maps, timings = pipeline.run(volume, counting, [PromptSet("box3d", boxes)], pipeline.Params(n_aug=3))
+        assert sorted(counting.calls) == pipeline.distinct_slices(boxes) == [0, 1, 2, 5, 6]
         assert set(counting.calls.values()) == {1} and timings["encoder_seconds"] > 0
         runs[ahead] = maps
     for a, b in zip(runs[False], runs[True]):
@@ -108,9 +110,9 @@ def test_a_run_cancelled_while_a_slice_is_embedded_ahead_leaves_the_encoder_free
     steps = []
     progress = Progress(cancel=lambda: len(steps) >= 2, callback=lambda stage, done, total: steps.append(done))
     with pytest.raises(Cancelled):
-        pipeline.run(volume, litemedsam, boxes, pipeline.Params(n_aug=1), progress=progress)
+        pipeline.run(volume, litemedsam, [PromptSet("box3d", boxes)], pipeline.Params(n_aug=1), progress=progress)
     assert not [t for t in threading.enumerate() if t.name.startswith("ursam-encoder")]
-    maps, _ = pipeline.run(volume, litemedsam, boxes, pipeline.Params(n_aug=1))
+    maps, _ = pipeline.run(volume, litemedsam, [PromptSet("box3d", boxes)], pipeline.Params(n_aug=1))
     assert all(o.p_auto.max() > 0.5 for o in maps)
 
 def _boxes_and_regions(shape, rng, k):

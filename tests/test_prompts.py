@@ -5,16 +5,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from shared_data import HN
+
 from URSAMLib import pipeline
 from URSAMLib import prompt_modes as prompts
-from URSAMLib.atlas_prior import Prior
-from URSAMLib.boxes import OrganBox, load_boxes, save_boxes
+from URSAMLib.atlas_prior import Prior, warp_supports
+from URSAMLib.boxes import load_boxes, save_boxes
 from URSAMLib.errors import URSAMError
 from URSAMLib.imageio import read_ct, read_labels
-from URSAMLib.localize import localize
-from URSAMLib.evaluation.metrics import dice
+from URSAMLib.localizers import localize
+from URSAMLib.metrics import dice
+from URSAMLib.prompt_modes import PromptSet
 from URSAMLib.sam.views import SharedEmbeddings
 from URSAMLib.templates import Library
 
@@ -34,7 +35,7 @@ def hn(tmp_path_factory):
     ref, volume = read_ct(image)
     localization = localize(image, lib, workers=1, iterations=25)
     boxes = localization.boxes
-    priors, _ = localization.priors(ref)
+    priors = warp_supports(localization, ref).priors
     truth = read_labels(HN / "cases" / QUERY / "labels.nii.gz", ref)[1]
     return {"ref": ref, "volume": volume, "truth": truth, "boxes": boxes, "priors": priors,
             "size": ref.GetSize()}
@@ -137,7 +138,7 @@ def test_modes_encode_once_per_slice_and_propagate_stops_on_both_sides(hn, litem
         opts = prompts.PromptOptions(mode=mode)
         boxes, plan = prompts.make_prompts(organs, hn["priors"], opts, size)
         counting = CountingBackend(shared)
-        maps, timings = pipeline.run(hn["volume"], counting, boxes, pipeline.Params(n_aug=3), plan=plan)
+        maps, timings = pipeline.run(hn["volume"], counting, [PromptSet(mode, boxes, plan)], pipeline.Params(n_aug=3))
         # Once per distinct slice, and exactly the slices that got a prompt.
         prompted = set().union(*(set(o.box.prompt_slices) for o in maps))
         assert counting.calls and max(counting.calls.values()) == 1, mode
@@ -204,7 +205,7 @@ def test_zoomed_view_keeps_the_slice_geometry(hn, litemedsam):
         b.slice_boxes = {k: v for k, v in b.slice_boxes.items() if k in z}
     zoomed = ZoomedBackend(litemedsam, crop)
     before = litemedsam.encoder_calls
-    maps, timings = pipeline.run(hn["volume"], zoomed, boxes, pipeline.Params(n_aug=3))
+    maps, timings = pipeline.run(hn["volume"], zoomed, [PromptSet("slice", boxes)], pipeline.Params(n_aug=3))
     assert litemedsam.encoder_calls - before == 3 == timings["distinct_slices"]
     labels = pipeline.label_map(maps, "ensemble", shape)
     outside = np.ones(shape[1:], bool)

@@ -1,6 +1,7 @@
 """Property tests of the array-level functions: shapes kept, no NaN, boxes inside, extremes survive."""
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from URSAMLib.baselines import FnpcOptions, fnc, fpc, fpnc

@@ -1,8 +1,6 @@
 """Bad input gets one line naming the problem and the file, exit code 2, and no partial output."""
 import gzip
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +9,8 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from shared_data import ABD, case
+
 from URSAMLib.cli import main
 from URSAMLib.errors import URSAMError
 

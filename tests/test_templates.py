@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from shared_data import HN, case, names
+
 from URSAMLib.cli import main as ursam
 from URSAMLib.errors import URSAMError
 from URSAMLib.templates import Library
@@ -73,7 +73,7 @@ def test_labels_missing_a_requested_organ_is_a_clear_error(tmp_path, capsys):
     assert ursam(["templates", "check", str(lib), "--organs", "liver"]) == 2
     assert "organ 'liver' is not in the library's labels" in capsys.readouterr().err
     # The localizer refuses the same request before any registration.
-    from URSAMLib.localize import localize
+    from URSAMLib.localizers import localize
 
     with pytest.raises(URSAMError, match="no support scan of the library labels Larynx"):
         localize(case(HN, "pt_34")[0], lib, organs=["Larynx"])

@@ -1,4 +1,5 @@
-"""The atlas prior: the support labels warped into the query and fused into a vote fraction per organ.
+"""The atlas prior: the support labels warped into the query and fused into a vote fraction per organ; the
+classic multi-atlas segmentation of the same warped labels.
 
 :func:`warp_supports` is the step after localization: the deformable stage on
 top of the localizer's support registrations, then each support's labels
@@ -18,9 +19,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .errors import URSAMError
 from .progress import STAGE_DEFORM
 from .registration.deformable import DeformableOptions, refine_registrations
-from .registration.warp import atlas_labels, warp_labels
 
 if TYPE_CHECKING:
     from .localization import Localization
@@ -115,7 +116,7 @@ def fuse_priors(reference, registrations, library, values, names=None, local=Non
     values = [int(v) for v in values]
     parts, counts = {}, {v: 0 for v in values}
     for r in registrations:
-        warped = warp_labels(reference, r, by_id[r.case_id], values)
+        warped = warp_labels(reference, r, by_id[r.case_id].read_labels(), values)
         arr = _array(warped)  # a view: ``warped`` holds its voxels while it is used
         present = [v for v in values if v in r.points] if r.points else values
         for v in present:
@@ -196,6 +197,51 @@ def _array(image):
 
 
 # ----------------------------------------------------------------------------------------------
+# Warped labels and the classic multi-atlas segmentation
+
+def warp_labels(reference, registration, support_labels, values):
+    """A support's label map (only ``values``) resampled onto the query grid, nearest neighbour.
+
+    ``support_labels``: ``(image, array)`` of the support's label map, as
+    :meth:`URSAMLib.templates.Template.read_labels` gives them.
+    """
+    label_image, labels = support_labels
+    keep = np.where(np.isin(labels, list(values)), labels, 0).astype(np.uint16)
+    moving = sitk.GetImageFromArray(keep)
+    moving.CopyInformation(label_image)
+    return sitk.Resample(moving, reference, registration.transform, sitk.sitkNearestNeighbor, 0,
+                         sitk.sitkUInt16)
+
+
+#: how the warped support labels are combined into one label map
+LABEL_FUSIONS = ("vote", "staple")
+
+
+def atlas_labels(reference, registrations, library, values, fusion="vote"):
+    """Multi-atlas segmentation of the query: every support's labels warped, then fused.
+
+    The classic baseline without SAM (``ursam evaluate`` method ``atlas``).
+    ``fusion="vote"``: a voxel takes the label most supports give it,
+    background included; ties go to background. ``"staple"``: SimpleITK's
+    multi-label STAPLE (Warfield et al.), which weighs each support by its
+    estimated performance. Returns an int32 array [z, y, x] on ``reference``'s grid.
+    """
+    by_id = {t.case_id: t for t in library.templates()}
+    warped = [warp_labels(reference, r, by_id[r.case_id].read_labels(), values) for r in registrations]
+    if not warped:
+        raise URSAMError("no registered support scan to build the atlas from", library.meta_path)
+    if fusion not in LABEL_FUSIONS:
+        raise URSAMError(f"unknown label fusion {fusion!r}; choose one of {', '.join(LABEL_FUSIONS)}")
+    if len(warped) == 1:
+        voted = warped[0]
+    elif fusion == "staple":
+        voted = sitk.MultiLabelSTAPLE(warped, 0)
+    else:
+        voted = sitk.LabelVoting(warped, 0)
+    return sitk.GetArrayFromImage(voted).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
 # The step: the supports warped into one query
 
 @dataclass
@@ -221,7 +267,7 @@ class WarpedSupports:
     @classmethod
     def affine(cls, localization):
         """The localizer's own (affine) registrations, nothing warped yet: for the classic atlas baseline."""
-        return cls(list(localization.registrations), localization.library, localization.library_values(),
+        return cls(list(localization.registrations), localization.library, localization.library_values,
                    dict(localization.relabel), DeformableOptions(method="none"))
 
     def atlas(self, reference, fusion="vote"):
@@ -253,9 +299,10 @@ def warp_supports(localization: Localization, query, deformable=None, local=None
     into each organ's :class:`Prior`; ``local``: a :class:`LocalWeighting`
     for the locally weighted votes too.
 
-    ``query``: the query's voxels in HU as a SimpleITK image, on the grid the
-    priors are wanted on (the scan's canonical grid): the locally weighted
-    votes compare the supports' warped images with it.
+    ``query``: the query's voxels in HU as a float32 SimpleITK image on the
+    scan's canonical grid (:meth:`URSAMLib.orientation.CanonicalScan.hu_image`):
+    the deformable stage registers to it, the priors are on its grid, and the
+    locally weighted votes compare the supports' warped images with it.
     Returns a :class:`WarpedSupports`.
     """
     deformable = deformable or DeformableOptions(method="none")
@@ -264,10 +311,10 @@ def warp_supports(localization: Localization, query, deformable=None, local=None
     if deformable.method != "none":
         if progress is not None:
             progress.stage(f"{STAGE_DEFORM} ({deformable.method}, {len(regs)} support scans)")
-        regs = refine_registrations(localization.query, regs, localization.library, deformable, progress)
+        regs = refine_registrations(query, regs, localization.library, deformable, progress)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    values = localization.library_values()
+    values = localization.library_values
     priors = fuse_priors(query, regs, localization.library, values, local=local)
     priors = {localization.relabel.get(v, v): p for v, p in priors.items()}
     for v, p in priors.items():

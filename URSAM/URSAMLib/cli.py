@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from . import __version__
-from .errors import URSAMError, Cancelled
+from .errors import Cancelled, URSAMError
 
 #: modules that each add one subcommand: ``add_parser(subparsers)`` and ``main(args)``
 COMMAND_MODULES = [

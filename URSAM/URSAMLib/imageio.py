@@ -252,7 +252,7 @@ def read_scan(image, modality="auto", warn: Optional[Callable[[str], None]] = No
         scan = image
     else:
         reference, volume = read_ct(image)
-        scan = Scan(reference, volume, str(image), str(image))
+        scan = Scan(reference, volume, str(image), str(Path(image).absolute()))
     percentile = modality == "other" or (modality == "auto" and not looks_like_ct(scan.volume))
     if percentile and modality == "auto" and warn is not None:
         warn(f"{scan.name} does not look like a CT in HU (no air near -1000): CT windowing does not apply, "

@@ -8,17 +8,21 @@ labels into the query.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Union
 
 from .boxes import OrganBox
 from .errors import URSAMError
 
 if TYPE_CHECKING:
+    import SimpleITK as sitk
+
     from .registration.affine import SupportRegistration
     from .templates import Library
 
-#: METHOD.md §1: 2 slices in z, 10 px of SAM's 1024 grid in-plane
+#: METHOD.md §1: 2 slices in z, 10 px of SAM's 1024 grid in-plane (localized boxes)
 DEFAULT_MARGIN = (2, 10.0)
+#: boxes given (a box file, ROIs) are prompted as they are, unless a margin is asked for
+NO_MARGIN = (0, 0.0)
 
 
 def check_margin(margin):
@@ -56,29 +60,34 @@ class Localization:
     boxes: List[OrganBox]
     info: dict = field(default_factory=dict)
     #: the query as the localizer read it: a path, or a SimpleITK image in HU
-    query: object = None
+    query: Optional[Union[str, sitk.Image]] = None
     library: Optional[Library] = None
     registrations: Optional[List[SupportRegistration]] = None
     relabel: dict = field(default_factory=dict)
 
     @classmethod
-    def from_boxes(cls, boxes, source=None):
-        """Boxes from a box file or drawn by the user: nothing to warp."""
-        return cls(list(boxes), {"method": "boxes", **({"source": str(source)} if source else {})})
+    def from_boxes(cls, boxes, source=None, margin=NO_MARGIN):
+        """Boxes from a box file or drawn by the user (``margin`` added): nothing to warp."""
+        return cls(list(boxes), {"method": "boxes", **({"source": str(source)} if source else {}),
+                                 "margin_z_xy": [int(margin[0]), float(margin[1])]})
+
+    @property
+    def given(self):
+        """Whether the boxes were given (a box file, ROIs) rather than localized."""
+        return self.info.get("method") == "boxes"
+
+    @property
+    def margin(self):
+        """The margin its boxes carry: (slices in z, px of SAM's 1024 grid)."""
+        z, xy = self.info.get("margin_z_xy", NO_MARGIN)
+        return int(z), float(xy)
 
     @property
     def warps_labels(self):
         """Whether the support labels can be warped into the query (the registration localizer)."""
         return bool(self.registrations) and self.library is not None
 
-    def relabeled(self, relabel, keep=None):
-        """The same localization with the boxes' label values mapped by ``relabel`` (library value ->
-        new value); boxes whose new value is not in ``keep`` (if given) are left out."""
-        boxes = [OrganBox(relabel[b.label], b.name, list(b.min_ijk), list(b.max_ijk), list(b.notes),
-                          slice_boxes=b.slice_boxes)
-                 for b in self.boxes if b.label in relabel and (keep is None or relabel[b.label] in keep)]
-        return Localization(boxes, self.info, self.query, self.library, self.registrations, dict(relabel))
-
+    @property
     def library_values(self):
         """The library's label values of the boxes."""
         back = {v: k for k, v in self.relabel.items()}

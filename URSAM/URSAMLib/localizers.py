@@ -15,15 +15,18 @@ keeps the support registrations.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from .boxes import OrganBox, load_boxes
 from .errors import URSAMError
-from .localization import DEFAULT_MARGIN, Localization, check_margin
+from .localization import DEFAULT_MARGIN, NO_MARGIN, Localization, check_margin
 from .orientation import Orientation
 from .progress import STAGE_LOCALIZE, Progress
+from .templates import Library
 
 # ----------------------------------------------------------------------------------------------
 # Extreme points of the organs of a support
@@ -159,6 +162,7 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
 LOCALIZERS = {"registration": localize_registration}
 # METHOD.md §1's learned localizer (URSAMLib.medlam; torch is imported on its first use)
 from .medlam import localize_medlam  # noqa: E402
+
 LOCALIZERS["medlam"] = localize_medlam
 DEFAULT_LOCALIZER = "registration"
 
@@ -188,7 +192,6 @@ def localize(image, library, organs=None, method=DEFAULT_LOCALIZER, progress=Non
     included); ``info`` is JSON-ready: per-support registration seconds,
     the boxes before the margin, organs skipped (with the reason).
     """
-    from .templates import Library
 
     check_localizer(method)
     if not isinstance(library, Library):
@@ -201,38 +204,102 @@ def localize_library(source, scan, settings, progress=None):
 
     ``source``: a :class:`URSAMLib.runner.LibrarySource`; ``scan``: the run's
     :class:`URSAMLib.imageio.Scan` (the localizer reads ``scan.source``);
-    ``settings``: resolved (their localizer and margin). Fails where no organ
-    is localized, unless the source skips what is missing (then the
+    ``settings``: the run's (a margin of None is METHOD.md §1's). Fails where
+    no organ is localized, unless the source skips what is missing (then the
     localization has no boxes).
     """
     progress = progress or Progress()
-    if settings.prompts.mode != "box3d" and settings.localizer != "registration":
+    if settings.prompts.mode not in ("auto", "box3d") and settings.localizer != "registration":
         raise URSAMError(f"--prompts {settings.prompts.mode} needs --localizer registration "
                          "(the warped support labels)")
     progress.stage(STAGE_LOCALIZE)
     localization = localize(scan.source, source.library, organs=source.organs, method=settings.localizer,
-                            progress=progress, margin=settings.margin, missing=source.missing,
+                            progress=progress, margin=settings.margin or DEFAULT_MARGIN, missing=source.missing,
                             **dict(source.localizer_options or {}))
     if source.relabel is not None:
-        localization = localization.relabeled(source.relabel, keep=source.keep)
+        localization = relabeled(localization, source.relabel, source.keep)
     if not localization.boxes and source.missing != "skip":
         raise URSAMError("no organ could be localized from the template library",
                          getattr(localization.library, "path", None))
     return localization
 
 
-def boxes_localization(boxes, scan, settings, progress=None):
-    """The localization step of a run with given boxes: a box file (``boxes`` a path, voxel indices of the
-    image as stored) or boxes (ROIs), plus the settings' margin on the canonical slices (none where the
-    margin is left to the source). Nothing is warped."""
+def relabeled(localization, relabel, keep=None):
+    """The same localization with the boxes' label values mapped by ``relabel`` (library value -> new
+    value); boxes whose new value is not in ``keep`` (if given) are left out."""
+    boxes = [OrganBox(relabel[b.label], b.name, list(b.min_ijk), list(b.max_ijk), list(b.notes),
+                      slice_boxes=b.slice_boxes)
+             for b in localization.boxes if b.label in relabel and (keep is None or relabel[b.label] in keep)]
+    return Localization(boxes, localization.info, localization.query, localization.library,
+                        localization.registrations, dict(relabel))
+
+
+def given_boxes(boxes, scan, margin=None, progress=None):
+    """The localization step of a run with boxes given: a box file (``boxes`` a path, voxel indices of the
+    image as stored) or boxes (ROIs), plus ``margin`` on the canonical slices (None: none). Nothing is
+    warped."""
     progress = progress or Progress()
+    margin = margin or NO_MARGIN
     path = None
     if isinstance(boxes, (str, Path)):
         path = Path(boxes).absolute()
         boxes = load_boxes(boxes, scan.reference.GetSize(), warn=progress.warn)
     boxes = list(boxes)
-    margin = settings.resolved(boxes).margin
-    if margin != (0, 0.0):
+    if margin != NO_MARGIN:
         orientation = Orientation.of(scan.reference)  # the margin is on the slices SAM sees
         boxes = [orientation.add_margin(b, margin[0], margin[1]) for b in boxes]
-    return Localization.from_boxes(boxes, path)
+    return Localization.from_boxes(boxes, path, margin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a run's organs come from
+
+@dataclass
+class LibrarySource:
+    """Organs localized from a template library.
+
+    ``organs``: names or label values (None: all of the library);
+    ``localizer_options``: the localizer's own options beyond the settings
+    (support workers, the MedLAM checkpoint); ``missing``: "error" (an organ
+    no support labels fails the run) or "skip" (it is left out, and a scan
+    where none is localized gives no segmentation); ``relabel``: library
+    value -> the value the boxes get (an evaluation dataset numbers its
+    organs its own way), ``keep``: only the organs of these new values.
+    """
+    library: Union[str, Path, Library]
+    organs: Optional[Union[str, Sequence]] = None
+    localizer_options: dict = field(default_factory=dict)
+    missing: str = "error"
+    relabel: Optional[Dict[int, int]] = None
+    keep: Optional[set] = None
+
+    def __post_init__(self):
+        if not isinstance(self.library, Library):
+            self.library = Library(self.library)  # read (and checked) once, where the job is made
+
+    def localize(self, scan, settings, progress):
+        """The organs of ``scan`` (a :class:`URSAMLib.imageio.Scan`) from the library: a
+        :class:`URSAMLib.localization.Localization` (:func:`URSAMLib.localizers.localize_library`)."""
+        return localize_library(self, scan, settings, progress)
+
+    def describe(self, localization):
+        """What report.json says of the source."""
+        return {"templates": str(Path(localization.library.path).absolute()), "localization": localization.info}
+
+
+@dataclass
+class BoxSource:
+    """Organ boxes given: a box file (voxel indices of the image as stored), or boxes (ROIs). They keep their
+    own prompts: nothing is warped."""
+    boxes: Union[str, Path, List[OrganBox]]
+
+    def localize(self, scan, settings, progress):
+        """The boxes on ``scan`` with the settings' margin: a :class:`URSAMLib.localization.Localization`
+        (:func:`URSAMLib.localizers.given_boxes`)."""
+        return given_boxes(self.boxes, scan, settings.margin, progress)
+
+    def describe(self, localization):
+        """What report.json says of the source."""
+        if isinstance(self.boxes, (str, Path)):
+            return {"boxes": str(Path(self.boxes).absolute())}
+        return {"boxes": [b.to_json() for b in localization.boxes]}

@@ -17,9 +17,9 @@ import numpy as np
 
 from . import terminology
 from .atomic import atomic_path, atomic_write_text, staged_dir
+from .boxes import save_boxes
 from .errors import URSAMError
 from .imageio import write_image
-from .progress import STAGE_WRITE, Progress
 from .review import flagged_components
 
 #: what every run writes into its output folder
@@ -151,18 +151,17 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def write_results(result, out_dir, overwrite=False, progress=None, extra_files=None, extra_report=None,
-                  started=None):
+def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_report=None, started=None):
     """Write every output of a run (:data:`OUTPUT_FILES`) of ``result`` (a
     :class:`URSAMLib.result.SegmentationResult`) into ``out_dir``, atomically as a folder.
 
-    ``extra_files``: ``{name: writer(path)}`` of more files (boxes.json);
-    ``extra_report``: more keys for report.json; ``started``: the run's
+    ``boxes_info``: where the organs were localized, a box file
+    ``boxes.json`` is written too, with this JSON beside the boxes each
+    organ was prompted with (so that propagate's file holds the boxes it
+    chose on each slice); ``extra_report``: more keys for report.json; ``started``: the run's
     ``time.perf_counter()`` at its start: report.json's ``total_seconds``
     then covers every step, writing included.
     """
-    progress = progress or Progress()
-    progress.stage(STAGE_WRITE)
     t0 = time.perf_counter()
     ensemble = result.label_map("ensemble")
     rectified = result.label_map()
@@ -176,8 +175,8 @@ def write_results(result, out_dir, overwrite=False, progress=None, extra_files=N
         write_image(rectified, ref, stage / "rectified.nii.gz")
         write_seg_nrrd(rectified, ref, names, stage / "rectified.seg.nrrd")
         write_overview(result.volume, rectified, u_full, names, stage / "overview.png")
-        for name, writer in (extra_files or {}).items():
-            writer(stage / name)
+        if boxes_info is not None:
+            save_boxes(result.boxes, stage / "boxes.json", extra=boxes_info)
         components = flagged_components(unc_labels, u_full, names, result.voxel_ml,
                                         error_probability=result.error_map())
         result.timings["write_seconds"] = time.perf_counter() - t0
@@ -189,5 +188,4 @@ def write_results(result, out_dir, overwrite=False, progress=None, extra_files=N
             organ["flagged_regions"] = sum(c.label == organ["label"] for c in components)
         report.update(extra_report or {})
         write_json(report, stage / "report.json")
-    progress.done()
     return out_dir

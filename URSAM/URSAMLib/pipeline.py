@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 import numpy as np
 
 from . import baselines
+from .baselines import FnpcOptions
 from .errors import URSAMError
 from .fusion import DEFAULT_REVIEW_BUDGET, Evidence, expected_errors, fuse
-from .prompt_augmentation import augment_box, organ_rngs, shift_box
 from .progress import STAGE_EMBED, STAGE_RECTIFY, Progress
+from .prompt_augmentation import augment_box, organ_rngs, shift_box
 from .rectification import RectifyOptions, atlas_rectified, rectify
 from .sam.views import EmbedAhead
-from .baselines import FnpcOptions
 from .uncertainty import binary_entropy
 
 if TYPE_CHECKING:

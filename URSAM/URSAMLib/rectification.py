@@ -12,7 +12,7 @@ decide beside the intensity: "Algorithm 1 with the atlas prior".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np

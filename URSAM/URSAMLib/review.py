@@ -6,7 +6,7 @@ the Slicer module shows them as the rows of its review table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage

@@ -20,7 +20,6 @@ from .pipeline import Params
 from .prompt_modes import AUTO, PromptOptions, default_mode
 from .registration.deformable import DeformableOptions
 
-
 #: Params fields that change how fast a run is, never its masks
 SPEED_ONLY_PARAMS = ("decode_batch",)
 
@@ -45,16 +44,18 @@ class Settings:
         check_localizer(self.localizer)
         return self
 
-    def resolved(self, boxes=None):
+    def resolved(self, localization=None):
         """These settings with the source's defaults in place of "auto" and None, checked: the prompt mode
-        (:func:`URSAMLib.prompt_modes.default_mode`) and the margin. ``boxes``: those of a box file or
-        ROIs; None for boxes a localizer will find."""
+        (:func:`URSAMLib.prompt_modes.default_mode`: a box file's own prompts) and the margin (the one the
+        boxes carry). ``localization``: the run's :class:`URSAMLib.localization.Localization`; None: what a
+        run with a template library would resolve to."""
+        given = localization is not None and localization.given
         mode = self.prompts.mode
         if mode == AUTO:
-            mode = default_mode(self.localizer, boxes)
+            mode = default_mode(self.localizer, localization.boxes if given else None)
         margin = self.margin
         if margin is None:
-            margin = DEFAULT_MARGIN if boxes is None else (0, 0.0)
+            margin = localization.margin if localization is not None else DEFAULT_MARGIN
         return replace(self, prompts=replace(self.prompts, mode=mode), margin=margin).check()
 
     def with_mode(self, mode):

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write_text
 from .errors import URSAMError
 from .imageio import IMAGE_SUFFIXES, check_volume, read_image, read_labels
-from .atomic import atomic_write_text
 
 #: name patterns of a case's files, in the order they are looked for
 IMAGE_NAMES = tuple(f"image{s}" for s in IMAGE_SUFFIXES if s != ".dcm")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
+import slicer
 import vtk
 
-import slicer
 from URSAMLib.boxes import OrganBox, clip_box
 from URSAMLib.errors import URSAMError
 from URSAMLib.outputs import ijk_to_lps

@@ -28,12 +28,12 @@ from URSAMLib import terminology
 from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.localization import Localization
 from URSAMLib.progress import STAGE_RECTIFY, STAGE_WRITE, Progress
+from URSAMLib.result import SegmentationResult
 
 from . import display, jobs, outputs, review, segmentations, worker
-from .geometry import boxFromRoi, ijkToFrameOf, ijkToRas, placeRoi, snapshotVolume
+from .geometry import VolumeSnapshot, boxFromRoi, ijkToFrameOf, ijkToRas, placeRoi, snapshotVolume
 from .geometry import worldToLocal as geometryWorldToLocal
 from .options import RunOptions
-
 
 #: the RunOptions that Rectify may change (the others need a new SAM run)
 RECTIFY_FIELDS = ("thresholdScope", "lowerBound", "alphaH", "fixedThreshold", "minComponentVoxels", "atlasPrior",
@@ -43,7 +43,7 @@ RECTIFY_FIELDS = ("thresholdScope", "lowerBound", "alphaH", "fixedThreshold", "m
 @dataclass
 class SegmentJob:
     """Everything a segmentation run needs, copied from the scene (prepare step)."""
-    snapshot: object
+    snapshot: VolumeSnapshot
     options: RunOptions
     boxes: list = None  # OrganBox from ROIs; None: localize from ``library``
     library: str = None
@@ -56,7 +56,7 @@ class SegmentJob:
 class SegmentComputed:
     """A finished computation, not yet in the scene (the compute step's result)."""
     job: SegmentJob
-    result: object  # URSAMLib.segment.SegmentationResult
+    result: SegmentationResult
     localized: list = None  # boxes from the localizer, when it ran
     localizeInfo: dict = None
     maps: dict = field(default_factory=dict)
@@ -67,7 +67,7 @@ class SegmentComputed:
 
 @dataclass
 class LocalizeJob:
-    snapshot: object
+    snapshot: VolumeSnapshot
     library: str
     organs: list
     options: RunOptions
@@ -570,6 +570,7 @@ class URSAMProcessLogic:
         import tempfile
 
         import SimpleITK as sitk
+
         from URSAMLib.templates import open_or_create
 
         snapshot = snapshotVolume(inputVolume)

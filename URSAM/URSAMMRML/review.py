@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import vtk
+
 from URSAMLib.review import Component, component_mask, flagged_components, organ_statistics  # noqa: F401
 
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import slicer
 import vtk
 from vtk.util import numpy_support
 
-import slicer
 from URSAMLib import terminology
 
 from .geometry import arrayToMatrix, matrixToArray
@@ -286,15 +286,3 @@ def contentHash(segmentationNode):
         digest.update(geometry.tobytes())
         digest.update(np.packbits(mask[bounds]).tobytes())
     return digest.hexdigest()
-
-
-def labelmapFromSegmentation(segmentationNode, ijkToRasArray, shapeZyx, organs):
-    """A label map [z, y, x] on the input grid from segments (by organ), e.g. to save as a template."""
-    region = tuple(slice(0, s) for s in shapeZyx)
-    out = np.zeros(shapeZyx, np.uint16)
-    for label, name in organs:
-        segmentId = findOrganSegment(segmentationNode, name)
-        if segmentId is None:
-            continue
-        out[segmentMask(segmentationNode, segmentId, ijkToRasArray, region)] = label
-    return out

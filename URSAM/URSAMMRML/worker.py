@@ -44,16 +44,22 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import SimpleITK as sitk
 
 from URSAMLib.calibration.file import find_calibration
 from URSAMLib.errors import URSAMError
 from URSAMLib.imageio import Scan
+from URSAMLib.localizers import BoxSource, LibrarySource
 from URSAMLib.progress import Progress
-from URSAMLib.runner import BoxSource, LibrarySource, ScanJob, run_scan
+from URSAMLib.result import SegmentationResult
+from URSAMLib.runner import ScanJob, run_scan
 from URSAMLib.sam import BackendOptions
 from URSAMLib.templates import Library
+
+from .options import RunOptions
 
 JOB_FILE = "job.json"
 INPUT_FILE = "input.nrrd"
@@ -74,8 +80,9 @@ class Job:
     task: str
     name: str
     volume: np.ndarray  # float32 [z, y, x]
-    image: object  # SimpleITK float32 image of ``volume`` on the input's grid (what the localizer reads)
-    options: object  # RunOptions
+    #: float32 image of ``volume`` on the input's grid (what the localizer reads)
+    image: sitk.Image
+    options: RunOptions
     boxes: list = None  # OrganBox from ROIs; None: localize from ``library``
     library: str = None
     organs: list = None
@@ -95,7 +102,8 @@ class Outcome:
     task: str
     localized: list = None
     localizeInfo: dict = None
-    result: object = None  # URSAMLib.segment.SegmentationResult, without .volume and .reference
+    #: without its ``volume`` and ``reference``, which the logic has already
+    result: Optional[SegmentationResult] = None
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
 

@@ -7,8 +7,8 @@ conversions need the latter); the three slice views' slice and composite nodes.
 import hashlib
 
 import numpy as np
-
 import slicer
+
 from URSAMMRML import geometry, segmentations
 
 

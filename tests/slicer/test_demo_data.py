@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import slicer
 from slicer_scene import SlicerApp
+
 from URSAMLib.evaluation.demo import make_demo_data
 from URSAMLib.templates import Library
 from URSAMMRML import demo, geometry

@@ -2,9 +2,9 @@
 import sys
 
 import pytest
+import slicer
 from packaging.requirements import Requirement
 
-import slicer
 from URSAMMRML import dependencies
 
 

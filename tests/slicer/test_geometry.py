@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import slicer
+
 from URSAMLib.boxes import OrganBox
 from URSAMLib.errors import URSAMError
 from URSAMMRML import geometry

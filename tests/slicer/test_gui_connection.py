@@ -13,6 +13,7 @@ live in a real MRML parameter node of a real scene (slicer-core).
 import pytest
 import slicer
 import vtk
+
 from URSAMMRML.guiconnection import GuiConnection, connectGui
 from URSAMMRML.parameters import panelParameters
 

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
-
 import slicer
 from slicer_scene import SlicerApp
+
 from URSAMLib.boxes import box_iou, boxes_from_labels
 from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.templates import Library

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from scipy import ndimage
-
 import slicer
+from scipy import ndimage
 from slicer_scene import SlicerApp, full_mask, voxel_hash
+
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import Cancelled, URSAMError
 from URSAMMRML import geometry, outputs, review, segmentations

@@ -9,10 +9,10 @@ physical position (nearest voxel: exact, the grids share their voxel centres).
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import slicer
 from slicer_scene import SlicerApp, full_mask
-from URSAMLib.evaluation.metrics import dice
+
+from URSAMLib.metrics import dice
 from URSAMMRML import geometry
 from URSAMMRML.logic import URSAMProcessLogic
 

@@ -8,12 +8,12 @@ moves every support label out of the scan (2 of 6 runs), and the organs then fal
 """
 import numpy as np
 import pytest
-
 import slicer
 from slicer_scene import SlicerApp, full_mask, voxel_hash
+
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
-from URSAMLib.evaluation.metrics import dice
+from URSAMLib.metrics import dice
 from URSAMLib.progress import STAGE_DEFORM
 from URSAMMRML import geometry
 from URSAMMRML.logic import RunOptions, URSAMProcessLogic

@@ -2,6 +2,7 @@
 import unittest
 
 import pytest
+
 from URSAMMRML.selftest import runEach
 
 

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 import slicer
+
 from URSAMLib import terminology
 from URSAMMRML import segmentations
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import slicer
 from slicer_scene import SlicerApp, full_mask, voxel_hash
+
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.progress import STAGE_EMBED, STAGE_MODEL, STAGE_WRITE, stage_of

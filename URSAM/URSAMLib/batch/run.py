@@ -20,10 +20,12 @@ from pathlib import Path
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..boxes import load_boxes
+from ..calibration.file import find_calibration
 from ..errors import URSAMError
+from ..localization import NO_MARGIN, Localization
+from ..localizers import BoxSource
 from ..progress import Progress
-from ..runner import BoxSource, ScanJob, run_scan
-from ..sam import BackendOptions
+from ..runner import ScanJob, run_scan
 from ..templates import Library
 from .executor import one_line, worker_backend
 from .scans import scan_digest
@@ -35,7 +37,6 @@ class ScanTask:
     """One scan's work as it travels to a worker."""
     id: str
     job: ScanJob
-    backend: BackendOptions
     digest: str
 
 
@@ -58,7 +59,7 @@ def segment_task(task):
     progress.warn = progress.warnings.append  # the warnings go into report.json, not the worker's log
     job = replace(task.job, extra_report={"batch": {"id": task.id, "hash": task.digest}})
     try:
-        run_scan(job, lambda percentile: worker_backend(task.backend, percentile), progress)
+        run_scan(job, lambda percentile: worker_backend(job.backend, percentile), progress)
         report = json.loads((Path(task.job.out) / "report.json").read_text(encoding="utf-8"))
     except URSAMError as err:
         return {"status": "failed", "error": str(err)}
@@ -141,33 +142,37 @@ def _run(pending, executor, rows, failed, result, write, progress, total):
             bar.close()
 
 
-def run_batch(scans, out, executor, template_job, backend, overwrite=False, progress=None, source=None):
+def run_batch(scans, out, executor, template_job, overwrite=False, progress=None, source=None):
     """Segment ``scans`` (:class:`URSAMLib.batch.scans.Scan`) into ``out`` on ``executor``.
 
     ``executor``: a :class:`URSAMLib.batch.executor.Executor`, not yet
     started: it starts only where some scan has to run. ``template_job``: a
     :class:`URSAMLib.runner.ScanJob` with what every scan shares (the
     source: a template library, or boxes that each scan's own box file
-    replaces; the settings; the calibration; the modality); each scan's
-    image, labels, box file and folder fill it in. ``backend``: the
-    :class:`URSAMLib.sam.BackendOptions` each worker loads once. Returns a
-    :class:`BatchResult`.
+    replaces; the settings; the calibration; the modality; the SAM model,
+    which each worker loads once); each scan's image, labels, box file and
+    folder fill it in. The calibration is read here, once: a bad file is one
+    error before any scan. Returns a :class:`BatchResult`.
     """
     progress = progress or Progress()
     out = Path(out).absolute()
     settings = template_job.settings
+    backend = template_job.backend
     from_library = template_job.from_library
     common = {"ursam_version": __version__, "backend": backend.to_json(), "modality": template_job.modality}
     if from_library:
         lib_source = template_job.source
         lib = lib_source.library if isinstance(lib_source.library, Library) else Library(lib_source.library)
+        calibration = find_calibration(lib, template_job.calibration, progress, template_job.use_calibration,
+                                       settings.warps_labels())
+        template_job = replace(template_job, calibration=calibration, use_calibration=calibration is not None)
         if lib_source.organs:
             lib.resolve_organs(lib_source.organs)
         common["organs"] = lib_source.organs
         common["localizer_options"] = {k: v for k, v in lib_source.localizer_options.items() if k != "workers"}
         common["templates"] = {"path": str(Path(lib.path).absolute()), "sha256": lib.digest()}
         common["settings"] = settings.resolved().result_json()
-        common["calibration"] = _calibration_json(template_job.calibration)
+        common["calibration"] = _calibration_json(calibration)
         with_boxes = [s.id for s in scans if s.boxes]
         if with_boxes:
             raise URSAMError(f"the manifest gives box files ({', '.join(with_boxes[:3])}) and --templates is "
@@ -195,7 +200,8 @@ def run_batch(scans, out, executor, template_job, backend, overwrite=False, prog
                       source=template_job.source if from_library else BoxSource(scan.boxes))
         try:
             scan_common = common if from_library else {
-                **common, "settings": settings.resolved(load_boxes(scan.boxes)).result_json()}
+                **common, "settings": settings.resolved(Localization.from_boxes(
+                    load_boxes(scan.boxes), margin=settings.margin or NO_MARGIN)).result_json()}
             digest = scan_digest(scan, scan_common)
         except URSAMError as err:
             failed[scan.id] = {"id": scan.id, "image": scan.image, "error": str(err)}
@@ -205,7 +211,7 @@ def run_batch(scans, out, executor, template_job, backend, overwrite=False, prog
             rows[scan.id] = rows_from_report(scan.id, report, "done before")
             result.done_before.append(scan.id)
         else:
-            pending.append(ScanTask(scan.id, job, backend, digest))
+            pending.append(ScanTask(scan.id, job, digest))
     order = [s.id for s in scans]
     header = {"input": str(source) if source else "", "backend": backend.name, "settings_hash": config["settings_hash"]}
 

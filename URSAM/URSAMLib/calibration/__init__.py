@@ -1,2 +1,2 @@
-"""The fusion's calibration: the file (:mod:`.file`), the leave-one-out runs (:mod:`.runs`), the fit of each
-organ (:mod:`.fit`), and making one (:func:`.calibrate.calibrate`, ``ursam templates calibrate``)."""
+"""The fusion's calibration: the file a library's calibration is kept in (:mod:`.file`) and the statistical fit of
+each organ (:mod:`.fit`). Making one: :mod:`URSAMLib.calibrate`."""

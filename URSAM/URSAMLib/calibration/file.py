@@ -4,7 +4,7 @@ What the calibration chose per organ (its :class:`URSAMLib.fusion.OrganFusion`
 and ablations), the leave-one-out Dice of every source and of the fused
 result, the review budget its flag thresholds were fitted for, and how it was
 made. :func:`find_calibration` is the one rule for which calibration a run
-uses. Making one: :func:`URSAMLib.calibration.calibrate.calibrate`.
+uses. Making one: :func:`URSAMLib.calibrate.calibrate`.
 """
 from __future__ import annotations
 
@@ -105,15 +105,17 @@ class Calibration:
 
 
 def find_calibration(library, path=None, progress=None, use=True, fuses=True):
-    """The calibration a run on this library uses: ``path`` if given, else the library's own
-    ``calibration.json``; None (with a warning) where there is none, or too few supports for one.
+    """The calibration a run on this library uses: ``path`` if given (a file, or a :class:`Calibration`
+    already read), else the library's own ``calibration.json``; None (with a warning) where there is none,
+    or too few supports for one.
 
     ``use``: False for an uncalibrated run (--no-calibration, the paper's
     pipeline); ``fuses``: whether the run warps the support labels the fusion
     needs (:meth:`URSAMLib.settings.Settings.warps_labels`). A file given is
     read either way, before any registration, so that a bad one fails at once.
     """
-    given = Calibration.load(path) if path is not None and use else None
+    given = (path if isinstance(path, Calibration) else Calibration.load(path)) if path is not None and use \
+        else None
     if not use or not fuses:
         return None
     if given is not None:

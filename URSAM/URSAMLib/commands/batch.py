@@ -7,11 +7,17 @@ from pathlib import Path
 from ..batch.run import run_batch
 from ..batch.scans import find_scans
 from ..progress import Progress
-from ..runner import BoxSource, LibrarySource, ScanJob
-from .options import (TEMPLATES_HELP, add_calibration_options, add_executor_options, add_localizer_options,
-                      add_method_options, add_prompt_options, add_sam_options, backend_options_from_args,
-                      calibration_from_args, check_source_options, executor_from_args, localizer_options,
-                      settings_from_args)
+from .options import (
+    TEMPLATES_HELP,
+    add_calibration_options,
+    add_executor_options,
+    add_localizer_options,
+    add_method_options,
+    add_prompt_options,
+    add_sam_options,
+    executor_from_args,
+    job_from_args,
+)
 
 
 def add_parser(sub):
@@ -50,23 +56,14 @@ def main(args):
     scans = find_scans(args.input, skipped)
     for path, why in skipped:
         progress.info(f"skipped {path}: {why}")
-    check_source_options(args)
-    settings = settings_from_args(args)
-    if args.templates:
-        source = LibrarySource(args.templates, args.organs, localizer_options(args))
-    else:
-        source = BoxSource([])  # each scan's own box file
-    # the calibration is read once here: a bad file is one error before any scan
-    template = ScanJob("", source, settings, calibration_from_args(args, settings, progress),
-                       modality=args.modality, atlas_prior_asked=args.atlas_prior == "on")
-    backend = backend_options_from_args(args)
+    template = job_from_args(args)  # each scan fills in its image, box file, labels and folder
     if args.device not in ("auto", "cpu") and not args.scheduler:
         from ..sam.backends import resolve_device  # imports torch: only where a GPU is named
 
         resolve_device(args.device)  # a device this machine lacks is a bad argument, not a failure of every scan
     try:
-        result = run_batch(scans, args.out, executor, template, backend, overwrite=args.overwrite,
-                           progress=progress, source=Path(args.input).absolute())
+        result = run_batch(scans, args.out, executor, template, overwrite=args.overwrite, progress=progress,
+                           source=Path(args.input).absolute())
     except KeyboardInterrupt:
         print("ursam: interrupted; the finished scans are kept in the output folder: rerun to resume",
               file=sys.stderr, flush=True)

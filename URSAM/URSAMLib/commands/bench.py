@@ -3,8 +3,8 @@ n=1 vs n=3)."""
 from __future__ import annotations
 
 from ..errors import URSAMError
-from ..sam import ENCODER_PATHS
 from ..progress import Progress
+from ..sam import ENCODER_PATHS
 from .options import add_method_options, add_prompt_options, add_sam_options, settings_from_args
 
 

@@ -6,9 +6,19 @@ from ..evaluation.evaluate import ALL_METHODS, evaluate, markdown_table, parse_m
 from ..progress import Progress
 from ..prompt_modes import default_mode, parse_modes
 from ..templates import Library
-from .options import (add_calibration_options, add_executor_options, add_localizer_options, add_method_options,
-                      add_prompt_options, add_sam_options, backend_options_from_args, executor_from_args,
-                      localizer_options, settings_from_args, uses_calibration)
+from .options import (
+    add_calibration_options,
+    add_executor_options,
+    add_localizer_options,
+    add_method_options,
+    add_prompt_options,
+    add_sam_options,
+    backend_options_from_args,
+    executor_from_args,
+    localizer_options,
+    settings_from_args,
+    uses_calibration,
+)
 
 
 def add_parser(sub):

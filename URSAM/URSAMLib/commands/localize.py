@@ -5,10 +5,11 @@ from dataclasses import replace
 
 from ..boxes import save_boxes
 from ..localization import parse_margin
+from ..localizers import LibrarySource
 from ..progress import Progress
 from ..prompt_modes import PromptOptions, default_mode, prompt_set
 from ..registration.deformable import DeformableOptions
-from ..runner import LibrarySource, ScanJob, run_scan
+from ..runner import ScanJob, run_scan
 from ..settings import Settings
 from .options import add_localizer_options, add_prompt_options, localizer_options
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..calibration.file import find_calibration
 from ..errors import URSAMError
 from ..localization import DEFAULT_MARGIN, parse_margin
-from ..localizers import DEFAULT_LOCALIZER, LOCALIZERS
+from ..localizers import DEFAULT_LOCALIZER, LOCALIZERS, BoxSource, LibrarySource
 from ..pipeline import Params
 from ..prompt_modes import AUTO, DEFAULT_MODE, MODES, ZOOMS, PromptOptions
 from ..rectification import LOWER_BOUNDS, SCOPES, RectifyOptions
 from ..registration.deformable import METHODS, DeformableOptions
+from ..runner import ScanJob
 from ..sam import BACKEND_NAMES, DEFAULT_BACKEND, DEFAULT_DEVICE, ENCODER_PATHS, BackendOptions, describe_paths
 from ..settings import Settings
-from ..templates import Library
 
 TEMPLATES_HELP = "template library: dataset.json + cases/<id>/image.* and labels.*"
 
@@ -245,11 +244,16 @@ def check_source_options(args):
             raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
 
 
-def calibration_from_args(args, settings, progress=None):
-    """The calibration a run of these options fuses with (:func:`URSAMLib.calibration.file.find_calibration`):
-    --calibration FILE, else the library's own; None with --no-calibration, --paper, without a library, or where
-    the run warps no support labels. A file given is read here, before any registration."""
-    if not args.templates:
-        return None
-    return find_calibration(Library(args.templates), args.calibration, progress, use=uses_calibration(args),
-                            fuses=settings.warps_labels())
+# ----------------------------------------------------------------------------------------------
+# The scan job of ``ursam segment``
+
+def job_from_args(args):
+    """The :class:`URSAMLib.runner.ScanJob` of ``ursam segment``'s (and ``ursam batch``'s) options; a batch
+    fills in each scan's image, box file, reference and folder."""
+    check_source_options(args)
+    source = LibrarySource(args.templates, args.organs, localizer_options(args)) if args.templates else \
+        BoxSource(getattr(args, "boxes", None))
+    return ScanJob(getattr(args, "image", ""), source, settings_from_args(args), args.calibration,
+                   uses_calibration(args), backend_options_from_args(args), modality=args.modality,
+                   reference=getattr(args, "reference", None), out=args.out, overwrite=args.overwrite,
+                   atlas_prior_asked=args.atlas_prior == "on", quiet=args.quiet)

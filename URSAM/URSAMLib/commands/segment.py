@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from ..metrics import format_dice_table
-from ..progress import Progress
-from ..runner import BoxSource, LibrarySource, ScanJob, run_scan
-from .options import (add_calibration_options, add_localizer_options, add_method_options, add_prompt_options,
-                      add_sam_options, backend_options_from_args, calibration_from_args, check_source_options,
-                      localizer_options, settings_from_args)
+from ..runner import run_scan
+from .options import (
+    add_calibration_options,
+    add_localizer_options,
+    add_method_options,
+    add_prompt_options,
+    add_sam_options,
+    job_from_args,
+)
 
 
 def add_parser(sub):
@@ -32,30 +36,13 @@ def add_parser(sub):
     return p
 
 
-def job_from_args(args, progress=None):
-    """The :class:`URSAMLib.runner.ScanJob` of ``ursam segment``'s arguments (its calibration read, so that a
-    bad file fails before any registration)."""
-    check_source_options(args)
-    settings = settings_from_args(args)
-    if args.templates:
-        source = LibrarySource(args.templates, args.organs, localizer_options(args))
-    else:
-        source = BoxSource(args.boxes)
-    return ScanJob(args.image, source, settings, calibration_from_args(args, settings, progress),
-                   modality=args.modality, reference=args.reference, out=args.out, overwrite=args.overwrite,
-                   atlas_prior_asked=args.atlas_prior == "on")
-
-
 def main(args):
-    progress = Progress(quiet=args.quiet)
-    backend = backend_options_from_args(args)
-    job = job_from_args(args, progress)
-    outcome = run_scan(job, backend.make, progress)
+    job = job_from_args(args)
+    outcome = run_scan(job)
     if outcome.dice_table:
         print(format_dice_table(outcome.dice_table))
     if not args.quiet:
-        result = outcome.result
-        t = result.timings
-        print(f"wrote {len(result.boxes)} organs to {args.out} in {t['total_seconds']:.1f} s "
+        t = outcome.result.timings
+        print(f"wrote {len(outcome.result.boxes)} organs to {args.out} in {t['total_seconds']:.1f} s "
               f"({t['distinct_slices']} slices, {t['encoder_calls']} encoder calls)")
     return 0

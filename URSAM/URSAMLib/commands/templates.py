@@ -4,14 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..boxes import read_names
-from ..calibration.calibrate import calibrate
+from ..calibrate import calibrate
 from ..calibration.file import CANDIDATE_MODES, find_calibration
 from ..errors import URSAMError
 from ..fusion import DEFAULT_REVIEW_BUDGET
 from ..progress import Progress
 from ..prompt_modes import parse_modes
 from ..templates import Library
-from .options import add_method_options, add_prompt_options, add_sam_options, backend_options_from_args, settings_from_args
+from .options import (
+    add_method_options,
+    add_prompt_options,
+    add_sam_options,
+    backend_options_from_args,
+    settings_from_args,
+)
 
 
 def add_parser(sub):

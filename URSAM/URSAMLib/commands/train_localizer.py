@@ -118,9 +118,9 @@ def add_parser(sub):
 def main(args):
     import torch
 
-    from ..progress import Progress
     from ..medlam.network import NetConfig
     from ..medlam.training import TrainSettings, train
+    from ..progress import Progress
 
     progress = Progress(quiet=args.quiet)
     for name in ("batch_size", "patches_per_scan", "save_every", "log_every"):

@@ -36,11 +36,12 @@ import torch
 
 from .. import pipeline
 from ..imageio import read_ct, read_labels
+from ..localizers import BoxSource, LibrarySource
 from ..metrics import dice
 from ..outputs import write_results
 from ..progress import Progress
 from ..prompt_augmentation import augment_box, organ_rngs
-from ..runner import BoxSource, LibrarySource, ScanJob, run_scan
+from ..runner import ScanJob, run_scan
 from ..sam.backends import one_torch_thread
 from ..sam.fast_encoder import AUTO_ORDER, available_paths
 from ..segment import segment
@@ -145,7 +146,7 @@ def whole_run(outcome, backend, settings, out_root, tag):
     canonical = outcome.canonical
     boxes = [canonical.box_to_canonical(b) for b in outcome.localization.boxes]
     result = segment(canonical, boxes, outcome.warped, backend, settings, progress=Progress(quiet=True)).result
-    write_results(result, Path(out_root) / tag, overwrite=False, progress=Progress(quiet=True))
+    write_results(result, Path(out_root) / tag, overwrite=False)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     result.timings["encoder_calls"] = backend.encoder_calls - calls0  # this run's, not the backend's total
     return seconds, cpu, backend.encoder_calls - calls0, result

@@ -22,13 +22,14 @@ from pathlib import Path
 from .. import pipeline
 from ..atlas_prior import WarpedSupports
 from ..atomic import atomic_write_text
-from ..calibration.calibrate import calibrate as calibrate_library
+from ..calibrate import calibrate as calibrate_library
 from ..errors import URSAMError
 from ..imageio import read_labels
+from ..localizers import LibrarySource
 from ..metrics import dice
 from ..outputs import check_output_dir
 from ..progress import STAGE_MODEL, Progress
-from ..runner import LibrarySource, ScanJob, run_scan
+from ..runner import ScanJob, run_scan
 from ..sam import BackendOptions
 from ..settings import Settings
 from ..templates import Library

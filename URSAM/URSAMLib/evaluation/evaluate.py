@@ -35,21 +35,21 @@ from ..batch.executor import worker_backend
 from ..boxes import OrganBox, box_iou, boxes_from_labels
 from ..errors import URSAMError
 from ..imageio import Scan, read_ct
-from ..localizers import localize_registration
+from ..localizers import LibrarySource, localize_registration, relabeled
+from ..metrics import auroc, box_centre_error_mm, dice, hd95, spearman
+from ..metrics import uncertainty_scores as region_scores
 from ..orientation import Orientation
 from ..outputs import write_json
 from ..pipeline import FUSION, URSAM, URSAM_ATLAS
 from ..progress import Progress
 from ..prompt_modes import check_mode
 from ..rectification import RectifyOptions
-from ..runner import LibrarySource, ScanJob, run_scan
+from ..runner import ScanJob, run_scan
 from ..sam import DEFAULT_BACKEND, BackendOptions
 from ..sam.views import Views
 from ..settings import Settings
 from ..templates import Library
 from ..uncertainty import binary_entropy
-from ..metrics import auroc, box_centre_error_mm, dice, hd95, spearman
-from ..metrics import uncertainty_scores as region_scores
 
 #: the pipeline's methods; ``ursam+atlas`` rows exist where the run warped the support labels
 SAM_METHODS = tuple(m for m in pipeline.METHODS if m not in (URSAM_ATLAS, FUSION))
@@ -277,8 +277,8 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
     if "atlas" in methods:
         if not localization.warps_labels:
             # MedLAM registers nothing: the atlas baseline registers the supports itself.
-            localization = localize_registration(case.image_path, support_lib, organs=lib_values, progress=sub,
-                                                 missing="skip").relabeled(lib_to_ds, keep=set(case.scored))
+            localization = relabeled(localize_registration(case.image_path, support_lib, organs=lib_values,
+                                                           progress=sub, missing="skip"), lib_to_ds, set(case.scored))
         t0 = time.perf_counter()
         atlas = WarpedSupports.affine(localization).atlas(case.reference)
         info["atlas_seconds"] = round(time.perf_counter() - t0, 2)

@@ -14,7 +14,7 @@ and ``b`` a query crop, so the landmark lies at ``query_centre + offset``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn

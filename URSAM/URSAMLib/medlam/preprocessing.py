@@ -47,9 +47,6 @@ class Prepared:
         arr = sitk.GetArrayFromImage(res)
         return np.pad(arr, self.pad, mode="constant", constant_values=0) if self.pad else arr
 
-    def as_float(self):
-        return self.volume.astype(np.float32) / 255.0
-
     def zyx_to_source_index(self, points_zyx):
         """Padded-grid voxel coordinates (z, y, x), float -> continuous source index (x, y, z)."""
         out = []
@@ -117,7 +114,7 @@ def prepare(image, spacing_mm=3.0, pad=32, hu_points=(-1000.0, -200.0, 200.0, 15
 
 
 def prepare_path(path, **kw):
-    from ..imageio import read_image, check_volume
+    from ..imageio import check_volume, read_image
 
     image = read_image(path, "image")
     check_volume(image, path)

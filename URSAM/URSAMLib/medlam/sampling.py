@@ -15,7 +15,7 @@ generator's state reproduce the batches exactly (resume included).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage

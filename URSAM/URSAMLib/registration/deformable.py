@@ -27,15 +27,14 @@ grid, so each stage registers two images that already overlap; the result is
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import URSAMError
-from ..orientation import canonical
-from .affine import as_float_image, itk_seed, map_supports, repeatable_itk, resample_iso, smooth
+from .affine import itk_seed, map_supports, repeatable_itk, resample_iso, smooth
 
 METHODS = ("none", "demons", "bspline", "elastix")
 CROPS = ("none", "tissue", "organs")
@@ -290,17 +289,18 @@ def refine(fixed, moving, affine, options=DeformableOptions(), fixed_grid=None):
     return sitk.CompositeTransform([affine, local]), time.perf_counter() - t0
 
 
-def refine_registrations(query, registrations, library, options=DeformableOptions(), progress=None):
+def refine_registrations(fixed, registrations, library, options=DeformableOptions(), progress=None):
     """Every support registration of ``localize`` with the deformable stage on top.
 
-    ``query``: the query CT (SimpleITK image in HU, or a path); ``registrations``:
-    the affine :class:`.affine.SupportRegistration` of each support.
-    Returns new registrations (the originals are left as they are), each with
-    ``stages["deformable"]`` seconds.
+    ``fixed``: the query CT in HU as a float32 SimpleITK image on its
+    canonical grid (:func:`URSAMLib.orientation.canonical`: as the affine
+    stage, so that the field is the same whatever the axis order);
+    ``registrations``: the affine :class:`.affine.SupportRegistration` of
+    each support. Returns new registrations (the originals are left as they
+    are), each with ``stages["deformable"]`` seconds.
     """
     if options.method == "none" or not registrations:
         return list(registrations)
-    fixed = canonical(as_float_image(query))  # as the affine stage: the same field whatever the axis order
     by_id = {t.case_id: t for t in library.templates()}
     with repeatable_itk():
         grid = query_grid(fixed, options, registrations)
