@@ -70,6 +70,10 @@ class ScanJob:
     calibration: Optional[str] = None
     #: False: the uncalibrated result even where the library has a calibration (--no-calibration, --paper)
     use_calibration: bool = True
+    #: the Series Instance UID to read where the input DICOM folder holds several series
+    series: Optional[str] = None
+    #: DICOM objects of the result (URSAMLib.dicom.export: "rtstruct", "seg") for a DICOM CT series input
+    dicom_out: tuple = ()
 
 
 @dataclass
@@ -120,8 +124,9 @@ def segment_scan(job, settings, backend, progress=None, extra_report=None):
     Returns a :class:`ScanOutcome`; bad input raises URSAMError naming the file.
     """
     from .boxes import load_boxes, save_boxes
+    from .dicom.export import DicomExport
     from .evaluation.metrics import dice_table
-    from .imageio import read_ct, read_labels
+    from .imageio import array_to_image, read_ct, read_labels
     from .localization import Localization
     from .orientation import Orientation
     from .outputs import check_output_dir
@@ -129,8 +134,9 @@ def segment_scan(job, settings, backend, progress=None, extra_report=None):
 
     progress = progress or Progress()
     check_output_dir(job.out, job.overwrite)
+    export = DicomExport.plan(job.image, job.dicom_out, job.series)
     t0 = time.perf_counter()
-    reference, volume = read_ct(job.image)
+    reference, volume = read_ct(job.image, job.series)
     read_seconds = time.perf_counter() - t0
     size = reference.GetSize()
     t0 = time.perf_counter()
@@ -141,8 +147,9 @@ def segment_scan(job, settings, backend, progress=None, extra_report=None):
         settings = settings if isinstance(settings, Settings) else settings(None)
         # A calibration file given is read before the registrations, so a bad one costs no minutes.
         given = Calibration.load(job.calibration) if job.calibration and job.use_calibration else None
-        localization = localize_scan(job.image, job.templates, settings, job.organs, job.localizer_options,
-                                     progress)
+        # The localizer reads a path itself; a series chosen from a folder of several goes as the image read.
+        image = job.image if job.series is None else array_to_image(volume, reference)
+        localization = localize_scan(image, job.templates, settings, job.organs, job.localizer_options, progress)
         if job.use_calibration and settings.warps_labels(localization):
             calibration = given or find_calibration(localization.library, None, progress)
     else:
@@ -182,6 +189,9 @@ def segment_scan(job, settings, backend, progress=None, extra_report=None):
                             for name, why in localization.info.get("skipped", {}).items()]
     table = dice_table(result, truth) if truth is not None else None
     report = dict(extra_report or {})
+    if export:
+        extra_files.update(export.writers(result))
+        report["dicom_out"] = export.info()
     if table:
         report["dice_vs_reference"] = table
     write_results(result, job.out, job.overwrite, progress, extra_files=extra_files, extra_report=report or None)
@@ -190,6 +200,7 @@ def segment_scan(job, settings, backend, progress=None, extra_report=None):
 
 def output_files(job):
     """The files :func:`segment_scan` writes into ``job.out``."""
+    from .dicom.export import output_names
     from .segment import OUTPUT_FILES
 
-    return OUTPUT_FILES + (("boxes.json",) if job.templates else ())
+    return OUTPUT_FILES + (("boxes.json",) if job.templates else ()) + output_names(job.dicom_out)
