@@ -181,6 +181,27 @@ def uses_calibration(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# DICOM in and out
+
+def add_dicom_options(p, series=True):
+    """--dicom-out (an RT Structure Set and/or a DICOM SEG of the result) and, for one scan, --series."""
+    g = p.add_argument_group("DICOM (for a DICOM CT series input)")
+    g.add_argument("--dicom-out", metavar="KINDS", default=None,
+                   help="also write the result as DICOM objects referencing the input series: rtstruct (an RT "
+                        "Structure Set, rtstruct.dcm), seg (a DICOM Segmentation, seg.dcm), or rtstruct,seg")
+    if series:
+        g.add_argument("--series", metavar="UID",
+                       help="the Series Instance UID to segment where the DICOM folder holds several series")
+
+
+def dicom_out_from_args(args):
+    """The DICOM objects --dicom-out asks for, checked (URSAMLib.dicom.export)."""
+    from ..dicom.export import parse_kinds
+
+    return parse_kinds(args.dicom_out)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prompt modes
 
 def add_prompt_options(p, several=False):

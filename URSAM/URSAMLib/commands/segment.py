@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..progress import Progress
-from .options import (add_calibration_options, add_localizer_options, add_method_options, add_prompt_options,
-                      add_sam_options, backend_options_from_args, localizer_options, settings_from_args,
-                      uses_calibration)
+from .options import (add_calibration_options, add_dicom_options, add_localizer_options, add_method_options,
+                      add_prompt_options, add_sam_options, backend_options_from_args, dicom_out_from_args,
+                      localizer_options, settings_from_args, uses_calibration)
 
 
 def add_parser(sub):
@@ -20,6 +20,7 @@ def add_parser(sub):
     p.add_argument("--reference", help="reference label map (same label values as the boxes): "
                                         "scores every method and prints the Dice table")
     add_calibration_options(p)
+    add_dicom_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sam_options(p)
@@ -37,7 +38,8 @@ def job_from_args(args):
     return ScanJob(image=args.image, out=args.out, templates=args.templates, boxes=args.boxes,
                    reference=args.reference, organs=args.organs, modality=args.modality,
                    atlas_prior=args.atlas_prior, localizer_options=localizer_options(args),
-                   overwrite=args.overwrite, calibration=args.calibration, use_calibration=uses_calibration(args))
+                   overwrite=args.overwrite, calibration=args.calibration, use_calibration=uses_calibration(args),
+                   series=args.series, dicom_out=dicom_out_from_args(args))
 
 
 def main(args):
