@@ -179,6 +179,8 @@ def run_batch(scans, out, executor, template_job, settings, backend, settings_fo
     common = {"ursam_version": __version__, "backend": backend.to_json(),
               "modality": template_job.modality, "organs": template_job.organs,
               "localizer_options": {k: v for k, v in template_job.localizer_options.items() if k != "workers"}}
+    if template_job.dicom_out:
+        common["dicom_out"] = list(template_job.dicom_out)  # a rerun that adds DICOM objects runs the scans again
     if template_job.templates:
         lib = Library(template_job.templates)
         if template_job.organs:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from ..progress import Progress
-from .options import (TEMPLATES_HELP, add_calibration_options, add_executor_options, add_localizer_options,
-                      add_method_options, add_prompt_options, add_sam_options, backend_options_from_args, executor_from_args,
-                      localizer_options, settings_from_args, uses_calibration)
+from .options import (TEMPLATES_HELP, add_calibration_options, add_dicom_options, add_executor_options,
+                      add_localizer_options, add_method_options, add_prompt_options, add_sam_options,
+                      backend_options_from_args, dicom_out_from_args, executor_from_args, localizer_options,
+                      settings_from_args, uses_calibration)
 
 
 def add_parser(sub):
@@ -27,6 +28,7 @@ def add_parser(sub):
                         "holds other files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_calibration_options(p)
+    add_dicom_options(p, series=False)
     add_executor_options(p, what="scans")
     add_sam_options(p)
     add_method_options(p)
@@ -55,9 +57,14 @@ def main(args):
         raise URSAMError("--organs goes with --templates; with box files, edit the box files")
     if args.calibration and not args.templates:
         raise URSAMError("--calibration goes with --templates (the fusion needs the warped support labels)")
+    dicom_out = dicom_out_from_args(args)
+    if dicom_out:
+        from ..dicom.export import require_dicom_inputs
+
+        require_dicom_inputs(s.image for s in scans)
     template = ScanJob(image="", out="", templates=args.templates, organs=args.organs, modality=args.modality,
                        atlas_prior=args.atlas_prior, localizer_options=localizer_options(args),
-                       calibration=args.calibration, use_calibration=uses_calibration(args))
+                       calibration=args.calibration, use_calibration=uses_calibration(args), dicom_out=dicom_out)
     settings = settings_from_args(args) if args.templates else None
     if not args.templates:
         settings_from_args(args, boxes=[])  # the options' own checks, before any scan
