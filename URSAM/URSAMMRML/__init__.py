@@ -13,6 +13,7 @@ nodes; every computation is delegated to URSAMLib. Modules:
 - ``worker``: the worker process (``python -m URSAMMRML.worker JOBDIR``), which imports only the engine;
   ``jobs``: starting, polling and killing it.
 - ``demo``: the synthetic demo data in a scene.
+- ``dicomexport``: a segmentation as a DICOM RT Structure Set, through SlicerRT's exporter.
 - ``dependencies``: which Python packages a run needs and which are missing.
 
 Nothing here imports Qt, so scripts, Slicer's Python console and the pytest
