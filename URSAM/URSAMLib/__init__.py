@@ -18,7 +18,8 @@ The method's steps, in the order data flows through them (METHOD.md §0):
   writes the files (through ``atomic``).
 
 ``scan`` takes one scan from files to files (what ``ursam segment`` and each
-``ursam batch`` task run); ``batch`` runs cohorts on Dask distributed.
+``ursam batch`` task run); ``batch`` runs cohorts on Dask distributed;
+``dicom`` reads DICOM CT series and writes RT Structure Sets and SEGs.
 ``evaluation`` scores and measures the method (evaluate, metrics, bench, the
 demo and its phantom); ``cli`` is the ``ursam`` command, one module per
 command in ``commands``.

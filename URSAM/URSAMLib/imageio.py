@@ -23,15 +23,12 @@ sitk.ProcessObject_SetGlobalWarningDisplay(False)
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
-def _read_dicom_series(folder):
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise URSAMError("no DICOM series found in the folder", folder)
-    # The largest series is the CT; scouts and dose reports are small.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
-    reader.SetFileNames(files)
-    return reader.Execute()
+def _read_dicom_series(folder, series=None):
+    """A DICOM CT series, checked (which series, CT, gaps, orientation) by its one reader."""
+    # Imported here: pydicom is needed only where the input is a DICOM folder.
+    from .dicom.series import find_series, read_series
+
+    return read_series(find_series(folder, series))
 
 
 def _stream_length(handle, gz):
@@ -172,14 +169,17 @@ def _bytes_per_component(reader):
     return 4 if "float" in pixel else 8 if "double" in pixel else 1
 
 
-def read_image(path, what="image"):
-    """Read a file or a DICOM folder, without checking what it holds."""
+def read_image(path, what="image", series=None):
+    """Read a file or a DICOM folder (``series``: its Series Instance UID, where it holds several), without
+    checking what it holds."""
     path = Path(path)
     if not path.exists():
         raise URSAMError(f"{what} not found", path)
+    if series and not path.is_dir():
+        raise URSAMError("--series chooses a series of a DICOM folder; this input is a file", path)
     try:
         if path.is_dir():
-            return _read_dicom_series(path)
+            return _read_dicom_series(path, series)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
@@ -194,12 +194,12 @@ def read_image(path, what="image"):
         raise URSAMError(f"cannot read {what}: not an image or a corrupt file{detail}", path) from None
 
 
-def read_ct(path):
-    """Read a 3D scan and check that the pipeline can use it.
+def read_ct(path, series=None):
+    """Read a 3D scan and check that the pipeline can use it (``series``: see :func:`read_image`).
 
     Returns ``(image, array)``, ``array`` as float32 [z, y, x].
     """
-    image = read_image(path, "image")
+    image = read_image(path, "image", series)
     check_volume(image, path)
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     if nifti_has_nonfinite(path):
@@ -242,17 +242,20 @@ class Scan:
         return cls(ref, volume, sitk.Cast(image, sitk.sitkFloat32), name)
 
 
-def read_scan(image, modality="auto", warn: Optional[Callable[[str], None]] = None):
-    """The run's :class:`Scan`: ``image`` is a path (NIfTI, NRRD, MHA, a DICOM series folder) or a
-    :class:`Scan` already in memory. ``modality`` (:data:`MODALITIES`) decides the normalization; with
-    ``auto`` a scan that does not look like a CT in HU is normalized by percentiles, with a warning."""
+def read_scan(image, modality="auto", warn: Optional[Callable[[str], None]] = None, series=None):
+    """The run's :class:`Scan`: ``image`` is a path (NIfTI, NRRD, MHA, a DICOM series folder; ``series``: the
+    Series Instance UID where the folder holds several) or a :class:`Scan` already in memory. ``modality``
+    (:data:`MODALITIES`) decides the normalization; with ``auto`` a scan that does not look like a CT in HU is
+    normalized by percentiles, with a warning."""
     if modality not in MODALITIES:
         raise URSAMError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     if isinstance(image, Scan):
         scan = image
     else:
-        reference, volume = read_ct(image)
-        scan = Scan(reference, volume, str(image), str(Path(image).absolute()))
+        reference, volume = read_ct(image, series)
+        # the localizer reads a path itself; a series chosen from a folder of several goes as the image read
+        source = str(image) if series is None else array_to_image(volume, reference)
+        scan = Scan(reference, volume, source, str(Path(image).absolute()))
     percentile = modality == "other" or (modality == "auto" and not looks_like_ct(scan.volume))
     if percentile and modality == "auto" and warn is not None:
         warn(f"{scan.name} does not look like a CT in HU (no air near -1000): CT windowing does not apply, "

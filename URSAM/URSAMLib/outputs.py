@@ -151,7 +151,8 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_report=None, started=None):
+def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_report=None, started=None,
+                  extra_files=None):
     """Write every output of a run (:data:`OUTPUT_FILES`) of ``result`` (a
     :class:`URSAMLib.result.SegmentationResult`) into ``out_dir``, atomically as a folder.
 
@@ -177,6 +178,8 @@ def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_repor
         write_overview(result.volume, rectified, u_full, names, stage / "overview.png")
         if boxes_info is not None:
             save_boxes(result.boxes, stage / "boxes.json", extra=boxes_info)
+        for name, writer in (extra_files or {}).items():
+            writer(stage / name)
         components = flagged_components(unc_labels, u_full, names, result.voxel_ml,
                                         error_probability=result.error_map())
         result.timings["write_seconds"] = time.perf_counter() - t0

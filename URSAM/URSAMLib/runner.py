@@ -33,6 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from .atlas_prior import LocalWeighting, WarpedSupports, warp_supports
 from .boxes import OrganBox
 from .calibration.file import Calibration, find_calibration
+from .dicom.export import DicomExport
+from .dicom.export import output_names as dicom_output_names
 from .imageio import Scan, read_labels, read_scan
 from .localization import Localization
 from .localizers import BoxSource, LibrarySource
@@ -88,6 +90,10 @@ class ScanJob:
     extra_report: dict = field(default_factory=dict)
     #: no progress bar (warnings are still shown), where the caller gives no progress of its own
     quiet: bool = True
+    #: the Series Instance UID to read where the input DICOM folder holds several series
+    series: Optional[str] = None
+    #: DICOM objects of the result (URSAMLib.dicom.export: "rtstruct", "seg") for a DICOM CT series input
+    dicom_out: Tuple[str, ...] = ()
     #: "localize": the run ends with the organs localized (the Slicer panel's Localize; an evaluation of the
     #: atlas alone); "warp": with the supports warped too (``ursam localize``); None: every step
     stop_after: Optional[str] = None
@@ -98,7 +104,7 @@ class ScanJob:
 
     def output_files(self):
         """The files a run of this job writes into ``out``."""
-        return OUTPUT_FILES + (("boxes.json",) if self.from_library else ())
+        return OUTPUT_FILES + (("boxes.json",) if self.from_library else ()) + dicom_output_names(self.dicom_out)
 
 
 @dataclass
@@ -148,8 +154,9 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
                                    job.use_calibration, job.settings.warps_labels())
     if job.out is not None:
         check_output_dir(job.out, job.overwrite)
+    export = DicomExport.plan(job.image, job.dicom_out, job.series)  # checked before any work
     timings = {}
-    scan = read_scan(job.image, job.modality, progress.warn)
+    scan = read_scan(job.image, job.modality, progress.warn, job.series)
     timings["read_seconds"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
@@ -198,5 +205,8 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
     if job.out is not None:
         progress.stage(STAGE_WRITE)
         boxes_info = {"localization": localization.info, "prompts": result.prompt_info} if job.from_library else None
-        write_results(result, job.out, job.overwrite, boxes_info, report, started)
+        extra_files = export.writers(result) if export else {}
+        if export:
+            report["dicom_out"] = export.info()
+        write_results(result, job.out, job.overwrite, boxes_info, report, started, extra_files)
     return outcome

@@ -17,6 +17,7 @@ nodes; every computation is delegated to URSAMLib. Modules:
   (nothing in Slicer's testing mode).
 - ``guiconnection``: the panel's one connection to its parameter node, alike on Slicer 5.6 to 5.12.
 - ``selftest``: running the self-test's tests one by one, so that a skipped one does not stop the others.
+- ``dicomexport``: a segmentation as a DICOM RT Structure Set, through SlicerRT's exporter.
 
 Nothing here imports Qt, so scripts, Slicer's Python console and the pytest
 suite (PyPI ``slicer-core``) use it as the module's widget does.

@@ -160,6 +160,8 @@ def run_batch(scans, out, executor, template_job, overwrite=False, progress=None
     backend = template_job.backend
     from_library = template_job.from_library
     common = {"ursam_version": __version__, "backend": backend.to_json(), "modality": template_job.modality}
+    if template_job.dicom_out:
+        common["dicom_out"] = list(template_job.dicom_out)  # a rerun that adds DICOM objects runs the scans again
     if from_library:
         lib_source = template_job.source
         lib = lib_source.library if isinstance(lib_source.library, Library) else Library(lib_source.library)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 from ..batch.run import run_batch
 from ..batch.scans import find_scans
+from ..dicom.export import require_dicom_inputs
 from ..progress import Progress
 from .options import (
     TEMPLATES_HELP,
     add_calibration_options,
+    add_dicom_options,
     add_executor_options,
     add_localizer_options,
     add_method_options,
@@ -40,6 +42,7 @@ def add_parser(sub):
                         "holds other files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_calibration_options(p)
+    add_dicom_options(p, series=False)
     add_executor_options(p, what="scans")
     add_sam_options(p)
     add_method_options(p)
@@ -57,6 +60,8 @@ def main(args):
     for path, why in skipped:
         progress.info(f"skipped {path}: {why}")
     template = job_from_args(args)  # each scan fills in its image, box file, labels and folder
+    if template.dicom_out:
+        require_dicom_inputs(s.image for s in scans)
     if args.device not in ("auto", "cpu") and not args.scheduler:
         from ..sam.backends import resolve_device  # imports torch: only where a GPU is named
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..dicom.export import parse_kinds
 from ..errors import URSAMError
 from ..localization import DEFAULT_MARGIN, parse_margin
 from ..localizers import DEFAULT_LOCALIZER, LOCALIZERS, BoxSource, LibrarySource
@@ -176,6 +177,20 @@ def uses_calibration(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# DICOM in and out
+
+def add_dicom_options(p, series=True):
+    """--dicom-out (an RT Structure Set and/or a DICOM SEG of the result) and, for one scan, --series."""
+    g = p.add_argument_group("DICOM (for a DICOM CT series input)")
+    g.add_argument("--dicom-out", metavar="KINDS", default=None,
+                   help="also write the result as DICOM objects referencing the input series: rtstruct (an RT "
+                        "Structure Set, rtstruct.dcm), seg (a DICOM Segmentation, seg.dcm), or rtstruct,seg")
+    if series:
+        g.add_argument("--series", metavar="UID",
+                       help="the Series Instance UID to segment where the DICOM folder holds several series")
+
+
+# ----------------------------------------------------------------------------------------------
 # Prompt modes
 
 def add_prompt_options(p, several=False):
@@ -256,4 +271,5 @@ def job_from_args(args):
     return ScanJob(getattr(args, "image", ""), source, settings_from_args(args), args.calibration,
                    uses_calibration(args), backend_options_from_args(args), modality=args.modality,
                    reference=getattr(args, "reference", None), out=args.out, overwrite=args.overwrite,
-                   atlas_prior_asked=args.atlas_prior == "on", quiet=args.quiet)
+                   atlas_prior_asked=args.atlas_prior == "on", quiet=args.quiet,
+                   series=getattr(args, "series", None), dicom_out=parse_kinds(args.dicom_out))

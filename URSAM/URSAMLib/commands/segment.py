@@ -5,6 +5,7 @@ from ..metrics import format_dice_table
 from ..runner import run_scan
 from .options import (
     add_calibration_options,
+    add_dicom_options,
     add_localizer_options,
     add_method_options,
     add_prompt_options,
@@ -26,6 +27,7 @@ def add_parser(sub):
     p.add_argument("--reference", help="reference label map (same label values as the boxes): "
                                         "scores every method and prints the Dice table")
     add_calibration_options(p)
+    add_dicom_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sam_options(p)
