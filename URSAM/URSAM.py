@@ -15,6 +15,7 @@ import time
 from typing import Annotated, Optional
 
 import ctk
+import numpy as np
 import qt
 import slicer
 import vtk
@@ -30,6 +31,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.progress import STAGE_EMBED, STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, stage_of
 from URSAMMRML import dependencies
 from URSAMMRML.guiconnection import GuiConnection
@@ -98,7 +100,7 @@ class _DemoLoader:
 
 def registerSampleData():
     try:
-        import SampleData
+        import SampleData  # noqa: PLC0415 (a Slicer module that is there only in some applications)
     except ImportError:  # an application without the Sample Data module
         return
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "URSAM.png")
@@ -120,7 +122,7 @@ def _parameterNodeClass():
     libraryPath, checkpoint: folder and file paths; kept as text and synchronized with their
     ctkPathLineEdit by the widget, because the wrapper's pathlib default would show "." when unset.
     """
-    from URSAMMRML.parameters import panelParameters
+    from URSAMMRML.parameters import panelParameters  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
     annotations = {"inputVolume": vtkMRMLScalarVolumeNode, "templateSegmentation": vtkMRMLSegmentationNode}
     namespace = {"__doc__": _parameterNodeClass.__doc__, "__module__": __name__}
@@ -273,7 +275,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- state of the panel -------------------------------------------------------------------------
     def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
-        from URSAMMRML.parameters import pathToShow
+        from URSAMMRML.parameters import pathToShow  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         p = self._parameterNode
         if p is None:
@@ -387,7 +389,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return list(self.ui.roiSelector.checkedNodes())
 
     def runOptions(self):
-        from URSAMMRML.parameters import runOptions
+        from URSAMMRML.parameters import runOptions  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         p = self._parameterNode
         return runOptions({name: getattr(p, name) for name in p.allParameters})
@@ -576,7 +578,6 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def reportRunEnd(self, run) -> None:
-        from URSAMLib.errors import URSAMError
 
         finish, self._runFinish = self._runFinish, None
         for message in run.warnings:
@@ -640,7 +641,7 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
     @property
     def impl(self):
         if self._impl is None:
-            from URSAMMRML.logic import URSAMProcessLogic
+            from URSAMMRML.logic import URSAMProcessLogic  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
             self._impl = URSAMProcessLogic(slicer.app.applicationLogic(), python=self.workerPython(),
                                            tempRoot=slicer.app.temporaryPath)
@@ -653,14 +654,13 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         for candidate in (shutil.which("PythonSlicer"), os.path.join(os.path.dirname(sys.executable), name)):
             if candidate and os.path.isfile(candidate):
                 return candidate
-        from URSAMLib.errors import URSAMError
 
         raise URSAMError("Slicer's PythonSlicer was not found (on PATH or beside the application); "
                          "the URSAM worker process needs it")
 
     def roiPromptNote(self, options, hasRois):
         """The logic's note on checked organ boxes (they run as box3d prompts), or None."""
-        from URSAMMRML.worker import roiPromptNote
+        from URSAMMRML.worker import roiPromptNote  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         return roiPromptNote(options, hasRois)
 
@@ -672,12 +672,12 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
 
     def loadDemo(self):
         """``(volume node, library folder)``: the synthetic demo CT, loaded, and its template library."""
-        from URSAMMRML.demo import loadDemo
+        from URSAMMRML.demo import loadDemo  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         return loadDemo(slicer.mrmlScene, self.demoFolder())
 
     def runOptions(self, **values):
-        from URSAMMRML.logic import RunOptions
+        from URSAMMRML.logic import RunOptions  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         return RunOptions(**values)
 
@@ -689,7 +689,7 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
             self._impl.forget(inputVolumeID)
 
     def findOutput(self, inputVolume, role):
-        from URSAMMRML import outputs
+        from URSAMMRML import outputs  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         return outputs.findOutput(slicer.mrmlScene, inputVolume.GetID(), role)
 
@@ -700,7 +700,7 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         """``{label: name}`` of a template library (an empty dict if the folder has no library yet)."""
         if not os.path.isfile(os.path.join(path, "dataset.json")):
             return {}
-        from URSAMLib.templates import Library
+        from URSAMLib.templates import Library  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         return dict(Library(path).names)
 
@@ -746,7 +746,7 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
     def installTorch():
         """Install torch through the PyTorch extension, which picks the build for this machine's GPU."""
         try:
-            import PyTorchUtils  # the PyTorch extension's module, there only when the extension is installed
+            import PyTorchUtils  # noqa: PLC0415 (a Slicer module that is there only in some applications; the PyTorch extension's module, there only when the extension is installed)
         except ModuleNotFoundError:
             raise RuntimeError(_("URSAM needs the PyTorch extension: install 'PyTorch' from the Extensions "
                                  "Manager and restart Slicer.")) from None
@@ -819,7 +819,6 @@ class URSAMTest(ScriptedLoadableModuleTest):
         return volume, labels
 
     def test_URSAM_logic_workflow(self):
-        import numpy as np
 
         self.delayDisplay("Loading tsA_slab")
         library = os.path.join(self.dataFolder(), "abdomen-ts")
@@ -864,7 +863,6 @@ class URSAMTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Cancel after the first slice leaves the scene unchanged")
         nodes = slicer.mrmlScene.GetNumberOfNodes()
         seen = []
-        from URSAMLib.errors import Cancelled
 
         with self.assertRaises(Cancelled):
             logic.process(volume, rois=rois, progress=lambda s, i, n: seen.append((s, i)),
@@ -881,10 +879,9 @@ class URSAMTest(ScriptedLoadableModuleTest):
         widget._parameterNode.libraryPath = os.path.join(self.dataFolder(), "abdomen-ts")
         logic = widget.logic
         # one small ROI (3 slices of the spleen) as the only organ box
-        import numpy as np
 
-        from URSAMLib.boxes import boxes_from_labels
-        from URSAMMRML import geometry
+        from URSAMLib.boxes import boxes_from_labels  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
+        from URSAMMRML import geometry  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         box = boxes_from_labels(slicer.util.arrayFromVolume(labels), {3: "spleen"})[0]
         box.min_ijk[2] = box.max_ijk[2] = int(np.mean([box.min_ijk[2], box.max_ijk[2]]))
@@ -932,7 +929,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
         self.assertTrue(os.path.isfile(os.path.join(p.libraryPath, "dataset.json")))
         self.assertGreater(widget.ui.organListWidget.count, 0)
         self.assertTrue(widget.ui.segmentButton.enabled)
-        import SampleData
+        import SampleData  # noqa: PLC0415 (a Slicer module that is there only in some applications)
 
         sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("URSAM")
         self.assertEqual([s.sampleName for s in sources], ["URSAMDemo"])

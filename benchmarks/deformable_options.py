@@ -25,11 +25,15 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
 
+import pickle
+import tempfile
+
 from URSAMLib.atlas_prior import atlas_labels  # noqa: E402
-from URSAMLib.orientation import canonical  # noqa: E402
 from URSAMLib.localizers import localize  # noqa: E402
 from URSAMLib.metrics import dice  # noqa: E402
+from URSAMLib.orientation import canonical  # noqa: E402
 from URSAMLib.registration import deformable  # noqa: E402
+from URSAMLib.registration.affine import SupportRegistration
 from URSAMLib.templates import Library  # noqa: E402
 
 
@@ -60,12 +64,9 @@ def overrides(items):
 
 def _affine(image_path, lib, case_id, args):
     """The localizer's affine registrations of the supports (from ``--cache`` when there)."""
-    import pickle
 
     path = Path(args.cache) / f"{case_id}_{'-'.join(lib.case_ids())}.pkl" if args.cache else None
     if path is not None and path.exists():
-        from URSAMLib.registration.affine import SupportRegistration
-
         saved = pickle.loads(path.read_bytes())
         return [SupportRegistration(c, sitk.ReadTransform(str(path.with_suffix(f".{c}.tfm"))), s, m, {}, {})
                 for c, s, m in saved]
@@ -91,8 +92,6 @@ def main(argv=None):
     p.add_argument("--cache", help="folder keeping the affine registrations between runs")
     p.add_argument("--out", help="JSON file of the results")
     args = p.parse_args(argv)
-
-    import tempfile
 
     ds = Library(args.dataset)
     ids = args.supports.split(",") if args.supports else ds.case_ids("support")

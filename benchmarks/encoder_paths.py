@@ -61,7 +61,7 @@ def build_paths(encoder, args):
         except Exception as err:  # noqa: BLE001 - report and go on
             print(f"{name}: not available ({err})")
     if args.compile:
-        import torch._inductor.config as cfg
+        import torch._inductor.config as cfg  # noqa: PLC0415 (torch loads only where a model runs)
 
         cfg.freezing = True
         compiled = torch.compile(encoder, dynamic=False)

@@ -33,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
 
 from URSAMLib.boxes import OrganBox, box_iou, boxes_from_labels  # noqa: E402
 from URSAMLib.errors import URSAMError  # noqa: E402
+from URSAMLib.imageio import read_labels
+from URSAMLib.localizers import localize
 from URSAMLib.metrics import box_centre_error_mm  # noqa: E402
+from URSAMLib.templates import Library
 
 
 def _mean(values):
@@ -46,9 +49,6 @@ def _fmt(v, digits):
 
 
 def localize_case(image, library, method, options, names, truth_path):
-    from URSAMLib.imageio import read_labels
-    from URSAMLib.localizers import localize
-
     t0, cpu0 = time.perf_counter(), time.process_time()
     info = localize(str(image), library, method=method, missing="skip", **options).info
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -71,9 +71,7 @@ def localize_case(image, library, method, options, names, truth_path):
 
 
 def run_boxes(args):
-    import torch
-
-    from URSAMLib.templates import Library
+    import torch  # noqa: PLC0415 (torch loads only where a model runs)
 
     torch.set_num_threads(args.threads)
     data = Path(args.dataset)

@@ -30,10 +30,10 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
 
 from URSAMLib.atlas_prior import atlas_labels  # noqa: E402
-from URSAMLib.orientation import canonical  # noqa: E402
 from URSAMLib.boxes import OrganBox, box_iou, boxes_from_labels  # noqa: E402
 from URSAMLib.localizers import localize  # noqa: E402
 from URSAMLib.metrics import dice  # noqa: E402
+from URSAMLib.orientation import canonical  # noqa: E402
 from URSAMLib.registration.deformable import DeformableOptions, refine_registrations  # noqa: E402
 from URSAMLib.templates import Library  # noqa: E402
 

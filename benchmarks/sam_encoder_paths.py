@@ -48,9 +48,9 @@ def main():
     p.add_argument("--slices", type=int, default=2)
     p.add_argument("--cache", help="cache folder for the converted model (default: a temporary one)")
     args = p.parse_args()
-    from segment_anything import sam_model_registry
+    from segment_anything import sam_model_registry  # noqa: PLC0415 (optional backend package)
 
-    from URSAMLib.sam.backends import make_backend
+    from URSAMLib.sam.backends import make_backend  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     record = {"backend": args.backend, "threads": torch.get_num_threads(), "torch": torch.__version__}
     work = tempfile.TemporaryDirectory(prefix="ursam-sam-")

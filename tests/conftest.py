@@ -13,6 +13,6 @@ def data_dir():
 @pytest.fixture(scope="session")
 def litemedsam():
     """One LiteMedSAM backend for the whole session (loading it costs seconds)."""
-    from URSAMLib.sam.backends import make_backend
+    from URSAMLib.sam.backends import make_backend  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     return make_backend("litemedsam", device="cpu")

@@ -7,6 +7,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
+
+from URSAMLib.imageio import Scan
+from URSAMLib.localizers import BoxSource
+from URSAMLib.pipeline import Params
+from URSAMLib.prompt_modes import PromptOptions
+from URSAMLib.runner import ScanJob, run_scan
+from URSAMLib.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("URSAM_DATA", ROOT.parent / "shared" / "data"))
 ABD = DATA / "abdomen-ts"
@@ -25,18 +35,12 @@ def names(dataset):
 def paper_settings(**params):
     """The run's settings with the paper's box3d prompt (boxes without per-slice boxes) and these Params; the
     margin is the source's (none for given boxes)."""
-    from URSAMLib.pipeline import Params
-    from URSAMLib.prompt_modes import PromptOptions
-    from URSAMLib.settings import Settings
 
     return Settings(params=Params(**params), prompts=PromptOptions(mode="box3d"), margin=None)
 
 
 def segment_boxes(volume, reference, boxes, backend, settings, baselines=None):
     """The result of a run on a scan in memory with these boxes (:func:`URSAMLib.runner.run_scan`)."""
-    from URSAMLib.imageio import Scan
-    from URSAMLib.localizers import BoxSource
-    from URSAMLib.runner import ScanJob, run_scan
 
     job = ScanJob(Scan(reference, volume, "memory", "memory"), BoxSource(list(boxes)), settings,
                   baselines=baselines or {})
@@ -51,8 +55,6 @@ SMALL_LIBRARY_ORGANS = {1: "Brainstem", 4: "Parotid_L"}
 def organ_slab(folder, values=tuple(SMALL_LIBRARY_ORGANS)):
     """``(image, labels)`` of a case's slices that hold ``values`` (and one more at each end), its labels
     kept for those values only (SimpleITK images)."""
-    import numpy as np
-    import SimpleITK as sitk
 
     image = sitk.ReadImage(str(folder / "image.nii.gz"))
     labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
@@ -66,7 +68,6 @@ def organ_slab(folder, values=tuple(SMALL_LIBRARY_ORGANS)):
 
 def make_small_library(folder):
     """The small fusion library in ``folder`` (a small, fast library of real scans)."""
-    import SimpleITK as sitk
 
     for c in SMALL_LIBRARY_CASES:
         (folder / "cases" / c).mkdir(parents=True)

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from distributed.diagnostics.plugin import SchedulerPlugin
-from shared_data import ABD, ROOT, case, names
+from shared_data import ABD, HN, ROOT, case, names
 from test_imageio import write_dicom
 
+from URSAMLib.batch import executor
+from URSAMLib.batch.scans import find_scans
 from URSAMLib.boxes import boxes_from_labels, save_boxes
 from URSAMLib.cli import main
+from URSAMLib.imageio import read_ct
 from URSAMLib.outputs import OUTPUT_FILES
 
 #: three crops of tsA_slab, each a few slices: small enough that SAM runs in seconds
@@ -139,7 +142,7 @@ def _tasks(counter):
 
 
 def test_a_killed_run_resumes_with_only_the_missing_scans(cohort, tmp_path):
-    from distributed import LocalCluster
+    from distributed import LocalCluster  # noqa: PLC0415 (Dask loads only where a cluster runs)
 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "URSAM"), os.environ.get("PYTHONPATH", "")])}
@@ -197,9 +200,6 @@ def test_other_settings_in_the_same_folder_are_refused(two_workers, cohort, caps
 # Inputs and arguments (no SAM)
 
 def test_a_folder_of_scans_gives_files_and_dicom_series(tmp_path):
-    from URSAMLib.batch.scans import find_scans
-    from URSAMLib.imageio import read_ct
-
     img = sitk.ReadImage(str(case(ABD, "tsA_slab")[0]))[:, :, 10:13]
     sitk.WriteImage(img, str(tmp_path / "one.nii.gz"))
     sitk.WriteImage(img, str(tmp_path / "two.nrrd"))
@@ -234,8 +234,6 @@ def test_bad_manifests_are_bad_arguments(tmp_path, capsys, manifest, message):
 
 
 def test_bad_executor_arguments(tmp_path, capsys, cohort, monkeypatch):
-    from URSAMLib.batch import executor
-
     monkeypatch.setattr(executor, "CONNECT_TIMEOUT_S", 2)  # nothing listens there: no need to wait 30 s
     assert main(["batch", str(cohort / "manifest.csv"), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
@@ -270,7 +268,6 @@ def test_a_bad_calibration_is_one_error_before_any_scan(tmp_path, capsys, cohort
 @pytest.fixture(scope="module")
 def two_query_dataset(tmp_path_factory):
     """pt_34 and pt_59 as queries, pt_4 and pt_13 as supports (links to the shared data)."""
-    from shared_data import HN
 
     ds = tmp_path_factory.mktemp("hn2")
     (ds / "cases").mkdir()

@@ -6,14 +6,14 @@ import pytest
 import SimpleITK as sitk
 
 from URSAMLib.cli import main as ursam
-from URSAMLib.evaluation.phantom import ORGANS, PhantomGrid, make_patient
+from URSAMLib.evaluation.phantom import ORGANS, PhantomGrid, make_cohort, make_patient
 
 
 def test_phantoms_differ_between_patients_and_have_ct_values():
     grid = PhantomGrid((64, 64, 16), (6.0, 6.0, 11.25))
-    (im1, lab1), (im2, lab2) = make_patient(1, grid), make_patient(2, grid)
+    (im1, lab1), (_, lab2) = make_patient(1, grid), make_patient(2, grid)
     a1, l1 = sitk.GetArrayFromImage(im1), sitk.GetArrayFromImage(lab1)
-    a2, l2 = sitk.GetArrayFromImage(im2), sitk.GetArrayFromImage(lab2)
+    l2 = sitk.GetArrayFromImage(lab2)
     assert sorted(np.unique(l1)) == [0] + sorted(ORGANS)
     assert not np.array_equal(l1, l2)
     # Organ sizes vary between patients, HU values are CT-like.
@@ -50,7 +50,6 @@ def test_demo_runs_end_to_end_on_a_small_cohort(tmp_path, capsys):
 @pytest.mark.slow
 def test_segment_with_templates_saves_boxes_and_records_skipped_organs(tmp_path, capsys):
     """`ursam segment --templates`: localize, segment, boxes.json; an organ no support labels is skipped."""
-    from URSAMLib.evaluation.phantom import make_cohort
 
     grid = PhantomGrid((64, 64, 16), (6.0, 6.0, 11.25))
     lib = make_cohort(tmp_path / "cohort", n_templates=2, n_queries=1, seed=3, grid=grid)

@@ -17,9 +17,9 @@ import SimpleITK as sitk
 from dcmrtstruct2nii.adapters.convert.rtstructcontour2mask import DcmPatientCoords2Mask
 from dcmrtstruct2nii.adapters.input.contours.rtstructinputadapter import RtStructInputAdapter
 from dcmrtstruct2nii.adapters.input.image.dcminputadapter import DcmInputAdapter
-
 from dicom_series import on_grid, write_series
 from shared_data import ABD, HN, case, names
+
 from URSAMLib import terminology
 from URSAMLib.boxes import boxes_from_labels, save_boxes
 from URSAMLib.cli import main

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import slicerio
+from scipy import ndimage
 from shared_data import ABD, case, names, paper_settings, segment_boxes
 
-from URSAMLib.boxes import boxes_from_labels
+from URSAMLib.boxes import boxes_from_labels, save_boxes
 from URSAMLib.cli import main
 from URSAMLib.imageio import read_ct, read_labels
 from URSAMLib.metrics import dice
@@ -25,7 +27,6 @@ def crop(tmp_path_factory):
     sitk.WriteImage(img, str(folder / "image.nii.gz"))
     sitk.WriteImage(lab, str(folder / "labels.nii.gz"))
     boxes = boxes_from_labels(sitk.GetArrayFromImage(lab), names(ABD), labels=[1, 2, 3, 13])
-    from URSAMLib.boxes import save_boxes
 
     save_boxes(boxes, folder / "boxes.json")
     return folder
@@ -81,7 +82,6 @@ def test_segment_writes_every_output_with_input_geometry(crop, tmp_path):
     assert report["timings_seconds"]["encoder_calls"] == 5
     assert set(report["dice_vs_reference"]) == {"auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", "ursam"}
     # Flagged regions for review: one per connected component of each organ's M_unc.
-    from scipy import ndimage
 
     unc = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertain.nii.gz")))
     for name, organ in organs.items():
@@ -91,7 +91,6 @@ def test_segment_writes_every_output_with_input_geometry(crop, tmp_path):
         assert len(listed) == n
         assert sum(c["voxels"] for c in listed) == int((unc == organ["label"]).sum()) == organ["flagged_voxels"]
     # The segmentation file: one named, coloured segment per organ, voxels equal to the label map.
-    import slicerio
 
     seg = slicerio.read_segmentation(str(out / "rectified.seg.nrrd"))
     assert [s["name"] for s in seg["segments"]] == ["liver", "kidney_right", "spleen", "kidney_left"]

@@ -12,6 +12,7 @@ from shared_data import HN
 from URSAMLib.cli import main as ursam
 from URSAMLib.errors import URSAMError
 from URSAMLib.evaluation.evaluate import ALL_METHODS, parse_methods
+from URSAMLib.metrics import dice
 
 ORGANS = ("Brainstem", "Parotid_L")
 
@@ -100,7 +101,6 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(evaluated, capsys):
 def test_evaluate_and_segment_agree_on_the_default_method(evaluated, one_query_dataset, tmp_path):
     """The mask evaluate scores under the default method's name is the one `ursam segment` writes as
     rectified.nii.gz with the same settings: per organ, the same Dice."""
-    from URSAMLib.metrics import dice
 
     out, _, _ = evaluated
     query = one_query_dataset / "cases" / "pt_34"

@@ -17,7 +17,7 @@ from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
 from URSAMLib.metrics import dice
 from URSAMLib.prompt_modes import PromptSet
-from URSAMLib.sam import fast_encoder
+from URSAMLib.sam import backends, fast_encoder
 from URSAMLib.sam.backends import make_backend
 
 #: largest per-organ Dice difference accepted between the fast and the eager encoder
@@ -82,7 +82,7 @@ def test_export_is_cached_atomically_in_the_user_cache(tmp_path, monkeypatch, ea
     assert [f.suffix for f in files] == [".onnx"]  # no temporary file left
     path = files[0]
     digest = fast_encoder.weights_digest(encoder)[:20]
-    import onnxruntime
+    import onnxruntime  # noqa: PLC0415 (optional encoder path)
 
     assert digest in path.name and onnxruntime.__version__ in path.name and "fp32" in path.name
     assert ROOT not in path.parents
@@ -229,7 +229,7 @@ def test_a_failed_openvino_conversion_is_remembered_and_auto_falls_back(tmp_path
 def _tiny_sam(seed=0):
     """SAM's architecture (1024 px ViT, prompt encoder, mask decoder) at a fraction of ViT-B's width and depth,
     randomly initialised and seeded: no checkpoint exists here."""
-    from segment_anything.build_sam import _build_sam
+    from segment_anything.build_sam import _build_sam  # noqa: PLC0415 (optional backend package)
 
     torch.manual_seed(seed)
     model = _build_sam(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
@@ -242,8 +242,6 @@ def _tiny_sam(seed=0):
 
 @pytest.mark.parametrize("kind", ["sam-vit-b", pytest.param("medsam", marks=pytest.mark.slow)])
 def test_openvino_sam_encoders_give_the_masks_of_eager(tmp_path, monkeypatch, kind):
-    from URSAMLib.sam import backends
-
     monkeypatch.setenv("URSAM_CACHE", str(tmp_path))
     monkeypatch.setattr(backends, "_load_sam", lambda k, checkpoint: (_tiny_sam(), "random-seeded-weights"))
     eager_b = make_backend(kind, "unused.pth", device="cpu", encoder="eager")

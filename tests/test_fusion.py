@@ -8,8 +8,13 @@ import pytest
 import SimpleITK as sitk
 from shared_data import ABD, HN, make_small_library
 
+from URSAMLib.calibration.file import Calibration
 from URSAMLib.calibration.fit import Case, _flag_threshold, fit_organ
+from URSAMLib.cli import main as ursam
 from URSAMLib.fusion import Evidence, OrganFusion, cap_flags, fuse
+from URSAMLib.pipeline import Params
+from URSAMLib.settings import Settings
+from URSAMLib.templates import Library
 
 rng = np.random.default_rng(7)
 
@@ -81,12 +86,7 @@ def small_library(tmp_path_factory):
 
 @pytest.mark.slow
 def test_calibration_on_a_small_real_library_beats_each_source(small_library, litemedsam, capsys):
-    from URSAMLib.calibrate import calibrate
-    from URSAMLib.calibration.file import Calibration
-    from URSAMLib.cli import main as ursam
-    from URSAMLib.pipeline import Params
-    from URSAMLib.settings import Settings
-    from URSAMLib.templates import Library
+    from URSAMLib.calibrate import calibrate  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     lib = Library(small_library)
     settings = Settings(params=Params(n_aug=2))
@@ -113,7 +113,6 @@ def test_calibration_on_a_small_real_library_beats_each_source(small_library, li
 def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_path, capsys):
     """`ursam segment --templates` fuses with the library's calibration and says so; without one it warns
     and writes UR-SAM with the atlas prior."""
-    from URSAMLib.cli import main as ursam
 
     # a whole scan against the library's slabs (pt_31 is not in the small library)
     image = sitk.ReadImage(str(HN / "cases" / "pt_31" / "image.nii.gz"))
@@ -160,7 +159,6 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
 
 def test_a_bad_calibration_file_is_one_error_before_any_registration(tmp_path, capsys):
     """`ursam segment --calibration FILE` reads the file first: broken JSON is exit 2 naming it, no output."""
-    from URSAMLib.cli import main as ursam
 
     bad = tmp_path / "calibration.json"
     bad.write_text("{not json", encoding="utf-8")

@@ -8,8 +8,11 @@ from shared_data import ABD, HN, case, names
 
 from URSAMLib.boxes import OrganBox, box_iou, boxes_from_labels, load_boxes
 from URSAMLib.cli import main as ursam
-from URSAMLib.localizers import extreme_points, fuse_boxes
-from URSAMLib.registration.affine import SupportRegistration, invert_points
+from URSAMLib.localizers import extreme_points, fuse_boxes, localize
+from URSAMLib.orientation import canonical
+from URSAMLib.registration.affine import SupportRegistration, as_float_image, invert_points
+from URSAMLib.registration.deformable import DeformableOptions, refine_registrations
+from URSAMLib.templates import Library
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +106,6 @@ def test_points_go_through_the_inverse_of_a_deformable_transform():
 def test_registrations_and_the_deformable_stage_repeat_exactly(hn_two_supports):
     """Seeded runs repeat: the same transforms to the last bit, run after run (ITK reads seed 0 as the
     wall clock, and its multi-threaded sums change order between runs; neither may leak into a result)."""
-    from URSAMLib.localizers import localize
-    from URSAMLib.orientation import canonical
-    from URSAMLib.registration.affine import as_float_image
-    from URSAMLib.registration.deformable import DeformableOptions, refine_registrations
-    from URSAMLib.templates import Library
 
     image, _ = case(HN, "pt_34")
     lib = Library(hn_two_supports)
@@ -131,8 +129,6 @@ def test_a_library_of_slabs_localizes_organs_in_a_whole_scan(tmp_path):
     """Supports that cover a small part of the query (slabs of the brainstem and parotid level against a whole
     head and neck scan) leave some offsets of the first search without overlap; the search goes on without
     them and the organs land on the truth."""
-    from URSAMLib.localizers import localize
-    from URSAMLib.templates import Library
 
     ids = ["pt_4", "pt_13", "pt_17"]
     for c in ids:
@@ -161,8 +157,6 @@ def test_a_library_of_slabs_localizes_organs_in_a_whole_scan(tmp_path):
 def test_a_scan_of_three_slices_is_registered_without_an_itk_error():
     """ITK's pyramid needs four voxels along every axis; a scan of three slices is registered on a grid padded
     with air, and each organ is placed or skipped with its reason."""
-    from URSAMLib.localizers import localize
-    from URSAMLib.templates import Library
 
     image = sitk.ReadImage(str(case(ABD, "tsA_slab")[0]))[:, :, 12:15]
     loc = localize(image, Library(ABD))

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 from shared_data import HN, case
 
 from URSAMLib.errors import URSAMError
+from URSAMLib.localizers import LOCALIZERS, localize
 from URSAMLib.medlam.checkpoint import load_network, save_checkpoint
 from URSAMLib.medlam.losses import medlam_loss, pair_offsets
 from URSAMLib.medlam.network import MedLAMNet, NetConfig
@@ -94,7 +96,6 @@ def test_augmented_copy_tracks_anatomy(volumes):
     rng = np.random.default_rng(3)
     aug = AugmentConfig(p_intensity=0.0, p_noise=0.0, p_affine=1.0, p_elastic=1.0)
     b = draw_batch(volumes[:1], 1, 32, aug, rng, n_patches=2)
-    from scipy import ndimage
 
     vol = volumes[0].astype(np.float32) / 255.0
     coords = b["coords"][0, 0]
@@ -196,8 +197,6 @@ def test_save_is_atomic(tmp_path):
 
 
 def test_inference_end_to_end_on_a_real_case(trained):
-    from URSAMLib.localizers import LOCALIZERS, localize
-
     assert "medlam" in LOCALIZERS
     image, _ = case(HN, "pt_34")
     localization = localize(image, HN, method="medlam", checkpoint=str(trained), device="cpu")
@@ -220,8 +219,6 @@ def test_inference_end_to_end_on_a_real_case(trained):
 
 
 def test_localizer_needs_a_usable_checkpoint(tmp_path):
-    from URSAMLib.localizers import localize
-
     image, _ = case(HN, "pt_34")
     with pytest.raises(URSAMError, match="needs a checkpoint"):
         localize(image, HN, method="medlam")

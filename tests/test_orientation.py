@@ -5,6 +5,7 @@ permuted (x and z swapped: a sagittal-like axis order, the same physical geometr
 flipped (which makes it LPS itself). The fast tests check the permutation and flips against
 SimpleITK's own DICOMOrient; the slow one runs ``ursam segment --templates`` on all three.
 """
+import csv
 import json
 
 import numpy as np
@@ -13,6 +14,8 @@ import SimpleITK as sitk
 from shared_data import ABD, case, names
 
 from URSAMLib.boxes import OrganBox, add_margin, boxes_from_labels
+from URSAMLib.cli import main as ursam
+from URSAMLib.evaluation.evaluate import score_mask
 from URSAMLib.metrics import dice
 from URSAMLib.orientation import Orientation, canonical
 
@@ -135,7 +138,6 @@ ORGANS = ("liver", "kidney_right", "spleen")
 @pytest.fixture(scope="module")
 def segmented(slab, tmp_path_factory):
     """``ursam segment --templates abdomen-ts`` (support tsA) on the original crop and its variants."""
-    from URSAMLib.cli import main as ursam
 
     root = tmp_path_factory.mktemp("orientation")
     image, labels = (im[:, :, CROP[0]:CROP[1]] for im in slab)
@@ -195,7 +197,6 @@ def test_segment_gives_the_same_masks_in_every_axis_order(segmented):
 
 def test_gt_slice_dice_is_on_the_axial_slices(slab):
     """Evaluation's Dice over the slices that hold the organ counts axial slices in every axis order."""
-    from URSAMLib.evaluation.evaluate import score_mask
 
     labels = sitk.GetArrayFromImage(slab[1])
     truth = labels == 2  # kidney_right, on slices 0..18 of 30
@@ -228,9 +229,6 @@ def test_gt_slice_dice_is_on_the_axial_slices(slab):
 def test_evaluate_scores_a_permuted_case_as_the_original(slab, tmp_path):
     """``ursam evaluate`` on a crop and on the same crop with x and z swapped: the same scores (the
     manual baseline is seeded by the case id, so it is left out)."""
-    import csv
-
-    from URSAMLib.cli import main as ursam
 
     ds = tmp_path / "ds"
     (ds / "cases").mkdir(parents=True)

@@ -6,6 +6,9 @@
   cropping the full slice;
 - the process-level settings (malloc tuning, decoder threads) are applied and undone as documented.
 """
+import sys
+import threading
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -16,6 +19,7 @@ from shared_data import ABD, HN, case, names
 from URSAMLib import pipeline
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
+from URSAMLib.progress import Cancelled, Progress
 from URSAMLib.prompt_modes import PromptSet
 from URSAMLib.sam import backends as sam_backend
 from URSAMLib.sam.backends import make_backend
@@ -91,7 +95,6 @@ def test_embedding_the_next_slice_ahead_keeps_the_calls_and_the_masks(slab, lite
     for a, b in zip(runs[False], runs[True]):
         assert np.array_equal(a.p_auto, b.p_auto) and np.array_equal(a.p_mean, b.p_mean), a.name
         assert a.p_auto.max() > 0.5, a.name
-    import threading
 
     assert not [t for t in threading.enumerate() if t.name.startswith("ursam-encoder")]  # no thread left
 
@@ -101,9 +104,6 @@ def test_a_run_cancelled_while_a_slice_is_embedded_ahead_leaves_the_encoder_free
     """Cancel stops the run between slices while the next slice is being embedded on the encoder thread; the
     run waits for that call, so the same backend segments again at once (an OpenVINO request left busy would
     refuse it) and no encoder thread is left."""
-    import threading
-
-    from URSAMLib.progress import Cancelled, Progress
 
     volume, truth = slab[0][8:16], slab[1][8:16]
     boxes = boxes_from_labels(truth, names(ABD), labels=[2, 3])
@@ -161,7 +161,7 @@ def test_region_resize_is_torchs_bilinear():
 
 
 def _segment_anything_decoder(depth=2):
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer  # noqa: PLC0415 (optional backend package)
 
     torch.manual_seed(0)
     pe = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
@@ -224,8 +224,6 @@ def test_decoder_chunks_keep_an_organs_boxes_together_and_feed_every_worker():
 
 
 def test_malloc_tuning_is_applied_once_and_can_be_turned_off(monkeypatch):
-    import sys
-
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
     assert sam_backend.tune_malloc() in (True, False)

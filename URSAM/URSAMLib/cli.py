@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import Cancelled, URSAMError
@@ -47,8 +49,6 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     # A kill (SIGTERM) unwinds like Ctrl-C, so staged outputs are removed, not left half-written.
-    import signal
-    import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)

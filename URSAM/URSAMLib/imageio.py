@@ -14,7 +14,10 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
+import slicerio
 
+from .atomic import atomic_path
+from .dicom.series import find_series, read_series
 from .errors import URSAMError
 
 # ITK's own warnings (metadata it drops, and the like) would drown the CLI's one-line messages.
@@ -26,7 +29,6 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 def _read_dicom_series(folder, series=None):
     """A DICOM CT series, checked (which series, CT, gaps, orientation) by its one reader."""
     # Imported here: pydicom is needed only where the input is a DICOM folder.
-    from .dicom.series import find_series, read_series
 
     return read_series(find_series(folder, series))
 
@@ -319,7 +321,6 @@ def check_same_grid(image, reference, path, what):
 
 def read_seg_nrrd_as_labelmap(path):
     """A Slicer .seg.nrrd as one label map, label values from the segments."""
-    import slicerio
 
     try:
         seg = slicerio.read_segmentation(str(path))
@@ -357,7 +358,6 @@ def write_image(array, reference, path, compress=True):
 
 def write_sitk(image, path, compress=True):
     """Write a SimpleITK image, atomically."""
-    from .atomic import atomic_path
 
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)

@@ -24,8 +24,10 @@ import numpy as np
 from .boxes import OrganBox, load_boxes
 from .errors import URSAMError
 from .localization import DEFAULT_MARGIN, NO_MARGIN, Localization, check_margin
+from .medlam import localize_medlam
 from .orientation import Orientation
 from .progress import STAGE_LOCALIZE, Progress
+from .registration.affine import RegistrationOptions, as_float_image, cores, register_supports
 from .templates import Library
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +119,6 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
                           **options):
     """The registration localizer; see :func:`localize`. ``options`` set
     :class:`URSAMLib.registration.affine.RegistrationOptions`."""
-    from .registration.affine import RegistrationOptions, as_float_image, cores, register_supports
 
     progress = progress or Progress()
     try:
@@ -158,12 +159,9 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
     return Localization(boxes, info, image, library, regs)
 
 
-#: localizers by name: ``fn(image, library, organs=None, progress=None, **options) -> Localization``
-LOCALIZERS = {"registration": localize_registration}
-# METHOD.md §1's learned localizer (URSAMLib.medlam; torch is imported on its first use)
-from .medlam import localize_medlam  # noqa: E402
-
-LOCALIZERS["medlam"] = localize_medlam
+#: localizers by name: ``fn(image, library, organs=None, progress=None, **options) -> Localization``; the
+#: learned one is METHOD.md §1's MedLAM (URSAMLib.medlam; torch is imported on its first use)
+LOCALIZERS = {"registration": localize_registration, "medlam": localize_medlam}
 DEFAULT_LOCALIZER = "registration"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import spearmanr
 
 
 def dice(pred, truth):
@@ -115,7 +116,6 @@ def uncertainty_scores(pred, truth, u, flagged, spacing_zyx):
 
 def spearman(a, b):
     """Spearman's rank correlation of two sequences (NaN pairs dropped; ties get average ranks)."""
-    from scipy.stats import spearmanr
 
     a, b = np.asarray(a, float), np.asarray(b, float)
     keep = np.isfinite(a) & np.isfinite(b)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import slicerio
 
 from . import terminology
 from .atomic import atomic_path, atomic_write_text, staged_dir
@@ -91,7 +92,6 @@ def segment_entries(organs):
 
 def write_seg_nrrd(labels_zyx, reference, organs, path):
     """A Slicer segmentation, one named, coloured segment per organ, from a label map."""
-    import slicerio
 
     voxels = np.ascontiguousarray(np.transpose(labels_zyx, (2, 1, 0)))
     dtype = np.uint8 if labels_zyx.max(initial=0) < 256 else np.uint16
@@ -104,10 +104,10 @@ def write_seg_nrrd(labels_zyx, reference, organs, path):
 
 def write_overview(volume, labels, uncertainty, organs, path, n_slices=4):
     """A few axial slices: CT, rectified contours, uncertainty as a heat overlay."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib loads only where a figure is drawn)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib loads only where a figure is drawn)
 
     zs = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1))
     if zs.size == 0:

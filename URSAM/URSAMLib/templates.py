@@ -12,6 +12,7 @@ headless (no Slicer, no Qt), so the CLI and the Slicer logic share it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -21,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, staged_dir
 from .errors import URSAMError
-from .imageio import IMAGE_SUFFIXES, check_volume, read_image, read_labels
+from .imageio import IMAGE_SUFFIXES, check_volume, read_image, read_labels, write_image, write_sitk
 
 #: name patterns of a case's files, in the order they are looked for
 IMAGE_NAMES = tuple(f"image{s}" for s in IMAGE_SUFFIXES if s != ".dcm")
@@ -206,7 +207,6 @@ class Library:
 
     def without(self, case_id):
         """The same library less one support scan (leave-one-out calibration); nothing is written."""
-        import copy
 
         other = copy.copy(self)
         other.meta = {**self.meta, "support": [c for c in self.case_ids() if c != case_id]}
@@ -308,8 +308,6 @@ class Library:
         folder = self.path / "cases" / case_id
         if folder.exists():
             raise URSAMError(f"case {case_id!r} already exists in the library", folder)
-        from .atomic import staged_dir
-        from .imageio import write_image, write_sitk
 
         with staged_dir(folder) as tmp:
             write_sitk(image, tmp / "image.nii.gz")

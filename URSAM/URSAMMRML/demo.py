@@ -12,21 +12,20 @@ from pathlib import Path
 from URSAMLib import __version__
 from URSAMLib.atomic import atomic_write_text, staged_dir
 from URSAMLib.errors import URSAMError
+from URSAMLib.templates import Library
 
 DEMO_VOLUME_NAME = "URSAM demo CT"
 STAMP = "ursam-demo.json"
 
 
 def _paths(folder):
-    from URSAMLib.templates import Library
-
     cohort = Library(folder / "cohort", role="query")
     return Path(Library(folder / "templates").path), Path(cohort.case(cohort.case_ids("query")[0]).image_path)
 
 
 def demoData(folder, seed=0, n_templates=3):
     """``(library folder, query CT path)`` of the demo data in ``folder`` (made if missing or stale)."""
-    from URSAMLib.evaluation.demo import make_demo_data
+    from URSAMLib.evaluation.demo import make_demo_data  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     folder = Path(folder)
     stamp = {"seed": int(seed), "templates": int(n_templates), "ursam_version": __version__}

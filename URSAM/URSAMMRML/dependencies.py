@@ -41,7 +41,7 @@ def _satisfied(module, requirement):
     if importlib.util.find_spec(module) is None:
         return False
     try:
-        from packaging.requirements import Requirement
+        from packaging.requirements import Requirement  # noqa: PLC0415 (optional package)
     except ImportError:
         return True  # present; without packaging the version cannot be compared
     req = Requirement(requirement)
@@ -79,7 +79,7 @@ def pipInstaller():
     ``slicer.util.pip_install``.
     """
     try:
-        import slicer.packaging as packaging  # not imported by `import slicer`
+        import slicer.packaging as packaging  # noqa: PLC0415 (optional package; not imported by `import slicer`)
     except ImportError:
         packaging = None
     ensure = getattr(packaging, "pip_ensure", None)
@@ -88,7 +88,7 @@ def pipInstaller():
             return ensure(list(requirements), prompt_install=False, requester="URSAM", skip_in_testing=True)
 
         return "slicer.packaging.pip_ensure", install
-    import slicer.util
+    import slicer.util  # noqa: PLC0415 (Slicer's own modules exist only inside Slicer)
 
     return "slicer.util.pip_install", lambda requirements: slicer.util.pip_install(list(requirements))
 

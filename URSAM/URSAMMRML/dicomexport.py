@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import slicer
+
 from URSAMLib.dicom.names import structure_names
 
 from .segmentations import ORGAN_LABEL_TAG, organNameOfSegment, segmentTag
@@ -40,7 +41,7 @@ def slicerRtExporter():
     if modules is None or not hasattr(modules, "dicomrtimportexport"):
         raise SlicerRtMissingError(SLICERRT_MISSING)
     try:
-        import DicomRtImportExportPlugin  # SlicerRT's scripted module, on sys.path where the extension is loaded
+        import DicomRtImportExportPlugin  # noqa: PLC0415 (optional package; SlicerRT's scripted module, on sys.path where the extension is loaded)
     except ImportError:
         raise SlicerRtMissingError(SLICERRT_MISSING) from None
     return DicomRtImportExportPlugin.DicomRtImportExportPluginClass()

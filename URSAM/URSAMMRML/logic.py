@@ -16,19 +16,23 @@ before step 3, so the scene is left exactly as it was.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import SimpleITK as sitk
 
 from URSAMLib import terminology
 from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.localization import Localization
 from URSAMLib.progress import STAGE_RECTIFY, STAGE_WRITE, Progress
 from URSAMLib.result import SegmentationResult
+from URSAMLib.templates import Library, open_or_create
 
 from . import display, jobs, outputs, review, segmentations, worker
 from .geometry import VolumeSnapshot, boxFromRoi, ijkToFrameOf, ijkToRas, placeRoi, snapshotVolume
@@ -566,12 +570,6 @@ class URSAMProcessLogic:
         library get new label values. The files are written by URSAMLib.templates.
         Returns the new case id.
         """
-        import os
-        import tempfile
-
-        import SimpleITK as sitk
-
-        from URSAMLib.templates import open_or_create
 
         snapshot = snapshotVolume(inputVolume)
         if segmentationNode is None:
@@ -611,8 +609,6 @@ class URSAMProcessLogic:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _library(self, library):
-        from URSAMLib.templates import Library
-
         return library if isinstance(library, Library) else Library(library)
 
     def _boxesFromRois(self, rois, snapshot, library, organs, warnings):

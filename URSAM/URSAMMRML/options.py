@@ -10,14 +10,16 @@ from dataclasses import dataclass
 
 from URSAMLib.errors import URSAMError
 from URSAMLib.localization import DEFAULT_MARGIN
+from URSAMLib.pipeline import Params
+from URSAMLib.prompt_modes import PromptOptions
+from URSAMLib.rectification import RectifyOptions
+from URSAMLib.registration.deformable import DeformableOptions
 from URSAMLib.sam import DEFAULT_BACKEND, DEFAULT_DEVICE, check_backend
+from URSAMLib.settings import Settings
 
 
 def _engineDefaults():
     """The engine's option classes, whose defaults RunOptions takes (URSAMLib.settings)."""
-    from URSAMLib.pipeline import Params
-    from URSAMLib.prompt_modes import PromptOptions
-    from URSAMLib.registration.deformable import DeformableOptions
 
     return Params(), PromptOptions(), DeformableOptions()
 
@@ -69,8 +71,6 @@ class RunOptions:
         return self
 
     def rectifyOptions(self):
-        from URSAMLib.rectification import RectifyOptions
-
         return RectifyOptions(scope=self.thresholdScope, lower=self.lowerBound, alpha_h=float(self.alphaH),
                               fixed_threshold=None if self.fixedThreshold is None else float(self.fixedThreshold),
                               atlas_prior=bool(self.atlasPrior) if self.atlasPrior in (True, False)
@@ -80,10 +80,6 @@ class RunOptions:
     def settings(self, fromRois=False):
         """The engine's :class:`URSAMLib.settings.Settings` of these options, checked. ``fromRois``: the
         organs are the user's ROIs, which run as box3d prompts with no margin (:func:`URSAMMRML.worker.roiPromptNote`)."""
-        from URSAMLib.pipeline import Params
-        from URSAMLib.prompt_modes import PromptOptions
-        from URSAMLib.registration.deformable import DeformableOptions
-        from URSAMLib.settings import Settings
 
         try:
             params = Params(n_aug=int(self.nAug), ratio=float(self.ratio), seed=int(self.seed),

@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from URSAMLib.prompt_modes import MODES, ZOOMS
+from URSAMLib.rectification import LOG2, LOWER_BOUNDS, SCOPES
+from URSAMLib.registration.deformable import METHODS
+from URSAMLib.sam import BACKEND_NAMES, DEVICES
+
+from .options import RunOptions
+
 
 @dataclass(frozen=True)
 class PanelParameter:
@@ -29,12 +36,6 @@ PANEL_FIXED_THRESHOLD = 0.2
 def panelParameters():
     """The panel's scalar settings (the node references, input volume and template segmentation, are
     declared by the module itself)."""
-    from URSAMLib.prompt_modes import MODES, ZOOMS
-    from URSAMLib.rectification import LOG2, LOWER_BOUNDS, SCOPES
-    from URSAMLib.registration.deformable import METHODS
-    from URSAMLib.sam import BACKEND_NAMES, DEVICES
-
-    from .options import RunOptions
 
     d = RunOptions()
     P = PanelParameter
@@ -72,7 +73,6 @@ _PANEL_ONLY = ("libraryPath", "organs", "useFixedThreshold")
 
 def runOptions(values):
     """:class:`URSAMMRML.options.RunOptions` from the panel's values (a mapping of parameter names)."""
-    from .options import RunOptions
 
     kw = {p.name: values[p.name] for p in panelParameters() if p.name not in _PANEL_ONLY and p.name in values}
     kw["checkpoint"] = str(kw.get("checkpoint") or "").strip()

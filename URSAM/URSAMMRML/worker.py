@@ -49,9 +49,11 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from URSAMLib.atomic import atomic_path, atomic_write_text
+from URSAMLib.boxes import OrganBox
 from URSAMLib.calibration.file import find_calibration
 from URSAMLib.errors import URSAMError
-from URSAMLib.imageio import Scan
+from URSAMLib.imageio import Scan, read_image
 from URSAMLib.localizers import BoxSource, LibrarySource
 from URSAMLib.progress import Progress
 from URSAMLib.result import SegmentationResult
@@ -89,7 +91,6 @@ class Job:
 
     def reference(self):
         """The engine's reference image: the grid as an empty UInt8 image (as ``imageio.read_ct``)."""
-        import SimpleITK as sitk
 
         ref = sitk.Image(self.image.GetSize(), sitk.sitkUInt8)
         ref.CopyInformation(self.image)
@@ -184,9 +185,6 @@ def _geometry(image):
 
 def write_job(job_dir, job):
     """Write a :class:`Job` into ``job_dir`` (the logic does, on Slicer's main thread)."""
-    import SimpleITK as sitk
-
-    from URSAMLib.atomic import atomic_path, atomic_write_text
 
     if job.task not in TASKS:
         raise ValueError(f"unknown worker task {job.task!r}")
@@ -206,12 +204,6 @@ def write_job(job_dir, job):
 
 def read_job(job_dir):
     """The :class:`Job` of a job folder; URSAMError (naming the file) if it is unusable."""
-    import SimpleITK as sitk
-
-    from URSAMLib.boxes import OrganBox
-    from URSAMLib.imageio import read_image
-
-    from .options import RunOptions
 
     job_dir = Path(job_dir)
     spec_path = job_dir / JOB_FILE
@@ -256,7 +248,6 @@ def read_job(job_dir):
 
 def write_outcome(job_dir, outcome):
     """Pickle an :class:`Outcome` into the job folder, without the volume and grid the logic has already."""
-    from URSAMLib.atomic import atomic_path
 
     result = outcome.result
     kept = None
@@ -327,7 +318,7 @@ def _event_stream():
 
 def _parent_alive(pid):
     if os.name == "nt":
-        import ctypes
+        import ctypes  # noqa: PLC0415 (Windows only)
 
         kernel32 = ctypes.windll.kernel32
         handle = kernel32.OpenProcess(0x1000, False, int(pid))  # PROCESS_QUERY_LIMITED_INFORMATION

@@ -1,8 +1,10 @@
 """Fixtures for the Slicer-side tests: real MRML scenes from the PyPI package slicer-core (see slicer_scene.py)."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "URSAM"
@@ -11,15 +13,13 @@ if str(MODULE_DIR) not in sys.path:
 
 slicer = pytest.importorskip("slicer", reason="the Slicer-side tests need the PyPI package slicer-core")
 
-import os  # noqa: E402
-
 DATA = Path(os.environ.get("URSAM_DATA", ROOT.parent / "shared" / "data"))
 ABD = DATA / "abdomen-ts"
 
 
 @pytest.fixture
 def app():
-    from slicer_scene import SlicerApp
+    from slicer_scene import SlicerApp  # noqa: PLC0415 (cannot be imported here)
 
     return SlicerApp()
 
@@ -40,7 +40,6 @@ CROP = (10, 17)
 @pytest.fixture(scope="session")
 def crop_paths(slab_paths, tmp_path_factory):
     """A 7-slice crop of tsA_slab (image, labels), so that a slice-mode run costs about 7 encoder calls."""
-    import SimpleITK as sitk
 
     folder = tmp_path_factory.mktemp("crop")
     out = []

@@ -1,4 +1,5 @@
 """Which packages the module asks Slicer to install, with which of Slicer's installers, and when it installs nothing."""
+import importlib.util
 import sys
 
 import pytest
@@ -18,7 +19,6 @@ def test_slicer_5_6s_own_simpleitk_is_enough():
 
 def test_the_installer_is_pip_install_where_slicer_has_no_packaging_module():
     """slicer.packaging (with pip_ensure) is Slicer 5.12's; slicer.util.pip_ensure exists in no version."""
-    import importlib.util
 
     name, install = dependencies.pipInstaller()
     has_packaging = importlib.util.find_spec("slicer.packaging") is not None

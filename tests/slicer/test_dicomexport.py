@@ -1,7 +1,6 @@
 """Export RT structure set from Slicer: without SlicerRT one clear message and no change; names as the engine's."""
 import pytest
 import SimpleITK as sitk
-
 import slicer
 import vtk
 

@@ -4,6 +4,7 @@ One LiteMedSAM run (2 organs, 2 slices of tsA_slab) is shared by the module;
 tests that change nodes write that run into a fresh scene of their own.
 """
 import math
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from slicer_scene import SlicerApp, full_mask, voxel_hash
 
 from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import Cancelled, URSAMError
+from URSAMLib.templates import Library
 from URSAMMRML import geometry, outputs, review, segmentations
 from URSAMMRML.logic import RunOptions, URSAMProcessLogic
 
@@ -321,7 +323,6 @@ def test_a_transformed_input_gets_its_own_voxels_back_through_review_and_the_lib
     for i, node in enumerate((out.rectified, world)):
         lib_path = tmp_path / f"lib{i}"
         logic.addToLibrary(lib_path, volume, node)
-        from URSAMLib.templates import Library
 
         lib = Library(lib_path)
         _, back = lib.templates()[0].read_labels()
@@ -385,7 +386,7 @@ def test_cancel_in_mid_run_leaves_the_scene_unchanged(run, litemedsam):
 
 
 def vtk_ids(sh):
-    import vtk
+    import vtk  # noqa: PLC0415 (Slicer's own modules exist only inside Slicer)
 
     ids = vtk.vtkIdList()
     sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
@@ -450,7 +451,6 @@ def test_table_headers_show_each_unit_once(run):
 
 def test_the_in_process_run_collects_warnings_without_touching_python_warnings(run, litemedsam):
     """Python's warning filters are process-wide: a run must neither reset nor replace them."""
-    import warnings
 
     logic = URSAMProcessLogic()
     box = boxes_from_labels(slicer.util.arrayFromVolume(run.labels), {3: "spleen"})[0]

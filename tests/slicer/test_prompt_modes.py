@@ -15,6 +15,7 @@ from URSAMLib.boxes import boxes_from_labels
 from URSAMLib.errors import URSAMError
 from URSAMLib.metrics import dice
 from URSAMLib.progress import STAGE_DEFORM
+from URSAMLib.prompt_modes import PromptOptions, fallback_warnings, make_prompts
 from URSAMMRML import geometry
 from URSAMMRML.logic import RunOptions, URSAMProcessLogic
 
@@ -121,8 +122,6 @@ def test_rois_with_a_slice_mode_run_box3d_and_say_so(crop_paths, litemedsam):
 
 
 def test_organs_a_mode_prompts_with_the_3d_box_are_named_to_the_user(sliced):
-    from URSAMLib.prompt_modes import PromptOptions, fallback_warnings, make_prompts
-
     localized = sliced.computed.localized
     size = sliced.computed.result.reference.GetSize()
     # no warped prior for either organ: the engine's own fallback

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
+
+import SimpleITK as sitk
 
 from ..errors import URSAMError
+from ..registration.affine import cores, limit_cores
 
 #: SAM models of this process by (BackendOptions, percentile normalization)
 _BACKENDS = {}
@@ -39,17 +43,12 @@ def configure_threads(threads):
     the model is loaded), ITK's default, and the number of supports registered at once."""
     if _THREADS[0] == threads:
         return
-    import warnings
-
-    import SimpleITK as sitk
 
     # The model packages' deprecation notices, once per worker process, would bury the progress bar.
     warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
-    from ..registration.affine import limit_cores
-
     try:
-        import torch
+        import torch  # noqa: PLC0415 (optional package)
     except ImportError:  # a worker that only registers (the atlas baseline) needs no torch
         torch = None
     if torch is not None:
@@ -71,14 +70,13 @@ def worker_backend(options, percentile=False):
 def _worker_threads():
     """The worker's own thread count (what a cluster manager gave its process), else every core."""
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # noqa: PLC0415 (optional package)
 
         n = getattr(get_worker(), "nthreads", None)
     except (ImportError, ValueError):
         n = None
     if n:
         return int(n)
-    from ..registration.affine import cores
 
     return cores()
 
@@ -116,11 +114,11 @@ class Executor:
 
     def __enter__(self):
         try:
-            import distributed  # noqa: F401
+            import distributed  # noqa: F401, PLC0415 (Dask: only where a cluster runs)
         except ImportError:
             raise URSAMError("running on Dask needs the package distributed (pip install 'dask[distributed]')") \
                 from None
-        from distributed import Client
+        from distributed import Client  # noqa: PLC0415 (Dask loads only where a cluster runs)
 
         if self.scheduler:
             try:
@@ -132,9 +130,7 @@ class Executor:
         return self
 
     def _start_local(self):
-        from distributed import Client, LocalCluster
-
-        from ..registration.affine import cores
+        from distributed import Client, LocalCluster  # noqa: PLC0415 (Dask loads only where a cluster runs)
 
         n = self.workers or 1
         self.threads = max(1, cores() // n)
@@ -178,7 +174,7 @@ class Executor:
         """The dashboard's address (None where a local cluster cannot serve it: no bokeh)."""
         if self.cluster is not None:
             try:
-                import bokeh  # noqa: F401
+                import bokeh  # noqa: F401, PLC0415 (optional: the Dask dashboard)
             except ImportError:
                 return None
         return getattr(self.client, "dashboard_link", None)
@@ -190,7 +186,7 @@ class Executor:
     def completed(self, futures):
         """``(future, result, error)`` as each future finishes: ``error`` a one-line message where the task
         raised or its worker died."""
-        from distributed import as_completed
+        from distributed import as_completed  # noqa: PLC0415 (Dask loads only where a cluster runs)
 
         for future in as_completed(futures):
             try:

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..boxes import load_boxes
@@ -110,8 +112,6 @@ def _run(pending, executor, rows, failed, result, write, progress, total):
     progress.info(f"running on {executor.describe()}")
     bar = None
     if not progress.quiet:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=total - len(pending), desc="scans", unit="scan", file=sys.stderr,
                    dynamic_ncols=True)
     futures = {}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import SimpleITK as sitk
+
 from ..errors import URSAMError
 from ..templates import file_digest
 
@@ -43,8 +45,6 @@ def _scan_id(name):
 
 
 def _is_dicom_folder(folder):
-    import SimpleITK as sitk
-
     try:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:

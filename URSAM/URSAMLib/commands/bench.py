@@ -2,6 +2,7 @@
 n=1 vs n=3)."""
 from __future__ import annotations
 
+from ..atomic import atomic_write_text
 from ..errors import URSAMError
 from ..progress import Progress
 from ..sam import ENCODER_PATHS
@@ -51,9 +52,8 @@ def _n_values(text):
 
 
 def main(args):
-    from ..atomic import atomic_write_text
-    from ..evaluation.bench import dumps, run_bench
-    from ..sam.backends import make_backend
+    from ..evaluation.bench import dumps, run_bench  # noqa: PLC0415 (imports torch: loads only where a model runs)
+    from ..sam.backends import make_backend  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
     if not encoders:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from ..errors import URSAMError
-from ..progress import Progress
+from ..evaluation.phantom import PhantomGrid
+from ..pipeline import Params
+from ..progress import STAGE_MODEL, Progress
+from ..settings import Settings
 
 
 def add_parser(sub):
@@ -37,12 +40,8 @@ def parse_size(text):
 
 
 def main(args):
-    from ..evaluation.demo import run_demo
-    from ..evaluation.phantom import PhantomGrid
-    from ..pipeline import Params
-    from ..progress import STAGE_MODEL
-    from ..sam.backends import make_backend
-    from ..settings import Settings
+    from ..evaluation.demo import run_demo  # noqa: PLC0415 (imports torch: loads only where a model runs)
+    from ..sam.backends import make_backend  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     size = parse_size(args.size)
     # The phantom keeps its field of view in mm: fewer voxels mean larger ones.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..batch.executor import Executor
 from ..dicom.export import parse_kinds
 from ..errors import URSAMError
 from ..localization import DEFAULT_MARGIN, parse_margin
@@ -81,7 +82,6 @@ def add_executor_options(p, what="scans", default_local=True):
 def executor_from_args(args, default_local=True):
     """The :class:`URSAMLib.batch.executor.Executor` of --workers / --scheduler; with neither, a local cluster
     of one worker, or None where not ``default_local``."""
-    from ..batch.executor import Executor
 
     if not default_local and args.workers is None and not args.scheduler:
         return None

@@ -8,6 +8,7 @@ from ..calibrate import calibrate
 from ..calibration.file import CANDIDATE_MODES, find_calibration
 from ..errors import URSAMError
 from ..fusion import DEFAULT_REVIEW_BUDGET
+from ..imageio import read_seg_nrrd_as_labelmap
 from ..progress import Progress
 from ..prompt_modes import parse_modes
 from ..templates import Library
@@ -115,8 +116,6 @@ def main_add(args):
 
 
 def _segment_names(path):
-    from ..imageio import read_seg_nrrd_as_labelmap
-
     image = read_seg_nrrd_as_labelmap(path)
     return {int(s["labelValue"]): str(s.get("name") or f"label_{s['labelValue']}") for s in image.segments}
 

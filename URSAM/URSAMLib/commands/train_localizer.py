@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import URSAMError
 from ..imageio import IMAGE_SUFFIXES
+from ..progress import Progress
 
 
 def _numbers(text, n, what, cast=float):
@@ -116,11 +117,10 @@ def add_parser(sub):
 
 
 def main(args):
-    import torch
+    import torch  # noqa: PLC0415 (torch loads only where a model runs)
 
-    from ..medlam.network import NetConfig
-    from ..medlam.training import TrainSettings, train
-    from ..progress import Progress
+    from ..medlam.network import NetConfig  # noqa: PLC0415 (imports torch: loads only where a model runs)
+    from ..medlam.training import TrainSettings, train  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     progress = Progress(quiet=args.quiet)
     for name in ("batch_size", "patches_per_scan", "save_every", "log_every"):

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Tuple
 
 from ..errors import URSAMError
+from .rtstruct import write_rtstruct
+from .seg import write_seg
 from .series import DicomSeries, find_series
 
 #: object -> file in the output folder
@@ -64,8 +66,6 @@ class DicomExport:
     def writers(self, result):
         """``{file name: writer(path)}`` of the result's label map (``rectified.nii.gz``) and organs."""
         # Imported here: highdicom loads only where a SEG is written.
-        from .rtstruct import write_rtstruct
-        from .seg import write_seg
 
         organs = [(o.label, o.name) for o in result.main_organs()]
         labels = {}

@@ -9,8 +9,8 @@ voxels, each referencing its source CT slice.
 """
 from __future__ import annotations
 
-import numpy as np
 import highdicom as hd
+import numpy as np
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code

@@ -633,10 +633,10 @@ def _csv_value(v):
 
 def write_boxplot(path, rows, organs, methods):
     """Dice per organ (groups) and method (colours)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib loads only where a figure is drawn)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib loads only where a figure is drawn)
 
     fig, ax = plt.subplots(figsize=(min(20.0, max(6.0, 0.2 * len(organs) * max(1, len(methods)) + 2)), 4.5))
     colors = plt.get_cmap("tab10")

@@ -14,11 +14,15 @@ the patient's left, y to posterior, z to superior.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from ..atomic import atomic_write_text
 
 #: label values and names, in FLARE22 naming (so terminology and colours match real data)
 ORGANS = {1: "liver", 2: "kidney_right", 3: "spleen", 4: "aorta", 5: "kidney_left"}
@@ -152,10 +156,6 @@ def make_cohort(folder, n_templates=3, n_queries=1, seed=0, grid=PhantomGrid()):
     ``query`` list; the folder is both a template library and an evaluation
     dataset. Returns the folder.
     """
-    import json
-    from pathlib import Path
-
-    from ..atomic import atomic_write_text
 
     folder = Path(folder)
     ids = [f"phantom_{i + 1:02d}" for i in range(n_templates + n_queries)]

@@ -13,6 +13,6 @@ from __future__ import annotations
 
 def localize_medlam(image, library, organs=None, progress=None, **options):
     """``localize.LOCALIZERS["medlam"]``: see :func:`URSAMLib.medlam.inference.localize_medlam`."""
-    from .inference import localize_medlam as run
+    from .inference import localize_medlam as run  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     return run(image, library, organs=organs, progress=progress, **options)

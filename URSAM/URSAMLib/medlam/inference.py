@@ -26,9 +26,11 @@ import torch.nn.functional as F
 
 from ..boxes import OrganBox
 from ..errors import URSAMError
+from ..imageio import check_volume, read_image
 from ..localization import DEFAULT_MARGIN, Localization
 from ..orientation import Orientation
 from ..progress import STAGE_LOCALIZE, Progress
+from ..templates import Library
 from .checkpoint import load_network, pick_device
 from .network import FEATURE_SCALES
 from .preprocessing import crop, extreme_points, prepare
@@ -237,8 +239,6 @@ def localize_medlam(image, library, organs=None, progress=None, checkpoint=None,
     ("error" or "skip", as the registration localizer), and the fields of
     :class:`MedLAMOptions`.
     """
-    from ..imageio import check_volume, read_image
-    from ..templates import Library
 
     progress = progress or Progress()
     if checkpoint is None:

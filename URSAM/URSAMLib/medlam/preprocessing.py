@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import URSAMError
+from ..imageio import check_volume, read_image
 
 
 def map_hu(hu, points=(-1000.0, -200.0, 200.0, 1500.0), values=(0.0, 0.2, 0.8, 1.0)):
@@ -114,8 +115,6 @@ def prepare(image, spacing_mm=3.0, pad=32, hu_points=(-1000.0, -200.0, 200.0, 15
 
 
 def prepare_path(path, **kw):
-    from ..imageio import check_volume, read_image
-
     image = read_image(path, "image")
     check_volume(image, path)
     return prepare(image, path=path, **kw)

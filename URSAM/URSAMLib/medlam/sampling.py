@@ -71,8 +71,8 @@ def _rotation(rng, max_deg):
 
 def _elastic_field(rng, size, n_points, max_disp):
     """A smooth displacement field (3, size, size, size) in voxels through random control points."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # noqa: PLC0415 (torch loads only where a model runs)
+    import torch.nn.functional as F  # noqa: PLC0415 (torch loads only where a model runs)
 
     coarse = rng.uniform(-max_disp, max_disp, size=(3, n_points, n_points, n_points))
     # Pin the border control points, as torchio does, so the field fades at the edges.

@@ -26,6 +26,7 @@ grid, so each stage registers two images that already overlap; the result is
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -98,7 +99,7 @@ def check_method(method):
 
 def elastix_available():
     try:
-        import itk  # noqa: F401
+        import itk  # noqa: F401, PLC0415 (optional: itk-elastix)
 
         return hasattr(itk, "elastix_registration_method")
     except ImportError:
@@ -184,7 +185,7 @@ def _bspline(fixed, moving, options):
 
 def _elastix(fixed, moving, options):
     """Displacement field of itk-elastix's standard B-spline map (query grid)."""
-    import itk
+    import itk  # noqa: PLC0415 (optional: itk-elastix)
 
     f = itk.image_from_array(sitk.GetArrayFromImage(fixed).astype(np.float32))
     m = itk.image_from_array(sitk.GetArrayFromImage(moving).astype(np.float32))
@@ -201,7 +202,6 @@ def _elastix(fixed, moving, options):
         # (the number_of_threads keyword of itk-elastix 0.25 crashes; the map entry does the same)
         pmap["MaximumNumberOfThreads"] = [str(int(options.threads))]
     params.AddParameterMap(pmap)
-    import tempfile
 
     # transformix writes its field to a file as well: into a folder of our own, never the caller's cwd.
     with tempfile.TemporaryDirectory(prefix="ursam-elastix-") as tmp:

