@@ -32,7 +32,7 @@ from .calibration.fit import Case, fit_organ
 from .errors import URSAMError
 from .fusion import DEFAULT_REVIEW_BUDGET, Evidence
 from .localizers import LibrarySource
-from .pipeline import MAIN
+from .pipeline import ENSEMBLE, MAIN, URSAM, URSAM_ATLAS
 from .progress import Progress
 from .runner import ScanJob, run_scan
 from .sam.fast_encoder import cache_dir
@@ -53,7 +53,7 @@ def cases_of_run(run, truth):
         outside = int(np.count_nonzero(truth == o.label)) - int(np.count_nonzero(t))
         if not t.any() and outside == 0:
             continue  # the scan does not have this organ: nothing to learn from it
-        refs = {k: o.masks[k] for k in ("ensemble", "ursam", "ursam+atlas") if k in o.masks}
+        refs = {k: o.masks[k] for k in (ENSEMBLE, URSAM, URSAM_ATLAS) if k in o.masks}
         refs["atlas vote"] = o.prior.on(o.sl) > 0.5  # the classic majority of the supports' (unblurred) labels
         out[o.name] = Case(evidence, t, outside, refs)
     return out

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from .boxes import OrganBox
     from .fusion import Fused, OrganFusion
 
+#: one SAM pass with the localized box (the paper's auto prompting)
+AUTO = "auto"
+#: the mean of the n shifted boxes' maps > 0.5 (METHOD.md §3)
+ENSEMBLE = "ensemble"
 #: UR-SAM's own result: the paper's Algorithm 1
 URSAM = "ursam"
 #: Algorithm 1 with the atlas prior (URSAMLib.rectification.atlas_rectified); the same mask as URSAM
@@ -38,7 +42,7 @@ URSAM_ATLAS = "ursam+atlas"
 #: the calibrated atlas–SAM fusion (URSAMLib.fusion), where a calibration gives the organ a model
 FUSION = "fusion"
 #: every mask the pipeline can produce, in the paper's table order, then the atlas-prior variant and the fusion
-METHODS = ("auto", "ensemble", "unc-fpc", "unc-fnc", "unc-fpnc", URSAM, URSAM_ATLAS, FUSION)
+METHODS = (AUTO, ENSEMBLE, "unc-fpc", "unc-fnc", "unc-fpnc", URSAM, URSAM_ATLAS, FUSION)
 
 
 @dataclass
@@ -295,11 +299,11 @@ def finish_organ(o, params):
     Also the entry point for re-rectifying with new options: it reads only
     p_auto, p_mean, intensity and the prior, never SAM.
     """
-    o.masks = {"auto": o.p_auto > 0.5}
+    o.masks = {AUTO: o.p_auto > 0.5}
     if o.p_mean is None:
         return o
     y_hat = o.p_mean > 0.5
-    o.masks["ensemble"] = y_hat
+    o.masks[ENSEMBLE] = y_hat
     o.u = binary_entropy(o.p_mean)
     inner = o.box_in_region
     yb, ub, ib = y_hat[inner], o.u[inner], o.intensity[inner].astype(np.float32)
@@ -355,7 +359,7 @@ def label_map(organs, method, shape, prompt_set=MAIN):
         if method == FUSION and o.fused is not None:
             p = o.fused.probability
         else:
-            p = o.p_auto if method == "auto" or o.p_mean is None else o.p_mean
+            p = o.p_auto if method == AUTO or o.p_mean is None else o.p_mean
         m = o.masks[method] & (p > best[local[id(o)]])
         labels[o.sl][m] = o.label
         best[local[id(o)]][m] = p[m]

@@ -140,7 +140,7 @@ class SegmentationResult:
         return [o for o in self.organs if o.prompt_set == MAIN]
 
     def report(self, ensemble=None, rectified=None, unc_labels=None):
-        ensemble = self.label_map("ensemble") if ensemble is None else ensemble
+        ensemble = self.label_map(pipeline.ENSEMBLE) if ensemble is None else ensemble
         rectified = self.label_map() if rectified is None else rectified
         unc_labels = self.uncertainty_maps()[1] if unc_labels is None else unc_labels
         organs = []

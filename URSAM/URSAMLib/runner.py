@@ -151,7 +151,7 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
     progress = progress or Progress(quiet=job.quiet)
     # the calibration first: a bad file fails before any registration
     calibration = find_calibration(getattr(job.source, "library", None), job.calibration, progress,
-                                   job.use_calibration, job.settings.warps_labels())
+                                   job.use_calibration and job.stop_after is None, job.settings.warps_labels())
     if job.out is not None:
         check_output_dir(job.out, job.overwrite)
     export = DicomExport.plan(job.image, job.dicom_out, job.series)  # checked before any work
@@ -182,7 +182,8 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
         return outcome
 
     t0 = time.perf_counter()
-    progress.stage(STAGE_MODEL)
+    if backend is None:
+        progress.stage(f"{STAGE_MODEL} {job.backend.name}")
     sam = (backend or job.backend.make)(scan.percentile)
     timings["model_seconds"] = time.perf_counter() - t0
     inputs = {"image": scan.name, **job.source.describe(localization), "margin_z_xy": list(settings.margin),

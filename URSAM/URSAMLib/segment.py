@@ -110,7 +110,7 @@ def segment(scan, boxes, warped, backend, settings=None, calibration=None, progr
     scan, or None. ``backend``: a SAM backend, or a
     :class:`URSAMLib.sam.views.Views` of one, which lets several runs on one
     scan (the prompt modes of an evaluation) share their slice embeddings.
-    ``calibration``: the library's :class:`URSAMLib.calibration.Calibration`:
+    ``calibration``: the library's :class:`URSAMLib.calibration.file.Calibration`:
     each organ's result is then the calibrated fusion of its SAM ensemble (in
     the prompt mode the calibration chose for it) and the warped support
     labels. ``baselines``: more boxes decoded once each, without augmentation

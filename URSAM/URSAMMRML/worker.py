@@ -17,7 +17,7 @@ The job is a folder written by :func:`write_job`:
 - ``input.nrrd``: the input volume's voxels (float32, as the logic copied them).
 
 The worker writes ``outcome.pickle`` (:class:`Outcome`: the localized boxes
-and the engine's :class:`URSAMLib.segment.SegmentationResult`, whose organ
+and the engine's :class:`URSAMLib.result.SegmentationResult`, whose organ
 maps Rectify reruns on without SAM; an output the engine adds to the result
 comes back with it) and prints one JSON line per event on stdout::
 
@@ -55,7 +55,7 @@ from URSAMLib.calibration.file import find_calibration
 from URSAMLib.errors import URSAMError
 from URSAMLib.imageio import Scan, read_image
 from URSAMLib.localizers import BoxSource, LibrarySource
-from URSAMLib.progress import Progress
+from URSAMLib.progress import STAGE_MODEL, Progress
 from URSAMLib.result import SegmentationResult
 from URSAMLib.runner import ScanJob, run_scan
 from URSAMLib.sam import BackendOptions
@@ -131,6 +131,8 @@ def _library(library):
 
 def makeBackend(options, progress=None, percentile=False):
     """The SAM model of a run's options (``percentile``: normalization for a scan that is not CT in HU)."""
+    if progress is not None:
+        progress.stage(f"{STAGE_MODEL} {options.backend}")
     return BackendOptions(options.backend, options.checkpoint or None, options.device).make(percentile)
 
 

@@ -9,7 +9,7 @@ per case on an :class:`Executor`. On a worker, :func:`run_task`
 - runs one of these tasks at a time, even on a worker with several Dask
   threads (the SAM model and its caches are not shared between scans at once);
 - and :func:`worker_backend` loads a SAM model once per set of
-  :class:`URSAMLib.scan.BackendOptions` and keeps it for every later task
+  :class:`URSAMLib.sam.BackendOptions` and keeps it for every later task
   of that worker process.
 
 Everything a task needs travels with it (paths, options); workers need URSAM

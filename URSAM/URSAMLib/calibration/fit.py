@@ -22,6 +22,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ..fusion import SOURCES, Evidence, OrganFusion
+from ..pipeline import ENSEMBLE, URSAM, URSAM_ATLAS
 from ..uncertainty import LOG2, binary_entropy
 
 #: the source sets a fit tries, single sources first (they win ties)
@@ -226,7 +227,7 @@ def fit_organ(name, by_mode, budget, seed=0):
     no_sam, _ = _fitted(by_mode[no_sam_best.mode], no_sam_best.sources, None, name, rng)
     no_sam = replace(no_sam, flag_threshold=_flag_threshold(by_mode[no_sam_best.mode], no_sam, budget))
     loo = {f"{k} (0.5)": round(v, 4) for k, v in raw.items()}
-    for ref in ("atlas vote", "ensemble", "ursam", "ursam+atlas"):
+    for ref in ("atlas vote", ENSEMBLE, URSAM, URSAM_ATLAS):
         if ref in cases[0].reference:
             loo[ref] = round(float(np.mean([c.dice(c.reference[ref]) for c in cases])), 4)
     loo["fusion"] = round(in_sample, 4)

@@ -47,7 +47,7 @@ from ..sam.fast_encoder import AUTO_ORDER, available_paths
 from ..segment import segment
 
 #: masks whose Dice is compared between encoder paths
-DICE_METHODS = ("auto", "ensemble", "ursam")
+DICE_METHODS = (pipeline.AUTO, pipeline.ENSEMBLE, pipeline.URSAM)
 
 
 def peak_rss_mb():
@@ -366,10 +366,10 @@ def run_bench(image, make, settings, boxes_path=None, templates=None, labels=Non
     })
     if d_eager is not None:
         if fast_name:
-            record["dice_ursam_fast"] = organ_dice(runs[fast_name][2], truth)["ursam"]
-        record["dice_ursam_eager"] = d_eager["ursam"]
+            record["dice_ursam_fast"] = organ_dice(runs[fast_name][2], truth)[pipeline.URSAM]
+        record["dice_ursam_eager"] = d_eager[pipeline.URSAM]
     elif truth is not None:
-        record["dice_ursam"] = organ_dice(res_hi, truth)["ursam"]
+        record["dice_ursam"] = organ_dice(res_hi, truth)[pipeline.URSAM]
     record["peak_rss_mb"] = peak_rss_mb()
     record["cpu_seconds_total"] = round(time.process_time() - cpu_start, 1)
     # 1-minute load average at the start and the end: above the core count, timings are shared

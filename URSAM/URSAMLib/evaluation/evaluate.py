@@ -722,7 +722,7 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
     the settings' mode); ``localizer_options``: options of the localizer
     beyond the settings (support workers, the MedLAM checkpoint and device).
     ``calibration``: the fusion's calibration on the support library (a
-    :class:`URSAMLib.calibration.Calibration`; None: none); its rows and its
+    :class:`URSAMLib.calibration.file.Calibration`; None: none); its rows and its
     ablations' join the tables.
 
     ``backend_options``: the SAM model (:class:`URSAMLib.sam.BackendOptions`,
