@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import slicerio
 
 from .atomic import atomic_path
-from .dicom.series import find_series, read_series
+from .dicom.series import DicomSeries, find_series, read_series
 from .errors import URSAMError
 
 # ITK's own warnings (metadata it drops, and the like) would drown the CLI's one-line messages.
@@ -27,10 +27,9 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
 def _read_dicom_series(folder, series=None):
-    """A DICOM CT series, checked (which series, CT, gaps, orientation) by its one reader."""
-    # Imported here: pydicom is needed only where the input is a DICOM folder.
-
-    return read_series(find_series(folder, series))
+    """A DICOM CT series, checked (which series, CT, gaps, orientation) by its one reader; ``series``: its
+    Series Instance UID where the folder holds several, or the :class:`DicomSeries` already found."""
+    return read_series(series if isinstance(series, DicomSeries) else find_series(folder, series))
 
 
 def _stream_length(handle, gz):
@@ -232,6 +231,8 @@ class Scan:
     source: Union[str, sitk.Image]
     name: str
     percentile: bool = False
+    #: the DICOM series it was read from (None for a file or a scan in memory)
+    dicom: Optional[DicomSeries] = None
 
     @classmethod
     def in_memory(cls, image, name="volume"):
@@ -254,10 +255,11 @@ def read_scan(image, modality="auto", warn: Optional[Callable[[str], None]] = No
     if isinstance(image, Scan):
         scan = image
     else:
-        reference, volume = read_ct(image, series)
+        found = find_series(image, series) if Path(image).is_dir() else None
+        reference, volume = read_ct(image, found or series)
         # the localizer reads a path itself; a series chosen from a folder of several goes as the image read
         source = str(image) if series is None else array_to_image(volume, reference)
-        scan = Scan(reference, volume, source, str(Path(image).absolute()))
+        scan = Scan(reference, volume, source, str(Path(image).absolute()), dicom=found)
     percentile = modality == "other" or (modality == "auto" and not looks_like_ct(scan.volume))
     if percentile and modality == "auto" and warn is not None:
         warn(f"{scan.name} does not look like a CT in HU (no air near -1000): CT windowing does not apply, "

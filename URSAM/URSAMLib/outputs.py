@@ -21,7 +21,6 @@ from .atomic import atomic_path, atomic_write_text, staged_dir
 from .boxes import save_boxes
 from .errors import URSAMError
 from .imageio import write_image
-from .pipeline import ENSEMBLE
 from .review import flagged_components
 
 #: what every run writes into its output folder
@@ -165,10 +164,9 @@ def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_repor
     then covers every step, writing included.
     """
     t0 = time.perf_counter()
-    ensemble = result.label_map(ENSEMBLE)
-    rectified = result.label_map()
-    u_full, unc_labels = result.uncertainty_maps()
-    names = [(o.label, o.name) for o in result.main_organs()]
+    maps = result.output_maps()
+    ensemble, rectified, u_full, unc_labels, names = (maps.ensemble, maps.rectified, maps.uncertainty,
+                                                      maps.flagged, maps.organs)
     with staged_output_dir(out_dir, overwrite) as stage:
         ref = result.reference
         write_image(ensemble, ref, stage / "ensemble.nii.gz")

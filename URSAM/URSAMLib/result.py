@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,6 +27,18 @@ RECTIFIED_METHODS = {
     pipeline.FUSION: "the calibrated atlas-SAM fusion: per organ, SAM's ensemble and the warped support labels "
                      "pooled with the weights, temperature and threshold fitted on the template library",
 }
+
+
+@dataclass
+class OutputMaps:
+    """The maps a run outputs, on the input's grid ([z, y, x]): the ensemble's and the result's label maps,
+    the uncertainty (the maximum over organs) and the label map of the flagged voxels; ``organs``:
+    ``[(label, name)]`` of the method's organs."""
+    ensemble: np.ndarray
+    rectified: np.ndarray
+    uncertainty: np.ndarray
+    flagged: np.ndarray
+    organs: List[Tuple[int, str]]
 
 
 @dataclass
@@ -78,6 +90,12 @@ class SegmentationResult:
         """The label map of ``method`` (default: the result, :attr:`rectified_method`)."""
         return self.to_input(pipeline.label_map(self.organs, method or self.rectified_method,
                                                 self._canonical_shape(), prompt_set))
+
+    def output_maps(self):
+        """Every map a run outputs (:class:`OutputMaps`), computed once for the files and for Slicer."""
+        uncertainty, flagged = self.uncertainty_maps()
+        return OutputMaps(self.label_map(pipeline.ENSEMBLE), self.label_map(), uncertainty, flagged,
+                          [(o.label, o.name) for o in self.main_organs()])
 
     def uncertainty_maps(self):
         return tuple(self.to_input(m) for m in pipeline.uncertainty_maps(self.organs, self._canonical_shape()))

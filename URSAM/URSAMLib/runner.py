@@ -154,9 +154,9 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
                                    job.use_calibration and job.stop_after is None, job.settings.warps_labels())
     if job.out is not None:
         check_output_dir(job.out, job.overwrite)
-    export = DicomExport.plan(job.image, job.dicom_out, job.series)  # checked before any work
     timings = {}
     scan = read_scan(job.image, job.modality, progress.warn, job.series)
+    export = DicomExport.plan(scan, job.dicom_out)  # checked before any work
     timings["read_seconds"] = time.perf_counter() - started
 
     t0 = time.perf_counter()

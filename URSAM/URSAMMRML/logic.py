@@ -399,10 +399,9 @@ class URSAMProcessLogic:
     def _derive(self, computed):
         """Label maps, flagged components and statistics from the engine's result (no SAM)."""
         result = computed.result
-        organs = [(o.label, o.name) for o in result.main_organs()]
-        ensemble = result.label_map("ensemble")
-        rectified = result.label_map()
-        uncertainty, uncLabels = result.uncertainty_maps()
+        maps = result.output_maps()
+        organs, ensemble, rectified = maps.organs, maps.ensemble, maps.rectified
+        uncertainty, uncLabels = maps.uncertainty, maps.flagged
         computed.maps = {"ensemble": ensemble, "rectified": rectified, "uncertainty": uncertainty,
                          "flagged": uncLabels, "organs": organs}
         computed.components = review.flagged_components(uncLabels, uncertainty, organs, result.voxel_ml,

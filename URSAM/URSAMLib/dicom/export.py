@@ -15,7 +15,7 @@ from typing import Tuple
 from ..errors import URSAMError
 from .rtstruct import write_rtstruct
 from .seg import write_seg
-from .series import DicomSeries, find_series
+from .series import DicomSeries
 
 #: object -> file in the output folder
 FILES = {"rtstruct": "rtstruct.dcm", "seg": "seg.dcm"}
@@ -50,14 +50,16 @@ class DicomExport:
     kinds: Tuple[str, ...]
 
     @classmethod
-    def plan(cls, image, kinds, series_uid=None):
-        """The export of a run on ``image`` (None without ``kinds``); bad input raises URSAMError at once."""
+    def plan(cls, scan, kinds):
+        """The export of a run on ``scan`` (a :class:`URSAMLib.imageio.Scan`; None without ``kinds``); bad input
+        raises URSAMError before any work."""
         if not kinds:
             return None
-        if not Path(image).is_dir():
+        image = scan.name
+        if scan.dicom is None:
             raise URSAMError("--dicom-out needs a DICOM CT series folder as the input (the objects reference its "
                              "slices)", image)
-        series = find_series(image, series_uid)
+        series = scan.dicom
         if not series.frame_of_reference_uid:
             raise URSAMError("--dicom-out: the DICOM series has no Frame of Reference UID, which a structure set "
                              "and a segmentation must reference", image)
