@@ -15,7 +15,6 @@ import time
 from typing import Annotated, Optional
 
 import ctk
-import numpy as np
 import qt
 import slicer
 import vtk
@@ -31,7 +30,6 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.progress import STAGE_EMBED, STAGE_LOCALIZE, STAGE_MODEL, STAGE_RECTIFY, STAGE_WRITE, stage_of
 from URSAMMRML import dependencies
 from URSAMMRML.guiconnection import GuiConnection
@@ -586,6 +584,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(_("{name} cancelled; nothing was changed.").format(name=run.name))
         elif run.state == "failed":
             self.setStatus(_("{name} failed: {error}").format(name=run.name, error=run.error))
+            from URSAMLib.errors import URSAMError  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
             if not isinstance(run.error, URSAMError):
                 logging.error("URSAM: %s failed", run.name, exc_info=run.error)
             slicer.util.errorDisplay(_("{name} failed: {error}").format(name=run.name, error=run.error))
@@ -655,6 +654,7 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
             if candidate and os.path.isfile(candidate):
                 return candidate
 
+        from URSAMLib.errors import URSAMError  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
         raise URSAMError("Slicer's PythonSlicer was not found (on PATH or beside the application); "
                          "the URSAM worker process needs it")
 
@@ -844,6 +844,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
             self.assertIsNotNone(outputs.nodes.get(role), role)
         u = slicer.util.arrayFromVolume(outputs.uncertainty)
         self.assertTrue(0.0 <= u.min() and u.max() <= math.log(2) + 1e-6)
+        import numpy as np  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
         self.assertTrue(np.array_equal(before, slicer.util.arrayFromVolume(volume)))
         rectified = outputs.rectified.GetSegmentation()
         self.assertEqual(rectified.GetSegment("spleen").GetName(), "Spleen")
@@ -864,6 +865,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
         nodes = slicer.mrmlScene.GetNumberOfNodes()
         seen = []
 
+        from URSAMLib.errors import Cancelled  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
         with self.assertRaises(Cancelled):
             logic.process(volume, rois=rois, progress=lambda s, i, n: seen.append((s, i)),
                           cancel=lambda: any(s == STAGE_EMBED and i >= 1 for s, i in seen))
@@ -884,6 +886,7 @@ class URSAMTest(ScriptedLoadableModuleTest):
         from URSAMMRML import geometry  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         box = boxes_from_labels(slicer.util.arrayFromVolume(labels), {3: "spleen"})[0]
+        import numpy as np  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
         box.min_ijk[2] = box.max_ijk[2] = int(np.mean([box.min_ijk[2], box.max_ijk[2]]))
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "spleen")
         geometry.placeRoi(roi, box, geometry.ijkToRas(volume))

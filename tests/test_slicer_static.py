@@ -237,7 +237,7 @@ def test_panel_cli_and_logic_share_the_engines_defaults():
 
     engine = Settings()
     args = build_parser().parse_args(["segment", "ct.nii.gz", "--templates", "lib", "--out", "o"])
-    cli = settings_from_args(args)
+    cli = settings_from_args(args).resolved()  # what a run with the library makes of "auto" and None
     logic = RunOptions().settings()
     panel_values = {name: p.default for name, p in _panel_parameters().items()}
     panel = runOptions(panel_values).settings()

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from scipy import ndimage
 
 from .atomic import atomic_write_text
 from .errors import URSAMError
@@ -173,6 +172,7 @@ def boxes_from_labels(labels_zyx, names, perturb_px=0.0, seed=0, labels=None):
     boxes = []
     # One pass of find_objects gives every label's bounding slices.
 
+    from scipy import ndimage  # noqa: PLC0415 (not bundled with Slicer, whose panel imports this module before packages are installed)
     found = ndimage.find_objects(labels_zyx.astype(np.int32, copy=False))
     for value in wanted:
         if value < 1 or value > len(found) or found[value - 1] is None:

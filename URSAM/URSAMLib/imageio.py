@@ -14,7 +14,6 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
-import slicerio
 
 from .atomic import atomic_path
 from .dicom.series import DicomSeries, find_series, read_series
@@ -325,6 +324,7 @@ def read_seg_nrrd_as_labelmap(path):
     """A Slicer .seg.nrrd as one label map, label values from the segments."""
 
     try:
+        import slicerio  # noqa: PLC0415 (not bundled with Slicer, whose panel imports this module before packages are installed)
         seg = slicerio.read_segmentation(str(path))
     except Exception as err:  # slicerio raises plain errors for bad headers
         raise URSAMError(f"cannot read segmentation ({err})", path) from None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
-
 from .errors import Cancelled
 
 # The named stages of a run, in order. The engine reports them, the Slicer logic and panel show them;
@@ -51,6 +49,8 @@ class Progress:
             self.callback(name, 0, total or 0)
         if not self.quiet:
             if total:
+                from tqdm import tqdm  # noqa: PLC0415 (not bundled with Slicer, whose panel loads this module first)
+
                 self._bar = tqdm(total=total, desc=name, file=sys.stderr, unit="slice", leave=False,
                                  dynamic_ncols=True)
             else:
