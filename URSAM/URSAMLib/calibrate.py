@@ -115,8 +115,10 @@ def cache_folder(key):
 def support_cases(library, case_id, backend, settings, modes, local, progress):
     """Segment one support with the others as templates, in every mode: ``{mode: {organ name: Case}}``."""
     template = library.case(case_id)
+    # uncalibrated: the runs are what a calibration is fitted on (a calibration the library has already
+    # must not leak into them)
     job = ScanJob(template.image_path, LibrarySource(library.without(case_id), missing="skip"), settings,
-                  joint_modes=tuple(modes), local=local)
+                  use_calibration=False, joint_modes=tuple(modes), local=local)
     outcome = run_scan(job, lambda percentile: backend, progress)
     if outcome.segmentation is None:
         return {}
