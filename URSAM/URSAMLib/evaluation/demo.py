@@ -102,7 +102,7 @@ def run_demo(out_dir, n_templates=3, grid=None, seed=0, backend=None, settings=N
         t0 = time.perf_counter()
         calibration = calibrate_library(lib, backend, settings, progress)
         timings["calibration_seconds"] = time.perf_counter() - t0
-    job = ScanJob(query.image_path, LibrarySource(lib), settings, calibration, reference=query.labels_path,
+    job = ScanJob(query.image_path, LibrarySource(lib), settings, calibration, calibrate, reference=query.labels_path,
                   out=str(out / "segment"), overwrite=overwrite)
     outcome = run_scan(job, lambda percentile: backend, progress)
     result, localization = outcome.result, outcome.localization

@@ -198,7 +198,8 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
     manual_boxes = case.manual_boxes(settings.params.seed) if "manual" in methods else []
     source = LibrarySource(support_lib, lib_values, dict(localizer_options or {}), missing="skip",
                            relabel=lib_to_ds, keep=set(case.scored))
-    job = ScanJob(case.scan(), source, settings.with_mode(prompt_modes[0]), calibration,
+    # the calibration the evaluation was given, or none (never one the support library happens to hold)
+    job = ScanJob(case.scan(), source, settings.with_mode(prompt_modes[0]), calibration, calibration is not None,
                   baselines={"manual": manual_boxes} if manual_boxes else {},
                   compare_modes=tuple(prompt_modes[1:]), local=_local(calibration))
     if not runs_sam:
