@@ -212,6 +212,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.clicked.connect(lambda: self.onReview(True))
         self.ui.rejectButton.clicked.connect(lambda: self.onReview(False))
         self.ui.showUncertaintyCheckBox.toggled.connect(self.onShowUncertainty)
+        self.ui.exportRtStructButton.clicked.connect(self.onExportRtStructureSet)
         self.ui.roiSelector.checkedNodesChanged.connect(self.updateButtons)
         self.ui.reviewTableView.selectionModel().selectionChanged.connect(self.onReviewSelectionChanged)
 
@@ -318,6 +319,8 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = reviewTable is not None and self.selectedReviewRow() >= 0
         self.ui.acceptButton.enabled = not running and selected
         self.ui.rejectButton.enabled = not running and selected
+        self.ui.exportRtStructButton.enabled = (not running and hasInput
+                                                and self.logic.findOutput(p.inputVolume, "rectified") is not None)
         # the logic's rule for checked boxes, in the logic's words
         note = self.logic.roiPromptNote(self.runOptions(), hasRois) if p is not None else None
         self.ui.roiPromptNoteLabel.text = note[0].upper() + note[1:] + "." if note else ""
@@ -440,6 +443,16 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             voxels = self.logic.reviewComponent(table, row, accept)
             self.setStatus((_("Added {n} voxels to the organ.") if accept else
                             _("Removed {n} voxels from the organ.")).format(n=voxels))
+
+    def onExportRtStructureSet(self) -> None:
+        """The input CT and its rectified segments as a DICOM CT series and RT Structure Set (SlicerRT)."""
+        p = self._parameterNode
+        folder = ctk.ctkFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Export RT structure set to"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not export the RT structure set."), waitCursor=True):
+            written = self.logic.exportRtStructureSet(p.inputVolume, folder)
+            self.setStatus(_("RT structure set written to {folder}.").format(folder=written))
 
     def onShowUncertainty(self, show) -> None:
         p = self._parameterNode
@@ -703,6 +716,15 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         from URSAMLib.templates import Library  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         return dict(Library(path).names)
+
+    def exportRtStructureSet(self, inputVolume, folder):
+        """The input and its rectified segments as DICOM (URSAMMRML.dicomexport, through SlicerRT's exporter)."""
+        from URSAMMRML.dicomexport import exportRtStructureSet  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
+
+        rectified = self.findOutput(inputVolume, "rectified")
+        if rectified is None:
+            raise RuntimeError(_("Segment the volume first: there is no rectified segmentation to export."))
+        return exportRtStructureSet(rectified, inputVolume, folder)
 
     def showUncertainty(self, inputVolume, show=True):
         node = self.findOutput(inputVolume, "uncertainty")
