@@ -135,7 +135,7 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
     review budget the flag thresholds are fitted for (a query is capped at it).
     """
     progress = progress or Progress()
-    settings = (settings or Settings()).check()
+    settings = (settings or Settings()).resolved()  # the same cache key however "auto" was spelt
     local = local or LocalWeighting()
     ids = library.case_ids()
     if len(ids) < MIN_SUPPORTS:
