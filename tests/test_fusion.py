@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 from shared_data import ABD, HN, make_small_library
 
+from URSAMLib.calibrate import calibrate
 from URSAMLib.calibration.file import Calibration
 from URSAMLib.calibration.fit import Case, _flag_threshold, fit_organ
 from URSAMLib.cli import main as ursam
@@ -86,8 +87,6 @@ def small_library(tmp_path_factory):
 
 @pytest.mark.slow
 def test_calibration_on_a_small_real_library_beats_each_source(small_library, litemedsam, capsys):
-    from URSAMLib.calibrate import calibrate  # noqa: PLC0415 (imports torch: loads only where a model runs)
-
     lib = Library(small_library)
     settings = Settings(params=Params(n_aug=2))
     cal = calibrate(lib, litemedsam, settings, modes=("slice",))

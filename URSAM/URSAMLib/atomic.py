@@ -90,3 +90,14 @@ def staged_dir(target, prefix=None, replace=False):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def cache_dir():
+    """URSAM's folder in the user's cache (``URSAM_CACHE``, else ``$XDG_CACHE_HOME/ursam``, else
+    ``~/.cache/ursam``): converted encoders and a calibration's leave-one-out runs, never beside the user's
+    data. Not created here."""
+    root = os.environ.get("URSAM_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = Path(xdg) / "ursam" if xdg else Path.home() / ".cache" / "ursam"
+    return Path(root)

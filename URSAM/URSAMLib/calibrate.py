@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .atlas_prior import LocalWeighting
-from .atomic import atomic_path
+from .atomic import atomic_path, cache_dir
 from .calibration.file import CALIBRATION_FILE, CANDIDATE_MODES, MIN_SUPPORTS, Calibration
 from .calibration.fit import Case, fit_organ
 from .errors import URSAMError
@@ -35,7 +35,6 @@ from .localizers import LibrarySource
 from .pipeline import ENSEMBLE, MAIN, URSAM, URSAM_ATLAS
 from .progress import Progress
 from .runner import ScanJob, run_scan
-from .sam.fast_encoder import cache_dir
 from .settings import Settings
 
 
@@ -127,12 +126,49 @@ def support_cases(library, case_id, backend, settings, modes, local, progress):
     return {mode: cases_of_run(run, truth) for mode, run in outcome.segmentation.runs.items()}
 
 
+#: at most this many supports are segmented with the others as their templates: a large library is
+#: calibrated on a subset that covers every organ
+MAX_QUERIES = 12
+#: each organ is in at least this many of the subset's supports (where the library has that many)
+MIN_PER_ORGAN = 4
+
+
+def choose_queries(library, ids, max_queries=MAX_QUERIES, seed=0):
+    """The supports a calibration segments (leave one out): every one, or in a library of more than
+    ``max_queries``, a seeded subset of that size in which every organ appears in at least
+    :data:`MIN_PER_ORGAN` supports (where the library has that many). Returns the ids in library order."""
+    if max_queries is None or len(ids) <= max_queries:
+        return list(ids)
+    organs = {c: {int(v) for v in np.unique(library.case(c).read_labels()[1]) if v} for c in ids}
+    order = list(np.random.default_rng(seed).permutation(len(ids)))
+    chosen = []
+    # first the supports an organ still lacks (the organ held by the fewest supports first), then at random
+    for value in sorted(library.names, key=lambda v: sum(v in organs[c] for c in ids)):
+        need = min(MIN_PER_ORGAN, sum(value in organs[c] for c in ids))
+        for i in order:
+            if sum(value in organs[c] for c in chosen) >= need or len(chosen) >= max_queries:
+                break
+            if value in organs[ids[i]] and ids[i] not in chosen:
+                chosen.append(ids[i])
+    for i in order:
+        if len(chosen) >= max_queries:
+            break
+        if ids[i] not in chosen:
+            chosen.append(ids[i])
+    return [c for c in ids if c in chosen]
+
+
 def calibrate(library, backend, settings=None, progress=None, out=None, modes=CANDIDATE_MODES,
-              budget=DEFAULT_REVIEW_BUDGET, local=None):
+              budget=DEFAULT_REVIEW_BUDGET, local=None, max_queries=MAX_QUERIES, max_minutes=None, seed=0):
     """Calibrate the fusion on ``library`` (leave one out); writes and returns the :class:`Calibration`.
 
     ``backend``: the SAM backend of the leave-one-out runs; ``budget``: the
     review budget the flag thresholds are fitted for (a query is capped at it).
+    ``max_queries``: a larger library is calibrated on a subset of its
+    supports (:func:`choose_queries`, seeded by ``seed``); ``max_minutes``:
+    no new leave-one-out run starts after this many minutes (the fit takes
+    the runs done; a rerun resumes). The subset and what was run are in the
+    calibration's ``queries``.
     """
     progress = progress or Progress()
     settings = (settings or Settings()).resolved()  # the same cache key however "auto" was spelt
@@ -148,16 +184,21 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
         raise URSAMError(f"the review budget must be in (0, 1], got {budget}")
     t0 = time.perf_counter()
     folder = cache_folder(cache_key(library, settings, modes, local))
-    per_support = {}
-    for i, case_id in enumerate(ids):
-        progress.info(f"[{i + 1}/{len(ids)}] {case_id}: segmented with the other {len(ids) - 1} supports")
+    queries = choose_queries(library, ids, max_queries, seed)
+    per_support, stopped = {}, []
+    for i, case_id in enumerate(queries):
         path = folder / f"{case_id}.npz"
         if path.is_file():
             per_support[case_id] = load_cases(path)
             continue
+        if max_minutes is not None and time.perf_counter() - t0 > 60.0 * max_minutes:
+            stopped.append(case_id)
+            continue
+        progress.info(f"[{i + 1}/{len(queries)}] {case_id}: segmented with the other {len(ids) - 1} supports")
         cases = support_cases(library, case_id, backend, settings, modes, local, progress)
         save_cases(path, cases)
         per_support[case_id] = cases
+    ids = [c for c in queries if c in per_support]
     progress.stage("fitting the fusion", total=len(library.names))
     organs, ablations, loo = {}, {"no_sam": {}, "no_rectify": {}}, {}
     for k, name in enumerate(library.names.values()):
@@ -173,6 +214,8 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
     progress.done()
     if not organs:
         raise URSAMError("calibration found no organ that at least two support scans label", library.meta_path)
-    calibration = Calibration(organs, ablations, loo, list(ids), settings.to_json(), tuple(modes), local, budget,
-                              time.perf_counter() - t0)
+    calibration = Calibration(organs, ablations, loo, list(library.case_ids()), settings.to_json(), tuple(modes),
+                              local, budget, time.perf_counter() - t0,
+                              queries={"segmented": ids, "subset": len(queries) < len(library.case_ids()),
+                                       "max_queries": max_queries, "not_run": stopped, "seed": seed})
     return calibration.save(Path(out) if out else Path(library.path) / CALIBRATION_FILE)

@@ -15,7 +15,7 @@ keeps the support registrations.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -138,7 +138,8 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
         return support_points(label_image, labels, values)
 
     t0, cpu0 = time.perf_counter(), time.process_time()
-    regs = register_supports(query, templates, carry, opts, progress)
+    regs, screening = register_supports(query, templates, carry, opts, progress)
+    regs, selection = select_per_organ(regs, opts.per_organ)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     present = set().union(*(r.points for r in regs)) if regs else set()
     absent = [name for v, name in wanted.items() if v not in present]
@@ -154,9 +155,31 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
             "registration_cpu_seconds": round(cpu, 2), "cores": cores(),
             "supports_detail": [r.to_json() for r in regs],
             "raw_boxes": [b.to_json() for b in raw], "point_spread_mm": spread,
-            "skipped": skipped}
+            "skipped": skipped,
+            "selection": {wanted[v]: ids for v, ids in selection.items() if v in wanted}}
+    if screening is not None:
+        info["screening"] = screening.to_json()
     # The query is kept as it was given: a path is read again where needed, rather than held in memory.
     return Localization(boxes, info, image, library, regs)
+
+
+def select_per_organ(registrations, k=None):
+    """Each organ's supports: of those that label it, the ``k`` whose registrations fit best (the lowest
+    final metric; None: all). A registration keeps the points of the organs it was chosen for (so that it
+    localizes, votes and is warped for those alone); one chosen for none is left out.
+
+    Returns ``(registrations, {label: [case ids]})``.
+    """
+    chosen = {}
+    for value in sorted({v for r in registrations for v in r.points}):
+        have = sorted((r for r in registrations if value in r.points), key=lambda r: (r.metric, r.case_id))
+        chosen[value] = [r.case_id for r in (have if k is None else have[:k])]
+    out = []
+    for r in registrations:
+        keep = {v: p for v, p in r.points.items() if r.case_id in chosen[v]}
+        if keep:
+            out.append(r if len(keep) == len(r.points) else replace(r, points=keep))
+    return out, chosen
 
 
 #: localizers by name: ``fn(image, library, organs=None, progress=None, **options) -> Localization``; the

@@ -16,12 +16,13 @@ from .errors import Cancelled
 # a stage may carry a detail after its name ("loading model litemedsam").
 STAGE_MODEL = "loading model"
 STAGE_LOCALIZE = "localizing"
+STAGE_SCREEN = "screening support scans"
 STAGE_REGISTER = "registering support scans"
 STAGE_DEFORM = "deformable registration"
 STAGE_EMBED = "embedding slices"
 STAGE_RECTIFY = "rectifying"
 STAGE_WRITE = "writing results"
-STAGES = (STAGE_MODEL, STAGE_LOCALIZE, STAGE_REGISTER, STAGE_DEFORM, STAGE_EMBED, STAGE_RECTIFY, STAGE_WRITE)
+STAGES = (STAGE_MODEL, STAGE_LOCALIZE, STAGE_SCREEN, STAGE_REGISTER, STAGE_DEFORM, STAGE_EMBED, STAGE_RECTIFY, STAGE_WRITE)
 
 
 def stage_of(name):

@@ -157,8 +157,12 @@ class Library:
 
     # -- reading ------------------------------------------------------------------------------
     def case_ids(self, role=None):
-        """Case ids of a role (``support``, ``query``, ``extra``); role None: the library's role."""
+        """Case ids of a role (``support``, ``query``, ``extra``); role None: the library's role; a library
+        opened with role None: every case folder."""
         role = role or self.role
+        if role is None:
+            folder = self.path / "cases"
+            return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         if role in self.meta:
             return list(self.meta[role])
         if role == "support":
@@ -316,6 +320,27 @@ class Library:
         self.meta["support"].append(case_id)
         self._save_meta()
         return case_id, {remap[v]: self.names[remap[v]] for v in present}
+
+
+    def add_folder(self, source, case_ids=None):
+        """Every labelled case of ``source`` (a :class:`Library` of a dataset folder; ``case_ids``: only
+        these), added as :meth:`add` adds one, with the source's label names. Returns ``[(case id, organs)]``.
+        Cases already in the library (by id) and cases without a label map are passed over."""
+        have = set(self.case_ids())
+        ids = case_ids if case_ids is not None else source.case_ids()
+        unknown = [c for c in ids if not (source.path / "cases" / c).is_dir()]
+        if unknown:
+            raise URSAMError(f"the dataset folder has no case {', '.join(unknown[:3])}", source.path)
+        added = []
+        for case_id in ids:
+            if case_id in have:
+                continue
+            template = source.case(case_id, need_labels=False)
+            if template.labels_path is None:
+                continue
+            added.append(self.add(template.image_path, template.labels_path, case_id=case_id,
+                                  names=source.names))
+        return added
 
 
 def _new_id(image_path, existing):

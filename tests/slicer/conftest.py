@@ -19,7 +19,7 @@ ABD = DATA / "abdomen-ts"
 
 @pytest.fixture
 def app():
-    from slicer_scene import SlicerApp  # noqa: PLC0415 (cannot be imported here)
+    from slicer_scene import SlicerApp  # noqa: PLC0415 (needs slicer-core, which the module skips without)
 
     return SlicerApp()
 

@@ -45,6 +45,8 @@ class Calibration:
     #: the flag thresholds put at most this fraction of an organ's volume into the flags; a query is capped at it
     budget: float = DEFAULT_REVIEW_BUDGET
     seconds: float = 0.0
+    #: which supports were segmented with the others as their templates (a large library: a subset)
+    queries: dict = field(default_factory=dict)
     path: Optional[str] = None
     sha256: Optional[str] = None
 
@@ -65,7 +67,7 @@ class Calibration:
         return {"ursam_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "supports": list(self.supports), "settings": self.settings,
                 "candidate_modes": list(self.candidate_modes), "local_weighting": self.local.to_json(),
-                "budget": self.budget, "seconds": round(self.seconds, 1),
+                "budget": self.budget, "seconds": round(self.seconds, 1), "queries": self.queries,
                 "organs": {n: m.to_json() for n, m in self.organs.items()},
                 "ablations": {a: {n: m.to_json() for n, m in ms.items()} for a, ms in self.ablations.items()},
                 "loo_dice": self.loo_dice}
@@ -81,6 +83,7 @@ class Calibration:
                        settings=data.get("settings", {}),
                        candidate_modes=tuple(data.get("candidate_modes", CANDIDATE_MODES)), local=local,
                        budget=float(data.get("budget", DEFAULT_REVIEW_BUDGET)), seconds=float(data.get("seconds", 0.0)),
+                       queries=dict(data.get("queries", {})),
                        path=str(path) if path else None, sha256=sha256)
         except (KeyError, TypeError, ValueError) as err:
             raise URSAMError(f"calibration file is not one URSAM wrote ({type(err).__name__}: {err})", path) from None

@@ -63,7 +63,7 @@ def main(args):
     if template.dicom_out:
         require_dicom_inputs(s.image for s in scans)
     if args.device not in ("auto", "cpu") and not args.scheduler:
-        from ..sam.backends import resolve_device  # noqa: PLC0415 (imports torch: loads only where a model runs; imports torch: only where a GPU is named)
+        from ..sam.backends import resolve_device  # noqa: PLC0415 (imports torch: only where a GPU is named)
 
         resolve_device(args.device)  # a device this machine lacks is a bad argument, not a failure of every scan
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..boxes import read_names
-from ..calibrate import calibrate
+from ..calibrate import MAX_QUERIES, calibrate
 from ..calibration.file import CANDIDATE_MODES, find_calibration
 from ..errors import URSAMError
 from ..fusion import DEFAULT_REVIEW_BUDGET
@@ -27,12 +27,18 @@ def add_parser(sub):
                                    "ids) and cases/<id>/image.nii.gz + labels.nii.gz (or labels.seg.nrrd).")
     tsub = p.add_subparsers(dest="templates_command", metavar="ACTION")
     tsub.required = True
-    a = tsub.add_parser("add", help="add a labelled CT to a library (created if missing)",
-                        description="Copy a CT and its label map into the library as a new support scan. "
-                                    "Label values are matched to the library's organs by name.")
+    a = tsub.add_parser("add", help="add labelled CTs to a library (created if missing)",
+                        description="Copy a CT and its label map (--image, --labels), or every labelled case of a "
+                                    "dataset folder (--from), into the library as new support scans. Label values "
+                                    "are matched to the library's organs by name; a scan may label any of them.")
     a.add_argument("library", metavar="LIB", help="library folder")
-    a.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA or a DICOM folder")
-    a.add_argument("--labels", required=True, help="label map on the CT's grid, or a Slicer .seg.nrrd")
+    one = a.add_mutually_exclusive_group(required=True)
+    one.add_argument("--image", help="CT: NIfTI, NRRD, MHA or a DICOM folder")
+    one.add_argument("--from", dest="source", metavar="FOLDER",
+                     help="a dataset folder (dataset.json naming the labels, cases/<id>/image.* and labels.*): "
+                          "each of its cases with a label map is added")
+    a.add_argument("--labels", help="with --image: label map on the CT's grid, or a Slicer .seg.nrrd")
+    a.add_argument("--cases", help="with --from: comma-separated case ids (default: every case with a label map)")
     a.add_argument("--names", help="dataset.json (or JSON map) naming the label values "
                                    "(not needed for .seg.nrrd, or when the values are the library's)")
     a.add_argument("--id", dest="case_id", help="case id (default: from the image file name)")
@@ -58,6 +64,12 @@ def add_parser(sub):
     k.add_argument("--budget", type=float, default=DEFAULT_REVIEW_BUDGET,
                    help="review budget: flagged voxels at most this fraction of an organ's segmented volume "
                         f"(default {DEFAULT_REVIEW_BUDGET})")
+    k.add_argument("--max-queries", type=int, default=MAX_QUERIES, metavar="N",
+                   help="a larger library is calibrated on N of its supports, chosen (seeded by --seed) so that "
+                        f"each organ is in several of them (default {MAX_QUERIES})")
+    k.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="start no new leave-one-out run after M minutes; the fit takes the runs done, and a "
+                        "rerun resumes (default: no bound)")
     k.add_argument("--quiet", action="store_true", help="no progress messages")
     add_sam_options(k)
     add_method_options(k)
@@ -72,7 +84,10 @@ def main_calibrate(args):
     modes = parse_modes(args.modes)
     settings = settings_from_args(args, mode=args.prompts or modes[0])
     backend = backend_options_from_args(args).make()
-    calibration = calibrate(lib, backend, settings, progress, out=args.out, modes=modes, budget=args.budget)
+    if args.max_queries < 3:
+        raise URSAMError(f"--max-queries must be at least 3, got {args.max_queries}")
+    calibration = calibrate(lib, backend, settings, progress, out=args.out, modes=modes, budget=args.budget,
+                            max_queries=args.max_queries, max_minutes=args.max_minutes, seed=args.seed)
     print(format_calibration(calibration))
     print(f"wrote {calibration.path} ({calibration.seconds:.0f} s)")
     return 0
@@ -97,7 +112,13 @@ def format_calibration(calibration):
 
 
 def main_add(args):
-    names = read_names(args.names) if args.names else None
+    if args.image and not args.labels:
+        raise URSAMError("--image needs --labels (the scan's label map)")
+    if args.source:
+        source = Library(args.source, role=None)
+        names = dict(source.names)
+    else:
+        names = read_names(args.names) if args.names else None
     lib_path = Path(args.library)
     if (lib_path / "dataset.json").exists():
         lib = Library(lib_path)
@@ -105,11 +126,17 @@ def main_add(args):
         if lib_path.exists() and (not lib_path.is_dir() or any(lib_path.iterdir())):
             raise URSAMError("folder exists, is not empty and holds no dataset.json; not a template library",
                              lib_path)
-        if names is None and not str(args.labels).endswith(".seg.nrrd"):
+        if names is None and not str(args.labels or "").endswith(".seg.nrrd"):
             raise URSAMError("a new library needs the organ names: give --names dataset.json", args.labels)
         if names is None:
             names = _segment_names(args.labels)
         lib = Library.create(lib_path, names)
+    if args.source:
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+        added = lib.add_folder(source, wanted)
+        print(f"added {len(added)} scans to {lib.path}: " + "; ".join(
+            f"{case_id} ({', '.join(organs.values())})" for case_id, organs in added))
+        return 0
     case_id, organs = lib.add(args.image, args.labels, case_id=args.case_id, names=names)
     print(f"added {case_id} to {lib.path} with {len(organs)} organs: {', '.join(organs.values())}")
     return 0
@@ -131,7 +158,8 @@ def main_check(args):
     for scan in report["scans"]:
         size = "x".join(str(s) for s in scan["size"])
         spacing = "x".join(f"{s:g}" for s in scan["spacing"])
-        print(f"  scan {scan['id']}: {size} voxels at {spacing} mm, {len(scan['organs'])} organs")
+        print(f"  scan {scan['id']}: {size} voxels at {spacing} mm, {len(scan['organs'])} organs: "
+              + ", ".join(scan["organs"]))
     progress = Progress(quiet=True)
     progress.warn = lambda message: print(f"  {message}")
     calibration = find_calibration(lib, args.calibration, progress)

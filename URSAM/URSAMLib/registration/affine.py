@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from ..errors import URSAMError
 from ..imageio import check_volume, read_image
 from ..orientation import canonical
-from ..progress import STAGE_REGISTER, Progress
+from ..progress import STAGE_REGISTER, STAGE_SCREEN, Progress
 
 #: CT intensities outside this range (air, metal) carry no anatomy for registration
 HU_CLIP = (-1000.0, 1500.0)
@@ -56,6 +56,12 @@ class RegistrationOptions:
     #: whole support at every level)
     gradient_image: bool = True
     seed: int = 0
+    #: supports registered in full: the best of a coarse screen of every support (the mutual information at
+    #: the initial search's best offset); None: every support
+    screen: Optional[int] = 10
+    #: per organ, the supports whose registrations fit best (the lowest final metric) among those that label
+    #: it; their points and labels alone localize and warp it (None: every support that labels it)
+    per_organ: Optional[int] = None
 
     def check(self):
         if self.spacing_mm <= 0:
@@ -64,6 +70,10 @@ class RegistrationOptions:
             raise URSAMError(f"workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise URSAMError(f"threads must be at least 1, got {self.threads}")
+        for name in ("screen", "per_organ"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise URSAMError(f"{name} must be a whole number of at least 1 (or none), got {value}")
         for name in ("rigid_shrink", "affine_shrink"):
             levels = getattr(self, name)
             if not levels or any(int(v) != v or v < 1 for v in levels):
@@ -269,6 +279,19 @@ def _search_offsets(reg, f, m, start, steps, step_mm):
     return best
 
 
+def screen_score(fixed, moving, options, prepared=None):
+    """How well a support matches the query at a glance: Mattes mutual information (lower is better) on the
+    coarse grid at the best offset of :func:`initial_translation`; a few percent of a registration's time."""
+    prepared = prepared or prepare_query(fixed, options)
+    offset = initial_translation(fixed, moving, options, prepared)
+    reg = _method(options, prepared.coarse_mask, n_voxels=prepared.coarse_n_body)
+    reg.SetInitialTransform(sitk.TranslationTransform(3, offset.tolist()))
+    try:
+        return float(reg.MetricEvaluate(prepared.coarse, resample_iso(moving, coarse_spacing(options))))
+    except RuntimeError:  # no sample of the query falls in the support
+        return float("inf")
+
+
 def _linear_stage(f, m, transform, options, mask, n_body, shrink, learning_rate, min_step):
     """One rigid or affine stage (in place on ``transform``): step gradient descent on Mattes MI."""
     reg = _method(options, mask, shrink, n_body)
@@ -434,17 +457,42 @@ def map_supports(fn, items, workers=None, progress=None, stage=None):
     return results
 
 
+@dataclass
+class Screening:
+    """The coarse screen of a library's supports against one query: each support's score (lower is better)
+    and the supports kept for the full registration, best first."""
+    scores: dict
+    kept: list
+    seconds: float
+
+    def to_json(self):
+        return {"scores": {k: round(v, 4) for k, v in self.scores.items()}, "kept": list(self.kept),
+                "seconds": round(self.seconds, 2)}
+
+
 def register_supports(query, templates, carry, options=RegistrationOptions(), progress=None):
-    """Register every support to the query, the supports in parallel (:func:`map_supports`).
+    """Register the supports to the query, the supports in parallel (:func:`map_supports`): every support,
+    or where the library holds more than ``options.screen``, the best of a coarse screen of every support.
 
     ``carry(template, image) -> {key: (n, 3) physical points of the support}``
     names the points to bring into the query (the localizer's extreme points);
     each registration's ``points`` holds them in query coordinates.
+    Returns ``(registrations, screening)`` (:class:`Screening`; None where every support was registered).
     """
     # Registered on the canonical grid: the transforms are physical, and the random metric samples
     # then fall on the same voxels whatever the query's axis order.
     fixed = canonical(as_float_image(query))
     with repeatable_itk():
         prepared = prepare_query(fixed, options)
-    return map_supports(lambda t: _register_support(t, fixed, carry, options, prepared), templates,
+    templates, screening = list(templates), None
+    if options.screen is not None and len(templates) > options.screen:
+        t0 = time.perf_counter()
+        scores = map_supports(lambda t: screen_score(fixed, t.read_image(), options, prepared), templates,
+                              options.workers, progress, f"{STAGE_SCREEN} ({len(templates)})")
+        order = sorted(range(len(templates)), key=lambda i: (scores[i], templates[i].case_id))[:options.screen]
+        screening = Screening({t.case_id: s for t, s in zip(templates, scores)},
+                              [templates[i].case_id for i in order], time.perf_counter() - t0)
+        templates = [templates[i] for i in order]
+    regs = map_supports(lambda t: _register_support(t, fixed, carry, options, prepared), templates,
                         options.workers, progress, f"{STAGE_REGISTER} ({len(templates)})")
+    return regs, screening

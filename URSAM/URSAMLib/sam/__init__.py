@@ -59,7 +59,7 @@ class BackendOptions:
 
     def make(self, percentile=False):
         """Load the model (``percentile``: normalization for scans that are not CT in HU)."""
-        from .backends import make_backend  # noqa: PLC0415 (imports torch: loads only where a model runs; torch is imported here, not by a panel that only reads options)
+        from .backends import make_backend  # noqa: PLC0415 (torch loads here, not in a panel that only reads options)
 
         return make_backend(self.name, self.checkpoint, self.device,
                             window=tuple(self.window) if self.window else "default", percentile=percentile,

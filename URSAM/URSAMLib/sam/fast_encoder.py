@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, atomic_write_text, staged_dir
+from ..atomic import atomic_path, atomic_write_text, cache_dir, staged_dir
 from ..errors import URSAMError
 from . import ENCODER_PATHS
 
@@ -68,15 +68,6 @@ class Unavailable(Exception):
     def __init__(self, message, lasting=True):
         super().__init__(message)
         self.lasting = lasting
-
-
-def cache_dir():
-    """The user cache folder for exported models (created on first use)."""
-    root = os.environ.get("URSAM_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = Path(xdg) / "ursam" if xdg else Path.home() / ".cache" / "ursam"
-    return Path(root)
 
 
 def weights_digest(module):
