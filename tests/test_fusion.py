@@ -103,6 +103,13 @@ def test_calibration_on_a_small_real_library_beats_each_source(small_library, li
     before = litemedsam.encoder_calls
     calibrate(lib, litemedsam, settings, modes=("slice",))
     assert litemedsam.encoder_calls == before
+    # a library larger than the subset bound is calibrated on a subset, recorded; a time bound already spent
+    # starts no new run (here the subset's runs are all kept from before)
+    subset = calibrate(lib, litemedsam, settings, modes=("slice",), out=small_library / "subset.json",
+                       max_queries=2, max_minutes=0)
+    assert litemedsam.encoder_calls == before
+    assert subset.queries["subset"] and len(subset.queries["segmented"]) == 2 and subset.queries["not_run"] == []
+    assert subset.loo_dice["Brainstem"]["cases"] == 2 and subset.supports == ["pt_4", "pt_13", "pt_17"]
     # `ursam templates check` shows it
     assert ursam(["templates", "check", str(small_library)]) == 0
     assert "| Brainstem | slice |" in capsys.readouterr().out
