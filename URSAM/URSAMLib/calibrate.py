@@ -23,15 +23,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from . import __version__
-from .atlas_prior import LocalWeighting
-from .atomic import atomic_path, cache_dir
+from .atlas_prior import LocalWeighting, warp_labels
+from .atomic import atomic_path, atomic_write_text, cache_dir
 from .calibration.file import CALIBRATION_FILE, CANDIDATE_MODES, MIN_SUPPORTS, Calibration
 from .calibration.fit import Case, fit_organ
 from .errors import URSAMError
 from .fusion import DEFAULT_REVIEW_BUDGET, Evidence
 from .localizers import LibrarySource
+from .metrics import dice
 from .pipeline import ENSEMBLE, MAIN, URSAM, URSAM_ATLAS
 from .progress import Progress
 from .runner import ScanJob, run_scan
@@ -111,8 +113,42 @@ def cache_folder(key):
     return folder
 
 
+#: how many of an organ's best-fitting supports the calibration tries for its vote (None: every one)
+SELECTION_CANDIDATES = (2, 3, 5, 8, None)
+
+
+def _k_name(k):
+    return "all" if k is None else str(k)
+
+
+def selection_dice(warped, grid, truth, library):
+    """``{organ name: {k: Dice}}``: per organ, the Dice of the majority vote of its ``k`` best-fitting
+    supports' warped labels (:data:`SELECTION_CANDIDATES`) against ``truth`` (on ``grid``, the canonical
+    grid)."""
+    by_id = {t.case_id: t for t in library.templates()}
+    values = list(warped.values)
+    masks = {}
+    for r in sorted(warped.registrations, key=lambda r: (r.metric, r.case_id)):
+        arr = sitk.GetArrayFromImage(warp_labels(grid, r, by_id[r.case_id].read_labels(), values))
+        masks[r.case_id] = (r, arr)
+    out = {}
+    for value in values:
+        voters = [(r, arr == value) for r, arr in masks.values() if value in r.points]
+        t = truth == warped.relabel.get(value, value)
+        if not voters or not t.any():
+            continue
+        scores = {}
+        for k in SELECTION_CANDIDATES:
+            chosen = voters if k is None or k >= len(voters) else voters[:k]
+            vote = np.mean([m for _, m in chosen], axis=0) > 0.5
+            scores[_k_name(k)] = dice(vote, t)
+        out[library.names.get(value, str(value))] = scores
+    return out
+
+
 def support_cases(library, case_id, backend, settings, modes, local, progress):
-    """Segment one support with the others as templates, in every mode: ``{mode: {organ name: Case}}``."""
+    """Segment one support with the others as templates, in every mode: ``({mode: {organ name: Case}},
+    selection)``, ``selection``: :func:`selection_dice` of the run's warped supports."""
     template = library.case(case_id)
     # uncalibrated: the runs are what a calibration is fitted on (a calibration the library has already
     # must not leak into them)
@@ -120,10 +156,25 @@ def support_cases(library, case_id, backend, settings, modes, local, progress):
                   use_calibration=False, joint_modes=tuple(modes), local=local)
     outcome = run_scan(job, lambda percentile: backend, progress)
     if outcome.segmentation is None:
-        return {}
+        return {}, {}
     _, truth = template.read_labels(reference=outcome.scan.reference)
     truth = outcome.canonical.orientation.to_canonical(truth)
-    return {mode: cases_of_run(run, truth) for mode, run in outcome.segmentation.runs.items()}
+    cases = {mode: cases_of_run(run, truth) for mode, run in outcome.segmentation.runs.items()}
+    return cases, selection_dice(outcome.warped, outcome.canonical.reference, truth, library)
+
+
+def choose_per_organ(selections):
+    """Per organ, the number of best-fitting supports whose vote did best over the leave-one-out runs
+    (``selections``: their :func:`selection_dice`); ties go to more supports. ``{name: k or None}``."""
+    out = {}
+    names = {n for s in selections for n in s}
+    for name in sorted(names):
+        runs = [s[name] for s in selections if name in s]
+        means = {k: float(np.mean([r[_k_name(k)] for r in runs])) for k in SELECTION_CANDIDATES}
+        best = max(means.values())
+        chosen = [k for k in SELECTION_CANDIDATES if means[k] >= best - 1e-9]
+        out[name] = chosen[-1]
+    return out
 
 
 #: at most this many supports are segmented with the others as their templates: a large library is
@@ -185,19 +236,24 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
     t0 = time.perf_counter()
     folder = cache_folder(cache_key(library, settings, modes, local))
     queries = choose_queries(library, ids, max_queries, seed)
-    per_support, stopped = {}, []
+    per_support, selections, stopped = {}, [], []
     for i, case_id in enumerate(queries):
         path = folder / f"{case_id}.npz"
+        selection_path = folder / f"{case_id}.selection.json"
         if path.is_file():
             per_support[case_id] = load_cases(path)
+            if selection_path.is_file():
+                selections.append(json.loads(selection_path.read_text(encoding="utf-8")))
             continue
         if max_minutes is not None and time.perf_counter() - t0 > 60.0 * max_minutes:
             stopped.append(case_id)
             continue
         progress.info(f"[{i + 1}/{len(queries)}] {case_id}: segmented with the other {len(ids) - 1} supports")
-        cases = support_cases(library, case_id, backend, settings, modes, local, progress)
+        cases, selection = support_cases(library, case_id, backend, settings, modes, local, progress)
+        atomic_write_text(selection_path, json.dumps(selection))
         save_cases(path, cases)
         per_support[case_id] = cases
+        selections.append(selection)
     ids = [c for c in queries if c in per_support]
     progress.stage("fitting the fusion", total=len(library.names))
     organs, ablations, loo = {}, {"no_sam": {}, "no_rectify": {}}, {}
@@ -217,5 +273,6 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
     calibration = Calibration(organs, ablations, loo, list(library.case_ids()), settings.to_json(), tuple(modes),
                               local, budget, time.perf_counter() - t0,
                               queries={"segmented": ids, "subset": len(queries) < len(library.case_ids()),
-                                       "max_queries": max_queries, "not_run": stopped, "seed": seed})
+                                       "max_queries": max_queries, "not_run": stopped, "seed": seed},
+                              per_organ=choose_per_organ(selections))
     return calibration.save(Path(out) if out else Path(library.path) / CALIBRATION_FILE)

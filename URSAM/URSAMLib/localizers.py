@@ -165,15 +165,17 @@ def localize_registration(image, library, organs=None, progress=None, margin=DEF
 
 def select_per_organ(registrations, k=None):
     """Each organ's supports: of those that label it, the ``k`` whose registrations fit best (the lowest
-    final metric; None: all). A registration keeps the points of the organs it was chosen for (so that it
-    localizes, votes and is warped for those alone); one chosen for none is left out.
+    final metric; None: all; a dict: per label value, None for a value it lacks). A registration keeps the
+    points of the organs it was chosen for (so that it localizes, votes and is warped for those alone); one
+    chosen for none is left out.
 
     Returns ``(registrations, {label: [case ids]})``.
     """
     chosen = {}
     for value in sorted({v for r in registrations for v in r.points}):
         have = sorted((r for r in registrations if value in r.points), key=lambda r: (r.metric, r.case_id))
-        chosen[value] = [r.case_id for r in (have if k is None else have[:k])]
+        n = k.get(value) if isinstance(k, dict) else k
+        chosen[value] = [r.case_id for r in (have if n is None else have[:n])]
     out = []
     for r in registrations:
         keep = {v: p for v, p in r.points.items() if r.case_id in chosen[v]}
@@ -220,23 +222,30 @@ def localize(image, library, organs=None, method=DEFAULT_LOCALIZER, progress=Non
     return LOCALIZERS[method](image, library, organs=organs, progress=progress, **options)
 
 
-def localize_library(source, scan, settings, progress=None):
+def localize_library(source, scan, settings, progress=None, per_organ=None):
     """The localization step of a run whose organs come from a template library: a :class:`Localization`.
 
     ``source``: a :class:`URSAMLib.runner.LibrarySource`; ``scan``: the run's
     :class:`URSAMLib.imageio.Scan` (the localizer reads ``scan.source``);
-    ``settings``: the run's (a margin of None is METHOD.md §1's). Fails where
-    no organ is localized, unless the source skips what is missing (then the
-    localization has no boxes).
+    ``settings``: the run's (a margin of None is METHOD.md §1's);
+    ``per_organ``: ``{organ name: k}`` of the calibration (how many
+    best-fitting supports each organ takes), for the registration localizer.
+    Fails where no organ is localized, unless the source skips what is
+    missing (then the localization has no boxes).
     """
     progress = progress or Progress()
     if settings.prompts.mode not in ("auto", "box3d") and settings.localizer != "registration":
         raise URSAMError(f"--prompts {settings.prompts.mode} needs --localizer registration "
                          "(the warped support labels)")
     progress.stage(STAGE_LOCALIZE)
+    options = dict(source.localizer_options or {})
+    if per_organ and settings.localizer == "registration" and "per_organ" not in options:
+        library = source.library
+        options["per_organ"] = {library.label_of(name): k for name, k in per_organ.items()
+                                if name in library.names.values()}
     localization = localize(scan.source, source.library, organs=source.organs, method=settings.localizer,
                             progress=progress, margin=settings.margin or DEFAULT_MARGIN, missing=source.missing,
-                            **dict(source.localizer_options or {}))
+                            **options)
     if source.relabel is not None:
         localization = relabeled(localization, source.relabel, source.keep)
     if not localization.boxes and source.missing != "skip":
@@ -298,10 +307,10 @@ class LibrarySource:
         if not isinstance(self.library, Library):
             self.library = Library(self.library)  # read (and checked) once, where the job is made
 
-    def localize(self, scan, settings, progress):
+    def localize(self, scan, settings, progress, per_organ=None):
         """The organs of ``scan`` (a :class:`URSAMLib.imageio.Scan`) from the library: a
         :class:`URSAMLib.localization.Localization` (:func:`URSAMLib.localizers.localize_library`)."""
-        return localize_library(self, scan, settings, progress)
+        return localize_library(self, scan, settings, progress, per_organ)
 
     def describe(self, localization):
         """What report.json says of the source."""
@@ -314,7 +323,7 @@ class BoxSource:
     own prompts: nothing is warped."""
     boxes: Union[str, Path, List[OrganBox]]
 
-    def localize(self, scan, settings, progress):
+    def localize(self, scan, settings, progress, per_organ=None):
         """The boxes on ``scan`` with the settings' margin: a :class:`URSAMLib.localization.Localization`
         (:func:`URSAMLib.localizers.given_boxes`)."""
         return given_boxes(self.boxes, scan, settings.margin, progress)

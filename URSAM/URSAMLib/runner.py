@@ -160,7 +160,8 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
     timings["read_seconds"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
-    localization = job.source.localize(scan, job.settings, progress)
+    localization = job.source.localize(scan, job.settings, progress,
+                                       calibration.per_organ if calibration is not None else None)
     timings["localize_seconds"] = time.perf_counter() - t0
     settings = job.settings.resolved(localization)
     warps = settings.warps_labels(localization)

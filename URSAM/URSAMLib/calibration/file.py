@@ -47,6 +47,8 @@ class Calibration:
     seconds: float = 0.0
     #: which supports were segmented with the others as their templates (a large library: a subset)
     queries: dict = field(default_factory=dict)
+    #: organ name -> how many of its best-fitting supports localize and vote for it (None: every one)
+    per_organ: dict = field(default_factory=dict)
     path: Optional[str] = None
     sha256: Optional[str] = None
 
@@ -68,6 +70,7 @@ class Calibration:
                 "supports": list(self.supports), "settings": self.settings,
                 "candidate_modes": list(self.candidate_modes), "local_weighting": self.local.to_json(),
                 "budget": self.budget, "seconds": round(self.seconds, 1), "queries": self.queries,
+                "per_organ": self.per_organ,
                 "organs": {n: m.to_json() for n, m in self.organs.items()},
                 "ablations": {a: {n: m.to_json() for n, m in ms.items()} for a, ms in self.ablations.items()},
                 "loo_dice": self.loo_dice}
@@ -83,7 +86,7 @@ class Calibration:
                        settings=data.get("settings", {}),
                        candidate_modes=tuple(data.get("candidate_modes", CANDIDATE_MODES)), local=local,
                        budget=float(data.get("budget", DEFAULT_REVIEW_BUDGET)), seconds=float(data.get("seconds", 0.0)),
-                       queries=dict(data.get("queries", {})),
+                       queries=dict(data.get("queries", {})), per_organ=dict(data.get("per_organ", {})),
                        path=str(path) if path else None, sha256=sha256)
         except (KeyError, TypeError, ValueError) as err:
             raise URSAMError(f"calibration file is not one URSAM wrote ({type(err).__name__}: {err})", path) from None

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -61,7 +61,7 @@ class RegistrationOptions:
     screen: Optional[int] = 10
     #: per organ, the supports whose registrations fit best (the lowest final metric) among those that label
     #: it; their points and labels alone localize and warp it (None: every support that labels it)
-    per_organ: Optional[int] = None
+    per_organ: Optional[Union[int, Dict[int, Optional[int]]]] = None
 
     def check(self):
         if self.spacing_mm <= 0:
@@ -70,8 +70,8 @@ class RegistrationOptions:
             raise URSAMError(f"workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise URSAMError(f"threads must be at least 1, got {self.threads}")
-        for name in ("screen", "per_organ"):
-            value = getattr(self, name)
+        per_organ = self.per_organ.values() if isinstance(self.per_organ, dict) else [self.per_organ]
+        for name, value in [("screen", self.screen)] + [("per_organ", v) for v in per_organ]:
             if value is not None and (int(value) != value or value < 1):
                 raise URSAMError(f"{name} must be a whole number of at least 1 (or none), got {value}")
         for name in ("rigid_shrink", "affine_shrink"):
