@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 from shared_data import ABD, HN, make_small_library
 
-from URSAMLib.calibrate import calibrate
+from URSAMLib.calibrate import SELECTION_CANDIDATES, calibrate
 from URSAMLib.calibration.file import Calibration
 from URSAMLib.calibration.fit import Case, _flag_threshold, fit_organ
 from URSAMLib.cli import main as ursam
@@ -95,6 +95,9 @@ def test_calibration_on_a_small_real_library_beats_each_source(small_library, li
     assert set(again.organs) == {"Brainstem", "Parotid_L"} and again.supports == ["pt_4", "pt_13", "pt_17"]
     # both organs lie whole in every support's slab: each is segmented in each leave-one-out run
     assert cal.loo_dice["Parotid_L"]["cases"] == 3 and cal.loo_dice["Brainstem"]["cases"] == 3
+    # each organ's number of voting supports, chosen on the same runs (two supports vote in each of them)
+    assert set(cal.per_organ) == {"Brainstem", "Parotid_L"}
+    assert all(k in SELECTION_CANDIDATES for k in cal.per_organ.values())
     for name, loo in cal.loo_dice.items():
         for source in ("atlas (0.5)", "atlas_lw (0.5)", "sam (0.5)"):
             assert loo["fusion"] >= loo[source] - 1e-9, (name, loo)

@@ -95,9 +95,13 @@ def load_cases(path):
                    for name, e in organs.items()} for mode, organs in out.items()}
 
 
+#: what one support's cached runs hold; a new format is not served from an older cache
+RUNS_FORMAT = 2
+
+
 def cache_key(library, settings, modes, local):
     digest = hashlib.sha256()
-    parts = {"version": __version__, "settings": settings.to_json(), "modes": list(modes),
+    parts = {"version": __version__, "format": RUNS_FORMAT, "settings": settings.to_json(), "modes": list(modes),
              "local": local.to_json(),
              # the supports' bytes: a support relabelled or replaced in place is not served from the cache
              "library": library.digest(), "supports": library.case_ids()}
