@@ -345,11 +345,12 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         path = _pathText(p.libraryPath)
-        self._libraryNames = {}
+        self._libraryNames, counts, supports = {}, {}, 0
         message = ""
         if path:
             try:
                 self._libraryNames = self.logic.libraryOrganNames(path)
+                counts, supports = self.logic.libraryOrganCounts(path)
             except Exception as err:
                 message = str(err)
         checked = {o for o in p.organs.split(",") if o} & set(self._libraryNames.values())
@@ -357,10 +358,13 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self.ui.organListWidget.clear()
             for value, name in sorted(self._libraryNames.items()):
-                item = qt.QListWidgetItem(name)
+                # how many supports hold the organ: a library's supports may each label some organs only
+                item = qt.QListWidgetItem(f"{name} ({counts.get(name, 0)} of {supports})" if supports else name)
+                item.setData(qt.Qt.UserRole, name)
                 item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
                 item.setCheckState(qt.Qt.Checked if (not checked or name in checked) else qt.Qt.Unchecked)
-                item.setToolTip(_("label value {value}").format(value=value))
+                item.setToolTip(_("label value {value}; labelled in {n} of the {total} support scans").format(
+                    value=value, n=counts.get(name, 0), total=supports))
                 self.ui.organListWidget.addItem(item)
         finally:
             self._updatingOrgans = False
@@ -384,7 +388,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def checkedOrgans(self):
         items = [self.ui.organListWidget.item(i) for i in range(self.ui.organListWidget.count)]
-        return [item.text() for item in items if item.checkState() == qt.Qt.Checked]
+        return [item.data(qt.Qt.UserRole) for item in items if item.checkState() == qt.Qt.Checked]
 
     def checkedRois(self):
         return list(self.ui.roiSelector.checkedNodes())
@@ -708,6 +712,15 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
 
     def hiddenReviewColumns(self):
         return ("Label", "Seed IJK", "Box IJK")
+
+    def libraryOrganCounts(self, path):
+        """``({organ name: supports that label it}, number of supports)`` of a template library."""
+        if not os.path.isfile(os.path.join(path, "dataset.json")):
+            return {}, 0
+        from URSAMLib.templates import Library  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
+
+        library = Library(path)
+        return library.organ_counts(), len(library.case_ids())
 
     def libraryOrganNames(self, path):
         """``{label: name}`` of a template library (an empty dict if the folder has no library yet)."""

@@ -46,6 +46,8 @@ def test_a_support_without_an_organ_neither_votes_for_it_nor_fails_the_run(query
     partial.CopyInformation(labels)
     sitk.WriteImage(partial, str(labels_path))
     assert ursam(["templates", "check", str(library)]) == 0
+    # what the Slicer panel shows beside each organ
+    assert Library(library).organ_counts() == {"Brainstem": 3, "Parotid_L": 2}
 
     outcome = _warp(query, library)
     selection = outcome.localization.info["selection"]
@@ -126,6 +128,9 @@ def test_templates_add_takes_a_dataset_folder(tmp_path, capsys):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(library / "cases" / c / "labels.nii.gz")))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(HN / "cases" / c / "labels.nii.gz")))
         assert np.array_equal(a, b)
+    # each support's organs are kept as they are added (the panel counts them without reading every scan)
+    assert json.loads((library / "dataset.json").read_text())["organs_of_supports"]["pt_4"] == [
+        lib.names[v] for v in sorted(lib.names)]
     # a rerun adds what is new only; an unknown case is one error line
     assert ursam(["templates", "add", str(library), "--from", str(HN), "--cases", "pt_4,pt_17"]) == 0
     assert Library(library).case_ids() == ["pt_4", "pt_13", "pt_17"]

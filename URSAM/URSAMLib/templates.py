@@ -266,6 +266,24 @@ class Library:
             raise URSAMError(f"no support scan labels {', '.join(missing)}", self.meta_path)
         return {"organs": counts, "scans": scans}
 
+    def support_organs(self):
+        """``{case id: [organ names]}``: which organs each support labels (a support may label any subset of
+        the library's organs). Kept in dataset.json by :meth:`add`; read from the label maps for a support
+        added by hand."""
+        known = self.meta.get("organs_of_supports", {})
+        out = {}
+        for case_id in self.case_ids():
+            if case_id not in known:
+                _, labels = self.case(case_id).read_labels()
+                known[case_id] = [self.names[int(v)] for v in np.unique(labels) if int(v) in self.names]
+            out[case_id] = list(known[case_id])
+        return out
+
+    def organ_counts(self):
+        """``{organ name: how many supports label it}``, in the library's label order."""
+        held = self.support_organs()
+        return {name: sum(name in organs for organs in held.values()) for _, name in sorted(self.names.items())}
+
     # -- adding -------------------------------------------------------------------------------
     def add(self, image_path, labels_path, case_id=None, names=None):
         """Copy a user's labelled CT into the library as a new support scan.
@@ -318,6 +336,7 @@ class Library:
             write_image(out, image, tmp / "labels.nii.gz")
         self.meta.setdefault("support", [])
         self.meta["support"].append(case_id)
+        self.meta.setdefault("organs_of_supports", {})[case_id] = [self.names[remap[v]] for v in present]
         self._save_meta()
         return case_id, {remap[v]: self.names[remap[v]] for v in present}
 
