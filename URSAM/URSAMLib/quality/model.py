@@ -1,0 +1,230 @@
+"""The fitted parts of the quality estimate: a voxel error model and a Dice model, and the two together.
+
+- :class:`VoxelErrorModel`: each voxel's probability of being wrong, a logistic
+  model on :data:`~URSAMLib.quality.features.VOXEL_FEATURES` (the calibrated
+  probability's own error, and where the voxel lies against the result). It
+  only scores: the result's mask is never changed.
+- :class:`DiceModel`: an organ's Dice from :data:`~URSAMLib.quality.features.FEATURES`,
+  a ridge regression on standardised features, with an interval whose
+  half-width is the conformal quantile of cross-validated residuals.
+- :class:`QualityModel`: both, with the library's per-organ statistics (typical
+  volume and extent, mean Dice, review threshold); JSON-ready so that a
+  calibration can store it. Uncalibrated (no fit): the expected Dice of the
+  calibrated probability and a default interval.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .features import FEATURES, VOXEL_FEATURES, OrganEvidence, base_error, expected_dice, organ_features, \
+    voxel_features
+
+#: the interval's nominal coverage
+COVERAGE = 0.8
+#: half-width of the interval where nothing was fitted (an uncalibrated estimate says little)
+DEFAULT_HALF_WIDTH = 0.2
+#: the Dice model's default features: chosen on the library's leave-one-out runs (see benchmarks/quality_eval.py)
+DEFAULT_FEATURES = ("expected_dice",)
+#: default review threshold: "check" an organ predicted this far below the library's own mean Dice for it
+REVIEW_MARGIN = 0.1
+
+
+def logistic(X, y, w, l2=1e-3, iterations=50):
+    """Weighted logistic regression by Newton's method: coefficients of X's columns, then the bias. The
+    light ridge (not on the bias) keeps it finite on separable data."""
+    X = np.c_[np.asarray(X, np.float64), np.ones(len(X))]
+    beta = np.zeros(X.shape[1])
+    ridge = l2 * np.eye(X.shape[1]) * float(np.sum(w))
+    ridge[-1, -1] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ beta, -30, 30)))
+        grad = X.T @ (w * (p - y)) + ridge @ beta
+        hess = (X * (w * p * (1 - p))[:, None]).T @ X + ridge + 1e-9 * np.eye(X.shape[1])
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return beta
+
+
+@dataclass
+class VoxelErrorModel:
+    """``P(voxel wrong) = sigmoid(coef · features + bias)``; ``coef`` in :data:`VOXEL_FEATURES` order."""
+    coef: tuple = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    bias: float = 0.0
+    features: tuple = VOXEL_FEATURES
+
+    def error(self, ev):
+        """float32 [z, y, x]: each voxel's probability of being wrong in ``ev``'s result."""
+        X, _ = voxel_features(ev)
+        z = X @ np.asarray(self.coef, np.float64) + self.bias
+        return (1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))).astype(np.float32).reshape(ev.mask.shape)
+
+    @classmethod
+    def fit(cls, evidences, truths, seed=0, negatives=20000):
+        """Maximum likelihood over the cases' regions: every error voxel and a weighted sample of the
+        others, each case weighing the same (a large organ would otherwise set the model alone)."""
+        rng = np.random.default_rng(seed)
+        Xs, ys, ws = [], [], []
+        for ev, truth in zip(evidences, truths):
+            X, _ = voxel_features(ev)
+            y = (ev.mask != np.asarray(truth, bool)).ravel()
+            pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+            take_pos = min(len(pos), negatives)
+            take_neg = min(len(neg), negatives)
+            ip = rng.choice(pos, take_pos, replace=False) if take_pos < len(pos) else pos
+            ineg = rng.choice(neg, take_neg, replace=False) if take_neg < len(neg) else neg
+            scale = 1.0 / max(y.size, 1)
+            Xs.append(X[np.r_[ip, ineg]])
+            ys.append(np.r_[np.ones(len(ip)), np.zeros(len(ineg))])
+            ws.append(np.r_[np.full(len(ip), len(pos) / max(len(ip), 1) * scale),
+                            np.full(len(ineg), len(neg) / max(len(ineg), 1) * scale)])
+        beta = logistic(np.concatenate(Xs), np.concatenate(ys), np.concatenate(ws))
+        return cls(tuple(float(b) for b in beta[:-1]), float(beta[-1]))
+
+    def to_json(self):
+        return {"coef": list(self.coef), "bias": self.bias, "features": list(self.features)}
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(tuple(data["coef"]), float(data["bias"]), tuple(data.get("features", VOXEL_FEATURES)))
+
+
+@dataclass
+class DiceModel:
+    """``Dice ≈ intercept + Σ coef · (x - mean) / scale`` over ``features``; ``half_width``: the interval's."""
+    features: tuple = DEFAULT_FEATURES
+    coef: tuple = (1.0,)
+    mean: tuple = (0.0,)
+    scale: tuple = (1.0,)
+    intercept: float = 0.0
+    half_width: float = DEFAULT_HALF_WIDTH
+    l2: float = 1.0
+
+    def predict(self, feats):
+        x = (np.array([feats[f] for f in self.features]) - self.mean) / self.scale
+        return float(np.clip(self.intercept + float(np.dot(self.coef, x)), 0.0, 1.0))
+
+    def interval(self, predicted):
+        return [float(max(0.0, predicted - self.half_width)), float(min(1.0, predicted + self.half_width))]
+
+    @classmethod
+    def fit(cls, rows, y, features=DEFAULT_FEATURES, l2=1.0, half_width=DEFAULT_HALF_WIDTH):
+        """Ridge regression of ``y`` on the ``features`` of ``rows`` (dicts), standardised; ``l2`` in units of
+        one case's squared deviation."""
+        X = np.array([[r[f] for f in features] for r in rows], np.float64)
+        y = np.asarray(y, np.float64)
+        mean = X.mean(0)
+        scale = X.std(0)
+        scale[scale < 1e-9] = 1.0
+        Z = (X - mean) / scale
+        coef = np.linalg.solve(Z.T @ Z + l2 * np.eye(len(features)), Z.T @ (y - y.mean()))
+        return cls(tuple(features), tuple(float(c) for c in coef), tuple(float(v) for v in mean),
+                   tuple(float(v) for v in scale), float(y.mean()), half_width, l2)
+
+    def to_json(self):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()
+                      if k in cls.__dataclass_fields__})
+
+
+def conformal_half_width(residuals, coverage=COVERAGE):
+    """The split-conformal half-width: the ⌈(n + 1)·coverage⌉-th smallest absolute residual (inf where
+    there are too few residuals for that coverage)."""
+    r = np.sort(np.abs(np.asarray(residuals, float)))
+    k = int(np.ceil((len(r) + 1) * coverage))
+    return float(r[k - 1]) if 0 < k <= len(r) else float("inf")
+
+
+@dataclass
+class OrganStats:
+    """One organ in the library's own labels: median volume (ml) and cranio-caudal extent (mm), mean Dice
+    of its leave-one-out results, and the predicted Dice below which it is to be checked."""
+    volume_ml: Optional[float] = None
+    z_extent_mm: Optional[float] = None
+    mean_dice: Optional[float] = None
+    threshold: Optional[float] = None
+
+
+@dataclass
+class OrganQuality:
+    """The quality estimate of one organ: predicted Dice and its interval, the review decision, the
+    region's slices by expected wrong voxels (most first, ``(slice index, voxels)``), and the error map
+    (float32 [z, y, x] over the region: each voxel's probability of being wrong)."""
+    name: str
+    predicted_dice: float
+    interval: list
+    review: str
+    slices: list
+    error: np.ndarray = None
+    calibrated: bool = True
+    threshold: Optional[float] = None
+    features: dict = field(default_factory=dict)
+
+
+@dataclass
+class QualityModel:
+    """The quality estimate of a library: :class:`VoxelErrorModel`, :class:`DiceModel`, per-organ
+    :class:`OrganStats`. ``calibrated`` False: nothing was fitted (too small a library), the prediction is
+    the expected Dice of the calibrated probability and the interval :data:`DEFAULT_HALF_WIDTH` wide."""
+    voxel: Optional[VoxelErrorModel] = None
+    dice: Optional[DiceModel] = None
+    organs: dict = field(default_factory=dict)  # name -> OrganStats
+    calibrated: bool = False
+    coverage: float = COVERAGE
+    info: dict = field(default_factory=dict)
+
+    def error_map(self, ev):
+        """Each voxel's probability of being wrong: the voxel model's, else the calibrated probability's own."""
+        return self.voxel.error(ev) if self.voxel is not None else base_error(ev.probability, ev.mask)
+
+    def features(self, ev, error=None):
+        """The Dice model's inputs for one organ: :func:`organ_features`, the expected Dice under the voxel
+        model's ``error`` map, and the library's mean Dice for the organ (the organ as a feature)."""
+        stats = self.organs.get(ev.name, OrganStats())
+        feats = organ_features(ev, stats.volume_ml, stats.z_extent_mm)
+        feats["expected_dice_voxel"] = expected_dice(self.error_map(ev) if error is None else error, ev.mask)
+        feats["organ_mean_dice"] = stats.mean_dice if stats.mean_dice is not None else feats["expected_dice"]
+        return feats
+
+    def assess(self, ev, threshold=None):
+        """The :class:`OrganQuality` of one organ. ``threshold``: the user's review threshold (a number),
+        else the library's for this organ, else none (every organ "ok")."""
+        from .report import ranked_slices
+
+        error = self.error_map(ev)
+        feats = self.features(ev, error)
+        if self.calibrated and self.dice is not None:
+            predicted = self.dice.predict(feats)
+            interval = self.dice.interval(predicted)
+        else:
+            predicted = feats["expected_dice"]
+            interval = [max(0.0, predicted - DEFAULT_HALF_WIDTH), min(1.0, predicted + DEFAULT_HALF_WIDTH)]
+        if threshold is None:
+            threshold = self.organs.get(ev.name, OrganStats()).threshold
+        review = "check" if threshold is not None and predicted < threshold else "ok"
+        return OrganQuality(ev.name, predicted, interval, review, ranked_slices(error, ev.mask, ev.slice_index),
+                            error, self.calibrated and self.dice is not None, threshold, feats)
+
+    def to_json(self):
+        return {"calibrated": self.calibrated, "coverage": self.coverage,
+                "voxel": self.voxel.to_json() if self.voxel else None,
+                "dice": self.dice.to_json() if self.dice else None,
+                "organs": {n: asdict(s) for n, s in self.organs.items()}, "info": self.info}
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(VoxelErrorModel.from_json(data["voxel"]) if data.get("voxel") else None,
+                   DiceModel.from_json(data["dice"]) if data.get("dice") else None,
+                   {n: OrganStats(**s) for n, s in data.get("organs", {}).items()},
+                   bool(data.get("calibrated", False)), float(data.get("coverage", COVERAGE)),
+                   dict(data.get("info", {})))
+
+
+
