@@ -124,6 +124,256 @@ def main_dump(args):
               ", ".join(f"{o['name']} {o['dice']:.3f}" for o in meta["organs"]), flush=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# library: the leave-one-out runs as the quality model's training cases
+
+def _cache(dataset, calibration, given=None):
+    """The calibration's cache folder of leave-one-out runs: ``given``, else the one holding a run of
+    every support of the calibration."""
+    from URSAMLib.sam.fast_encoder import cache_dir
+
+    if given:
+        return Path(given)
+    for folder in sorted((cache_dir() / "calibration").glob("*")):
+        if all((folder / f"{c}.npz").is_file() for c in calibration.supports):
+            return folder
+    raise SystemExit("no calibration cache with every support's runs: run `ursam templates calibrate` first")
+
+
+def library_inputs(dataset, calibration, cache=None):
+    """``(per_support, spacing, labels, names)`` of the library: the cached runs, each support's voxel size,
+    its label map, and the organ names."""
+    from URSAMLib.calibration import _load_cases
+
+    lib = Library(dataset, role="support")
+    folder = _cache(dataset, calibration, cache)
+    per_support, spacing, labels = {}, {}, {}
+    for cid in calibration.supports:
+        per_support[cid] = _load_cases(folder / f"{cid}.npz")
+        t = lib.case(cid)
+        reference, _ = read_ct(t.image_path)
+        _, arr = t.read_labels(reference=reference)
+        sp = tuple(reference.GetSpacing()[::-1])
+        spacing[cid], labels[cid] = sp, (arr, sp)
+    return per_support, spacing, labels, dict(lib.names)
+
+
+def main_library(args):
+    import pickle
+
+    from URSAMLib.quality import held_out_cases
+
+    dataset = Path(args.dataset)
+    calibration = Calibration.load(args.calibration)
+    per_support, spacing, _, _ = library_inputs(dataset, calibration, args.cache)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sets = [("library_cases.pkl", ())] + [(f"library_cases_wo_{s}.pkl", (s,)) for s in calibration.supports]
+    if args.first_only:
+        sets = sets[:1]
+    for name, exclude in sets:
+        path = work / name
+        if path.is_file():
+            continue
+        t0 = time.perf_counter()
+        cases = held_out_cases(per_support, spacing, calibration.budget, exclude=exclude,
+                               progress=lambda m: print("  " + m, flush=True))
+        with open(path.with_suffix(".tmp"), "wb") as f:
+            pickle.dump(cases, f)
+        path.with_suffix(".tmp").replace(path)
+        print(f"{name}: {len(cases)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# score: fit on the library, predict the dumped queries, and score
+
+#: Dice-model feature sets compared on the library's nested cross-validation (the default is chosen there)
+FEATURE_SETS = {
+    "expected": ("expected_dice",),
+    "expected_voxel": ("expected_dice_voxel",),
+    "expected+organ": ("expected_dice", "organ_mean_dice"),
+    "expected_voxel+organ": ("expected_dice_voxel", "organ_mean_dice"),
+    "expected+agreement": ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_atlas_dice"),
+    "expected_voxel+organ+agreement": ("expected_dice_voxel", "organ_mean_dice", "support_agreement",
+                                       "sam_atlas_dice", "mask_atlas_dice"),
+    "expected_voxel+organ+shape": ("expected_dice_voxel", "organ_mean_dice", "abs_log_volume_ratio",
+                                   "log_z_extent_ratio", "boundary_fraction"),
+    "all": None,  # every feature
+}
+
+
+def query_organs(path, stats_of=None):
+    """Per organ of a dumped query: its OrganEvidence (the result as the label map has it), and what
+    scoring needs (whole-scan prediction and truth, its region, spacing, true Dice)."""
+    from URSAMLib.quality import OrganEvidence, input_slice_index
+
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        labels, truth = data["labels"], data["truth"]
+        spacing = tuple(meta["spacing_zyx"])
+        out = []
+        for o in meta["organs"]:
+            k = o["name"] + "|"
+            sl = tuple(slice(a, b) for a, b in o["sl"])
+            sources = {key[len(k) + 4:]: data[key] for key in data.files if key.startswith(k + "src:")}
+            pred = labels == o["label"]
+            ev = OrganEvidence(o["name"], data[k + "p"], pred[sl], sources, spacing, o["n_supports"],
+                               input_slice_index(None, sl[0].start, sl[0].stop - sl[0].start))
+            out.append({"case": meta["case"], "name": o["name"], "label": o["label"], "sl": sl, "evidence": ev,
+                        "pred": pred, "truth": truth == o["label"], "spacing": spacing, "dice": o["dice"],
+                        "fused_mask": data[k + "mask"]})
+    return out
+
+
+def _full(shape, sl, values):
+    out = np.zeros(shape, np.float32)
+    out[sl] = values
+    return out
+
+
+def _fmt(v):
+    return "  nan" if v is None or not np.isfinite(v) else f"{v:+.3f}" if v < 0 else f"{v:.3f}"
+
+
+def print_dice_scores(title, scores):
+    print(f"{title}: n {scores.n}, Spearman {_fmt(scores.spearman)}, MAE {_fmt(scores.mae)}, coverage "
+          f"{_fmt(scores.coverage)}; within organ: Spearman {_fmt(scores.within_spearman)}, MAE "
+          f"{_fmt(scores.within_mae)}")
+
+
+def main_score(args):
+    import pickle
+
+    from URSAMLib.quality import (FEATURES, PairPrediction, cross_validated_pairs, dice_prediction_scores,
+                                  fit_from, review_scores, slice_share, training_set, voxel_auroc)
+    from URSAMLib.quality.features import base_error
+    from URSAMLib.quality.model import conformal_half_width
+    from URSAMLib.quality.report import slice_errors
+    from URSAMLib.uncertainty import binary_entropy
+
+    dataset = Path(args.dataset)
+    work = Path(args.work)
+    calibration = Calibration.load(args.calibration)
+    _, _, labels, names = library_inputs(dataset, calibration, args.cache)
+    with open(work / "library_cases.pkl", "rb") as f:
+        first = pickle.load(f)
+    nested = {}
+    for s in calibration.supports:
+        path = work / f"library_cases_wo_{s}.pkl"
+        if path.is_file():
+            with open(path, "rb") as f:
+                nested[s] = training_set(pickle.load(f), {k: v for k, v in labels.items() if k != s}, names)
+    ts = training_set(first, labels, names)
+    all_features = tuple(FEATURES) + ("expected_dice_voxel", "organ_mean_dice")
+    sets = {k: (v or all_features) for k, v in FEATURE_SETS.items()}
+    report = {"library": {}, "query": {}}
+    print(f"library: {len(first)} held-out cases, mean Dice {np.mean([c.dice for c in first]):.3f}; nested sets for "
+          f"{len(nested)} supports")
+
+    # -- the library's own cross-validation: which Dice model, and the interval's half-width --------
+    library_pairs, half_widths = {}, {}
+    for key, fs in sets.items():
+        if len(nested) == len(calibration.supports):
+            pairs = cross_validated_pairs(first, nested, fs, args.l2)
+        else:  # without the nested sets: each support's residual from a model of the others (first level)
+            pairs = []
+            for s in ts.supports:
+                idx = [i for i, c in enumerate(first) if c.support != s]
+                sub = training_set([first[i] for i in idx], {k: v for k, v in labels.items() if k != s}, names)
+                m = fit_from(sub, fs, args.l2)
+                pairs += [PairPrediction(s, c.organ, *_pi(m, c), c.dice) for c in first if c.support == s]
+        library_pairs[key] = pairs
+        half_widths[key] = conformal_half_width([p.true_dice - p.predicted for p in pairs], 0.8)
+        sc = dice_prediction_scores(pairs)
+        report["library"][key] = {**sc.to_json(), "half_width": half_widths[key]}
+        print_dice_scores(f"  library CV [{key}] (half-width {half_widths[key]:.3f})", sc)
+    chosen = args.features or min(sets, key=lambda k: (round(report["library"][k]["mae"], 3),
+                                                      -report["library"][k]["spearman"]))
+    print(f"chosen on the library (lowest cross-validated MAE): {chosen}")
+
+    # -- the queries ------------------------------------------------------------------------------
+    dumps = sorted((work / "dumps").glob("*.npz"))
+    organs = [o for path in dumps for o in query_organs(path)]
+    models = {k: fit_from(ts, fs, args.l2, half_widths[k]) for k, fs in sets.items()}
+    organ_mean = {n: s.mean_dice for n, s in ts.stats.items()}
+    thresholds = {n: s.threshold for n, s in ts.stats.items() if s.threshold is not None}
+    pairs = {k: [] for k in sets}
+    base = {"organ mean (library)": [], "expected Dice": [], "-mean entropy": []}
+    aurocs = {"fused entropy": [], "base error": [], "voxel model": []}
+    shares = {"voxel model": [], "base error": []}
+    for o in organs:
+        ev = o["evidence"]
+        for k, m in models.items():
+            q = m.assess(ev)
+            pairs[k].append(PairPrediction(o["case"], o["name"], q.predicted_dice, q.interval[0], q.interval[1],
+                                           o["dice"]))
+        ent = binary_entropy(ev.probability)
+        base["organ mean (library)"].append(PairPrediction(o["case"], o["name"], organ_mean[o["name"]], 0, 1, o["dice"]))
+        base["expected Dice"].append(PairPrediction(o["case"], o["name"], models["expected"].features(ev)["expected_dice"],
+                                                    0, 1, o["dice"]))
+        base["-mean entropy"].append(PairPrediction(o["case"], o["name"], -float(ent[ev.mask].mean()) if ev.mask.any()
+                                                    else 0.0, 0, 1, o["dice"]))
+        err_true = o["pred"] != o["truth"]
+        shape = err_true.shape
+        maps = {"fused entropy": ent, "base error": base_error(ev.probability, ev.mask),
+                "voxel model": models[chosen].error_map(ev)}
+        for name, values in maps.items():
+            aurocs[name].append(voxel_auroc(_full(shape, o["sl"], values), o["pred"], o["truth"], o["spacing"]))
+        per_slice_true = err_true[o["sl"][0]].reshape(o["sl"][0].stop - o["sl"][0].start, -1).sum(1)
+        total = int(err_true.sum())
+        for name in shares:
+            expected = slice_errors(maps[name])
+            s10, r10 = slice_share(expected, per_slice_true, total, 0.1)
+            s20, r20 = slice_share(expected, per_slice_true, total, 0.2)
+            shares[name].append((o["name"], s10, r10, s20, r20))
+
+    print(f"\nqueries: {len(dumps)} scans, {len(organs)} organs, mean true Dice {np.mean([o['dice'] for o in organs]):.3f}")
+    for k in sets:
+        sc = dice_prediction_scores(pairs[k])
+        report["query"][k] = sc.to_json()
+        print_dice_scores(f"  [{k}]{' (chosen)' if k == chosen else ''}", sc)
+    for k, ps in base.items():
+        sc = dice_prediction_scores(ps)
+        report["query"]["baseline: " + k] = sc.to_json()
+        print(f"  baseline {k}: Spearman {_fmt(sc.spearman)}, within organ {_fmt(sc.within_spearman)}"
+              + (f", MAE {_fmt(sc.mae)}, within organ {_fmt(sc.within_mae)}" if k != "-mean entropy" else ""))
+    sc = dice_prediction_scores(pairs[chosen])
+    print(f"\nper organ [{chosen}]:")
+    org_names = sorted({o["name"] for o in organs}, key=lambda n: [v for v, m in names.items() if m == n][0])
+    for n in org_names:
+        s_ = sc.per_organ[n]
+        au = np.nanmean([a for a, o in zip(aurocs["voxel model"], organs) if o["name"] == n])
+        au0 = np.nanmean([a for a, o in zip(aurocs["fused entropy"], organs) if o["name"] == n])
+        sh = [x for x in shares["voxel model"] if x[0] == n]
+        print(f"  {n:10s} n {s_['n']:2d}  Spearman {_fmt(s_['spearman'])}  MAE {_fmt(s_['mae'])}  coverage "
+              f"{_fmt(s_['coverage'])}  top10% {_fmt(np.nanmean([x[1] for x in sh]))} (random "
+              f"{_fmt(np.nanmean([x[2] for x in sh]))})  top20% {_fmt(np.nanmean([x[3] for x in sh]))} (random "
+              f"{_fmt(np.nanmean([x[4] for x in sh]))})  AUROC {_fmt(au)} (entropy {_fmt(au0)})")
+    print("\nslices (share of an organ's error voxels on its top ranked slices, mean over case x organ):")
+    report["slices"] = {}
+    for name, sh in shares.items():
+        vals = np.array([x[1:] for x in sh], float)
+        m = np.nanmean(vals, 0)
+        report["slices"][name] = {"top10": m[0], "random10": m[1], "top20": m[2], "random20": m[3]}
+        print(f"  by {name}: top 10 % {m[0]:.3f} (random {m[1]:.3f}), top 20 % {m[2]:.3f} (random {m[3]:.3f})")
+    print("voxel AUROC for the error voxels (organ's neighbourhood, mean over case x organ):")
+    report["auroc"] = {}
+    for name, vals in aurocs.items():
+        report["auroc"][name] = float(np.nanmean(vals))
+        print(f"  {name}: {np.nanmean(vals):.3f}")
+    rv = review_scores(pairs[chosen], thresholds)
+    report["review"] = {"thresholds": thresholds, **rv}
+    print(f"review ('check' below the library's organ mean - 0.1): {rv}")
+    report["chosen"] = chosen
+    with open(work / "quality_scores.json", "w") as f:
+        json.dump(report, f, indent=1, default=float)
+
+
+def _pi(model, case):
+    q = model.assess(case.evidence)
+    return q.predicted_dice, q.interval[0], q.interval[1]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
@@ -133,6 +383,23 @@ def main():
     d.add_argument("--work", default="/tmp/q")
     d.add_argument("--cases", help="comma-separated query ids (default: every query)")
     d.set_defaults(func=main_dump)
+    b = sub.add_parser("library", help="the library's leave-one-out runs fused without their own support")
+    b.add_argument("dataset")
+    b.add_argument("--calibration", required=True)
+    b.add_argument("--work", default="/tmp/q")
+    b.add_argument("--cache", help="the calibration's cache folder (default: found by its supports)")
+    b.add_argument("--first-only", action="store_true",
+                   help="only the cases the final model is fitted on, not the nested ones of its interval")
+    b.set_defaults(func=main_library)
+    c = sub.add_parser("score", help="fit on the library, predict the dumped queries, print the figures")
+    c.add_argument("dataset")
+    c.add_argument("--calibration", required=True)
+    c.add_argument("--work", default="/tmp/q")
+    c.add_argument("--cache", help="the calibration's cache folder (default: found by its supports)")
+    c.add_argument("--features", choices=list(FEATURE_SETS), help="the Dice model's features (default: the "
+                   "set with the lowest cross-validated MAE on the library)")
+    c.add_argument("--l2", type=float, default=1.0, help="the Dice model's ridge (default 1)")
+    c.set_defaults(func=main_score)
     args = p.parse_args()
     args.func(args)
 

@@ -132,10 +132,10 @@ def test_expected_dice_and_support_agreement_known_values():
     mask = np.array([True, True, False, False])
     err = np.array([0.0, 0.5, 0.5, 0.0])  # E[TP] 1.5, E[|truth|] 2 -> 3 / 4
     assert expected_dice(err, mask) == pytest.approx(0.75)
-    # two supports: one labels voxels 0-1, the other 1-2 -> Dice 0.5
-    vote = np.array([0.5, 1.0, 0.5, 0.0])
-    assert support_agreement(vote, 2) == pytest.approx(0.5)
-    assert support_agreement(np.array([1.0, 1.0, 0.0]), 5) == pytest.approx(1.0)
+    # two supports: one labels voxels 0-1, the other 1-2
+    assert support_agreement(np.array([0.5, 1.0, 0.5, 0.0])) == pytest.approx(1.5 / 2)
+    assert support_agreement(np.array([1.0, 1.0, 0.0])) == pytest.approx(1.0)
+    assert support_agreement(np.array([0.25, 0.25, 0.25, 0.25])) == pytest.approx(0.25)
 
 
 def test_model_json_round_trip():
@@ -198,7 +198,7 @@ def test_conformal_half_width():
 # ----------------------------------------------------------------------------------------------
 # the fit on the library is held out
 
-def _library(n_supports=4, seed=3):
+def _library(n_supports=4, seed=3, shape=(14, 18, 18)):
     """Calibration cases of two organs on ``n_supports`` supports: a SAM map and an atlas vote that are
     informative, with a per-support shift so the results differ in quality."""
     rng = np.random.default_rng(seed)
@@ -206,16 +206,16 @@ def _library(n_supports=4, seed=3):
     for i in range(n_supports):
         cid = f"s{i}"
         organs = {}
-        full = np.zeros((30, 40, 40), np.int32)
-        for k, (name, radii) in enumerate((("a", (5, 7, 7)), ("b", (3, 5, 9)))):
-            truth = _ellipsoid((11, 16, 16), radii)
-            shift = int(rng.integers(0, 4))
-            guess = np.roll(_calibrated(truth, 1.5), shift, axis=0)
-            noise = rng.normal(0, 0.05, SHAPE).astype(np.float32)
+        full = np.zeros(tuple(n + 6 for n in shape), np.int32)
+        for k, (name, radii) in enumerate((("a", (4, 5, 5)), ("b", (2, 3, 6)))):
+            truth = _ellipsoid((7, 9, 9), radii, shape)
+            shift = int(rng.integers(0, 3))
+            guess = np.roll(_calibrated(truth, 1.2), shift, axis=0)
+            noise = rng.normal(0, 0.05, shape).astype(np.float32)
             ev = Evidence({"sam": np.clip(guess + noise, 0, 1), "atlas": np.clip(guess, 0, 1),
-                           "atlas_lw": np.clip(guess, 0, 1)}, np.zeros(SHAPE, np.float32))
+                           "atlas_lw": np.clip(guess, 0, 1)}, np.zeros(shape, np.float32))
             organs[name] = Case(ev, truth, 0)
-            full[:SHAPE[0], :SHAPE[1], :SHAPE[2]][truth] = k + 1
+            full[:shape[0], :shape[1], :shape[2]][truth] = k + 1
         per_support[cid] = {"slice": organs}
         spacing[cid] = (3.0, 1.0, 1.0)
         labels[cid] = (full, (3.0, 1.0, 1.0))
@@ -261,10 +261,10 @@ def test_cross_validated_prediction_of_a_support_does_not_use_it():
     # stay, as every model that predicts them was fitted without it
     altered = {cid: {m: dict(o) for m, o in modes.items()} for cid, modes in per_support.items()}
     for name, c in per_support["s0"]["slice"].items():
-        altered["s0"]["slice"][name] = Case(c.evidence, np.roll(c.truth, 5, axis=1), 0)
+        altered["s0"]["slice"][name] = Case(c.evidence, np.roll(c.truth, 3, axis=1), 0)
     first = [c for c in cases if c.support != "s0"] + [
         c for c in held_out_cases(altered, spacing, fit_fusion=_threshold_fit([])) if c.support == "s0"]
-    pairs2, _ = cross_validate(altered, spacing, {**labels, "s0": (np.roll(labels["s0"][0], 5, 1), (3.0, 1, 1))},
+    pairs2, _ = cross_validate(altered, spacing, {**labels, "s0": (np.roll(labels["s0"][0], 3, 1), (3.0, 1, 1))},
                                names, fit_fusion=_threshold_fit([]), first_level=first)
     own = {(p.case, p.organ): p.predicted for p in pairs if p.case == "s0"}
     own2 = {(p.case, p.organ): p.predicted for p in pairs2 if p.case == "s0"}

@@ -25,7 +25,7 @@ EPS = 1e-4
 #: distances (mm) beyond this tell nothing more about an error
 DIST_CAP_MM = 20.0
 
-FEATURES = ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_sam_dice", "mask_atlas_dice",
+FEATURES = ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_sam_dice", "mask_atlas_dice", "mask_vote_dice",
             "log_volume_ratio", "abs_log_volume_ratio", "log_expected_volume_ratio", "boundary_fraction",
             "log_z_extent_ratio", "mean_error_in_mask", "mean_vote_in_mask")
 VOXEL_FEATURES = ("logit_error", "dist_out_cm", "dist_in_cm", "z_beyond_cm", "sam_atlas_gap", "vote_disagree")
@@ -101,16 +101,13 @@ def _soft_dice(a, b):
     return 1.0 if s == 0 else 2.0 * float(np.sum(np.asarray(a, np.float64) * b)) / s
 
 
-def support_agreement(vote, k):
-    """Mean pairwise Dice of ``k`` supports' masks, from their vote fraction alone: each voxel with vote
-    f has k·f supports, so k·f·(k·f - 1) ordered pairs agree there (generalised overlap). 1 where the
-    supports agree everywhere; for a graded vote, the same formula on the graded counts."""
-    k = max(int(k), 2)
-    c = np.asarray(vote, np.float64) * k
-    total = float(c.sum())
-    if total <= 0:
-        return 0.0
-    return float(np.clip(float(np.sum(c * (c - 1.0))) / ((k - 1) * total), 0.0, 1.0))
+def support_agreement(vote):
+    """How much the supports agree, from their vote alone: the vote-weighted mean vote Σ f² / Σ f. 1 where
+    every support labels the same voxels, 1/k for k supports that never overlap; for a graded vote
+    (blurred masks) it stays below 1, so it compares libraries of one kind, not across kinds."""
+    f = np.asarray(vote, np.float64)
+    total = float(f.sum())
+    return 0.0 if total <= 0 else float(np.sum(f * f)) / total
 
 
 def _z_extent_mm(mask, dz):
@@ -133,10 +130,13 @@ def organ_features(ev, library_volume_ml=None, library_z_extent_mm=None):
     surface = m & ~ndimage.binary_erosion(m, border_value=0) if n else m
     out = {
         "expected_dice": expected_dice(err, m),
-        "support_agreement": support_agreement(vote, ev.n_supports),
+        "support_agreement": support_agreement(vote),
         "sam_atlas_dice": _soft_dice(sam, vote) if sam is not None else 1.0,
         "mask_sam_dice": _soft_dice(m, sam > 0.5) if sam is not None else 1.0,
         "mask_atlas_dice": _soft_dice(m, vote >= 0.5),
+        # Σ_i |m ∩ m_i| and Σ_i |m_i| over the supports' masks m_i are sums of the vote: the pooled Dice of
+        # the result with each warped support, reverse classification accuracy's figure read in the scan
+        "mask_vote_dice": _soft_dice(m, vote),
         "log_volume_ratio": float(np.log(max(vol, 1e-3) / library_volume_ml)) if library_volume_ml else 0.0,
         "log_expected_volume_ratio": float(np.log(max(float(p.sum()), 1.0) / max(n, 1))),
         "boundary_fraction": float(np.count_nonzero(surface)) / max(n, 1),

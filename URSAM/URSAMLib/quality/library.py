@@ -19,6 +19,7 @@ the interval's half-width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -116,67 +117,114 @@ def held_out_cases(per_support, spacing, budget=0.1, exclude=(), fit_fusion=None
     return out
 
 
-def _rows(cases, stats_of, voxel_of):
-    """The Dice model's feature rows of ``cases``: :func:`organ_features` with the library statistics of
-    ``stats_of(case)``, the expected Dice under ``voxel_of(case)``'s error model, and the organ's mean Dice
-    among the *other* supports' cases (the organ as a feature, without its own outcome in it)."""
-    rows = []
-    for c in cases:
-        st = stats_of(c).get(c.organ, OrganStats())
-        f = organ_features(c.evidence, st.volume_ml, st.z_extent_mm)
-        f["expected_dice_voxel"] = expected_dice(voxel_of(c).error(c.evidence), c.evidence.mask)
-        peers = [d.dice for d in cases if d.organ == c.organ and d.support != c.support]
-        f["organ_mean_dice"] = float(np.mean(peers)) if peers else float(np.mean([d.dice for d in cases]))
-        rows.append(f)
-    return rows
+@dataclass
+class TrainingSet:
+    """A library's held-out cases made ready for the Dice model: ``rows`` (one feature dict per case, each
+    taken as its run would see it: against the library's statistics without its support, under a voxel
+    model fitted without its support, the organ's mean Dice among the other supports), ``y`` (their
+    true Dice), the voxel model fitted on all of them, and the library's per-organ statistics (with each
+    organ's mean Dice and review threshold)."""
+    cases: list
+    rows: list
+    y: list
+    voxel: Optional[VoxelErrorModel]
+    stats: dict
+
+    @property
+    def supports(self):
+        return sorted({c.support for c in self.cases})
+
+    @property
+    def enough(self):
+        return len(self.supports) >= MIN_SUPPORTS - 1 and len(self.cases) >= MIN_CASES
 
 
-def fit_quality(cases, labels, names, features=None, l2=1.0, half_width=None, coverage=COVERAGE,
-                review_margin=REVIEW_MARGIN, seed=0):
-    """The :class:`QualityModel` of these :class:`LibraryCase` (a library's held-out results).
-
-    ``labels``: support id -> (label array, spacing_zyx) of the library's supports, ``names``: value ->
-    organ name (for the organs' typical volume and extent; each case's own features are taken against
-    the statistics without its support, as its run never saw it). ``features``: the Dice model's
-    (default :data:`URSAMLib.quality.model.DEFAULT_FEATURES`). ``half_width``: the interval's, from
-    :func:`cross_validate` (None: from this fit's own leave-one-support-out residuals, which are a little
-    optimistic: the fusions of the other supports' cases saw the held-out support). Too few supports or
-    cases: an uncalibrated model (the expected Dice alone).
-    """
-    features = tuple(features or DEFAULT_FEATURES)
-    supports = sorted({c.support for c in cases})
-    all_stats = organ_stats(labels, names)
-    if len(supports) < MIN_SUPPORTS - 1 or len(cases) < MIN_CASES:
-        return QualityModel(None, None, all_stats, False, coverage, {"why": "too few leave-one-out cases"})
-    stats_wo = {s: organ_stats(labels, names, exclude=(s,)) for s in supports}
-    # the voxel model of each case's features is fitted without its support: its expected Dice is held out
-    voxel_wo = {s: VoxelErrorModel.fit([c.evidence for c in cases if c.support != s],
-                                       [c.truth for c in cases if c.support != s], seed) for s in supports}
-    voxel = VoxelErrorModel.fit([c.evidence for c in cases], [c.truth for c in cases], seed)
-    rows = _rows(cases, lambda c: stats_wo[c.support], lambda c: voxel_wo[c.support])
-    y = [c.dice for c in cases]
-    if half_width is None:
-        residuals = []
-        for s in supports:
-            train = [i for i, c in enumerate(cases) if c.support != s]
-            m = DiceModel.fit([rows[i] for i in train], [y[i] for i in train], features, l2)
-            residuals += [y[i] - m.predict(rows[i]) for i, c in enumerate(cases) if c.support == s]
-        half_width = conformal_half_width(residuals, coverage)
-    dice = DiceModel.fit(rows, y, features, l2, half_width)
-    for name, st in all_stats.items():
+def training_set(cases, labels, names, review_margin=REVIEW_MARGIN, seed=0):
+    """The :class:`TrainingSet` of these :class:`LibraryCase`. ``labels``: support id -> (label array,
+    spacing_zyx) of the library's supports; ``names``: value -> organ name."""
+    stats = organ_stats(labels, names)
+    for name, st in stats.items():
         own = [c.dice for c in cases if c.organ == name]
         if own:
             st.mean_dice = float(np.mean(own))
             st.threshold = round(st.mean_dice - review_margin, 4)
-    return QualityModel(voxel, dice, all_stats, True, coverage,
-                        {"cases": len(cases), "supports": supports, "features": list(features), "l2": l2,
-                         "half_width": half_width})
+    ts = TrainingSet(list(cases), [], [c.dice for c in cases], None, stats)
+    if not ts.enough:
+        return ts
+    supports = ts.supports
+    stats_wo = {s: organ_stats(labels, names, exclude=(s,)) for s in supports}
+    # each case's expected Dice under the voxel model is held out: that model never saw its support
+    voxel_wo = {s: VoxelErrorModel.fit([c.evidence for c in cases if c.support != s],
+                                       [c.truth for c in cases if c.support != s], seed) for s in supports}
+    ts.voxel = VoxelErrorModel.fit([c.evidence for c in cases], [c.truth for c in cases], seed)
+    for c in cases:
+        st = stats_wo[c.support].get(c.organ, OrganStats())
+        f = organ_features(c.evidence, st.volume_ml, st.z_extent_mm)
+        f["expected_dice_voxel"] = expected_dice(voxel_wo[c.support].error(c.evidence), c.evidence.mask)
+        peers = [d.dice for d in cases if d.organ == c.organ and d.support != c.support]
+        f["organ_mean_dice"] = float(np.mean(peers)) if peers else float(np.mean(ts.y))
+        ts.rows.append(f)
+    return ts
 
 
-def predict_case(model, case):
-    """``(predicted Dice, interval)`` of one :class:`LibraryCase` under ``model``."""
-    q = model.assess(case.evidence)
-    return q.predicted_dice, q.interval
+def inner_residuals(ts, features=DEFAULT_FEATURES, l2=1.0, l2_organ=None):
+    """Leave-one-support-out residuals of the Dice model within ``ts`` (a little optimistic: the fusions
+    of the other supports' cases saw the left-out support; :func:`cross_validate` is not)."""
+    residuals = []
+    for s in ts.supports:
+        train = [i for i, c in enumerate(ts.cases) if c.support != s]
+        m = DiceModel.fit([ts.rows[i] for i in train], [ts.y[i] for i in train], features, l2,
+                          organs=[ts.cases[i].organ for i in train], l2_organ=l2_organ)
+        residuals += [ts.y[i] - m.predict(ts.rows[i], c.organ) for i, c in enumerate(ts.cases) if c.support == s]
+    return residuals
+
+
+def fit_from(ts, features=DEFAULT_FEATURES, l2=1.0, half_width=None, coverage=COVERAGE, l2_organ=None):
+    """The :class:`QualityModel` of a :class:`TrainingSet`; ``half_width`` None: from
+    :func:`inner_residuals`. An uncalibrated model where the set is too small."""
+    features = tuple(features)
+    if not ts.enough:
+        return QualityModel(None, None, ts.stats, False, coverage, {"why": "too few leave-one-out cases"})
+    if half_width is None:
+        half_width = conformal_half_width(inner_residuals(ts, features, l2, l2_organ), coverage)
+    dice = DiceModel.fit(ts.rows, ts.y, features, l2, half_width, [c.organ for c in ts.cases], l2_organ)
+    return QualityModel(ts.voxel, dice, ts.stats, True, coverage,
+                        {"cases": len(ts.cases), "supports": ts.supports, "features": list(features), "l2": l2,
+                         "l2_organ": l2_organ, "half_width": half_width})
+
+
+def fit_quality(cases, labels, names, features=None, l2=1.0, half_width=None, coverage=COVERAGE,
+                review_margin=REVIEW_MARGIN, seed=0, l2_organ=None):
+    """The :class:`QualityModel` of these :class:`LibraryCase` (a library's held-out results):
+    :func:`training_set`, then :func:`fit_from`. ``features``: the Dice model's (default
+    :data:`URSAMLib.quality.model.DEFAULT_FEATURES`); ``half_width``: the interval's, from
+    :func:`cross_validate` (None: :func:`inner_residuals`). Too few supports or cases: an uncalibrated
+    model (the expected Dice alone)."""
+    ts = training_set(cases, labels, names, review_margin, seed)
+    return fit_from(ts, features or DEFAULT_FEATURES, l2, half_width, coverage, l2_organ)
+
+
+def nested_sets(per_support, spacing, labels, names, budget=0.1, fit_fusion=None, progress=None, supports=None):
+    """``{support: TrainingSet}``: for each support, the other supports' organs fused without it too (and
+    without their own), made ready for the Dice model against the library without it."""
+    out = {}
+    for s in supports or list(per_support):
+        train = held_out_cases(per_support, spacing, budget, exclude=(s,), fit_fusion=fit_fusion, progress=progress)
+        out[s] = training_set(train, {k: v for k, v in labels.items() if k != s}, names)
+    return out
+
+
+def cross_validated_pairs(cases, nested, features=DEFAULT_FEATURES, l2=1.0, l2_organ=None):
+    """:class:`PairPrediction` of each first-level case (fused without its support) by the quality model
+    of ``nested[its support]`` (fitted without that support at every level)."""
+    pairs = []
+    for s, ts in nested.items():
+        model = fit_from(ts, features, l2, l2_organ=l2_organ)
+        for c in cases:
+            if c.support == s:
+                q = model.assess(c.evidence)
+                pairs.append(PairPrediction(s, c.organ, q.predicted_dice, q.interval[0], q.interval[1], c.dice))
+    return pairs
 
 
 def cross_validate(per_support, spacing, labels, names, budget=0.1, features=None, l2=1.0, fit_fusion=None,
@@ -188,14 +236,6 @@ def cross_validate(per_support, spacing, labels, names, budget=0.1, features=Non
     ``first_level``: those cases when already made."""
     cases = first_level if first_level is not None else held_out_cases(per_support, spacing, budget,
                                                                        fit_fusion=fit_fusion, progress=progress)
-    pairs = []
-    for s in sorted({c.support for c in cases}):
-        train = held_out_cases(per_support, spacing, budget, exclude=(s,), fit_fusion=fit_fusion, progress=progress)
-        train_labels = {k: v for k, v in labels.items() if k != s}
-        model = fit_quality(train, train_labels, names, features, l2)
-        for c in cases:
-            if c.support != s:
-                continue
-            pred, interval = predict_case(model, c)
-            pairs.append(PairPrediction(s, c.organ, pred, interval[0], interval[1], c.dice))
-    return pairs, cases
+    nested = nested_sets(per_support, spacing, labels, names, budget, fit_fusion, progress,
+                         sorted({c.support for c in cases}))
+    return cross_validated_pairs(cases, nested, features or DEFAULT_FEATURES, l2), cases

@@ -95,7 +95,11 @@ class VoxelErrorModel:
 
 @dataclass
 class DiceModel:
-    """``Dice ≈ intercept + Σ coef · (x - mean) / scale`` over ``features``; ``half_width``: the interval's."""
+    """``Dice ≈ intercept + Σ coef · (x - mean) / scale + organ_offset[organ]`` over ``features``.
+
+    The organ offsets are ridge coefficients of one-hot organ columns (``l2_organ``): an organ the library
+    segments better or worse than its features say gets a shrunk correction, none for an organ it never
+    saw. ``half_width``: the interval's."""
     features: tuple = DEFAULT_FEATURES
     coef: tuple = (1.0,)
     mean: tuple = (0.0,)
@@ -103,27 +107,40 @@ class DiceModel:
     intercept: float = 0.0
     half_width: float = DEFAULT_HALF_WIDTH
     l2: float = 1.0
+    organ_offset: dict = field(default_factory=dict)
+    l2_organ: Optional[float] = None
 
-    def predict(self, feats):
+    def predict(self, feats, organ=None):
         x = (np.array([feats[f] for f in self.features]) - self.mean) / self.scale
-        return float(np.clip(self.intercept + float(np.dot(self.coef, x)), 0.0, 1.0))
+        value = self.intercept + float(np.dot(self.coef, x)) + self.organ_offset.get(organ, 0.0)
+        return float(np.clip(value, 0.0, 1.0))
 
     def interval(self, predicted):
         return [float(max(0.0, predicted - self.half_width)), float(min(1.0, predicted + self.half_width))]
 
     @classmethod
-    def fit(cls, rows, y, features=DEFAULT_FEATURES, l2=1.0, half_width=DEFAULT_HALF_WIDTH):
+    def fit(cls, rows, y, features=DEFAULT_FEATURES, l2=1.0, half_width=DEFAULT_HALF_WIDTH, organs=None,
+            l2_organ=None):
         """Ridge regression of ``y`` on the ``features`` of ``rows`` (dicts), standardised; ``l2`` in units of
-        one case's squared deviation."""
-        X = np.array([[r[f] for f in features] for r in rows], np.float64)
+        one case's squared deviation. With ``organs`` (each row's organ) and ``l2_organ``, also a shrunk
+        offset per organ (an organ with k cases keeps about k / (k + l2_organ) of its mean residual)."""
+        X = np.array([[r[f] for f in features] for r in rows], np.float64).reshape(len(rows), len(features))
         y = np.asarray(y, np.float64)
         mean = X.mean(0)
         scale = X.std(0)
         scale[scale < 1e-9] = 1.0
         Z = (X - mean) / scale
-        coef = np.linalg.solve(Z.T @ Z + l2 * np.eye(len(features)), Z.T @ (y - y.mean()))
-        return cls(tuple(features), tuple(float(c) for c in coef), tuple(float(v) for v in mean),
-                   tuple(float(v) for v in scale), float(y.mean()), half_width, l2)
+        penalty = [l2] * len(features)
+        names = []
+        if organs is not None and l2_organ is not None:
+            names = sorted(set(organs))
+            Z = np.c_[Z, np.array([[o == n for n in names] for o in organs], np.float64)]
+            penalty += [l2_organ] * len(names)
+        beta = np.linalg.solve(Z.T @ Z + np.diag(penalty), Z.T @ (y - y.mean()))
+        k = len(features)
+        return cls(tuple(features), tuple(float(c) for c in beta[:k]), tuple(float(v) for v in mean),
+                   tuple(float(v) for v in scale), float(y.mean()), half_width, l2,
+                   {n: float(b) for n, b in zip(names, beta[k:])}, l2_organ)
 
     def to_json(self):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -201,7 +218,7 @@ class QualityModel:
         error = self.error_map(ev)
         feats = self.features(ev, error)
         if self.calibrated and self.dice is not None:
-            predicted = self.dice.predict(feats)
+            predicted = self.dice.predict(feats, ev.name)
             interval = self.dice.interval(predicted)
         else:
             predicted = feats["expected_dice"]
