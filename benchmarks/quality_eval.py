@@ -187,18 +187,19 @@ def main_library(args):
 # ----------------------------------------------------------------------------------------------
 # score: fit on the library, predict the dumped queries, and score
 
-#: Dice-model feature sets compared on the library's nested cross-validation (the default is chosen there)
-FEATURE_SETS = {
-    "expected": ("expected_dice",),
-    "expected_voxel": ("expected_dice_voxel",),
-    "expected+organ": ("expected_dice", "organ_mean_dice"),
-    "expected_voxel+organ": ("expected_dice_voxel", "organ_mean_dice"),
-    "expected+agreement": ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_atlas_dice"),
-    "expected_voxel+organ+agreement": ("expected_dice_voxel", "organ_mean_dice", "support_agreement",
-                                       "sam_atlas_dice", "mask_atlas_dice"),
-    "expected_voxel+organ+shape": ("expected_dice_voxel", "organ_mean_dice", "abs_log_volume_ratio",
-                                   "log_z_extent_ratio", "boundary_fraction"),
-    "all": None,  # every feature
+#: Dice models compared on the library's nested cross-validation: (features, organ-offset ridge or None);
+#: the default is the one with the lowest cross-validated MAE there
+MODELS = {
+    "expected": (("expected_dice",), None),
+    "expected_voxel": (("expected_dice_voxel",), None),
+    "expected_voxel+organ": (("expected_dice_voxel",), 3.0),
+    "vote": (("mask_vote_dice",), None),
+    "vote+organ": (("mask_vote_dice",), 3.0),
+    "expected+vote": (("expected_dice", "mask_vote_dice"), None),
+    "expected_voxel+vote+organ": (("expected_dice_voxel", "mask_vote_dice"), 3.0),
+    "expected_voxel+vote+agreement+organ": (("expected_dice_voxel", "mask_vote_dice", "support_agreement",
+                                             "abs_log_volume_ratio"), 3.0),
+    "all+organ": (None, 3.0),  # every feature
 }
 
 
@@ -218,7 +219,8 @@ def query_organs(path, stats_of=None):
             sources = {key[len(k) + 4:]: data[key] for key in data.files if key.startswith(k + "src:")}
             pred = labels == o["label"]
             ev = OrganEvidence(o["name"], data[k + "p"], pred[sl], sources, spacing, o["n_supports"],
-                               input_slice_index(None, sl[0].start, sl[0].stop - sl[0].start))
+                               input_slice_index(None, sl[0].start, sl[0].stop - sl[0].start),
+                               data[k + "intensity"].astype(np.float32))
             out.append({"case": meta["case"], "name": o["name"], "label": o["label"], "sl": sl, "evidence": ev,
                         "pred": pred, "truth": truth == o["label"], "spacing": spacing, "dice": o["dice"],
                         "fused_mask": data[k + "mask"]})
@@ -265,25 +267,26 @@ def main_score(args):
                 nested[s] = training_set(pickle.load(f), {k: v for k, v in labels.items() if k != s}, names)
     ts = training_set(first, labels, names)
     all_features = tuple(FEATURES) + ("expected_dice_voxel", "organ_mean_dice")
-    sets = {k: (v or all_features) for k, v in FEATURE_SETS.items()}
+    sets = {k: (fs or all_features, l2o) for k, (fs, l2o) in MODELS.items()}
     report = {"library": {}, "query": {}}
     print(f"library: {len(first)} held-out cases, mean Dice {np.mean([c.dice for c in first]):.3f}; nested sets for "
           f"{len(nested)} supports")
 
     # -- the library's own cross-validation: which Dice model, and the interval's half-width --------
     library_pairs, half_widths = {}, {}
-    for key, fs in sets.items():
+    for key, (fs, l2o) in sets.items():
         if len(nested) == len(calibration.supports):
-            pairs = cross_validated_pairs(first, nested, fs, args.l2)
+            pairs = cross_validated_pairs(first, nested, fs, args.l2, l2o)
         else:  # without the nested sets: each support's residual from a model of the others (first level)
             pairs = []
             for s in ts.supports:
                 idx = [i for i, c in enumerate(first) if c.support != s]
                 sub = training_set([first[i] for i in idx], {k: v for k, v in labels.items() if k != s}, names)
-                m = fit_from(sub, fs, args.l2)
+                m = fit_from(sub, fs, args.l2, l2_organ=l2o)
                 pairs += [PairPrediction(s, c.organ, *_pi(m, c), c.dice) for c in first if c.support == s]
         library_pairs[key] = pairs
-        half_widths[key] = conformal_half_width([p.true_dice - p.predicted for p in pairs], 0.8)
+        half_widths[key] = conformal_half_width([p.true_dice - p.predicted for p in pairs], 0.8,
+                                                [p.predicted for p in pairs])
         sc = dice_prediction_scores(pairs)
         report["library"][key] = {**sc.to_json(), "half_width": half_widths[key]}
         print_dice_scores(f"  library CV [{key}] (half-width {half_widths[key]:.3f})", sc)
@@ -294,7 +297,7 @@ def main_score(args):
     # -- the queries ------------------------------------------------------------------------------
     dumps = sorted((work / "dumps").glob("*.npz"))
     organs = [o for path in dumps for o in query_organs(path)]
-    models = {k: fit_from(ts, fs, args.l2, half_widths[k]) for k, fs in sets.items()}
+    models = {k: fit_from(ts, fs, args.l2, half_widths[k], l2_organ=l2o) for k, (fs, l2o) in sets.items()}
     organ_mean = {n: s.mean_dice for n, s in ts.stats.items()}
     thresholds = {n: s.threshold for n, s in ts.stats.items() if s.threshold is not None}
     pairs = {k: [] for k in sets}
@@ -396,7 +399,7 @@ def main():
     c.add_argument("--calibration", required=True)
     c.add_argument("--work", default="/tmp/q")
     c.add_argument("--cache", help="the calibration's cache folder (default: found by its supports)")
-    c.add_argument("--features", choices=list(FEATURE_SETS), help="the Dice model's features (default: the "
+    c.add_argument("--features", choices=list(MODELS), help="the Dice model's features (default: the "
                    "set with the lowest cross-validated MAE on the library)")
     c.add_argument("--l2", type=float, default=1.0, help="the Dice model's ridge (default 1)")
     c.set_defaults(func=main_score)

@@ -14,7 +14,7 @@ from URSAMLib.quality import (QUALITY_KEYS, DiceModel, OrganEvidence, PairPredic
                               fit_quality, held_out_cases, input_slice_index, organ_quality, quality_dict,
                               ranked_slices, review_scores, slice_share, voxel_auroc)
 from URSAMLib.quality.features import support_agreement
-from URSAMLib.quality.model import DEFAULT_HALF_WIDTH, conformal_half_width
+from URSAMLib.quality.model import DEFAULT_HALF_WIDTH, SPREAD_FLOOR, conformal_half_width
 from URSAMLib.orientation import Orientation
 
 SHAPE = (24, 32, 32)
@@ -124,8 +124,9 @@ def test_uncalibrated_model_gives_the_expected_dice_and_a_default_interval():
     q = QualityModel().assess(ev)
     assert not q.calibrated
     assert q.predicted_dice == pytest.approx(expected_dice(base_error(p, p > 0.5), p > 0.5))
-    assert q.interval == pytest.approx([max(0.0, q.predicted_dice - DEFAULT_HALF_WIDTH),
-                                        min(1.0, q.predicted_dice + DEFAULT_HALF_WIDTH)])
+    # the default half-width at a Dice of 0.7, wider below it and narrower above
+    h = DEFAULT_HALF_WIDTH * (1.0 - q.predicted_dice + SPREAD_FLOOR) / (0.3 + SPREAD_FLOOR)
+    assert q.interval == pytest.approx([max(0.0, q.predicted_dice - h), min(1.0, q.predicted_dice + h)])
 
 
 def test_expected_dice_and_support_agreement_known_values():
@@ -139,7 +140,7 @@ def test_expected_dice_and_support_agreement_known_values():
 
 
 def test_model_json_round_trip():
-    model = QualityModel(VoxelErrorModel((1.0, 0.1, -0.2, 0.3, 0.0, 0.5), -0.4), _fitted_on_expected_dice().dice,
+    model = QualityModel(VoxelErrorModel((1.0, 0.1, -0.2, 0.3, 0.0, 0.5, -0.1), -0.4), _fitted_on_expected_dice().dice,
                          {}, True)
     again = QualityModel.from_json(json.loads(json.dumps(model.to_json())))
     truth = _ellipsoid((11, 16, 16), (5, 7, 7))
@@ -193,6 +194,10 @@ def test_voxel_auroc_perfect_and_review_scores():
 def test_conformal_half_width():
     assert conformal_half_width([0.1, -0.2, 0.3, 0.05], 0.6) == pytest.approx(0.2)  # ceil(5 * 0.6) = 3rd
     assert conformal_half_width([0.1], 0.8) == float("inf")
+    # normalised by the spread 1 - predicted + floor: 0.1 / 0.2, 0.2 / 0.5, 0.3 / 0.6, 0.05 / 1.1
+    assert conformal_half_width([0.1, -0.2, 0.3, 0.05], 0.6, [0.9, 0.6, 0.5, 0.0]) == pytest.approx(0.5)
+    model = DiceModel(half_width=0.5)
+    assert model.interval(0.9) == pytest.approx([0.8, 1.0]) and model.interval(0.5) == pytest.approx([0.2, 0.8])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,10 @@ DIST_CAP_MM = 20.0
 FEATURES = ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_sam_dice", "mask_atlas_dice", "mask_vote_dice",
             "log_volume_ratio", "abs_log_volume_ratio", "log_expected_volume_ratio", "boundary_fraction",
             "log_z_extent_ratio", "mean_error_in_mask", "mean_vote_in_mask")
-VOXEL_FEATURES = ("logit_error", "dist_out_cm", "dist_in_cm", "z_beyond_cm", "sam_atlas_gap", "vote_disagree")
+VOXEL_FEATURES = ("logit_error", "dist_out_cm", "dist_in_cm", "intensity_dev_in", "intensity_dev_out",
+                  "intensity_llr_in", "intensity_llr_out")
+#: the intensity histograms of the organ and its surroundings: bins over the backend's [0, 1] intensity
+HIST_BINS = 32
 
 
 @dataclass
@@ -42,7 +45,9 @@ class OrganEvidence:
     absent); ``spacing_zyx``: voxel size in mm; ``n_supports``: how many
     supports' warped labels vote; ``slice_index``: int [z], each region
     slice's index along the input file's slice axis (None: the region's own
-    0..z-1, for callers that map them later).
+    0..z-1, for callers that map them later); ``intensity``: the image as SAM
+    saw it (``OrganMaps.intensity``, in [0, 1]; None: the voxel model reads
+    no intensity).
     """
     name: str
     probability: np.ndarray
@@ -51,6 +56,7 @@ class OrganEvidence:
     spacing_zyx: tuple = (1.0, 1.0, 1.0)
     n_supports: int = 1
     slice_index: Optional[np.ndarray] = None
+    intensity: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.probability = np.asarray(self.probability, np.float32)
@@ -65,6 +71,8 @@ class OrganEvidence:
         self.slice_index = np.asarray(self.slice_index, int)
         if self.slice_index.shape != (self.probability.shape[0],):
             raise ValueError(f"{self.name}: slice_index needs one index per slice of the region")
+        if self.intensity is not None and np.shape(self.intensity) != self.probability.shape:
+            raise ValueError(f"{self.name}: intensity has shape {np.shape(self.intensity)}, not {self.probability.shape}")
 
     @property
     def voxel_ml(self):
@@ -149,34 +157,52 @@ def organ_features(ev, library_volume_ml=None, library_z_extent_mm=None):
     return {k: float(out[k]) for k in FEATURES}
 
 
+def intensity_evidence(ev):
+    """``(deviation, log likelihood ratio)`` per voxel: how far its intensity lies from the organ's (in
+    interquartile ranges of the result's confident core, at most 5), and the log ratio of the core's
+    intensity histogram to that of the region's confident background. Zeros without an intensity.
+    The probability does not see the image this way: a voxel of the mask with the wrong tissue, or one
+    outside it with the organ's, is likelier wrong."""
+    m = ev.mask
+    if ev.intensity is None:
+        return np.zeros(m.shape), np.zeros(m.shape)
+    image = np.asarray(ev.intensity, np.float32)
+    core = m & (ev.probability > 0.5)
+    if np.count_nonzero(core) < 5:
+        core = m
+    background = ~m & (ev.probability < 0.1)
+    if np.count_nonzero(core) < 5 or np.count_nonzero(background) < 5:
+        return np.zeros(m.shape), np.zeros(m.shape)
+    q1, median, q3 = np.percentile(image[core], [25, 50, 75])
+    deviation = np.minimum(np.abs(image - median) / max(q3 - q1, 0.02), 5.0)
+    bins = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    h_in = ndimage.gaussian_filter1d(np.histogram(image[core], bins)[0] + 1.0, 1.0)
+    h_out = ndimage.gaussian_filter1d(np.histogram(image[background], bins)[0] + 1.0, 1.0)
+    table = np.log(h_in / h_in.sum()) - np.log(h_out / h_out.sum())
+    llr = np.clip(table[np.clip(np.digitize(image, bins) - 1, 0, HIST_BINS - 1)], -5.0, 5.0)
+    return deviation.astype(np.float64), llr.astype(np.float64)
+
+
 def voxel_features(ev):
     """``(X, err)``: per voxel of the region (C order) the :data:`VOXEL_FEATURES` as float64 [n, k], and the
-    base error probability. The distances say where a voxel lies against the result: the calibrated
-    probability alone does not know that a whole missed slice at the organ's end is likelier wrong than a
-    voxel the same p away from a confident boundary."""
+    base error probability. Beyond the calibrated probability's own error: where the voxel lies against
+    the result (distances in and out), and whether its intensity fits the organ, split by inside and
+    outside the mask (the same misfit means a false positive inside, a true negative outside)."""
     p, m = ev.probability, ev.mask
     err = base_error(p, m)
     sp = np.asarray(ev.spacing_zyx, float)
     if m.any():
         d_out = ndimage.distance_transform_edt(~m, sampling=sp)
         d_in = ndimage.distance_transform_edt(m, sampling=sp)
-        zs = np.flatnonzero(m.reshape(m.shape[0], -1).any(1))
-        z = np.arange(m.shape[0])
-        beyond = np.maximum(np.maximum(zs[0] - z, z - zs[-1]), 0) * sp[0]
     else:
         d_out = np.full(m.shape, DIST_CAP_MM)
         d_in = np.zeros(m.shape)
-        beyond = np.full(m.shape[0], DIST_CAP_MM)
-    beyond = np.broadcast_to(np.minimum(beyond, DIST_CAP_MM)[:, None, None], m.shape)
-    vote = ev.vote()
-    sam = ev.sources.get("sam", vote)
+    deviation, llr = intensity_evidence(ev)
     e = np.clip(err.astype(np.float64), EPS, 1 - EPS)
     cols = [np.log(e) - np.log1p(-e),
             np.minimum(d_out, DIST_CAP_MM) / 10.0,
             np.minimum(d_in, DIST_CAP_MM) / 10.0,
-            beyond / 10.0,
-            np.abs(np.asarray(sam, np.float64) - vote),
-            # how much of the vote goes against the result here: supports that disagree with the mask
-            np.where(m, 1.0 - vote, vote).astype(np.float64)]
+            np.where(m, deviation, 0.0), np.where(m, 0.0, deviation),
+            np.where(m, llr, 0.0), np.where(m, 0.0, llr)]
     X = np.stack([np.ravel(c) for c in cols], 1)
     return X, err

@@ -46,6 +46,7 @@ class LibraryCase:
     outside: int
     dice: float
     held_out: tuple = ()
+    mode: Optional[str] = None
 
     @property
     def organ(self):
@@ -109,9 +110,9 @@ def held_out_cases(per_support, spacing, budget=0.1, exclude=(), fit_fusion=None
             p = model.probability(case.evidence)
             mask = model.mask(p, None, case.evidence.intensity)
             ev = OrganEvidence(name, p, mask, dict(case.evidence.sources), tuple(spacing[c]),
-                               n_supports=len(per_support) - 1)
+                               n_supports=len(per_support) - 1, intensity=case.evidence.intensity)
             out.append(LibraryCase(c, ev, case.truth, int(case.outside), case_dice(mask, case.truth, case.outside),
-                                   tuple(sorted({c, *exclude}))))
+                                   tuple(sorted({c, *exclude})), mode))
             if progress is not None:
                 progress(f"{name} of {c}: Dice {out[-1].dice:.3f} (fusion fitted without {', '.join(out[-1].held_out)})")
     return out
@@ -168,15 +169,19 @@ def training_set(cases, labels, names, review_margin=REVIEW_MARGIN, seed=0):
 
 
 def inner_residuals(ts, features=DEFAULT_FEATURES, l2=1.0, l2_organ=None):
-    """Leave-one-support-out residuals of the Dice model within ``ts`` (a little optimistic: the fusions
-    of the other supports' cases saw the left-out support; :func:`cross_validate` is not)."""
-    residuals = []
+    """``(residuals, predicted)``: leave-one-support-out residuals of the Dice model within ``ts`` and its
+    predictions (a little optimistic: the fusions of the other supports' cases saw the left-out support;
+    :func:`cross_validate` is not)."""
+    residuals, predicted = [], []
     for s in ts.supports:
         train = [i for i, c in enumerate(ts.cases) if c.support != s]
         m = DiceModel.fit([ts.rows[i] for i in train], [ts.y[i] for i in train], features, l2,
                           organs=[ts.cases[i].organ for i in train], l2_organ=l2_organ)
-        residuals += [ts.y[i] - m.predict(ts.rows[i], c.organ) for i, c in enumerate(ts.cases) if c.support == s]
-    return residuals
+        for i, c in enumerate(ts.cases):
+            if c.support == s:
+                predicted.append(m.predict(ts.rows[i], c.organ))
+                residuals.append(ts.y[i] - predicted[-1])
+    return residuals, predicted
 
 
 def fit_from(ts, features=DEFAULT_FEATURES, l2=1.0, half_width=None, coverage=COVERAGE, l2_organ=None):
@@ -186,7 +191,8 @@ def fit_from(ts, features=DEFAULT_FEATURES, l2=1.0, half_width=None, coverage=CO
     if not ts.enough:
         return QualityModel(None, None, ts.stats, False, coverage, {"why": "too few leave-one-out cases"})
     if half_width is None:
-        half_width = conformal_half_width(inner_residuals(ts, features, l2, l2_organ), coverage)
+        residuals, predicted = inner_residuals(ts, features, l2, l2_organ)
+        half_width = conformal_half_width(residuals, coverage, predicted)
     dice = DiceModel.fit(ts.rows, ts.y, features, l2, half_width, [c.organ for c in ts.cases], l2_organ)
     return QualityModel(ts.voxel, dice, ts.stats, True, coverage,
                         {"cases": len(ts.cases), "supports": ts.supports, "features": list(features), "l2": l2,

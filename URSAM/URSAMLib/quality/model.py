@@ -24,12 +24,21 @@ from .features import FEATURES, VOXEL_FEATURES, OrganEvidence, base_error, expec
 
 #: the interval's nominal coverage
 COVERAGE = 0.8
-#: half-width of the interval where nothing was fitted (an uncalibrated estimate says little)
+#: half-width of the interval where nothing was fitted, at a Dice of 0.7 (an uncalibrated estimate says little)
 DEFAULT_HALF_WIDTH = 0.2
 #: the Dice model's default features: chosen on the library's leave-one-out runs (see benchmarks/quality_eval.py)
 DEFAULT_FEATURES = ("expected_dice",)
 #: default review threshold: "check" an organ predicted this far below the library's own mean Dice for it
-REVIEW_MARGIN = 0.1
+REVIEW_MARGIN = 0.0
+#: the interval's width grows with the predicted error, 1 - Dice, plus this floor (a near-perfect prediction
+#: still has an interval)
+SPREAD_FLOOR = 0.1
+
+
+def spread(predicted):
+    """How wide an interval around ``predicted`` is, relative to others: residuals of a Dice near 1 are
+    small, those of a poor result large (the library's leave-one-out residuals grow as the Dice falls)."""
+    return 1.0 - np.asarray(predicted, float) + SPREAD_FLOOR
 
 
 def logistic(X, y, w, l2=1e-3, iterations=50):
@@ -53,7 +62,7 @@ def logistic(X, y, w, l2=1e-3, iterations=50):
 @dataclass
 class VoxelErrorModel:
     """``P(voxel wrong) = sigmoid(coef · features + bias)``; ``coef`` in :data:`VOXEL_FEATURES` order."""
-    coef: tuple = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    coef: tuple = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     bias: float = 0.0
     features: tuple = VOXEL_FEATURES
 
@@ -99,7 +108,7 @@ class DiceModel:
 
     The organ offsets are ridge coefficients of one-hot organ columns (``l2_organ``): an organ the library
     segments better or worse than its features say gets a shrunk correction, none for an organ it never
-    saw. ``half_width``: the interval's."""
+    saw. The interval is ``predicted ± half_width · spread(predicted)`` (:func:`spread`), clipped to [0, 1]."""
     features: tuple = DEFAULT_FEATURES
     coef: tuple = (1.0,)
     mean: tuple = (0.0,)
@@ -116,7 +125,8 @@ class DiceModel:
         return float(np.clip(value, 0.0, 1.0))
 
     def interval(self, predicted):
-        return [float(max(0.0, predicted - self.half_width)), float(min(1.0, predicted + self.half_width))]
+        h = self.half_width * float(spread(predicted))
+        return [float(max(0.0, predicted - h)), float(min(1.0, predicted + h))]
 
     @classmethod
     def fit(cls, rows, y, features=DEFAULT_FEATURES, l2=1.0, half_width=DEFAULT_HALF_WIDTH, organs=None,
@@ -151,10 +161,14 @@ class DiceModel:
                       if k in cls.__dataclass_fields__})
 
 
-def conformal_half_width(residuals, coverage=COVERAGE):
+def conformal_half_width(residuals, coverage=COVERAGE, predicted=None):
     """The split-conformal half-width: the ⌈(n + 1)·coverage⌉-th smallest absolute residual (inf where
-    there are too few residuals for that coverage)."""
-    r = np.sort(np.abs(np.asarray(residuals, float)))
+    there are too few residuals for that coverage); with the ``predicted`` values, of the residuals over
+    their :func:`spread` (normalised conformal prediction: :meth:`DiceModel.interval` scales it back)."""
+    r = np.abs(np.asarray(residuals, float))
+    if predicted is not None:
+        r = r / spread(predicted)
+    r = np.sort(r)
     k = int(np.ceil((len(r) + 1) * coverage))
     return float(r[k - 1]) if 0 < k <= len(r) else float("inf")
 
@@ -222,7 +236,7 @@ class QualityModel:
             interval = self.dice.interval(predicted)
         else:
             predicted = feats["expected_dice"]
-            interval = [max(0.0, predicted - DEFAULT_HALF_WIDTH), min(1.0, predicted + DEFAULT_HALF_WIDTH)]
+            interval = DiceModel(half_width=DEFAULT_HALF_WIDTH / (1.0 - 0.7 + SPREAD_FLOOR)).interval(predicted)
         if threshold is None:
             threshold = self.organs.get(ev.name, OrganStats()).threshold
         review = "check" if threshold is not None and predicted < threshold else "ok"
