@@ -303,7 +303,7 @@ def main_score(args):
     pairs = {k: [] for k in sets}
     base = {"organ mean (library)": [], "expected Dice": [], "-mean entropy": []}
     aurocs = {"fused entropy": [], "base error": [], "voxel model": []}
-    shares = {"voxel model": [], "base error": []}
+    shares = {"voxel model": [], "base error": [], "oracle (true errors)": []}
     for o in organs:
         ev = o["evidence"]
         for k, m in models.items():
@@ -311,9 +311,10 @@ def main_score(args):
             pairs[k].append(PairPrediction(o["case"], o["name"], q.predicted_dice, q.interval[0], q.interval[1],
                                            o["dice"]))
         ent = binary_entropy(ev.probability)
-        base["organ mean (library)"].append(PairPrediction(o["case"], o["name"], organ_mean[o["name"]], 0, 1, o["dice"]))
-        base["expected Dice"].append(PairPrediction(o["case"], o["name"], models["expected"].features(ev)["expected_dice"],
-                                                    0, 1, o["dice"]))
+        feats = models["expected"].features(ev)
+        base["organ mean (library)"].append(PairPrediction(o["case"], o["name"], organ_mean[o["name"]], 0, 1,
+                                                           o["dice"]))
+        base["expected Dice"].append(PairPrediction(o["case"], o["name"], feats["expected_dice"], 0, 1, o["dice"]))
         base["-mean entropy"].append(PairPrediction(o["case"], o["name"], -float(ent[ev.mask].mean()) if ev.mask.any()
                                                     else 0.0, 0, 1, o["dice"]))
         err_true = o["pred"] != o["truth"]
@@ -325,12 +326,13 @@ def main_score(args):
         per_slice_true = err_true[o["sl"][0]].reshape(o["sl"][0].stop - o["sl"][0].start, -1).sum(1)
         total = int(err_true.sum())
         for name in shares:
-            expected = slice_errors(maps[name])
+            expected = per_slice_true if name.startswith("oracle") else slice_errors(maps[name])
             s10, r10 = slice_share(expected, per_slice_true, total, 0.1)
             s20, r20 = slice_share(expected, per_slice_true, total, 0.2)
             shares[name].append((o["name"], s10, r10, s20, r20))
 
-    print(f"\nqueries: {len(dumps)} scans, {len(organs)} organs, mean true Dice {np.mean([o['dice'] for o in organs]):.3f}")
+    print(f"\nqueries: {len(dumps)} scans, {len(organs)} organs, mean true Dice "
+          f"{np.mean([o['dice'] for o in organs]):.3f}")
     for k in sets:
         sc = dice_prediction_scores(pairs[k])
         report["query"][k] = sc.to_json()
@@ -366,7 +368,11 @@ def main_score(args):
         print(f"  {name}: {np.nanmean(vals):.3f}")
     rv = review_scores(pairs[chosen], thresholds)
     report["review"] = {"thresholds": thresholds, **rv}
-    print(f"review ('check' below the library's organ mean - 0.1): {rv}")
+    print(f"review ('check' below the library's mean held-out Dice of the organ {thresholds}): {rv}")
+    for t in (0.6, 0.7):
+        rv = review_scores(pairs[chosen], {n: t for n in thresholds})
+        report[f"review at {t}"] = rv
+        print(f"review at a user threshold of {t}: {rv}")
     report["chosen"] = chosen
     with open(work / "quality_scores.json", "w") as f:
         json.dump(report, f, indent=1, default=float)

@@ -25,9 +25,9 @@ EPS = 1e-4
 #: distances (mm) beyond this tell nothing more about an error
 DIST_CAP_MM = 20.0
 
-FEATURES = ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_sam_dice", "mask_atlas_dice", "mask_vote_dice",
-            "log_volume_ratio", "abs_log_volume_ratio", "log_expected_volume_ratio", "boundary_fraction",
-            "log_z_extent_ratio", "mean_error_in_mask", "mean_vote_in_mask")
+FEATURES = ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_sam_dice", "mask_atlas_dice",
+            "mask_vote_dice", "log_volume_ratio", "abs_log_volume_ratio", "log_expected_volume_ratio",
+            "boundary_fraction", "log_z_extent_ratio", "mean_error_in_mask", "mean_vote_in_mask")
 VOXEL_FEATURES = ("logit_error", "dist_out_cm", "dist_in_cm", "intensity_dev_in", "intensity_dev_out",
                   "intensity_llr_in", "intensity_llr_out")
 #: the intensity histograms of the organ and its surroundings: bins over the backend's [0, 1] intensity
@@ -72,7 +72,8 @@ class OrganEvidence:
         if self.slice_index.shape != (self.probability.shape[0],):
             raise ValueError(f"{self.name}: slice_index needs one index per slice of the region")
         if self.intensity is not None and np.shape(self.intensity) != self.probability.shape:
-            raise ValueError(f"{self.name}: intensity has shape {np.shape(self.intensity)}, not {self.probability.shape}")
+            raise ValueError(f"{self.name}: intensity has shape {np.shape(self.intensity)}, "
+                             f"not {self.probability.shape}")
 
     @property
     def voxel_ml(self):

@@ -114,7 +114,8 @@ def held_out_cases(per_support, spacing, budget=0.1, exclude=(), fit_fusion=None
             out.append(LibraryCase(c, ev, case.truth, int(case.outside), case_dice(mask, case.truth, case.outside),
                                    tuple(sorted({c, *exclude})), mode))
             if progress is not None:
-                progress(f"{name} of {c}: Dice {out[-1].dice:.3f} (fusion fitted without {', '.join(out[-1].held_out)})")
+                progress(f"{name} of {c}: Dice {out[-1].dice:.3f} "
+                         f"(fusion fitted without {', '.join(out[-1].held_out)})")
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from .features import FEATURES, VOXEL_FEATURES, OrganEvidence, base_error, expected_dice, organ_features, \
+from .features import VOXEL_FEATURES, base_error, expected_dice, organ_features, \
     voxel_features
 
 #: the interval's nominal coverage
