@@ -199,6 +199,9 @@ MODELS = {
     "expected_voxel+vote+organ": (("expected_dice_voxel", "mask_vote_dice"), 3.0),
     "expected_voxel+vote+agreement+organ": (("expected_dice_voxel", "mask_vote_dice", "support_agreement",
                                              "abs_log_volume_ratio"), 3.0),
+    "vote+contrast+organ": (("mask_vote_dice", "ring_contrast"), 3.0),
+    "expected_voxel+contrast+organ": (("expected_dice_voxel", "ring_contrast"), 3.0),
+    "expected_voxel+vote+contrast+organ": (("expected_dice_voxel", "mask_vote_dice", "ring_contrast"), 3.0),
     "all+organ": (None, 3.0),  # every feature
 }
 
@@ -304,6 +307,7 @@ def main_score(args):
     base = {"organ mean (library)": [], "expected Dice": [], "-mean entropy": []}
     aurocs = {"fused entropy": [], "base error": [], "voxel model": []}
     shares = {"voxel model": [], "base error": [], "oracle (true errors)": []}
+    counts = []  # (expected wrong voxels by the voxel model, by the calibrated probability, true wrong voxels)
     for o in organs:
         ev = o["evidence"]
         for k, m in models.items():
@@ -325,6 +329,7 @@ def main_score(args):
             aurocs[name].append(voxel_auroc(_full(shape, o["sl"], values), o["pred"], o["truth"], o["spacing"]))
         per_slice_true = err_true[o["sl"][0]].reshape(o["sl"][0].stop - o["sl"][0].start, -1).sum(1)
         total = int(err_true.sum())
+        counts.append((float(maps["voxel model"].sum()), float(maps["base error"].sum()), total))
         for name in shares:
             expected = per_slice_true if name.startswith("oracle") else slice_errors(maps[name])
             s10, r10 = slice_share(expected, per_slice_true, total, 0.1)
@@ -343,6 +348,15 @@ def main_score(args):
         print(f"  baseline {k}: Spearman {_fmt(sc.spearman)}, within organ {_fmt(sc.within_spearman)}"
               + (f", MAE {_fmt(sc.mae)}, within organ {_fmt(sc.within_mae)}" if k != "-mean entropy" else ""))
     sc = dice_prediction_scores(pairs[chosen])
+    truth_by_organ = {}
+    for p in pairs[chosen]:
+        truth_by_organ.setdefault(p.organ, []).append(p.true_dice)
+    oracle = [PairPrediction(p.case, p.organ, float(np.mean(truth_by_organ[p.organ])), 0, 1, p.true_dice)
+              for p in pairs[chosen]]
+    so = dice_prediction_scores(oracle)
+    report["query"]["reference: the true mean Dice of each organ over the queries"] = so.to_json()
+    print(f"  reference (not a predictor) the queries' own mean Dice per organ: Spearman {_fmt(so.spearman)}, "
+          f"MAE {_fmt(so.mae)}")
     print(f"\nper organ [{chosen}]:")
     org_names = sorted({o["name"] for o in organs}, key=lambda n: [v for v, m in names.items() if m == n][0])
     for n in org_names:
@@ -350,8 +364,9 @@ def main_score(args):
         au = np.nanmean([a for a, o in zip(aurocs["voxel model"], organs) if o["name"] == n])
         au0 = np.nanmean([a for a, o in zip(aurocs["fused entropy"], organs) if o["name"] == n])
         sh = [x for x in shares["voxel model"] if x[0] == n]
-        print(f"  {n:10s} n {s_['n']:2d}  Spearman {_fmt(s_['spearman'])}  MAE {_fmt(s_['mae'])}  coverage "
-              f"{_fmt(s_['coverage'])}  top10% {_fmt(np.nanmean([x[1] for x in sh]))} (random "
+        bias = np.mean([p.predicted - p.true_dice for p in pairs[chosen] if p.organ == n])
+        print(f"  {n:10s} n {s_['n']:2d}  Spearman {_fmt(s_['spearman'])}  MAE {_fmt(s_['mae'])}  bias {_fmt(bias)}  "
+              f"coverage {_fmt(s_['coverage'])}  top10% {_fmt(np.nanmean([x[1] for x in sh]))} (random "
               f"{_fmt(np.nanmean([x[2] for x in sh]))})  top20% {_fmt(np.nanmean([x[3] for x in sh]))} (random "
               f"{_fmt(np.nanmean([x[4] for x in sh]))})  AUROC {_fmt(au)} (entropy {_fmt(au0)})")
     print("\nslices (share of an organ's error voxels on its top ranked slices, mean over case x organ):")
@@ -361,6 +376,11 @@ def main_score(args):
         m = np.nanmean(vals, 0)
         report["slices"][name] = {"top10": m[0], "random10": m[1], "top20": m[2], "random20": m[3]}
         print(f"  by {name}: top 10 % {m[0]:.3f} (random {m[1]:.3f}), top 20 % {m[2]:.3f} (random {m[3]:.3f})")
+    c = np.array(counts)
+    report["expected_vs_true_errors"] = {"voxel model": float(c[:, 0].sum() / c[:, 2].sum()),
+                                         "base error": float(c[:, 1].sum() / c[:, 2].sum())}
+    print(f"expected / true wrong voxels, all organs: voxel model {c[:, 0].sum() / c[:, 2].sum():.3f}, "
+          f"calibrated probability {c[:, 1].sum() / c[:, 2].sum():.3f}")
     print("voxel AUROC for the error voxels (organ's neighbourhood, mean over case x organ):")
     report["auroc"] = {}
     for name, vals in aurocs.items():

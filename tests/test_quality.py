@@ -299,3 +299,13 @@ def test_fit_quality_on_a_library_gives_intervals_and_thresholds():
     assert set(model.organs) == {"a", "b"} and all(s.threshold is not None for s in model.organs.values())
     q = model.assess(cases[0].evidence)
     assert 0 <= q.interval[0] <= q.predicted_dice <= q.interval[1] <= 1
+
+
+def test_ring_contrast_is_higher_where_the_result_follows_the_organs_edge():
+    truth = _ellipsoid((11, 16, 16), (5, 8, 8))
+    rng = np.random.default_rng(0)
+    image = np.where(truth, 0.7, 0.3) + rng.normal(0, 0.02, SHAPE)
+    p = _calibrated(truth)
+    on_edge = OrganEvidence("x", p, p > 0.5, {"atlas": p}, (3.0, 1.0, 1.0), 4, intensity=image)
+    off_edge = OrganEvidence("x", p, np.roll(p > 0.5, 3, axis=2), {"atlas": p}, (3.0, 1.0, 1.0), 4, intensity=image)
+    assert QualityModel().features(on_edge)["ring_contrast"] > QualityModel().features(off_edge)["ring_contrast"] + 1

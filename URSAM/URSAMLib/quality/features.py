@@ -27,7 +27,8 @@ DIST_CAP_MM = 20.0
 
 FEATURES = ("expected_dice", "support_agreement", "sam_atlas_dice", "mask_sam_dice", "mask_atlas_dice",
             "mask_vote_dice", "log_volume_ratio", "abs_log_volume_ratio", "log_expected_volume_ratio",
-            "boundary_fraction", "log_z_extent_ratio", "mean_error_in_mask", "mean_vote_in_mask")
+            "boundary_fraction", "log_z_extent_ratio", "mean_error_in_mask", "mean_vote_in_mask",
+            "mask_off_tissue", "ring_contrast")
 VOXEL_FEATURES = ("logit_error", "dist_out_cm", "dist_in_cm", "intensity_dev_in", "intensity_dev_out",
                   "intensity_llr_in", "intensity_llr_out")
 #: the intensity histograms of the organ and its surroundings: bins over the backend's [0, 1] intensity
@@ -155,6 +156,14 @@ def organ_features(ev, library_volume_ml=None, library_z_extent_mm=None):
         "mean_vote_in_mask": float(vote[m].mean()) if n else 0.0,
     }
     out["abs_log_volume_ratio"] = abs(out["log_volume_ratio"])
+    # how well the result fits the image: the share of its voxels whose intensity is likelier the
+    # surroundings' than the organ's, and how much more the voxels just outside it differ from the organ
+    # than those inside (a result that follows the organ's edge has a high contrast)
+    deviation, llr = intensity_evidence(ev)
+    ring = ndimage.binary_dilation(m) & ~m if n else m
+    out["mask_off_tissue"] = float(np.mean(llr[m] < 0)) if n and ev.intensity is not None else 0.0
+    out["ring_contrast"] = (float(deviation[ring].mean() - deviation[m].mean())
+                            if n and ring.any() and ev.intensity is not None else 0.0)
     return {k: float(out[k]) for k in FEATURES}
 
 

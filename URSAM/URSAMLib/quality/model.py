@@ -26,8 +26,11 @@ from .features import VOXEL_FEATURES, base_error, expected_dice, organ_features,
 COVERAGE = 0.8
 #: half-width of the interval where nothing was fitted, at a Dice of 0.7 (an uncalibrated estimate says little)
 DEFAULT_HALF_WIDTH = 0.2
-#: the Dice model's default features: chosen on the library's leave-one-out runs (see benchmarks/quality_eval.py)
-DEFAULT_FEATURES = ("expected_dice",)
+#: the Dice model's default: the result's pooled Dice with the warped supports and its fit to the image's
+#: edges, with shrunk organ offsets; chosen among candidate models by the lowest nested cross-validated MAE
+#: on hn-openkbp's library (benchmarks/quality_eval.py)
+DEFAULT_FEATURES = ("mask_vote_dice", "ring_contrast")
+DEFAULT_L2_ORGAN = 3.0
 #: default review threshold: "check" an organ predicted this far below the library's own mean Dice for it
 REVIEW_MARGIN = 0.0
 #: the interval's width grows with the predicted error, 1 - Dice, plus this floor (a near-perfect prediction
