@@ -249,8 +249,9 @@ def print_dice_scores(title, scores):
 def main_score(args):
     import pickle
 
-    from URSAMLib.quality import (FEATURES, PairPrediction, cross_validated_pairs, dice_prediction_scores,
-                                  fit_from, review_scores, slice_share, training_set, voxel_auroc)
+    from URSAMLib.quality import (FEATURES, OrganOutcome, PairPrediction, cross_validated_pairs,
+                                  dice_prediction_scores, fit_from, quality_scores, review_scores, slice_share,
+                                  training_set, voxel_auroc)
     from URSAMLib.quality.features import base_error
     from URSAMLib.quality.model import conformal_half_width
     from URSAMLib.quality.report import slice_errors
@@ -308,12 +309,15 @@ def main_score(args):
     aurocs = {"fused entropy": [], "base error": [], "voxel model": []}
     shares = {"voxel model": [], "base error": [], "oracle (true errors)": []}
     counts = []  # (expected wrong voxels by the voxel model, by the calibrated probability, true wrong voxels)
+    outcomes = []  # the chosen model's, as `ursam evaluate` would gather them
     for o in organs:
         ev = o["evidence"]
         for k, m in models.items():
             q = m.assess(ev)
             pairs[k].append(PairPrediction(o["case"], o["name"], q.predicted_dice, q.interval[0], q.interval[1],
                                            o["dice"]))
+            if k == chosen:
+                shipped = q
         ent = binary_entropy(ev.probability)
         feats = models["expected"].features(ev)
         base["organ mean (library)"].append(PairPrediction(o["case"], o["name"], organ_mean[o["name"]], 0, 1,
@@ -330,6 +334,9 @@ def main_score(args):
         per_slice_true = err_true[o["sl"][0]].reshape(o["sl"][0].stop - o["sl"][0].start, -1).sum(1)
         total = int(err_true.sum())
         counts.append((float(maps["voxel model"].sum()), float(maps["base error"].sum()), total))
+        outcomes.append(OrganOutcome(o["case"], o["name"], shipped.predicted_dice, shipped.interval[0],
+                                     shipped.interval[1], o["dice"], slice_errors(shipped.error), per_slice_true,
+                                     total, aurocs["voxel model"][-1], shipped.review))
         for name in shares:
             expected = per_slice_true if name.startswith("oracle") else slice_errors(maps[name])
             s10, r10 = slice_share(expected, per_slice_true, total, 0.1)
@@ -357,18 +364,20 @@ def main_score(args):
     report["query"]["reference: the true mean Dice of each organ over the queries"] = so.to_json()
     print(f"  reference (not a predictor) the queries' own mean Dice per organ: Spearman {_fmt(so.spearman)}, "
           f"MAE {_fmt(so.mae)}")
-    print(f"\nper organ [{chosen}]:")
+    print(f"\nper organ [{chosen}] (slices: share of the organ's wrong voxels on its top 10 % / 20 % of ranked "
+          "slices, random and best ranking in brackets; AUROC of the voxel error model, entropy's in brackets):")
     org_names = sorted({o["name"] for o in organs}, key=lambda n: [v for v, m in names.items() if m == n][0])
+    report["per_organ"] = {}
     for n in org_names:
-        s_ = sc.per_organ[n]
-        au = np.nanmean([a for a, o in zip(aurocs["voxel model"], organs) if o["name"] == n])
+        q = quality_scores([x for x in outcomes if x.organ == n])
         au0 = np.nanmean([a for a, o in zip(aurocs["fused entropy"], organs) if o["name"] == n])
-        sh = [x for x in shares["voxel model"] if x[0] == n]
         bias = np.mean([p.predicted - p.true_dice for p in pairs[chosen] if p.organ == n])
-        print(f"  {n:10s} n {s_['n']:2d}  Spearman {_fmt(s_['spearman'])}  MAE {_fmt(s_['mae'])}  bias {_fmt(bias)}  "
-              f"coverage {_fmt(s_['coverage'])}  top10% {_fmt(np.nanmean([x[1] for x in sh]))} (random "
-              f"{_fmt(np.nanmean([x[2] for x in sh]))})  top20% {_fmt(np.nanmean([x[3] for x in sh]))} (random "
-              f"{_fmt(np.nanmean([x[4] for x in sh]))})  AUROC {_fmt(au)} (entropy {_fmt(au0)})")
+        d, sl_ = q.dice, q.slices
+        report["per_organ"][n] = {**q.to_json(), "bias": bias, "auroc_entropy": au0}
+        print(f"  {n:10s} n {d.n:2d}  Spearman {_fmt(d.spearman)}  MAE {_fmt(d.mae)}  bias {_fmt(bias)}  "
+              f"coverage {_fmt(d.coverage)}  top10% {_fmt(sl_['top10'])} ({_fmt(sl_['random10'])}, "
+              f"{_fmt(sl_['oracle10'])})  top20% {_fmt(sl_['top20'])} ({_fmt(sl_['random20'])}, "
+              f"{_fmt(sl_['oracle20'])})  AUROC {_fmt(q.auroc)} ({_fmt(au0)})")
     print("\nslices (share of an organ's error voxels on its top ranked slices, mean over case x organ):")
     report["slices"] = {}
     for name, sh in shares.items():
@@ -394,6 +403,20 @@ def main_score(args):
         report[f"review at {t}"] = rv
         print(f"review at a user threshold of {t}: {rv}")
     report["chosen"] = chosen
+    final = quality_scores(outcomes, thresholds)
+    report["shipped"] = final.to_json()
+    d = final.dice
+    print(f"\nAIMS [{chosen}, fitted on the library alone; {d.n} query organs]:\n"
+          f"  Spearman predicted vs true Dice: pooled {d.spearman:.3f} (aim >= 0.7), within organ "
+          f"{d.within_spearman:.3f} (aim >= 0.4)\n"
+          f"  MAE: pooled {d.mae:.3f}, within organ {d.within_mae:.3f} (aim <= 0.06)\n"
+          f"  80 % interval holds the true Dice: {d.coverage:.3f} (aim >= 0.75)\n"
+          f"  top 20 % of ranked slices hold {final.slices['top20']:.3f} of the wrong voxels (aim >= 0.5; random "
+          f"{final.slices['random20']:.3f}, best possible {final.slices['oracle20']:.3f}); top 10 %: "
+          f"{final.slices['top10']:.3f} (random {final.slices['random10']:.3f}, best {final.slices['oracle10']:.3f})\n"
+          f"  voxel AUROC of the error probability: {final.auroc:.3f} (aim >= 0.88; fused entropy "
+          f"{np.nanmean(aurocs['fused entropy']):.3f})\n"
+          f"  the result's Dice: unchanged (the estimate only reads the result)")
     with open(work / "quality_scores.json", "w") as f:
         json.dump(report, f, indent=1, default=float)
 

@@ -309,3 +309,21 @@ def test_ring_contrast_is_higher_where_the_result_follows_the_organs_edge():
     on_edge = OrganEvidence("x", p, p > 0.5, {"atlas": p}, (3.0, 1.0, 1.0), 4, intensity=image)
     off_edge = OrganEvidence("x", p, np.roll(p > 0.5, 3, axis=2), {"atlas": p}, (3.0, 1.0, 1.0), 4, intensity=image)
     assert QualityModel().features(on_edge)["ring_contrast"] > QualityModel().features(off_edge)["ring_contrast"] + 1
+
+
+def test_quality_scores_gathers_every_figure():
+    from URSAMLib.quality import OrganOutcome, quality_scores
+
+    outcomes = [OrganOutcome("a", "x", 0.7, 0.6, 0.8, 0.75, np.array([3.0, 1.0, 0.0, 0.0, 0.0]),
+                             np.array([4, 0, 1, 0, 0]), 5, 0.9, "ok"),
+                OrganOutcome("b", "x", 0.5, 0.4, 0.6, 0.3, np.array([0.0, 2.0, 1.0, 0.0, 0.0]),
+                             np.array([0, 1, 3, 0, 0]), 6, 0.8, "check")]
+    s = quality_scores(outcomes, {"x": 0.6})
+    # top 10 % and 20 % of 5 slices: one slice; a: slice 0 (4 of 5), b: slice 1 (1 of 6); best: 4/5, 3/6
+    assert s.slices["top10"] == pytest.approx((0.8 + 1 / 6) / 2)
+    assert s.slices["oracle20"] == pytest.approx((0.8 + 0.5) / 2)
+    assert s.slices["random10"] == pytest.approx((0.2 * 5 / 5 + 0.2 * 4 / 6) / 2)
+    assert s.auroc == pytest.approx(0.85)
+    assert s.dice.coverage == pytest.approx(0.5) and s.dice.mae == pytest.approx(0.125)
+    assert s.review == {"pairs": 2, "flagged": 1, "truly_below": 1, "sensitivity": 1.0, "precision": 1.0}
+    json.dumps(s.to_json())

@@ -11,13 +11,14 @@ against the truth.
 from .features import FEATURES, VOXEL_FEATURES, OrganEvidence, base_error, expected_dice, organ_features
 from .library import LibraryCase, TrainingSet, cross_validate, cross_validated_pairs, fit_from, fit_quality, \
     held_out_cases, nested_sets, organ_stats, training_set
-from .metrics import PairPrediction, dice_prediction_scores, review_scores, slice_share, voxel_auroc
+from .metrics import (OrganOutcome, PairPrediction, QualityScores, dice_prediction_scores, quality_scores,
+                      review_scores, slice_share, voxel_auroc)
 from .model import DiceModel, OrganQuality, OrganStats, QualityModel, VoxelErrorModel
 from .report import QUALITY_KEYS, input_slice_index, organ_quality, quality_dict, ranked_slices
 
 __all__ = ["FEATURES", "VOXEL_FEATURES", "OrganEvidence", "base_error", "expected_dice", "organ_features",
            "LibraryCase", "TrainingSet", "cross_validate", "cross_validated_pairs", "fit_from", "fit_quality",
-           "held_out_cases", "nested_sets", "organ_stats", "training_set", "PairPrediction",
-           "dice_prediction_scores", "review_scores", "slice_share", "voxel_auroc", "DiceModel", "OrganQuality",
-           "OrganStats", "QualityModel", "VoxelErrorModel", "QUALITY_KEYS", "input_slice_index", "organ_quality",
-           "quality_dict", "ranked_slices"]
+           "held_out_cases", "nested_sets", "organ_stats", "training_set", "OrganOutcome", "PairPrediction",
+           "QualityScores", "dice_prediction_scores", "quality_scores", "review_scores", "slice_share",
+           "voxel_auroc", "DiceModel", "OrganQuality", "OrganStats", "QualityModel", "VoxelErrorModel",
+           "QUALITY_KEYS", "input_slice_index", "organ_quality", "quality_dict", "ranked_slices"]
