@@ -2,19 +2,26 @@
 
 Usage (from the repository root; every step is resumable and writes outside the repository)::
 
-    # 1. the library's own leave-one-out runs (cached by `ursam templates calibrate`) turned into the
-    #    quality model's training cases, each fused by a model fitted without it
+    # 0. the calibration, whose leave-one-out runs land in the user cache
+    ursam templates calibrate ../shared/data/hn-openkbp --out /tmp/q/hn_calibration.json
+    # 1. those runs turned into the quality model's training cases, each fused by a model fitted without
+    #    its support (WORK/library_cases.pkl), and once more without each support in turn for the nested
+    #    cross-validation (WORK/library_cases_wo_<support>.pkl)
     python benchmarks/quality_eval.py library ../shared/data/hn-openkbp --calibration /tmp/q/hn_calibration.json \
         --work /tmp/q
-    # 2. each query run once through the default calibrated pipeline; what the quality estimate needs,
-    #    and the truth, dumped per organ to WORK/dumps/<case>.npz
+    # 2. each query run once through the default calibrated pipeline (as `ursam segment --templates`);
+    #    per organ its fused probability, sources, image, per-support warped labels, and the whole-scan
+    #    result and truth, dumped to WORK/dumps/<case>.npz
     python benchmarks/quality_eval.py dump ../shared/data/hn-openkbp --calibration /tmp/q/hn_calibration.json \
         --work /tmp/q
-    # 3. the quality model fitted on the library alone, applied to the dumped queries, and scored
-    python benchmarks/quality_eval.py score ../shared/data/hn-openkbp --work /tmp/q
+    # 3. candidate Dice models compared by the library's nested cross-validation, the one with the lowest
+    #    MAE fitted on the library alone, applied to the dumped queries, and scored
+    python benchmarks/quality_eval.py score ../shared/data/hn-openkbp --calibration /tmp/q/hn_calibration.json \
+        --work /tmp/q
 
 The queries never enter a fit: step 3 fits on the library's cases (step 1) and only scores the queries.
-``score`` prints the figures per aim (pooled, within organ, per organ) and writes WORK/quality_scores.json.
+``score`` prints every candidate's figures on the library and on the queries, baselines, the shipped
+model's figures per organ, and the aims; it writes WORK/quality_scores.json.
 """
 import argparse
 import json
