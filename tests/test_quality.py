@@ -327,3 +327,11 @@ def test_quality_scores_gathers_every_figure():
     assert s.dice.coverage == pytest.approx(0.5) and s.dice.mae == pytest.approx(0.125)
     assert s.review == {"pairs": 2, "flagged": 1, "truly_below": 1, "sensitivity": 1.0, "precision": 1.0}
     json.dumps(s.to_json())
+
+
+def test_dice_model_stays_within_the_dice_range_it_was_fitted_on():
+    rows = [{"x": v} for v in (0.1, 0.2, 0.3, 0.4)]
+    model = DiceModel.fit(rows, [0.3, 0.4, 0.5, 0.6], ("x",), l2=1e-6)
+    assert model.predict({"x": 0.25}) == pytest.approx(0.45, abs=1e-3)
+    assert model.predict({"x": 2.0}) == pytest.approx(0.6) and model.predict({"x": -2.0}) == pytest.approx(0.3)
+    assert DiceModel.from_json(json.loads(json.dumps(model.to_json()))).predict({"x": 2.0}) == pytest.approx(0.6)

@@ -121,11 +121,14 @@ class DiceModel:
     l2: float = 1.0
     organ_offset: dict = field(default_factory=dict)
     l2_organ: Optional[float] = None
+    #: the Dice range the fit saw: a linear fit is not followed past its data (a query's features may lie
+    #: beyond the library's, e.g. a vote of more supports than any leave-one-out run had)
+    y_range: tuple = (0.0, 1.0)
 
     def predict(self, feats, organ=None):
         x = (np.array([feats[f] for f in self.features]) - self.mean) / self.scale
         value = self.intercept + float(np.dot(self.coef, x)) + self.organ_offset.get(organ, 0.0)
-        return float(np.clip(value, 0.0, 1.0))
+        return float(np.clip(value, *self.y_range))
 
     def interval(self, predicted):
         h = self.half_width * float(spread(predicted))
@@ -153,7 +156,7 @@ class DiceModel:
         k = len(features)
         return cls(tuple(features), tuple(float(c) for c in beta[:k]), tuple(float(v) for v in mean),
                    tuple(float(v) for v in scale), float(y.mean()), half_width, l2,
-                   {n: float(b) for n, b in zip(names, beta[k:])}, l2_organ)
+                   {n: float(b) for n, b in zip(names, beta[k:])}, l2_organ, (float(y.min()), float(y.max())))
 
     def to_json(self):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
