@@ -7,15 +7,34 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from URSAMLib.calibration import Case
+from URSAMLib.calibration.fit import Case, OrganFit
 from URSAMLib.fusion import Evidence, OrganFusion
-from URSAMLib.quality import (QUALITY_KEYS, DiceModel, OrganEvidence, PairPrediction, QualityModel,
-                              VoxelErrorModel, base_error, cross_validate, dice_prediction_scores, expected_dice,
-                              fit_quality, held_out_cases, input_slice_index, organ_quality, quality_dict,
-                              ranked_slices, review_scores, slice_share, voxel_auroc)
+from URSAMLib.orientation import Orientation
+from URSAMLib.quality import (
+    QUALITY_KEYS,
+    DiceModel,
+    OrganEvidence,
+    OrganOutcome,
+    PairPrediction,
+    QualityModel,
+    VoxelErrorModel,
+    base_error,
+    cross_validate,
+    dice_prediction_scores,
+    expected_dice,
+    fit_quality,
+    held_out_cases,
+    input_slice_index,
+    organ_quality,
+    quality_dict,
+    quality_scores,
+    ranked_slices,
+    review_scores,
+    slice_share,
+    voxel_auroc,
+)
 from URSAMLib.quality.features import support_agreement
 from URSAMLib.quality.model import DEFAULT_HALF_WIDTH, SPREAD_FLOOR, conformal_half_width
-from URSAMLib.orientation import Orientation
 
 SHAPE = (24, 32, 32)
 
@@ -237,7 +256,8 @@ def _threshold_fit(seen):
                    key=lambda t: np.mean([2 * np.sum((c.evidence.sources["atlas"] > t) & c.truth)
                                           / (np.sum(c.evidence.sources["atlas"] > t) + np.sum(c.truth))
                                           for c in cases]))
-        return {"model": OrganFusion(name, {"atlas": 1.0}, 0.0, threshold=float(best), sam_mode="slice")}
+        model = OrganFusion(name, {"atlas": 1.0}, 0.0, threshold=float(best), sam_mode="slice")
+        return OrganFit(model, model, {})
     return fit
 
 
@@ -282,8 +302,8 @@ def test_cross_validated_prediction_of_a_support_does_not_use_it():
 
 def test_too_small_a_library_is_uncalibrated():
     per_support, spacing, labels, names = _library(n_supports=2)
-    cases = held_out_cases(per_support, spacing, fit_fusion=lambda n, b, bu: {
-        "model": OrganFusion(n, {"atlas": 1.0}, sam_mode="slice")})
+    cases = held_out_cases(per_support, spacing, fit_fusion=lambda n, b, bu: OrganFit(
+        OrganFusion(n, {"atlas": 1.0}, sam_mode="slice"), None, {}))
     # with two supports each fit has one case: none can be made (the calibration needs two)
     assert cases == []
     model = fit_quality(cases, labels, names)
@@ -312,8 +332,6 @@ def test_ring_contrast_is_higher_where_the_result_follows_the_organs_edge():
 
 
 def test_quality_scores_gathers_every_figure():
-    from URSAMLib.quality import OrganOutcome, quality_scores
-
     outcomes = [OrganOutcome("a", "x", 0.7, 0.6, 0.8, 0.75, np.array([3.0, 1.0, 0.0, 0.0, 0.0]),
                              np.array([4, 0, 1, 0, 0]), 5, 0.9, "ok"),
                 OrganOutcome("b", "x", 0.5, 0.4, 0.6, 0.3, np.array([0.0, 2.0, 1.0, 0.0, 0.0]),

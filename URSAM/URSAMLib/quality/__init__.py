@@ -9,10 +9,28 @@ report's ``quality`` dict of one organ; :mod:`.metrics` scores an estimate
 against the truth.
 """
 from .features import FEATURES, VOXEL_FEATURES, OrganEvidence, base_error, expected_dice, organ_features
-from .library import LibraryCase, TrainingSet, cross_validate, cross_validated_pairs, fit_from, fit_quality, \
-    held_out_cases, nested_sets, organ_stats, training_set
-from .metrics import (OrganOutcome, PairPrediction, QualityScores, dice_prediction_scores, quality_scores,
-                      review_scores, slice_share, voxel_auroc)
+from .library import (
+                      LibraryCase,
+                      TrainingSet,
+                      cross_validate,
+                      cross_validated_pairs,
+                      fit_from,
+                      fit_quality,
+                      held_out_cases,
+                      nested_sets,
+                      organ_stats,
+                      training_set,
+)
+from .metrics import (
+                      OrganOutcome,
+                      PairPrediction,
+                      QualityScores,
+                      dice_prediction_scores,
+                      quality_scores,
+                      review_scores,
+                      slice_share,
+                      voxel_auroc,
+)
 from .model import DiceModel, OrganQuality, OrganStats, QualityModel, VoxelErrorModel
 from .report import QUALITY_KEYS, input_slice_index, organ_quality, quality_dict, ranked_slices
 

@@ -23,11 +23,19 @@ from typing import Optional
 
 import numpy as np
 
-from ..calibration import fit_organ
 from .features import OrganEvidence, expected_dice, organ_features
 from .metrics import PairPrediction
-from .model import (COVERAGE, DEFAULT_FEATURES, DEFAULT_L2_ORGAN, REVIEW_MARGIN, DiceModel, OrganStats,
-                    QualityModel, VoxelErrorModel, conformal_half_width)
+from .model import (
+    COVERAGE,
+    DEFAULT_FEATURES,
+    DEFAULT_L2_ORGAN,
+    REVIEW_MARGIN,
+    DiceModel,
+    OrganStats,
+    QualityModel,
+    VoxelErrorModel,
+    conformal_half_width,
+)
 
 #: fewer supports (or fewer leave-one-out cases) than this and nothing is fitted: the estimate is uncalibrated
 MIN_SUPPORTS = 3
@@ -87,9 +95,8 @@ def held_out_cases(per_support, spacing, budget=0.1, exclude=(), fit_fusion=None
 
     ``per_support``: support id -> {mode: {organ: calibration Case}} (what the calibration keeps);
     ``spacing``: support id -> voxel size (z, y, x) in mm; ``fit_fusion(name, by_mode, budget)``: the
-    calibration's per-organ fit (default :func:`URSAMLib.calibration.fit_organ`), returning ``{"model"}``.
+    calibration's per-organ fit (:func:`URSAMLib.calibration.fit.fit_organ`), giving its ``model``.
     """
-    fit_fusion = fit_fusion or fit_organ
     ids = [c for c in per_support if c not in exclude]
     names = list(dict.fromkeys(n for c in ids for organs in per_support[c].values() for n in organs))
     out = []
@@ -104,7 +111,7 @@ def held_out_cases(per_support, spacing, budget=0.1, exclude=(), fit_fusion=None
             by_mode = {m: cs for m, cs in by_mode.items() if len(cs) >= 2}
             if not by_mode:
                 continue
-            model = fit_fusion(name, by_mode, budget)["model"]
+            model = fit_fusion(name, by_mode, budget).model
             mode = model.sam_mode if model.sam_mode in own else next(iter(own))
             case = own[mode]
             p = model.probability(case.evidence)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..evaluation.metrics import auroc, near, spearman
+from ..metrics import auroc, near, spearman
 
 
 @dataclass
@@ -92,7 +92,7 @@ def slice_share(expected_per_slice, errors_per_slice, total_errors, fraction):
 
 def voxel_auroc(score, pred, truth, spacing_zyx):
     """AUROC of ``score`` for the error voxels (``pred != truth``) over the organ's neighbourhood: the
-    prediction or the truth grown by 1 cm (:func:`URSAMLib.evaluation.metrics.near`), whole-scan arrays."""
+    prediction or the truth grown by 1 cm (:func:`URSAMLib.metrics.near`), whole-scan arrays."""
     region = near(np.asarray(pred, bool) | np.asarray(truth, bool), spacing_zyx)
     errors = (pred != truth) & region
     return auroc(np.asarray(score)[region], errors[region])

@@ -19,8 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from .features import VOXEL_FEATURES, base_error, expected_dice, organ_features, \
-    voxel_features
+from .features import VOXEL_FEATURES, base_error, expected_dice, organ_features, voxel_features
+from .report import ranked_slices
 
 #: the interval's nominal coverage
 COVERAGE = 0.8
@@ -233,8 +233,6 @@ class QualityModel:
     def assess(self, ev, threshold=None):
         """The :class:`OrganQuality` of one organ. ``threshold``: the user's review threshold (a number),
         else the library's for this organ, else none (every organ "ok")."""
-        from .report import ranked_slices
-
         error = self.error_map(ev)
         feats = self.features(ev, error)
         if self.calibrated and self.dice is not None:
