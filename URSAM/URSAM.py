@@ -213,6 +213,8 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rejectButton.clicked.connect(lambda: self.onReview(False))
         self.ui.showUncertaintyCheckBox.toggled.connect(self.onShowUncertainty)
         self.ui.exportRtStructButton.clicked.connect(self.onExportRtStructureSet)
+        self.ui.nextSliceButton.clicked.connect(self.onNextSliceToCheck)
+        self.ui.statisticsTableView.selectionModel().selectionChanged.connect(self.updateButtons)
         self.ui.roiSelector.checkedNodesChanged.connect(self.updateButtons)
         self.ui.reviewTableView.selectionModel().selectionChanged.connect(self.onReviewSelectionChanged)
 
@@ -319,6 +321,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = reviewTable is not None and self.selectedReviewRow() >= 0
         self.ui.acceptButton.enabled = not running and selected
         self.ui.rejectButton.enabled = not running and selected
+        self.ui.nextSliceButton.enabled = not running and self.selectedOrgan() is not None
         self.ui.exportRtStructButton.enabled = (not running and hasInput
                                                 and self.logic.findOutput(p.inputVolume, "rectified") is not None)
         # the logic's rule for checked boxes, in the logic's words
@@ -415,6 +418,13 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reviewTableView.setMRMLTableNode(review)
         if self.ui.statisticsTableView.mrmlTableNode() is not statistics:
             self.ui.statisticsTableView.setMRMLTableNode(statistics)
+        if statistics is not None:
+            table = statistics.GetTable()
+            for name in self.logic.hiddenStatisticsColumns():
+                index = table.GetColumnIndex(name) if hasattr(table, "GetColumnIndex") else -1
+                if index >= 0:
+                    self.ui.statisticsTableView.setColumnHidden(index, True)
+            self.colourReviewDecisions()
         if review is not None:
             table = review.GetTable()
             for name in self.logic.hiddenReviewColumns():
@@ -447,6 +457,41 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             voxels = self.logic.reviewComponent(table, row, accept)
             self.setStatus((_("Added {n} voxels to the organ.") if accept else
                             _("Removed {n} voxels from the organ.")).format(n=voxels))
+
+    def selectedOrgan(self):
+        """The organ of the statistics table's selected row, or None."""
+        table = self.ui.statisticsTableView.mrmlTableNode()
+        rows = self.ui.statisticsTableView.selectionModel().selectedRows()
+        index = rows[0] if rows else self.ui.statisticsTableView.currentIndex()
+        if table is None or not index.isValid():
+            return None
+        column = table.GetTable().GetColumnByName("Organ")
+        return str(column.GetValue(index.row())) if column is not None else None
+
+    def onNextSliceToCheck(self) -> None:
+        organ = self.selectedOrgan()
+        table = self.ui.statisticsTableView.mrmlTableNode()
+        if organ is None or table is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not go to the next slice."), waitCursor=False):
+            k = self.logic.nextSliceToCheck(table, organ)
+            self.setStatus(_("{organ}: slice {k} (the slices to check come most expected errors first).").format(
+                organ=organ, k=k))
+
+    def colourReviewDecisions(self) -> None:
+        """The statistics table's Review cells coloured: check in orange, ok in green."""
+        table = self.ui.statisticsTableView.mrmlTableNode()
+        model = self.ui.statisticsTableView.model()
+        if table is None or model is None or not hasattr(model, "item"):
+            return
+        column = table.GetTable().GetColumnIndex("Review") if hasattr(table.GetTable(), "GetColumnIndex") else -1
+        if column < 0:
+            return
+        colours = {"check": qt.QColor(255, 190, 120), "ok": qt.QColor(170, 230, 170)}
+        for row in range(model.rowCount()):
+            item = model.item(row, column)
+            if item is not None and item.text() in colours:
+                item.setBackground(qt.QBrush(colours[item.text()]))
 
     def onExportRtStructureSet(self) -> None:
         """The input CT and its rectified segments as a DICOM CT series and RT Structure Set (SlicerRT)."""
@@ -711,7 +756,14 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         return outputs.findOutput(slicer.mrmlScene, inputVolume.GetID(), role)
 
     def hiddenReviewColumns(self):
-        return ("Label", "Seed IJK", "Box IJK")
+        from URSAMMRML.review import HIDDEN_REVIEW_COLUMNS  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
+
+        return HIDDEN_REVIEW_COLUMNS
+
+    def hiddenStatisticsColumns(self):
+        from URSAMMRML.review import HIDDEN_STATISTICS_COLUMNS  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
+
+        return HIDDEN_STATISTICS_COLUMNS
 
     def libraryOrganCounts(self, path):
         """``({organ name: supports that label it}, number of supports)`` of a template library."""
@@ -804,7 +856,7 @@ def _delegate(name):
 
 for _methodName in ("process", "localize", "rectify", "startJob", "prepareLocalization", "computeLocalization",
                     "applyLocalization", "prepareSegmentation", "computeSegmentation", "applySegmentation",
-                    "reviewComponent", "jumpToComponent", "addToLibrary"):
+                    "reviewComponent", "jumpToComponent", "nextSliceToCheck", "addToLibrary"):
     setattr(URSAMLogic, _methodName, _delegate(_methodName))
 
 

@@ -34,8 +34,10 @@ from .errors import URSAMError
 from .fusion import DEFAULT_REVIEW_BUDGET, Evidence
 from .localizers import LibrarySource
 from .metrics import dice
+from .orientation import Orientation
 from .pipeline import ENSEMBLE, MAIN, URSAM, URSAM_ATLAS
 from .progress import Progress
+from .quality.library import fit_quality, held_out_cases
 from .runner import ScanJob, run_scan
 from .settings import Settings
 
@@ -167,6 +169,19 @@ def support_cases(library, case_id, backend, settings, modes, local, progress):
     return cases, selection_dice(outcome.warped, outcome.canonical.reference, truth, library)
 
 
+def fit_library_quality(library, per_support, ids, budget):
+    """The quality estimate (:class:`URSAMLib.quality.model.QualityModel`) of the leave-one-out runs: each
+    support's organs fused by a model fitted without that support, and the estimate fitted on those."""
+    spacing, labels = {}, {}
+    for case_id in ids:
+        image, arr = library.case(case_id).read_labels()
+        orientation = Orientation.of(image)  # the runs are on the canonical grid
+        spacing[case_id] = orientation.canonical_image(image).GetSpacing()[::-1]
+        labels[case_id] = (orientation.to_canonical(arr), spacing[case_id])
+    cases = held_out_cases({c: per_support[c] for c in ids}, spacing, budget, fit_fusion=fit_organ)
+    return fit_quality(cases, labels, library.names)
+
+
 def choose_per_organ(selections):
     """Per organ, the number of best-fitting supports whose vote did best over the leave-one-out runs
     (``selections``: their :func:`selection_dice`); ties go to more supports. ``{name: k or None}``."""
@@ -274,9 +289,11 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
     progress.done()
     if not organs:
         raise URSAMError("calibration found no organ that at least two support scans label", library.meta_path)
+    progress.stage("fitting the quality estimate")
+    quality = fit_library_quality(library, per_support, ids, budget)
     calibration = Calibration(organs, ablations, loo, list(library.case_ids()), settings.to_json(), tuple(modes),
                               local, budget, time.perf_counter() - t0,
                               queries={"segmented": ids, "subset": len(queries) < len(library.case_ids()),
                                        "max_queries": max_queries, "not_run": stopped, "seed": seed},
-                              per_organ=choose_per_organ(selections))
+                              per_organ=choose_per_organ(selections), quality=quality)
     return calibration.save(Path(out) if out else Path(library.path) / CALIBRATION_FILE)

@@ -151,6 +151,12 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def organ_voxels(labels, organs):
+    """``{label: voxels}`` of each organ (``[(label, name)]``) in a label map."""
+    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64), minlength=max([0] + [v for v, _ in organs]) + 1)
+    return {v: int(counts[v]) for v, _ in organs}
+
+
 def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_report=None, started=None,
                   extra_files=None):
     """Write every output of a run (:data:`OUTPUT_FILES`) of ``result`` (a
@@ -180,7 +186,8 @@ def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_repor
         for name, writer in (extra_files or {}).items():
             writer(stage / name)
         components = flagged_components(unc_labels, u_full, names, result.voxel_ml,
-                                        error_probability=result.error_map())
+                                        error_probability=result.error_map(),
+                                        segmented=organ_voxels(rectified, names))
         result.timings["write_seconds"] = time.perf_counter() - t0
         if started is not None:
             result.timings["total_seconds"] = time.perf_counter() - started

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,6 +17,8 @@ from .boxes import OrganBox
 from .metrics import dice
 from .orientation import Orientation
 from .pipeline import MAIN, OrganMaps
+from .quality.model import OrganQuality
+from .quality.report import quality_dict
 from .settings import Settings
 
 #: what each mask that ``rectified.nii.gz`` can hold is, in report.json
@@ -64,6 +66,8 @@ class SegmentationResult:
     inputs: dict = field(default_factory=dict)
     #: the pipeline method whose masks are the result (``rectified.nii.gz``)
     rectified_method: str = pipeline.URSAM
+    #: each organ's quality estimate (URSAMLib.quality.model.OrganQuality), by name
+    quality: Dict[str, OrganQuality] = field(default_factory=dict)
     #: the input's reorientation: ``organs`` (their boxes and maps) are on the canonical grid;
     #: ``reference``, ``volume``, ``boxes`` and every accessor's map are on the input's. None: the input
     #: was canonical already.
@@ -101,10 +105,17 @@ class SegmentationResult:
         return tuple(self.to_input(m) for m in pipeline.uncertainty_maps(self.organs, self._canonical_shape()))
 
     def error_map(self):
-        """Each voxel's probability of being wrong in the fused result (pipeline.error_map), on the input's
-        grid; None where nothing was fused."""
-        errors = pipeline.error_map(self.organs, self._canonical_shape())
-        return None if errors is None else self.to_input(errors)
+        """Each voxel's probability of being wrong in the result, on the input's grid: the quality
+        estimate's where it was made under a calibrated model (URSAMLib.quality), else the fused
+        probability's own (pipeline.error_map); None where nothing was fused."""
+        calibrated = [q for q in self.quality.values() if q.calibrated and q.error is not None]
+        if not calibrated:
+            errors = pipeline.error_map(self.organs, self._canonical_shape())
+            return None if errors is None else self.to_input(errors)
+        errors = np.zeros(self._canonical_shape(), np.float32)
+        for q in calibrated:
+            np.maximum(errors[q.region], q.error, out=errors[q.region])
+        return self.to_input(errors)
 
     def organ_map(self, o, values, fill=0):
         """One organ's map over its region (``o.sl``), on the whole input grid (``fill`` elsewhere)."""
@@ -186,6 +197,11 @@ class SegmentationResult:
                 "atlas_prior": o.prior is not None,
                 "notes": list(o.box.notes),
             })
+            q = self.quality.get(o.name)
+            if q is not None:
+                organs[-1]["quality"] = quality_dict(q.predicted_dice, q.interval, q.review, q.slices)
+                # fitted on the library's leave-one-out runs, or the probability's expected Dice alone
+                organs[-1]["quality_calibrated"] = bool(q.calibrated)
         return {"ursam_version": __version__, "inputs": self.inputs, "backend": self.backend,
                 "rectified_method": {"name": self.rectified_method,
                                      "description": RECTIFIED_METHODS.get(self.rectified_method, "")},

@@ -29,6 +29,9 @@ class Component:
     #: the voxels of the region expected to be wrong (its voxels times their mean error probability),
     #: where the result has calibrated probabilities; None otherwise
     expected_errors: float = None
+    #: what fixing the region is expected to add to its organ's Dice: its expected wrong voxels over the
+    #: organ's segmented voxels (Dice's first-order change where the result and the truth are about as large)
+    expected_dice_gain: float = None
 
     @property
     def region(self):
@@ -44,16 +47,21 @@ class Component:
         d["max_uncertainty"] = round(self.max_uncertainty, 4)
         if self.expected_errors is not None:
             d["expected_errors"] = round(self.expected_errors, 2)
+        if self.expected_dice_gain is not None:
+            d["expected_dice_gain"] = round(self.expected_dice_gain, 5)
         return d
 
 
-def flagged_components(unc_labels, uncertainty, organs, voxel_ml, min_voxels=1, error_probability=None):
+def flagged_components(unc_labels, uncertainty, organs, voxel_ml, min_voxels=1, error_probability=None,
+                       segmented=None):
     """Components of each organ's flagged voxels; ``organs`` is ``[(label, name)]``.
 
     Ordered by organ, then largest first; with ``error_probability`` (each
     voxel's probability of being wrong, from a calibrated result) all regions
     by their expected errors instead, most first, so the review starts where
-    the most is likely wrong. Ids count from 1, stable for a given input.
+    the most is likely wrong, and with ``segmented`` (``{label: voxels of the
+    organ's result}``) by the expected Dice gain of fixing each. Ids count
+    from 1, stable for a given input.
     """
     found = ndimage.find_objects(np.asarray(unc_labels).astype(np.int32, copy=False))
     out = []
@@ -87,7 +95,12 @@ def flagged_components(unc_labels, uncertainty, organs, voxel_ml, min_voxels=1, 
         rows.sort(key=lambda c: -c.voxels)
         out.extend(rows)
     if error_probability is not None:
-        out.sort(key=lambda c: -c.expected_errors)
+        if segmented is not None:
+            for c in out:
+                c.expected_dice_gain = c.expected_errors / max(1, int(segmented.get(c.label, 0)))
+            out.sort(key=lambda c: (-c.expected_dice_gain, -c.expected_errors))
+        else:
+            out.sort(key=lambda c: -c.expected_errors)
     for i, c in enumerate(out, start=1):
         c.id = i
     return out
@@ -103,7 +116,8 @@ def component_mask(flagged_mask_in_box, component):
 
 
 def organ_statistics(result, rectified, ensemble, unc_labels, components):
-    """Per organ of the main prompt set: volumes, mean uncertainty in its box, flagged fraction."""
+    """Per organ of the main prompt set: volumes, mean uncertainty in its box, flagged fraction, and its quality
+    estimate (predicted Dice, interval, review decision, ranked slices)."""
     voxel_ml = result.voxel_ml
     regions = {}
     for c in components:
@@ -123,5 +137,13 @@ def organ_statistics(result, rectified, ensemble, unc_labels, components):
             "flagged_ml": n_flag * voxel_ml, "flagged_fraction": n_flag / union if union else 0.0,
             "flagged_regions": regions.get(o.label, 0),
             "threshold_T": float(o.info.get("T", float("nan"))),
+        })
+        q = result.quality.get(o.name)
+        rows[-1].update({
+            "predicted_dice": float(q.predicted_dice) if q is not None else float("nan"),
+            "dice_interval": f"{q.interval[0]:.2f}-{q.interval[1]:.2f}" if q is not None else "",
+            "review": q.review if q is not None else "",
+            # the organ's slices along the input's third axis, most expected wrong voxels first
+            "slices_to_check": ",".join(str(z) for z, _ in q.slices) if q is not None else "",
         })
     return rows

@@ -19,7 +19,9 @@ flowing one way as named objects:
    atlas priors), where the run needs them;
 5. prompts, SAM, fusion and rectification (:func:`URSAMLib.segment.segment`
    -> :class:`~URSAMLib.segment.Segmentation`);
-6. score against a reference and write the outputs
+6. the quality estimate of every organ (:func:`URSAMLib.quality.assess.assess_result`: predicted Dice, its
+   interval, the review decision, the slices ranked by expected wrong voxels);
+7. score against a reference and write the outputs
    (:func:`URSAMLib.outputs.write_results`).
 
 """
@@ -41,6 +43,7 @@ from .localizers import BoxSource, LibrarySource
 from .orientation import CanonicalScan
 from .outputs import OUTPUT_FILES, check_output_dir, write_results
 from .progress import STAGE_MODEL, STAGE_WRITE, Progress
+from .quality.assess import assess_result
 from .sam import BackendOptions
 from .segment import Segmentation, segment
 from .settings import Settings
@@ -88,6 +91,8 @@ class ScanJob:
     local: Optional[LocalWeighting] = None
     #: more keys for report.json
     extra_report: dict = field(default_factory=dict)
+    #: an organ whose predicted Dice is below this is to be checked (None: the library's threshold per organ)
+    review_threshold: Optional[float] = None
     #: no progress bar (warnings are still shown), where the caller gives no progress of its own
     quiet: bool = True
     #: the Series Instance UID to read where the input DICOM folder holds several series
@@ -196,6 +201,10 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
         outcome.compared[mode] = segment(canonical, boxes, outcome.warped, sam, settings.with_mode(mode), None,
                                          progress, None, (), inputs)
     result = outcome.result
+    t0 = time.perf_counter()
+    result.quality = assess_result(result, calibration.quality if calibration is not None else None,
+                                   job.review_threshold)
+    timings["quality_seconds"] = time.perf_counter() - t0
     result.timings.update(timings)
     result.warnings += [f"{name} was not localized ({why}); it was skipped"
                         for name, why in localization.info.get("skipped", {}).items()]

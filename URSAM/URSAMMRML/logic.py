@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from URSAMLib import terminology
 from URSAMLib.errors import Cancelled, URSAMError
 from URSAMLib.localization import Localization
+from URSAMLib.outputs import organ_voxels
 from URSAMLib.progress import STAGE_RECTIFY, STAGE_WRITE, Progress
 from URSAMLib.result import SegmentationResult
 from URSAMLib.templates import Library, open_or_create
@@ -278,6 +279,8 @@ class URSAMProcessLogic:
         self._backendLock = threading.Lock()
         #: input volume node ID -> the last SegmentComputed, for Rectify without SAM
         self._cache = {}
+        #: (input volume node ID, organ) -> the place in its ranked slices that "next slice" last went to
+        self._sliceCursor = {}
 
     # -- model --------------------------------------------------------------------------------
     def backend(self, options, progress=None, percentile=False):
@@ -406,7 +409,8 @@ class URSAMProcessLogic:
                          "flagged": uncLabels, "organs": organs}
         computed.components = review.flagged_components(uncLabels, uncertainty, organs, result.voxel_ml,
                                                         int(computed.job.options.minComponentVoxels),
-                                                        error_probability=result.error_map())
+                                                        error_probability=result.error_map(),
+                                                        segmented=organ_voxels(rectified, organs))
         computed.statistics = review.organ_statistics(result, rectified, ensemble, uncLabels, computed.components)
         mode = promptMode(result)
         for row in computed.statistics:
@@ -560,6 +564,40 @@ class URSAMProcessLogic:
 
     def jumpToComponent(self, reviewTable, row):
         display.jumpSlices(reviewTable.GetScene(), review.rowCentre(reviewTable, row))
+
+    def nextSliceToCheck(self, statisticsTable, organ):
+        """Step the slice views to the organ's next slice to check: its slices of the input volume (k) ranked
+        by expected wrong voxels (the statistics table's), most first, one further at each call and round
+        again after the last. The views centre on the organ's rectified segment on that slice (on its
+        centre where the slice holds none of it). Returns the slice k."""
+        scene = statisticsTable.GetScene()
+        inputID = statisticsTable.GetAttribute(outputs.INPUT)
+        inputVolume = scene.GetNodeByID(inputID) if inputID else None
+        if inputVolume is None:
+            raise URSAMError(f"the input volume of '{statisticsTable.GetName()}' is no longer in the scene")
+        slices = review.slicesToCheck(statisticsTable, organ)
+        if not slices:
+            raise URSAMError(f"'{statisticsTable.GetName()}' ranks no slice of {organ}; run Segment again")
+        key = (inputID, organ)
+        position = (self._sliceCursor.get(key, -1) + 1) % len(slices)
+        self._sliceCursor[key] = position
+        k = slices[position]
+        rectified = outputs.findOutput(scene, inputID, "rectified")
+        segmentId = segmentations.findOrganSegment(rectified, organ) if rectified is not None else None
+        gridIjkToRas = ijkToRas(inputVolume)
+        dims = tuple(inputVolume.GetImageData().GetDimensions())
+        centre = [(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0]
+        if segmentId is not None:
+            whole = tuple(slice(0, s) for s in dims[::-1])
+            mask = segmentations.segmentMask(rectified, segmentId, ijkToFrameOf(
+                gridIjkToRas, geometryWorldToLocal(inputVolume), rectified), whole)
+            on_slice = np.argwhere(mask[k]) if 0 <= k < mask.shape[0] else np.empty((0, 2))
+            points = on_slice if len(on_slice) else np.argwhere(mask)[:, 1:]
+            if len(points):
+                centre = [float(points[:, 1].mean()), float(points[:, 0].mean())]
+        ras = np.linalg.inv(geometryWorldToLocal(inputVolume)) @ gridIjkToRas @ np.array([centre[0], centre[1], k, 1.0])
+        display.jumpSlices(scene, ras[:3])
+        return k
 
     # -- template library ------------------------------------------------------------------------
     def addToLibrary(self, library, inputVolume, segmentationNode, caseId=None, progress=None):

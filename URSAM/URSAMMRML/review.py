@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import vtk
 
+from URSAMLib.errors import URSAMError
 from URSAMLib.review import Component, component_mask, flagged_components, organ_statistics  # noqa: F401
 
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
@@ -32,6 +33,9 @@ REVIEW_COLUMNS = [  # (name, kind, unit, description)
 ]
 STATISTICS_COLUMNS = [
     ("Organ", "str", "", "organ"),
+    ("Review", "str", "", "check: its predicted Dice is below the organ's threshold; ok: it is not"),
+    ("Predicted Dice", "double", "", "the quality estimate's Dice of the organ (fitted on the template library)"),
+    ("Dice interval", "str", "", "the 80 % interval of the predicted Dice"),
     ("Label", "int", "", "label value"),
     ("Volume", "double", "ml", "rectified segment volume"),
     ("Ensemble volume", "double", "ml", "ensemble mask volume"),
@@ -41,11 +45,15 @@ STATISTICS_COLUMNS = [
     ("Flagged regions", "int", "", "connected flagged regions listed in the review table"),
     ("Threshold T", "double", "", "class-specific uncertainty threshold (eq. 4)"),
     ("Prompts", "str", "", "prompt mode of the SAM run: box3d (the paper's), slice or propagate"),
+    ("Slices to check", "str", "", "the organ's slices (k of the input), most expected wrong voxels first"),
 ]
 #: columns the panel hides (bookkeeping)
 HIDDEN_REVIEW_COLUMNS = ("Label", "Seed IJK", "Box IJK")
+#: statistics columns the panel hides (the ranked slices are for "Next slice to check")
+HIDDEN_STATISTICS_COLUMNS = ("Label", "Slices to check")
 #: statistics table column <- URSAMLib.review.organ_statistics key
-STATISTICS_KEYS = {"Organ": "organ", "Label": "label", "Volume": "rectified_ml", "Ensemble volume": "ensemble_ml",
+STATISTICS_KEYS = {"Organ": "organ", "Review": "review", "Predicted Dice": "predicted_dice",
+                   "Dice interval": "dice_interval", "Slices to check": "slices_to_check", "Label": "label", "Volume": "rectified_ml", "Ensemble volume": "ensemble_ml",
                    "Mean uncertainty": "mean_uncertainty_in_box", "Flagged volume": "flagged_ml",
                    "Flagged fraction": "flagged_fraction", "Flagged regions": "flagged_regions",
                    "Threshold T": "threshold_T", "Prompts": "prompts"}
@@ -121,6 +129,20 @@ def componentFromTable(tableNode, row):
     return Component(int(value("ID")), int(value("Label")), str(value("Organ")), 0, float(value("Volume")),
                      float(value("Mean uncertainty")), float(value("Max uncertainty")),
                      (), ints(value("Seed IJK")), ints(value("Box IJK")))
+
+
+def slicesToCheck(tableNode, organ):
+    """The organ's slices (k of the input volume), most expected wrong voxels first, from the statistics
+    table; [] where the table ranks none (a table of an older run)."""
+    table = tableNode.GetTable()
+    organs, ranked = table.GetColumnByName("Organ"), table.GetColumnByName("Slices to check")
+    if organs is None or ranked is None:
+        return []
+    for row in range(table.GetNumberOfRows()):
+        if organs.GetValue(row) == organ:
+            text = str(ranked.GetValue(row))
+            return [int(v) for v in text.split(",") if v.strip()]
+    raise URSAMError(f"'{tableNode.GetName()}' has no row of {organ}")
 
 
 def setStatus(tableNode, row, status):

@@ -20,6 +20,7 @@ from ..atlas_prior import LocalWeighting
 from ..atomic import atomic_write_text
 from ..errors import URSAMError
 from ..fusion import DEFAULT_REVIEW_BUDGET, OrganFusion
+from ..quality.model import QualityModel
 
 CALIBRATION_FILE = "calibration.json"
 #: with fewer supports a leave-one-out fit says little: the defaults apply
@@ -49,6 +50,8 @@ class Calibration:
     queries: dict = field(default_factory=dict)
     #: organ name -> how many of its best-fitting supports localize and vote for it (None: every one)
     per_organ: dict = field(default_factory=dict)
+    #: the quality estimate fitted on the same leave-one-out runs (None: a run's estimate is uncalibrated)
+    quality: Optional[QualityModel] = None
     path: Optional[str] = None
     sha256: Optional[str] = None
 
@@ -71,6 +74,7 @@ class Calibration:
                 "candidate_modes": list(self.candidate_modes), "local_weighting": self.local.to_json(),
                 "budget": self.budget, "seconds": round(self.seconds, 1), "queries": self.queries,
                 "per_organ": self.per_organ,
+                "quality": self.quality.to_json() if self.quality is not None else None,
                 "organs": {n: m.to_json() for n, m in self.organs.items()},
                 "ablations": {a: {n: m.to_json() for n, m in ms.items()} for a, ms in self.ablations.items()},
                 "loo_dice": self.loo_dice}
@@ -87,6 +91,7 @@ class Calibration:
                        candidate_modes=tuple(data.get("candidate_modes", CANDIDATE_MODES)), local=local,
                        budget=float(data.get("budget", DEFAULT_REVIEW_BUDGET)), seconds=float(data.get("seconds", 0.0)),
                        queries=dict(data.get("queries", {})), per_organ=dict(data.get("per_organ", {})),
+                       quality=QualityModel.from_json(data["quality"]) if data.get("quality") else None,
                        path=str(path) if path else None, sha256=sha256)
         except (KeyError, TypeError, ValueError) as err:
             raise URSAMError(f"calibration file is not one URSAM wrote ({type(err).__name__}: {err})", path) from None

@@ -8,6 +8,8 @@ organ's region (:class:`OrganEvidence`); :func:`organ_quality` gives the
 report's ``quality`` dict of one organ; :mod:`.metrics` scores an estimate
 against the truth.
 """
+from __future__ import annotations
+
 from .features import FEATURES, VOXEL_FEATURES, OrganEvidence, base_error, expected_dice, organ_features
 from .library import (
                       LibraryCase,

@@ -203,6 +203,8 @@ class OrganQuality:
     calibrated: bool = True
     threshold: Optional[float] = None
     features: dict = field(default_factory=dict)
+    #: the organ's region on the canonical grid ((z, y, x) slices), where ``error`` lies
+    region: Optional[tuple] = None
 
 
 @dataclass
