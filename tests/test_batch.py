@@ -101,8 +101,10 @@ def test_summary_volumes_and_dice_are_those_of_each_report(two_workers):
     out, _ = two_workers
     rows = read_csv(out / "summary.csv")
     assert [r for r in rows if r["id"] == "broken"] == [
-        {"id": "broken", "organ": "", "label": "", "status": "failed", "volume_ml": "", "mean_uncertainty": "",
-         "flagged_ml": "", "flagged_share": "", "dice": "", "seconds": ""}]
+        {"id": "broken", "organ": "", "label": "", "status": "failed", "volume_ml": "", "predicted_dice": "",
+         "dice_low": "", "dice_high": "", "review": "", "mean_uncertainty": "", "flagged_ml": "",
+         "flagged_share": "", "dice": "", "seconds": ""}]
+    worst = {}
     for name in CROPS:
         report = json.loads((out / name / "report.json").read_text(encoding="utf-8"))
         mine = [r for r in rows if r["id"] == name]
@@ -117,11 +119,18 @@ def test_summary_volumes_and_dice_are_those_of_each_report(two_workers):
             assert 0 < organ["flagged_fraction"] == organ["flagged_voxels"] / organ["flagged_or_rectified_voxels"] < 1
             assert float(row["dice"]) == pytest.approx(dice[organ["name"]], abs=1e-4)
             assert float(row["dice"]) > 0.5  # SAM inside boxes from the labels finds these organs
-    # The review table ranks the scans by flagged share, highest first.
+            quality = organ["quality"]
+            assert float(row["predicted_dice"]) == pytest.approx(quality["predicted_dice"], abs=1e-4)
+            assert [float(row["dice_low"]), float(row["dice_high"])] == pytest.approx(quality["interval"], abs=1e-4)
+            assert row["review"] == quality["review"] in ("check", "ok")
+        worst[name] = min((o["quality"]["predicted_dice"], o["name"]) for o in report["organs"])
+    # The review table ranks the scans by their worst organ's predicted Dice, lowest first, and names it.
     table = (out / "summary.md").read_text(encoding="utf-8").split("## Scans to review first")[1].split("##")[0]
-    shares = [float(line.split("|")[5]) for line in table.splitlines() if line.startswith("| ") and
-              line.split("|")[1].strip() in CROPS]
-    assert len(shares) == 3 and shares == sorted(shares, reverse=True)
+    listed = [[c.strip() for c in line.split("|")[1:4]] for line in table.splitlines()
+              if line.startswith("| ") and line.split("|")[1].strip() in CROPS]
+    assert [scan for scan, _, _ in listed] == sorted(CROPS, key=lambda n: worst[n])
+    for scan, organ, predicted in listed:
+        assert organ == worst[scan][1] and float(predicted) == pytest.approx(worst[scan][0], abs=1e-3)
 
 
 class CountTasks(SchedulerPlugin):
@@ -297,3 +306,26 @@ def test_workers_and_support_workers_are_checked(two_query_dataset, tmp_path, ca
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
     assert main(base + ["--support-workers", "0"]) == 2
     assert "--support-workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_scans_are_ranked_by_their_worst_predicted_organ():
+    from URSAMLib.batch.summary import review_order, rows_from_report, scan_figures  # noqa: PLC0415
+
+    def report(predicted, flagged):
+        organs = [{"name": n, "label": i + 1, "rectified_ml": 10.0, "flagged_voxels": flagged,
+                   "flagged_fraction": flagged / 100, "flagged_or_rectified_voxels": 100,
+                   "quality": {"predicted_dice": d, "interval": [d - 0.1, min(d + 0.1, 1.0)],
+                               "review": "check" if d < 0.6 else "ok", "slices": []}}
+                  for i, (n, d) in enumerate(predicted.items())]
+        return {"image": {"spacing_xyz": [1, 1, 1]}, "organs": organs}
+
+    reports = {"s1": report({"Liver": 0.95, "Spleen": 0.7}, 5),        # worst 0.7
+               "s2": report({"Liver": 0.9, "Spleen": 0.4}, 1),         # worst 0.4: first, though least flagged
+               "s3": report({"Liver": 0.8, "Spleen": 0.85}, 50)}       # worst 0.8
+    no_quality = report({"Liver": 0.5}, 90)
+    del no_quality["organs"][0]["quality"]
+    reports["s4"] = no_quality                                          # no estimate: last
+    figures = {i: scan_figures(rows_from_report(i, r, "done")) for i, r in reports.items()}
+    assert review_order(figures) == ["s2", "s1", "s3", "s4"]
+    assert figures["s2"]["worst_organ"] == "Spleen" and figures["s2"]["to_check"] == ["Spleen"]
+    assert figures["s4"]["worst_predicted_dice"] is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,8 +103,17 @@ def write_seg_nrrd(labels_zyx, reference, organs, path):
         slicerio.write_segmentation(str(tmp), seg)
 
 
-def write_overview(volume, labels, uncertainty, organs, path, n_slices=4):
-    """A few axial slices: CT, rectified contours, uncertainty as a heat overlay."""
+def to_check_line(quality, n_slices=3):
+    """The organs the quality estimate says to check, worst first, each with its predicted Dice and its
+    first slices to check ("" where none)."""
+    marked = sorted((q for q in quality.values() if q.review == "check"), key=lambda q: (q.predicted_dice, q.name))
+    return "; ".join(f"{q.name} (predicted Dice {q.predicted_dice:.2f}, slices "
+                     f"{', '.join(str(z) for z, _ in q.slices[:n_slices])})" for q in marked)
+
+
+def write_overview(volume, labels, uncertainty, organs, path, n_slices=4, to_check=""):
+    """A few axial slices: CT, rectified contours, uncertainty as a heat overlay; ``to_check``: the organs
+    to check (:func:`to_check_line`), written under the title."""
     import matplotlib  # noqa: PLC0415 (matplotlib loads only where a figure is drawn)
 
     matplotlib.use("Agg")
@@ -113,7 +123,7 @@ def write_overview(volume, labels, uncertainty, organs, path, n_slices=4):
     if zs.size == 0:
         zs = np.arange(volume.shape[0])
     picks = np.unique(zs[np.linspace(0, zs.size - 1, min(n_slices, zs.size)).round().astype(int)])
-    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.8), squeeze=False)
     colors = {label: terminology.lookup(name, label)[1] for label, name in organs}
     umax = max(float(uncertainty.max()), 1e-6)
     for ax, z in zip(axes[0], picks):
@@ -126,7 +136,9 @@ def write_overview(volume, labels, uncertainty, organs, path, n_slices=4):
                 ax.contour(m, levels=[0.5], colors=[color], linewidths=1.2)
         ax.set_title(f"slice z={z}")
         ax.axis("off")
-    fig.suptitle("UR-SAM: rectified contours, uncertainty heat overlay")
+    fig.suptitle("UR-SAM: rectified contours, uncertainty heat overlay\n"
+                 + (textwrap.fill(f"Check: {to_check}", 40 * len(picks)) if to_check else "No organ to check"),
+                 color="black" if not to_check else "firebrick", fontsize=10)
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
@@ -180,7 +192,8 @@ def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_repor
         write_image(unc_labels, ref, stage / "uncertain.nii.gz")
         write_image(rectified, ref, stage / "rectified.nii.gz")
         write_seg_nrrd(rectified, ref, names, stage / "rectified.seg.nrrd")
-        write_overview(result.volume, rectified, u_full, names, stage / "overview.png")
+        write_overview(result.volume, rectified, u_full, names, stage / "overview.png",
+                       to_check=to_check_line(result.quality))
         if boxes_info is not None:
             save_boxes(result.boxes, stage / "boxes.json", extra=boxes_info)
         for name, writer in (extra_files or {}).items():

@@ -14,8 +14,8 @@ from ..atomic import atomic_write_text
 
 SUMMARY_FILES = ("summary.csv", "failed.csv", "summary.md")
 #: one row per scan and organ (a failed scan: one row, its status)
-COLUMNS = ("id", "organ", "label", "status", "volume_ml", "mean_uncertainty", "flagged_ml", "flagged_share",
-           "dice", "seconds")
+COLUMNS = ("id", "organ", "label", "status", "volume_ml", "predicted_dice", "dice_low", "dice_high", "review",
+           "mean_uncertainty", "flagged_ml", "flagged_share", "dice", "seconds")
 FAILED_COLUMNS = ("id", "image", "error")
 #: rows of summary.md's table of scans to review first (summary.csv has them all)
 REVIEW_ROWS = 50
@@ -36,8 +36,12 @@ def rows_from_report(scan_id, report, status):
     for organ in report.get("organs", []):
         flagged = organ["flagged_voxels"]
         u = organ.get("mean_uncertainty_in_box")
+        quality = organ.get("quality") or {}
+        low, high = quality.get("interval") or (None, None)
         rows.append({"id": scan_id, "organ": organ["name"], "label": organ["label"], "status": status,
                      "volume_ml": organ["rectified_ml"],
+                     "predicted_dice": _rounded(quality.get("predicted_dice")), "dice_low": _rounded(low),
+                     "dice_high": _rounded(high), "review": quality.get("review"),
                      "mean_uncertainty": None if u is None else round(u, 6),
                      "flagged_ml": round(flagged * voxel_ml, 3),
                      "flagged_share": None if organ.get("flagged_fraction") is None
@@ -49,6 +53,10 @@ def rows_from_report(scan_id, report, status):
     for name in skipped:
         rows.append({"id": scan_id, "organ": name, "status": "not localized", "seconds": seconds})
     return rows
+
+
+def _rounded(v, digits=4):
+    return None if v is None else round(float(v), digits)
 
 
 def _value(v):
@@ -73,8 +81,11 @@ def _mean(values):
 
 def scan_figures(scan_rows):
     """One scan's totals: volume, flagged volume, flagged share (flagged over flagged-or-segmented volume, all
-    organs together), mean uncertainty and Dice."""
+    organs together), mean uncertainty and Dice; its worst organ (the lowest predicted Dice) and the organs
+    the quality estimate says to check."""
     organs = [r for r in scan_rows if r["status"] != "not localized"]
+    predicted = [r for r in organs if r.get("predicted_dice") is not None]
+    worst = min(predicted, key=lambda r: (r["predicted_dice"], r["organ"])) if predicted else None
     volume = sum(r["volume_ml"] for r in organs)
     flagged = sum(r["flagged_ml"] for r in organs)
     union = sum(r["flagged_or_rectified_ml"] for r in organs)
@@ -82,7 +93,20 @@ def scan_figures(scan_rows):
             "flagged_share": flagged / union if union else 0.0,
             "mean_uncertainty": _mean([r["mean_uncertainty"] for r in organs]),
             "dice": _mean([r.get("dice") for r in organs]), "seconds": organs[0]["seconds"] if organs else None,
-            "not_localized": [r["organ"] for r in scan_rows if r["status"] == "not localized"]}
+            "not_localized": [r["organ"] for r in scan_rows if r["status"] == "not localized"],
+            "worst_organ": worst["organ"] if worst else None,
+            "worst_predicted_dice": worst["predicted_dice"] if worst else None,
+            "to_check": [r["organ"] for r in organs if r.get("review") == "check"]}
+
+
+def review_order(figures):
+    """Scan ids, the one to open first first: by its worst organ's predicted Dice, lowest first (a
+    scan that has no quality estimate after those that have, by flagged share), then by id."""
+    def key(i):
+        f = figures[i]
+        worst = f["worst_predicted_dice"]
+        return (worst is None, worst if worst is not None else -f["flagged_share"], i)
+    return sorted(figures, key=key)
 
 
 def _f(v, digits=3):
@@ -108,27 +132,32 @@ def markdown(order, rows, failed, header):
     lines += [f"{len(order)} scans: {len(done)} finished ({before} in earlier runs), {len(failed)} failed"
               + (f", {pending} not finished yet" if pending else "") + ".", ""]
     figures = {i: scan_figures(rows[i]) for i in done}
-    ranked = sorted(done, key=lambda i: (-figures[i]["flagged_share"], i))
+    ranked = review_order(figures)
     lines += ["## Scans to review first", "",
-              "Highest flagged share first: the volume UR-SAM flags as uncertain over the volume flagged or "
-              f"segmented, all organs of the scan together (the first {REVIEW_ROWS}; summary.csv has every scan and organ).",
-              "", "| scan | organs | volume ml | flagged ml | flagged share | mean uncertainty | Dice | seconds | "
-              "not localized |", "|---|---|---|---|---|---|---|---|---|"]
+              "Worst organ first: the scan whose lowest predicted Dice is lowest opens the list (scans without a "
+              "quality estimate follow, highest flagged share first; the flagged share is the volume flagged as "
+              "uncertain over the volume flagged or segmented). The first "
+              f"{REVIEW_ROWS}; summary.csv has every scan and organ.",
+              "", "| scan | worst organ | its predicted Dice | organs to check | organs | volume ml | flagged share | "
+              "Dice | seconds | not localized |", "|---|---|---|---|---|---|---|---|---|---|"]
     for i in ranked[:REVIEW_ROWS]:
         f = figures[i]
-        lines.append(f"| {_cell(i)} | {f['organs']} | {_f(f['volume_ml'], 1)} | {_f(f['flagged_ml'], 1)} | "
-                     f"{_f(f['flagged_share'])} | {_f(f['mean_uncertainty'])} | {_f(f['dice'])} | "
+        lines.append(f"| {_cell(i)} | {_cell(f['worst_organ'] or '–')} | {_f(f['worst_predicted_dice'])} | "
+                     f"{_cell(', '.join(f['to_check']))} | {f['organs']} | {_f(f['volume_ml'], 1)} | "
+                     f"{_f(f['flagged_share'])} | {_f(f['dice'])} | "
                      f"{_f(f['seconds'], 1)} | {_cell(', '.join(f['not_localized']))} |")
     organs = {}
     for i in done:
         for r in rows[i]:
             organs.setdefault(r["organ"], []).append(r)
     if organs:
-        lines += ["", "## Organs", "", "| organ | scans | mean volume ml | mean flagged share | mean Dice | "
-                  "not localized |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Organs", "", "| organ | scans | mean predicted Dice | to check | mean volume ml | "
+                  "mean flagged share | mean Dice | not localized |", "|---|---|---|---|---|---|---|---|"]
         for name, rs in organs.items():
             seg = [r for r in rs if r["status"] != "not localized"]
-            lines.append(f"| {_cell(name)} | {len(seg)} | {_f(_mean([r['volume_ml'] for r in seg]), 1)} | "
+            lines.append(f"| {_cell(name)} | {len(seg)} | {_f(_mean([r.get('predicted_dice') for r in seg]))} | "
+                         f"{sum(r.get('review') == 'check' for r in seg)} | "
+                         f"{_f(_mean([r['volume_ml'] for r in seg]), 1)} | "
                          f"{_f(_mean([r['flagged_share'] for r in seg]))} | {_f(_mean([r.get('dice') for r in seg]))} | "
                          f"{len(rs) - len(seg)} |")
     if failed:

@@ -61,7 +61,8 @@ def main(args):
     kwargs = dict(methods=methods, support_from=args.support_from, cases=cases, settings=settings,
                   localizer_options=localizer_options(args), sweep=args.sweep, progress=progress,
                   overwrite=args.overwrite, organs=args.organs, prompt_modes=modes,
-                  backend_options=backend_options_from_args(args), calibration=calibration)
+                  backend_options=backend_options_from_args(args), calibration=calibration,
+                  review_threshold=args.review_threshold)
     if executor is None:
         summary = evaluate(args.dataset, args.out, **kwargs)
     else:
@@ -72,5 +73,7 @@ def main(args):
     print(markdown_table(table, organs))
     if summary.get("modes_table"):
         print(summary["modes_table"])
+    if summary.get("quality_table"):
+        print(summary["quality_table"])
     print(f"wrote results.csv, table.md and dice_boxplot.png to {args.out} ({len(summary['cases'])} cases)")
     return 0

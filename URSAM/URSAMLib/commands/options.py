@@ -169,6 +169,16 @@ def add_calibration_options(p, library="the template library"):
                         "templates calibrate`; without one, UR-SAM with the atlas prior)")
     p.add_argument("--no-calibration", action="store_true",
                    help=f"ignore {library}'s calibration: the uncalibrated result (UR-SAM with the atlas prior)")
+    p.add_argument("--review-threshold", metavar="DICE", type=_dice_threshold, default=None,
+                   help="an organ whose predicted Dice is below this is marked 'check' (default: the threshold "
+                        "the calibration chose per organ; without one, {UNCALIBRATED_THRESHOLD})")
+
+
+def _dice_threshold(text):
+    value = _floats(text, 1, "--review-threshold")[0]
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--review-threshold is a Dice between 0 and 1, not {text}")
+    return value
 
 
 def uses_calibration(args):
@@ -272,4 +282,5 @@ def job_from_args(args):
                    uses_calibration(args), backend_options_from_args(args), modality=args.modality,
                    reference=getattr(args, "reference", None), out=args.out, overwrite=args.overwrite,
                    atlas_prior_asked=args.atlas_prior == "on", quiet=args.quiet,
-                   series=getattr(args, "series", None), dicom_out=parse_kinds(args.dicom_out))
+                   series=getattr(args, "series", None), dicom_out=parse_kinds(args.dicom_out),
+                   review_threshold=args.review_threshold)

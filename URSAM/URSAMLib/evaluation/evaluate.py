@@ -43,6 +43,7 @@ from ..outputs import write_json
 from ..pipeline import FUSION, URSAM, URSAM_ATLAS
 from ..progress import Progress
 from ..prompt_modes import check_mode
+from ..quality.metrics import OrganOutcome, quality_scores, voxel_auroc
 from ..rectification import RectifyOptions
 from ..runner import ScanJob, run_scan
 from ..sam import DEFAULT_BACKEND, BackendOptions
@@ -164,7 +165,7 @@ class CaseInputs:
 
 
 def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer_options=None, sweep=False,
-             progress=None, prompt_modes=None, calibration=None):
+             progress=None, prompt_modes=None, calibration=None, review_threshold=None):
     """Every method on one case: ``(rows, sweep_rows, info)``.
 
     The SAM methods are the masks of :func:`URSAMLib.runner.run_scan` with
@@ -175,7 +176,8 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
     ``method@mode`` (the manual baseline and ``sweep`` go with the first mode).
     ``calibration``: the support library's fusion calibration; the first
     mode's run uses it, and adds the rows of the fusion and of its ablations
-    (without SAM, without rectification).
+    (without SAM, without rectification). ``review_threshold``: the user's (None: the calibration's per
+    organ).
     """
     progress = progress or Progress()
     prompt_modes = list(prompt_modes or [settings.prompts.mode])
@@ -201,7 +203,8 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
     # the calibration the evaluation was given, or none (never one the support library happens to hold)
     job = ScanJob(case.scan(), source, settings.with_mode(prompt_modes[0]), calibration, calibration is not None,
                   baselines={"manual": manual_boxes} if manual_boxes else {},
-                  compare_modes=tuple(prompt_modes[1:]), local=_local(calibration))
+                  compare_modes=tuple(prompt_modes[1:]), local=_local(calibration),
+                  review_threshold=review_threshold)
     if not runs_sam:
         job.stop_after = "localize"
     outcome = run_scan(job, backend, sub)
@@ -262,6 +265,8 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
                             extra = {**(extra or {}), **region_scores(labels == value, case.truth == value, u,
                                                                       flagged, case.spacing_zyx)}
                         add_row(value, name + suffix, labels == value, raw.get(value), extra)
+            if i_mode == 0:
+                info["quality"] = quality_outcomes(case, result)
             if i_mode == 0 and result.rectified_method == FUSION:
                 for name, variant in ((FUSION, None), ("fusion-no-sam", "no_sam"), ("fusion-no-rect", "no_rectify")):
                     for row in _fusion_rows(result, case, calibration, variant, raw):
@@ -310,6 +315,76 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
                 add_row(value, f"atlas-staple@{method}", m, mask_box(m, value, case.organs[value]))
     info["seconds"] = round(time.perf_counter() - t_case, 2)
     return rows, sweep_rows, info
+
+
+def quality_outcomes(case, result):
+    """The quality estimate of each scored organ of ``result`` (its report's predicted Dice, interval,
+    review and ranked slices) beside the truth: JSON-ready :class:`URSAMLib.quality.metrics.OrganOutcome`
+    fields, so that a rerun rebuilds the quality section from the saved cases."""
+    labels = result.label_map(result.rectified_method)
+    error_map = result.error_map()
+    main = {o.label: o for o in result.main_organs()}
+    out = []
+    for value in case.scored:
+        o = main.get(value)
+        q = result.quality.get(o.name) if o is not None else None
+        if q is None:
+            continue
+        pred, truth = labels == value, case.truth == value
+        wrong = pred != truth
+        per_slice = np.moveaxis(wrong, case.axial_axis, 0).reshape(wrong.shape[case.axial_axis], -1).sum(1)
+        ranked = np.array(q.slices, float).reshape(-1, 2)
+        z = ranked[:, 0].astype(int)
+        out.append({"case": case.case_id, "organ": case.organs[value], "predicted": float(q.predicted_dice),
+                    "low": float(q.interval[0]), "high": float(q.interval[1]), "true_dice": dice(pred, truth),
+                    "slices": z.tolist(), "expected_per_slice": ranked[:, 1].tolist(),
+                    "errors_per_slice": per_slice[z].astype(int).tolist(), "total_errors": int(wrong.sum()),
+                    "auroc": voxel_auroc(error_map, pred, truth, case.spacing_zyx) if error_map is not None
+                    else float("nan"), "review": q.review, "calibrated": bool(q.calibrated)})
+    return out
+
+
+def quality_summary(infos):
+    """``(scores, outcomes, calibrated)``: :class:`URSAMLib.quality.metrics.QualityScores` of every case's
+    quality outcomes (None: none), the outcomes, and how many of them a calibrated model estimated."""
+    outcomes = [OrganOutcome(d["case"], d["organ"], d["predicted"], d["low"], d["high"], d["true_dice"],
+                             np.array(d["expected_per_slice"], float), np.array(d["errors_per_slice"], float),
+                             d["total_errors"], float("nan") if d["auroc"] is None else d["auroc"], d["review"])
+                for inf in infos.values() for d in inf.get("quality", [])]
+    if not outcomes:
+        return None, [], 0
+    calibrated = sum(bool(d["calibrated"]) for inf in infos.values() for d in inf.get("quality", []))
+    return quality_scores(outcomes), outcomes, calibrated
+
+
+def quality_section(scores, outcomes, calibrated):
+    """table.md's quality section: how well the predicted Dice, its interval, the ranked slices and the
+    per-voxel error map point at the result's true errors."""
+    d = scores.dice
+    organs = list(dict.fromkeys(o.organ for o in outcomes))
+    lines = ["## Quality estimate: does it say which organs and slices are wrong?", "",
+             f"Over {d.n} case x organ pairs of the written result ({calibrated} estimated by the library's "
+             "calibrated quality model, the others by the expected Dice of the probability alone): the "
+             "predicted Dice against the true Dice (Spearman, mean absolute error; pooled, and the mean of the "
+             "per-organ values), how often the interval holds the true Dice, the share of an organ's error "
+             "voxels (whole scan) on the top 10 % and 20 % of its ranked slices (a random ranking's share and "
+             "the best possible ranking's beside it), and the voxel AUROC of the error map for the error "
+             "voxels within 1 cm of the organ.", "",
+             "| | Spearman | MAE | interval holds | top 10 % slices (random, best) | top 20 % slices (random, best) "
+             "| voxel AUROC | to check |", "|---|---|---|---|---|---|---|---|",
+             f"| pooled | {_fmt(d.spearman)} | {_fmt(d.mae)} | {_fmt(d.coverage)} | "
+             f"{_fmt(scores.slices['top10'])} ({_fmt(scores.slices['random10'])}, {_fmt(scores.slices['oracle10'])}) | "
+             f"{_fmt(scores.slices['top20'])} ({_fmt(scores.slices['random20'])}, {_fmt(scores.slices['oracle20'])}) | "
+             f"{_fmt(scores.auroc)} | {scores.review.get('flagged', 0)} of {len(outcomes)} |",
+             f"| within organ (mean) | {_fmt(d.within_spearman)} | {_fmt(d.within_mae)} | | | | | |"]
+    for name in organs:
+        mine = [o for o in outcomes if o.organ == name]
+        s = quality_scores(mine)
+        lines.append(f"| {name} | {_fmt(s.dice.spearman)} | {_fmt(s.dice.mae)} | {_fmt(s.dice.coverage)} | "
+                     f"{_fmt(s.slices['top10'])} ({_fmt(s.slices['random10'])}, {_fmt(s.slices['oracle10'])}) | "
+                     f"{_fmt(s.slices['top20'])} ({_fmt(s.slices['random20'])}, {_fmt(s.slices['oracle20'])}) | "
+                     f"{_fmt(s.auroc)} | {s.review.get('flagged', 0)} of {len(mine)} |")
+    return "\n".join(lines + [""])
 
 
 #: the SAM methods whose uncertainty map (SAM's entropy, M_unc) the evaluation scores
@@ -679,17 +754,17 @@ def _config_hash(config):
 
 
 def evaluate_case(case_id, ds, organs, support, lib_to_ds, methods, settings, localizer_options, sweep,
-                  prompt_modes, calibration=None, views=None, progress=None):
+                  prompt_modes, calibration=None, review_threshold=None, views=None, progress=None):
     """One query case read and run (:func:`run_case`): ``(rows, sweep_rows, info)``. ``views(percentile)``
     gives SAM's views of the case (None: no SAM method runs)."""
     case = CaseInputs(ds, case_id, organs)
     return run_case(case, support, lib_to_ds, methods, views, settings, localizer_options, sweep, progress,
-                    prompt_modes, calibration)
+                    prompt_modes, calibration, review_threshold)
 
 
 def _case_task(case_id, case_args, backend_options, needs_sam):
     """On a Dask worker: one case with the worker's own SAM model (loaded once per worker process)."""
-    share = len(case_args[-2]) > 1  # several prompt modes share the slice embeddings of a view
+    share = len(case_args[8]) > 1  # several prompt modes share the slice embeddings of a view
     progress = Progress(quiet=True)
     progress.warn = progress.warnings.append  # run_case keeps them in the case's info; the client shows them
     views = (lambda percentile: Views(worker_backend(backend_options, percentile), share=share)) if needs_sam \
@@ -715,7 +790,7 @@ def _cases_on(executor, pending, case_args, backend_options, needs_sam, progress
 
 def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=None, settings=None,
              localizer_options=None, sweep=False, backend_name=None, progress=None, overwrite=False, organs=None,
-             prompt_modes=None, calibration=None, executor=None, backend_options=None):
+             prompt_modes=None, calibration=None, executor=None, backend_options=None, review_threshold=None):
     """Run and score every method on the query cases of ``dataset``; returns the summary dict.
 
     ``settings``: the run's :class:`URSAMLib.settings.Settings` (the same as
@@ -780,7 +855,8 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
               "methods": methods, "settings": settings.result_json(), "prompt_modes": prompt_modes,
               "backend": backend_name, "localizer_options": localizer_options, "sweep": bool(sweep),
               "manual_perturb_px": MANUAL_PERTURB_PX, "organs": sorted(organs.values()),
-              "calibration": calibration.sha256 if calibration is not None else None}
+              "calibration": calibration.sha256 if calibration is not None else None,
+              "review_threshold": review_threshold}
     digest = _config_hash(config)
     config_path = out / "config.json"
     if config_path.exists():
@@ -813,7 +889,7 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
         pending.append(case_id)
     needs_sam = any(m in SAM_METHODS or m == "manual" for m in methods)
     case_args = (ds, organs, support, lib_to_ds, methods, settings, localizer_options, sweep, prompt_modes,
-                 calibration)
+                 calibration, review_threshold)
     if executor is None:
         def finished_cases():
             for case_id in pending:
@@ -845,7 +921,10 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
                    "as rectified.nii.gz.")
     shown = table_methods(methods, prompt_modes, deformable_method, calibration is not None)
     modes_table = modes_section(all_rows, infos, prompt_modes, shown)
-    organ_names, present = write_tables(out, all_rows, all_sweep, ds.names, shown, header, extra=modes_table)
+    quality, outcomes, calibrated = quality_summary(infos)
+    quality_table = quality_section(quality, outcomes, calibrated) if quality is not None else ""
+    organ_names, present = write_tables(out, all_rows, all_sweep, ds.names, shown, header,
+                                        extra="\n".join(t for t in (modes_table, quality_table) if t))
     write_boxplot(out / "dice_boxplot.png", all_rows, organ_names, present)
     table = pivot(all_rows, "dice", present, organ_names)
     reg_secs = [s for inf in infos.values() for s in inf.get("localization", {}).get("registration_seconds", {}).values()]
@@ -856,6 +935,9 @@ def evaluate(dataset, out_dir, methods=ALL_METHODS, support_from=None, cases=Non
                "case_info": infos}
     if modes_table:
         summary["modes_table"] = modes_table
+    if quality is not None:
+        summary["quality"] = quality.to_json()
+        summary["quality_table"] = quality_table
     write_json(_strict_json(summary), out / "summary.json")
     return summary
 

@@ -31,6 +31,9 @@ DEFAULT_HALF_WIDTH = 0.2
 #: on hn-openkbp's library (benchmarks/quality_eval.py)
 DEFAULT_FEATURES = ("mask_vote_dice", "ring_contrast")
 DEFAULT_L2_ORGAN = 3.0
+#: the review threshold of an organ the library has none for (an uncalibrated estimate, an organ the
+#: calibration did not see): "check" below this predicted Dice
+UNCALIBRATED_THRESHOLD = 0.7
 #: default review threshold: "check" an organ predicted this far below the library's own mean Dice for it
 REVIEW_MARGIN = 0.0
 #: the interval's width grows with the predicted error, 1 - Dice, plus this floor (a near-perfect prediction
@@ -234,7 +237,7 @@ class QualityModel:
 
     def assess(self, ev, threshold=None):
         """The :class:`OrganQuality` of one organ. ``threshold``: the user's review threshold (a number),
-        else the library's for this organ, else none (every organ "ok")."""
+        else the library's for this organ, else :data:`UNCALIBRATED_THRESHOLD`."""
         error = self.error_map(ev)
         feats = self.features(ev, error)
         if self.calibrated and self.dice is not None:
@@ -245,7 +248,9 @@ class QualityModel:
             interval = DiceModel(half_width=DEFAULT_HALF_WIDTH / (1.0 - 0.7 + SPREAD_FLOOR)).interval(predicted)
         if threshold is None:
             threshold = self.organs.get(ev.name, OrganStats()).threshold
-        review = "check" if threshold is not None and predicted < threshold else "ok"
+        if threshold is None:
+            threshold = UNCALIBRATED_THRESHOLD
+        review = "check" if predicted < threshold else "ok"
         return OrganQuality(ev.name, predicted, interval, review, ranked_slices(error, ev.mask, ev.slice_index),
                             error, self.calibrated and self.dice is not None, threshold, feats)
 
