@@ -85,6 +85,21 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(evaluated, capsys):
     assert set(info["localization"]["registration_seconds"]) == {"pt_4", "pt_13"}
     # All methods, the manual prompts included, shared one encoder pass per slice.
     assert info["sam_timings"]["encoder_calls"] == info["sam_timings"]["distinct_slices"] > 0
+    # The quality section: each organ's predicted Dice beside the true Dice of the written result, the
+    # share of its error voxels on its top ranked slices, the error map's voxel AUROC.
+    written = {r["organ"]: float(r["dice"]) for r in rows if r["method"] == info["rectified_method"]}
+    assert {q["organ"]: q["true_dice"] for q in info["quality"]} == pytest.approx(written, abs=1e-6)
+    for q in info["quality"]:
+        assert 0.0 <= q["low"] <= q["predicted"] <= q["high"] <= 1.0 and q["review"] in ("check", "ok")
+        assert sum(q["errors_per_slice"]) <= q["total_errors"] and q["total_errors"] > 0
+        assert len(q["slices"]) == len(set(q["slices"])) == len(q["expected_per_slice"])
+        assert 0.5 < q["auroc"] <= 1.0
+    quality = summary["quality"]
+    assert quality["dice"]["n"] == len(ORGANS)
+    assert quality["dice"]["mae"] == pytest.approx(
+        sum(abs(q["predicted"] - q["true_dice"]) for q in info["quality"]) / len(ORGANS), abs=1e-3)
+    assert 0.0 < quality["slices"]["top20"] <= quality["slices"]["oracle20"] <= 1.0
+    assert "## Quality estimate" in table and "## Quality estimate" in printed
 
     # A rerun skips the finished case: same rows, and no model is loaded.
     before = (out / "results.csv").read_text(encoding="utf-8")

@@ -149,9 +149,23 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
         # flags within the review budget (10% of the organ's segmented volume)
         unc = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertain.nii.gz")))
         assert (unc == value).sum() <= 0.1 * (rect == value).sum() + 1
-    # the review list is ordered by expected errors
-    errors = [c["expected_errors"] for c in report["flagged_components"]]
-    assert errors == sorted(errors, reverse=True)
+    # the review list is ordered by the expected Dice gain of fixing each region
+    gains = [c["expected_dice_gain"] for c in report["flagged_components"]]
+    assert gains == sorted(gains, reverse=True)
+    # every organ's quality estimate: a predicted Dice inside its interval, a decision, and every slice of the
+    # organ's box once, ranked by expected wrong voxels (indices along the file's own slice axis, as boxes.json)
+    boxes = {b["name"]: b for b in json.loads((out / "boxes.json").read_text(encoding="utf-8"))["boxes"]}
+    for name, organ in organs.items():
+        q = organ["quality"]
+        assert list(q) == ["predicted_dice", "interval", "review", "slices"]
+        assert 0.0 <= q["interval"][0] <= q["predicted_dice"] <= q["interval"][1] <= 1.0
+        assert q["review"] in ("check", "ok")
+        # three supports hold too few organ results to fit the quality model: the estimate says so
+        assert organ["quality_calibrated"] is False
+        k0, k1 = boxes[name]["min_ijk"][2], boxes[name]["max_ijk"][2]
+        assert sorted(s["z"] for s in q["slices"]) == list(range(k0, k1 + 1))
+        expected = [s["expected_error_voxels"] for s in q["slices"]]
+        assert expected == sorted(expected, reverse=True) and expected[0] > 0
     capsys.readouterr()
     # without a calibration: a warning, and the uncalibrated result
     (small_library / "calibration.json").rename(small_library / "kept.json")

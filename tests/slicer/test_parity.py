@@ -9,11 +9,13 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import vtk
 from shared_data import HN, make_small_library, organ_slab
 from slicer_scene import SlicerApp
 
 from URSAMLib.calibration.file import Calibration
 from URSAMLib.cli import main as ursam
+from URSAMMRML import geometry
 from URSAMMRML.logic import RunOptions, URSAMProcessLogic
 
 BUDGET = 0.05
@@ -70,3 +72,30 @@ def test_worker_and_segment_agree_on_a_scan_that_is_not_hu_with_a_budget_calibra
     for organ in report["organs"]:
         assert organ["flagged_voxels"] <= BUDGET * organ["rectified_voxels"] + 1, organ
     assert files["uncertain"].any() and files["rectified"].any()
+
+    # The panel's organ table shows the same quality estimate as report.json, and "next slice to check"
+    # steps the axial view through the organ's ranked slices in order, round again after the last.
+    statistics = run.outputs.statistics.GetTable()
+    column = {statistics.GetColumnName(c): c for c in range(statistics.GetNumberOfColumns())}
+    quality = {o["name"]: o["quality"] for o in report["organs"]}
+    assert statistics.GetNumberOfRows() == len(quality)
+    for r in range(statistics.GetNumberOfRows()):
+        organ = statistics.GetValue(r, column["Organ"]).ToString()
+        assert statistics.GetValue(r, column["Predicted Dice"]).ToDouble() == pytest.approx(
+            quality[organ]["predicted_dice"], abs=1e-4)
+        assert statistics.GetValue(r, column["Review"]).ToString() == quality[organ]["review"]
+    organ = report["organs"][0]["name"]
+    ranked = [s["z"] for s in quality[organ]["slices"]]
+    red = app.scene.GetSingletonNode("Red", "vtkMRMLSliceNode")
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = geometry.matrixToArray(matrix)
+    first = ranked[:3]
+    for k in first:
+        assert logic.nextSliceToCheck(run.outputs.statistics, organ) == k
+        # the axial view's plane lies on slice k of the input volume
+        assert geometry.matrixToArray(red.GetSliceToRAS())[2, 3] == pytest.approx((ijk_to_ras @ [0, 0, k, 1])[2],
+                                                                                  abs=1e-3)
+    for _ in range(len(ranked) - len(first)):
+        logic.nextSliceToCheck(run.outputs.statistics, organ)
+    assert logic.nextSliceToCheck(run.outputs.statistics, organ) == ranked[0]
