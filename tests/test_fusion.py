@@ -6,14 +6,16 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from shared_data import ABD, HN, make_small_library
+from shared_data import ABD, HN, make_small_library, organ_slab
 
 from URSAMLib.calibrate import SELECTION_CANDIDATES, calibrate
 from URSAMLib.calibration.file import Calibration
 from URSAMLib.calibration.fit import Case, _flag_threshold, fit_organ
 from URSAMLib.cli import main as ursam
 from URSAMLib.fusion import Evidence, OrganFusion, cap_flags, fuse
+from URSAMLib.localizers import LibrarySource
 from URSAMLib.pipeline import Params
+from URSAMLib.runner import ScanJob, run_scan
 from URSAMLib.settings import Settings
 from URSAMLib.templates import Library
 
@@ -178,6 +180,44 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
         assert report["rectified_method"]["name"] == "ursam+atlas"
     finally:
         (small_library / "kept.json").rename(small_library / "calibration.json")
+
+
+@pytest.mark.slow
+def test_sam_does_not_run_for_an_organ_whose_fusion_gives_it_no_weight(small_library, litemedsam, tmp_path):
+    """An organ fused from the warped supports alone is not prompted, and the slices only it covers are not
+    embedded: its result, and every other organ's, are those of a run where SAM segments every organ."""
+    if not (small_library / "calibration.json").is_file():
+        assert ursam(["templates", "calibrate", str(small_library), "--modes", "slice", "--n-aug", "2",
+                      "--quiet"]) == 0
+    data = json.loads((small_library / "calibration.json").read_text(encoding="utf-8"))
+    data["organs"]["Brainstem"].update(weights={"atlas": 1.0}, bias=0.0)
+    data["organs"]["Parotid_L"]["weights"].setdefault("sam", 0.5)  # the other organ keeps SAM
+    atlas_only = tmp_path / "atlas_only.json"
+    atlas_only.write_text(json.dumps(data), encoding="utf-8")
+    image, _ = organ_slab(HN / "cases" / "pt_31")
+    query = tmp_path / "q.nii.gz"
+    sitk.WriteImage(image, str(query))
+
+    runs = {}
+    for everywhere in (False, True):
+        job = ScanJob(str(query), LibrarySource(small_library), Settings(params=Params(n_aug=2)), atlas_only,
+                      sam_everywhere=everywhere)
+        calls = litemedsam.encoder_calls
+        result = run_scan(job, lambda percentile: litemedsam).result
+        runs[everywhere] = (result, litemedsam.encoder_calls - calls)
+    (skipped, calls_skipped), (full, calls_full) = runs[False], runs[True]
+    assert skipped.rectified_method == full.rectified_method == "fusion"
+    assert np.array_equal(skipped.label_map("fusion"), full.label_map("fusion"))
+    organs = {o.name: o for o in skipped.main_organs()}
+    assert not organs["Brainstem"].sam_run and organs["Parotid_L"].sam_run
+    assert all(o.sam_run for o in full.main_organs())
+    assert not organs["Brainstem"].masks["ensemble"].any() and organs["Brainstem"].fused.mask.any()
+    # only the parotid's slices were embedded
+    parotid = set(organs["Parotid_L"].box.prompt_slices)
+    assert calls_skipped == len(parotid) < calls_full
+    assert skipped.timings["sam_not_run"] == ["Brainstem"]
+    for name in organs:
+        assert skipped.quality[name].predicted_dice == pytest.approx(full.quality[name].predicted_dice, abs=1e-6)
 
 
 def test_a_bad_calibration_file_is_one_error_before_any_registration(tmp_path, capsys):

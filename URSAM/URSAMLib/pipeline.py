@@ -109,12 +109,16 @@ class OrganMaps:
     #: the organ's calibrated fusion, and its result
     fusion: Optional[OrganFusion] = None
     fused: Optional[Fused] = None
+    #: whether SAM segmented the organ: not where its calibrated fusion gives SAM no weight (its SAM
+    #: maps are then zeros and its SAM masks empty)
+    sam_run: bool = True
 
     def evidence(self):
         """The organ's fusion sources over its region (URSAMLib.fusion.Evidence); None without a prior."""
         if self.prior is None or self.p_mean is None:
             return None
-        sources = {"sam": self.p_mean, "atlas": self.prior.on(self.sl)}
+        sources = {"sam": self.p_mean} if self.sam_run else {}
+        sources["atlas"] = self.prior.on(self.sl)
         if self.prior.lw is not None:
             # the graded votes of the blurred masks (atlas_prior.LocalWeighting)
             sources["atlas"] = self.prior.on(self.sl, "soft")
@@ -159,7 +163,12 @@ def distinct_slices(boxes):
 MAIN = "main"
 
 
-def run(volume, backend, prompts, params=Params(), progress=None, baselines=None):
+def uses_sam(fusion):
+    """Whether an organ's result needs SAM: not where its calibrated fusion gives SAM no weight."""
+    return fusion is None or "sam" in fusion.uses
+
+
+def run(volume, backend, prompts, params=Params(), progress=None, baselines=None, sam_everywhere=False):
     """Segment ``volume`` (float32 [z, y, x], HU) inside the boxes of ``prompts`` with one encoder pass per slice.
 
     ``prompts``: :class:`URSAMLib.prompt_modes.PromptSet` of one or more
@@ -176,6 +185,10 @@ def run(volume, backend, prompts, params=Params(), progress=None, baselines=None
     (``{label: fusion.OrganFusion}``) fuse.
     ``baselines``: ``{name: boxes}`` decoded once each without augmentation
     against the same embeddings (the manual-prompt baseline).
+    An organ whose fusion gives SAM no weight (:func:`uses_sam`) is not
+    prompted, and a slice that no other organ needs is not embedded: its
+    result is the same either way (``sam_everywhere`` prompts it all the
+    same, for an evaluation that scores SAM's own masks).
     Returns ``(organs, timings)``: a list of :class:`OrganMaps` and seconds by stage.
     """
     progress = progress or Progress()
@@ -202,6 +215,8 @@ def run(volume, backend, prompts, params=Params(), progress=None, baselines=None
             if augmented:
                 o.prior = priors.get(b.label)
                 o.fusion = fusions.get(b.label)
+                # without a prior there is nothing to fuse without SAM
+                o.sam_run = sam_everywhere or uses_sam(o.fusion) or o.prior is None
             if n:
                 o.p_mean = np.zeros(rshape, np.float32)
                 aug_boxes[id(o)] = augment_box(b.xyxy(), n, params.ratio, (width, height), rngs[b.label])
@@ -209,17 +224,17 @@ def run(volume, backend, prompts, params=Params(), progress=None, baselines=None
             o.intensity = np.zeros(rshape, np.float16)
             organs.append(o)
 
-    zs = distinct_slices(o.box for o in organs)
+    zs = distinct_slices(o.box for o in organs if o.sam_run)
     region_zs = sorted({z for o in organs for z in range(o.sl[0].start, o.sl[0].stop)})
     by_slice = {z: [o for o in organs if o.sl[0].start <= z < o.sl[0].stop] for z in region_zs}
     ahead = None
     if plan is None:
-        prompted = {id(o): set(o.box.prompt_slices) for o in organs}
+        prompted = {id(o): set(o.box.prompt_slices) if o.sam_run else set() for o in organs}
         steps = [(z, [o for o in by_slice[z] if z in prompted[id(o)]], False) for z in zs]
         # The encoder of the next slice may run while this one is decoded (same slices, same order).
         ahead = EmbedAhead.where_it_pays(backend, volume, [z for z, group, _ in steps if group])
     else:
-        steps = plan(organs)
+        steps = ((z, [o for o in group if o.sam_run], keep) for z, group, keep in plan(organs))
     total = len(zs) if plan is None else len(region_zs)
     cache, embedded = {}, set()
     t0 = time.perf_counter()
@@ -282,6 +297,9 @@ def run(volume, backend, prompts, params=Params(), progress=None, baselines=None
     timings["encoder_seconds"] = t_enc
     timings["decoder_seconds"] = t_dec
     timings["distinct_slices"] = len(embedded)
+    skipped = [o.name for o in organs if not o.sam_run]
+    if skipped:
+        timings["sam_not_run"] = skipped
 
     t0 = time.perf_counter()
     progress.stage(STAGE_RECTIFY)
@@ -302,6 +320,8 @@ def finish_organ(o, params):
     o.masks = {AUTO: o.p_auto > 0.5}
     if o.p_mean is None:
         return o
+    if not o.sam_run:
+        return _finish_without_sam(o, params)
     y_hat = o.p_mean > 0.5
     o.masks[ENSEMBLE] = y_hat
     o.u = binary_entropy(o.p_mean)
@@ -331,6 +351,19 @@ def finish_organ(o, params):
     else:
         # no model or nothing warped onto this organ: the fusion falls back to the atlas-prior result
         o.masks[FUSION] = o.masks[URSAM_ATLAS]
+    return o
+
+
+def _finish_without_sam(o, params):
+    """An organ SAM did not segment: its fused result alone; SAM's masks empty, SAM's uncertainty zero."""
+    empty = np.zeros(o.p_mean.shape, bool)
+    o.u = np.zeros(o.p_mean.shape, np.float32)
+    o.m_unc = empty
+    o.info = {"sam": "not run: the calibrated fusion gives SAM no weight"}
+    for name in (ENSEMBLE, URSAM, URSAM_ATLAS, *baselines.METHODS):
+        o.masks[name] = empty
+    o.fused = fuse(o.evidence(), o.fusion, params.review_budget)
+    o.masks[FUSION] = o.fused.mask
     return o
 
 

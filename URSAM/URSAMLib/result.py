@@ -195,6 +195,8 @@ class SegmentationResult:
                 "threshold_T": o.info.get("T"),
                 "I_t": o.info.get("I_t"), "I_b": o.info.get("I_b"),
                 "atlas_prior": o.prior is not None,
+                # False where the calibrated fusion gives SAM no weight: SAM did not segment the organ
+                "sam_run": o.sam_run,
                 "notes": list(o.box.notes),
             })
             q = self.quality.get(o.name)

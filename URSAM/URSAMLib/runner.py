@@ -99,6 +99,9 @@ class ScanJob:
     series: Optional[str] = None
     #: DICOM objects of the result (URSAMLib.dicom.export: "rtstruct", "seg") for a DICOM CT series input
     dicom_out: Tuple[str, ...] = ()
+    #: SAM segments every organ, also those whose calibrated fusion gives it no weight (an evaluation that
+    #: scores SAM's own masks); by default it does not, their result being the same without it
+    sam_everywhere: bool = False
     #: "localize": the run ends with the organs localized (the Slicer panel's Localize; an evaluation of the
     #: atlas alone); "warp": with the supports warped too (``ursam localize``); None: every step
     stop_after: Optional[str] = None
@@ -196,7 +199,7 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
               "normalization": "percentile" if scan.percentile else "ct-window"}
     boxes = [canonical.box_to_canonical(b) for b in localization.boxes]
     outcome.segmentation = segment(canonical, boxes, outcome.warped, sam, settings, calibration, progress,
-                                   job.baselines, job.joint_modes, inputs)
+                                   job.baselines, job.joint_modes, inputs, job.sam_everywhere)
     for mode in job.compare_modes:
         outcome.compared[mode] = segment(canonical, boxes, outcome.warped, sam, settings.with_mode(mode), None,
                                          progress, None, (), inputs)

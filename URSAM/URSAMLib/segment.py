@@ -45,14 +45,15 @@ class Segmentation:
 
 
 def run_modes(scan, boxes, warped, backend, settings, modes, progress=None, baselines=None, crop_modes=None,
-              fusions=None):
+              fusions=None, sam_everywhere=False):
     """SAM on one scan in each of ``modes``: ``({mode: ModeRun}, view)``.
 
     The modes share SAM's view of the scan, zoomed (``settings.prompts.zoom``)
     to the boxes of all of ``crop_modes`` (default ``modes``), so that each
     slice is embedded once for all of them. ``baselines`` go with the first
     mode's pipeline run; ``fusions``: ``{label: OrganFusion}`` attached to
-    the organs of their own ``sam_mode``.
+    the organs of their own ``sam_mode``; ``sam_everywhere``: SAM segments the organs whose fusion gives it no
+    weight too (:func:`URSAMLib.pipeline.run`).
     """
     progress = progress or Progress()
     crop_modes = list(dict.fromkeys(list(crop_modes or modes) + list(modes)))
@@ -85,7 +86,7 @@ def run_modes(scan, boxes, warped, backend, settings, modes, progress=None, base
         calls0 = views.encoder_calls
         t0 = time.perf_counter()
         organs, timings = pipeline.run(scan.volume, view, [prompts[m] for m in group], settings.params, progress,
-                                       baselines if k == 0 else None)
+                                       baselines if k == 0 else None, sam_everywhere)
         timings["segment_seconds"] = time.perf_counter() - t0
         timings["encoder_calls"] = views.encoder_calls - calls0
         if len(group) > 1:
@@ -100,7 +101,7 @@ def run_modes(scan, boxes, warped, backend, settings, modes, progress=None, base
 
 
 def segment(scan, boxes, warped, backend, settings=None, calibration=None, progress=None, baselines=None,
-            joint_modes=(), inputs=None):
+            joint_modes=(), inputs=None, sam_everywhere=False):
     """The method on one scan: a :class:`Segmentation`.
 
     ``scan``: a :class:`URSAMLib.orientation.CanonicalScan`; ``boxes``: the
@@ -116,7 +117,9 @@ def segment(scan, boxes, warped, backend, settings=None, calibration=None, progr
     labels. ``baselines``: more boxes decoded once each, without augmentation
     (the evaluation's manual prompts). ``joint_modes``: more prompt modes
     segmented in the same pipeline pass, uncalibrated (the calibration's
-    candidate modes). ``inputs``: what report.json says of the run's inputs.
+    candidate modes). ``inputs``: what report.json says of the run's inputs. ``sam_everywhere``: SAM
+    segments every organ, also those whose calibrated fusion gives it no weight (by default it does not:
+    their result is the same without it).
     """
     settings = (settings or Settings()).check()
     progress = progress or Progress()
@@ -132,7 +135,8 @@ def segment(scan, boxes, warped, backend, settings=None, calibration=None, progr
     if baselines:
         baselines = {name: [scan.box_to_canonical(b) for b in bs] for name, bs in baselines.items()}
     t0 = time.perf_counter()
-    runs, view = run_modes(scan, boxes, warped, backend, settings, modes, progress, baselines, crop_modes, fusions)
+    runs, view = run_modes(scan, boxes, warped, backend, settings, modes, progress, baselines, crop_modes, fusions,
+                           sam_everywhere)
     organs, chosen_boxes = _organs_of(runs, modes[0], fusions)
     timings = dict(runs[modes[0]].timings) if len(runs) == 1 else _merged_timings(runs)
     timings["segment_seconds"] = time.perf_counter() - t0

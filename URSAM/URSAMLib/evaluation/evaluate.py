@@ -204,7 +204,7 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
     job = ScanJob(case.scan(), source, settings.with_mode(prompt_modes[0]), calibration, calibration is not None,
                   baselines={"manual": manual_boxes} if manual_boxes else {},
                   compare_modes=tuple(prompt_modes[1:]), local=_local(calibration),
-                  review_threshold=review_threshold)
+                  review_threshold=review_threshold, sam_everywhere=True)
     if not runs_sam:
         job.stop_after = "localize"
     outcome = run_scan(job, backend, sub)
