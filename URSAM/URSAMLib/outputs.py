@@ -170,7 +170,7 @@ def organ_voxels(labels, organs):
 
 
 def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_report=None, started=None,
-                  extra_files=None):
+                  extra_files=None, cpu_started=None):
     """Write every output of a run (:data:`OUTPUT_FILES`) of ``result`` (a
     :class:`URSAMLib.result.SegmentationResult`) into ``out_dir``, atomically as a folder.
 
@@ -179,9 +179,10 @@ def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_repor
     organ was prompted with (so that propagate's file holds the boxes it
     chose on each slice); ``extra_report``: more keys for report.json; ``started``: the run's
     ``time.perf_counter()`` at its start: report.json's ``total_seconds``
-    then covers every step, writing included.
+    then covers every step, writing included (and ``total_cpu_seconds``, from ``cpu_started``, the run's
+    ``time.process_time()`` at its start).
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     maps = result.output_maps()
     ensemble, rectified, u_full, unc_labels, names = (maps.ensemble, maps.rectified, maps.uncertainty,
                                                       maps.flagged, maps.organs)
@@ -202,8 +203,11 @@ def write_results(result, out_dir, overwrite=False, boxes_info=None, extra_repor
                                         error_probability=result.error_map(),
                                         segmented=organ_voxels(rectified, names))
         result.timings["write_seconds"] = time.perf_counter() - t0
+        result.timings["write_cpu_seconds"] = time.process_time() - c0
         if started is not None:
             result.timings["total_seconds"] = time.perf_counter() - started
+        if cpu_started is not None:
+            result.timings["total_cpu_seconds"] = time.process_time() - cpu_started
         report = result.report(ensemble, rectified, unc_labels)
         report["flagged_components"] = [c.to_json() for c in components]
         for organ in report["organs"]:

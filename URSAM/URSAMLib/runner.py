@@ -28,6 +28,7 @@ flowing one way as named objects:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -143,6 +144,18 @@ STOPS = (None, "localize", "warp")
 BackendProvider = Callable[[bool], object]
 
 
+@contextmanager
+def stage_clock(timings, stage):
+    """``timings[stage + "_seconds"]`` and ``timings[stage + "_cpu_seconds"]``: the wall and CPU seconds (this
+    process, every thread) of the block."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        timings[f"{stage}_seconds"] = time.perf_counter() - t0
+        timings[f"{stage}_cpu_seconds"] = time.process_time() - c0
+
+
 def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
              progress: Optional[Progress] = None) -> ScanOutcome:
     """Run the method on one scan (the steps of this module's docstring): a :class:`ScanOutcome`.
@@ -153,7 +166,7 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
     Bad input raises URSAMError naming the file; nothing is written before
     the end, and then atomically.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if job.stop_after not in STOPS:
         raise ValueError(f"unknown stop_after {job.stop_after!r}")
     progress = progress or Progress(quiet=job.quiet)
@@ -166,11 +179,11 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
     scan = read_scan(job.image, job.modality, progress.warn, job.series)
     export = DicomExport.plan(scan, job.dicom_out)  # checked before any work
     timings["read_seconds"] = time.perf_counter() - started
+    timings["read_cpu_seconds"] = time.process_time() - cpu_started
 
-    t0 = time.perf_counter()
-    localization = job.source.localize(scan, job.settings, progress,
-                                       calibration.per_organ if calibration is not None else None)
-    timings["localize_seconds"] = time.perf_counter() - t0
+    with stage_clock(timings, "localize"):
+        localization = job.source.localize(scan, job.settings, progress,
+                                           calibration.per_organ if calibration is not None else None)
     settings = job.settings.resolved(localization)
     warps = settings.warps_labels(localization)
     calibration = calibration if warps else None
@@ -184,30 +197,31 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
 
     local = job.local or (calibration.local if calibration is not None else None)
     if warps:
-        outcome.warped = warp_supports(localization, canonical.hu_image(), settings.deformable, local, progress)
+        with stage_clock(timings, "warp"):
+            outcome.warped = warp_supports(localization, canonical.hu_image(), settings.deformable, local, progress)
         timings["deformable_seconds"] = outcome.warped.seconds
         timings["prior_seconds"] = outcome.warped.prior_seconds
     if job.stop_after == "warp":
         return outcome
 
-    t0 = time.perf_counter()
     if backend is None:
         progress.stage(f"{STAGE_MODEL} {job.backend.name}")
-    sam = (backend or job.backend.make)(scan.percentile)
-    timings["model_seconds"] = time.perf_counter() - t0
+    with stage_clock(timings, "model"):
+        sam = (backend or job.backend.make)(scan.percentile)
     inputs = {"image": scan.name, **job.source.describe(localization), "margin_z_xy": list(settings.margin),
               "normalization": "percentile" if scan.percentile else "ct-window"}
     boxes = [canonical.box_to_canonical(b) for b in localization.boxes]
+    c0 = time.process_time()
     outcome.segmentation = segment(canonical, boxes, outcome.warped, sam, settings, calibration, progress,
                                    job.baselines, job.joint_modes, inputs, job.sam_everywhere)
+    timings["segment_cpu_seconds"] = time.process_time() - c0
     for mode in job.compare_modes:
         outcome.compared[mode] = segment(canonical, boxes, outcome.warped, sam, settings.with_mode(mode), None,
                                          progress, None, (), inputs)
     result = outcome.result
-    t0 = time.perf_counter()
-    result.quality = assess_result(result, calibration.quality if calibration is not None else None,
-                                   job.review_threshold)
-    timings["quality_seconds"] = time.perf_counter() - t0
+    with stage_clock(timings, "quality"):
+        result.quality = assess_result(result, calibration.quality if calibration is not None else None,
+                                       job.review_threshold)
     result.timings.update(timings)
     result.warnings += [f"{name} was not localized ({why}); it was skipped"
                         for name, why in localization.info.get("skipped", {}).items()]
@@ -216,11 +230,12 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
         outcome.dice_table = report["dice_vs_reference"] = result.dice_table(
             read_labels(job.reference, scan.reference, "reference label map")[1])
     result.timings["total_seconds"] = time.perf_counter() - started
+    result.timings["total_cpu_seconds"] = time.process_time() - cpu_started
     if job.out is not None:
         progress.stage(STAGE_WRITE)
         boxes_info = {"localization": localization.info, "prompts": result.prompt_info} if job.from_library else None
         extra_files = export.writers(result) if export else {}
         if export:
             report["dicom_out"] = export.info()
-        write_results(result, job.out, job.overwrite, boxes_info, report, started, extra_files)
+        write_results(result, job.out, job.overwrite, boxes_info, report, started, extra_files, cpu_started)
     return outcome
