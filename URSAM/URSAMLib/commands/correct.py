@@ -56,7 +56,7 @@ def add_parser(sub):
 def main(args):
     if args.undo:
         if args.organ or args.slice is not None or args.box or args.remove:
-            raise URSAMError("--undo takes no --organ, --slice, --box or --remove")
+            raise URSAMError("--undo takes no --organ, --slice, --box or --remove", args.result)
         record = undo_last(args.result)
         if not args.quiet:
             print(f"undid the correction of {record['organ']} on slice {record['slice']} "
@@ -64,7 +64,7 @@ def main(args):
         return 0
     if not args.organ or args.slice is None or not (args.box or args.remove):
         raise URSAMError("ursam correct needs --organ NAME --slice K and --box X0,Y0,X1,Y1 or --remove "
-                         "(or --undo)")
+                         "(or --undo)", args.result)
     options = CorrectionOptions(propagate=not args.no_propagate, max_slices=args.max_slices,
                                 take_others=args.take_others).check()
     model = {"device": args.device, "encoder": args.encoder, "checkpoint": args.checkpoint}
