@@ -31,6 +31,7 @@ import numpy as np
 from .boxes import OrganBox, bbox2d, grid_px_to_slice_px, grow_box
 from .errors import URSAMError
 from .metrics import dice
+from .prompt_modes import PromptOptions
 from .sam.views import ZoomedBackend, organ_crop
 
 #: why a direction of the propagation stopped (CorrectionStop.why)
@@ -53,10 +54,11 @@ class CorrectionOptions:
     #: ... and where they agree less than this while SAM's stability score is below ``min_stability``
     disagree_dice: float = 0.5
     min_stability: float = 0.85
-    #: margin around the previous slice's mask for the next slice's box, px of SAM's 1024 grid
-    grow_px: float = 10.0
+    #: margin around the previous slice's mask for the next slice's box, px of SAM's 1024 grid (as the
+    #: propagate prompt mode's)
+    grow_px: float = PromptOptions.grow_px
     #: a mask smaller than this (pixels) has vanished
-    min_mask_px: int = 2
+    min_mask_px: int = PromptOptions.min_mask_px
     #: SAM sees a crop around the box (sam.views.organ_crop), so that a small organ covers more of its grid;
     #: off by default: on tsA_slab (3 mm) the zoomed masks were worse (aorta 0.61 against 0.75 Dice after a
     #: correction, duodenum 0.33 against 0.44)
