@@ -10,7 +10,7 @@ pasting the true mask on the same slices only (the slices the corrections change
 
 RESULT_DIR is a folder ``ursam segment`` wrote, LABELS the reference label map of its input. Each rule is a
 stopping rule of the propagation (``default``: the engine's CorrectionOptions; ``none``: no stop where SAM
-is unsure; ``strict``: a stricter one; ``off``: no propagation, the box's slice only; ``zoom``: the default
+is unsure; ``loose``: it stops only where SAM disagrees more and is less sure; ``off``: no propagation, the box's slice only; ``zoom``: the default
 with SAM zoomed onto the box). The rules share each slice's embedding (computed once per scan), so that
 several rules cost little more than one; ``--timing N`` then times N corrections per scan with nothing
 cached (a new SliceSam each, as ``ursam correct`` has), the seconds the table reports per correction.
@@ -37,7 +37,7 @@ from URSAMLib.metrics import dice  # noqa: E402
 RULES = {
     "default": CorrectionOptions(),
     "none": replace(CorrectionOptions(), disagree_dice=0.0),
-    "strict": replace(CorrectionOptions(), disagree_dice=0.7, min_stability=0.9),
+    "loose": replace(CorrectionOptions(), disagree_dice=0.5, min_stability=0.85),
     "off": replace(CorrectionOptions(), propagate=False),
     "zoom": replace(CorrectionOptions(), zoom=True),
 }
