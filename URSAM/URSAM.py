@@ -179,6 +179,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runFinish = None
         self._updatingOrgans = False
         self._libraryNames = {}
+        self._correctionDefaultsShown = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -215,6 +216,12 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportRtStructButton.clicked.connect(self.onExportRtStructureSet)
         self.ui.nextSliceButton.clicked.connect(self.onNextSliceToCheck)
         self.ui.statisticsTableView.selectionModel().selectionChanged.connect(self.updateButtons)
+        self.ui.correctionApplyButton.clicked.connect(self.onCorrect)
+        self.ui.correctionRemoveButton.clicked.connect(self.onCorrectionRemove)
+        self.ui.correctionUndoButton.clicked.connect(self.onCorrectionUndo)
+        self.ui.correctionBoxSelector.currentNodeChanged.connect(self.updateButtons)
+        self.ui.correctionOrganComboBox.currentIndexChanged.connect(self.updateButtons)
+        self.ui.correctionPropagateCheckBox.toggled.connect(self.updateButtons)
         self.ui.roiSelector.checkedNodesChanged.connect(self.updateButtons)
         self.ui.reviewTableView.selectionModel().selectionChanged.connect(self.onReviewSelectionChanged)
 
@@ -227,6 +234,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.onCancel()
+        self.logic.endCorrectionSession()
         self._timer.stop()
         self.setParameterNode(None)  # a reloaded module's old widgets must not stay connected to the node
         self.removeObservers()
@@ -241,6 +249,7 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()  # the scene it would write into is going away
+        self.logic.endCorrectionSession()  # the worker holds a volume of the scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -324,6 +333,14 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextSliceButton.enabled = not running and self.selectedOrgan() is not None
         self.ui.exportRtStructButton.enabled = (not running and hasInput
                                                 and self.logic.findOutput(p.inputVolume, "rectified") is not None)
+        canCorrect = (not running and hasInput and bool(self.ui.correctionOrganComboBox.currentText)
+                      and self.ui.correctionBoxSelector.currentNode() is not None)
+        self.ui.correctionApplyButton.enabled = canCorrect
+        if running and self._runButton is self.ui.correctionApplyButton:
+            self.ui.correctionApplyButton.enabled = True  # it is the Cancel button now
+        self.ui.correctionRemoveButton.enabled = canCorrect
+        self.ui.correctionUndoButton.enabled = not running and hasInput and self.logic.canUndoCorrection(p.inputVolume)
+        self.ui.correctionMaxSlicesSpinBox.enabled = self.ui.correctionPropagateCheckBox.checked
         # the logic's rule for checked boxes, in the logic's words
         note = self.logic.roiPromptNote(self.runOptions(), hasRois) if p is not None else None
         self.ui.roiPromptNoteLabel.text = note[0].upper() + note[1:] + "." if note else ""
@@ -425,6 +442,18 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if index >= 0:
                     self.ui.statisticsTableView.setColumnHidden(index, True)
             self.colourReviewDecisions()
+        organs = self.logic.correctionOrgans(inputVolume)
+        combo = self.ui.correctionOrganComboBox
+        if organs and not self._correctionDefaultsShown:
+            # the engine's default, once the engine is loaded (the panel loads before its packages install)
+            self.ui.correctionMaxSlicesSpinBox.value = self.logic.correctionMaxSlices()
+            self._correctionDefaultsShown = True
+        if organs != [combo.itemText(i) for i in range(combo.count)]:
+            current = combo.currentText
+            combo.clear()
+            combo.addItems(organs)
+            if current in organs:
+                combo.setCurrentIndex(organs.index(current))
         if review is not None:
             table = review.GetTable()
             for name in self.logic.hiddenReviewColumns():
@@ -507,6 +536,43 @@ class URSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is not None and p.inputVolume is not None:
             self.logic.showUncertainty(p.inputVolume, show)
+
+    # -- SAM-assisted correction -------------------------------------------------------------------------
+    def onCorrect(self) -> None:
+        if self._run is not None:
+            self.onCancel()
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Correction failed."), waitCursor=True):
+            options = self.runOptions()
+            if not self.logic.ensureDependencies(backend=options.backend):
+                return
+            run = self.logic.correction.start(p.inputVolume, self.ui.correctionOrganComboBox.currentText,
+                                              self.ui.correctionBoxSelector.currentNode(), options,
+                                              propagate=self.ui.correctionPropagateCheckBox.checked,
+                                              maxSlices=self.ui.correctionMaxSlicesSpinBox.value)
+            self.startRun(run, self.ui.correctionApplyButton, self.finishCorrection)
+
+    def finishCorrection(self, run) -> None:
+        record = run.result
+        self.setStatus(_("Corrected {organ}: {n} slices changed in {s:.1f} s.").format(
+            organ=record.organ, n=len(record.changed), s=run.seconds))
+        self.updateButtons()
+
+    def onCorrectionRemove(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not remove the organ from the slice."), waitCursor=True):
+            record = self.logic.correction.remove(p.inputVolume, self.ui.correctionOrganComboBox.currentText,
+                                                  self.ui.correctionBoxSelector.currentNode())
+            self.setStatus(_("Removed {organ} from {n} slice.").format(organ=record.organ, n=len(record.changed)))
+        self.updateButtons()
+
+    def onCorrectionUndo(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not undo the correction."), waitCursor=True):
+            record = self.logic.correction.undo(p.inputVolume)
+            self.setStatus(_("Undid the correction of {organ}.").format(organ=record.organ))
+        self.updateButtons()
 
     # -- steps ---------------------------------------------------------------------------------------------
     def rememberLibrary(self) -> None:
@@ -754,6 +820,30 @@ class URSAMLogic(ScriptedLoadableModuleLogic):
         from URSAMMRML import outputs  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
 
         return outputs.findOutput(slicer.mrmlScene, inputVolume.GetID(), role)
+
+    @property
+    def correction(self):
+        """SAM-assisted correction: URSAMMRML.correction.Corrector (its session worker and undo records)."""
+        return self.impl.correction
+
+    def endCorrectionSession(self):
+        """End the correction worker, where one runs (nothing is loaded to find out)."""
+        if self._impl is not None:
+            self._impl.correction.endSession()
+
+    def canUndoCorrection(self, inputVolume):
+        return self._impl is not None and self._impl.correction.canUndo(inputVolume)
+
+    def correctionOrgans(self, inputVolume):
+        """The organs of the volume's UR-SAM rectified segmentation, once the engine is loaded."""
+        if self._impl is None or inputVolume is None:
+            return []
+        return self._impl.correction.organs(inputVolume)
+
+    def correctionMaxSlices(self):
+        from URSAMLib.correction import CorrectionOptions  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)
+
+        return CorrectionOptions().max_slices
 
     def hiddenReviewColumns(self):
         from URSAMMRML.review import HIDDEN_REVIEW_COLUMNS  # noqa: PLC0415 (engine packages install on first use, after the panel has loaded)

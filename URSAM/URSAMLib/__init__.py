@@ -20,6 +20,8 @@ named objects:
 - ``metrics`` scores it, ``review`` finds the flagged regions, ``outputs``
   writes the files (through ``atomic``; DICOM objects through ``dicom``).
 
+``correction`` corrects one organ of a finished result from a box on one slice (SAM on that slice and
+the slices around it; ``correction_files`` applies it to a result folder, with its undo record);
 ``batch`` runs cohorts on Dask distributed; ``evaluation`` scores and
 measures the method (evaluate, bench, the demo and its phantom); ``cli`` is
 the ``ursam`` command, one module per command in ``commands``.

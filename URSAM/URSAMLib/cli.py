@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "URSAMLib.commands.demo",
     "URSAMLib.commands.train_localizer",
     "URSAMLib.commands.bench",
+    "URSAMLib.commands.correct",
 ]
 
 

@@ -12,6 +12,8 @@ nodes; every computation is delegated to URSAMLib. Modules:
   runs compute in a worker process (``startJob``).
 - ``worker``: the worker process (``python -m URSAMMRML.worker JOBDIR``), which imports only the engine;
   ``jobs``: starting, polling and killing it.
+- ``correction``: SAM-assisted correction of "UR-SAM rectified" from a box (a Markups ROI), its undo;
+  ``sessionworker``: the worker's persistent mode that serves the corrections (``--serve``).
 - ``demo``: the synthetic demo data in a scene.
 - ``dependencies``: which Python packages a run needs, which are missing, and installing them
   (nothing in Slicer's testing mode).

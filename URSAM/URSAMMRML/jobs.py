@@ -71,8 +71,10 @@ class WorkerProcess:
     log beside it.
     """
 
-    def __init__(self, jobDir, python=None, env=None, parentPid=None):
+    def __init__(self, jobDir, python=None, env=None, parentPid=None, serve=False):
         self.jobDir = Path(jobDir)
+        #: a persistent worker (``--serve``), which reads its requests on stdin (:meth:`send`)
+        self.serve = serve
         self.python = python or sys.executable
         self.env = env
         self.parentPid = os.getpid() if parentPid is None else parentPid
@@ -90,12 +92,14 @@ class WorkerProcess:
         cmd = [self.python, "-m", "URSAMMRML.worker", str(self.jobDir)]
         if self.parentPid:
             cmd += ["--parent-pid", str(self.parentPid)]
+        if self.serve:
+            cmd.append("--serve")
         return cmd
 
     def start(self):
         out = open(self.jobDir / worker.EVENTS_FILE, "wb")
         self._log = open(self.jobDir / worker.LOG_FILE, "wb")
-        kwargs = {"stdin": subprocess.DEVNULL, "stdout": out, "stderr": self._log, "cwd": MODULE_DIR,
+        kwargs = {"stdin": subprocess.PIPE if self.serve else subprocess.DEVNULL, "stdout": out, "stderr": self._log, "cwd": MODULE_DIR,
                   "env": workerEnvironment(self.env)}
         if os.name == "nt":
             info = subprocess.STARTUPINFO()
@@ -120,6 +124,20 @@ class WorkerProcess:
     @property
     def running(self):
         return self.proc is not None and self.returncode is None
+
+    def send(self, request):
+        """Send one request (a dict, as one JSON line) to a persistent worker; False where it has ended.
+
+        A request is a line of a few hundred bytes, far below the pipe's buffer, so the write does not block.
+        """
+        if not self.serve or not self.running or self.proc.stdin is None:
+            return False
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode("utf-8"))
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
 
     def poll(self):
         """The events the worker printed since the last call (dicts); sets :attr:`returncode` once it ended.
@@ -196,6 +214,11 @@ class WorkerProcess:
             if handle is not None:
                 handle.close()
                 setattr(self, name, None)
+        if self.proc is not None and self.proc.stdin is not None and self.proc.poll() is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
 
 
 def _parseEvent(raw):

@@ -36,6 +36,7 @@ from URSAMLib.result import SegmentationResult
 from URSAMLib.templates import Library, open_or_create
 
 from . import display, jobs, outputs, review, segmentations, worker
+from .correction import Corrector
 from .geometry import VolumeSnapshot, boxFromRoi, ijkToFrameOf, ijkToRas, placeRoi, snapshotVolume
 from .geometry import worldToLocal as geometryWorldToLocal
 from .options import RunOptions
@@ -281,6 +282,8 @@ class URSAMProcessLogic:
         self._cache = {}
         #: (input volume node ID, organ) -> the place in its ranked slices that "next slice" last went to
         self._sliceCursor = {}
+        #: SAM-assisted correction: its session worker and each volume's undo stack (URSAMMRML.correction)
+        self.correction = Corrector(self.python, env, tempRoot)
 
     # -- model --------------------------------------------------------------------------------
     def backend(self, options, progress=None, percentile=False):
@@ -456,6 +459,8 @@ class URSAMProcessLogic:
                 sh.RemoveItem(result.folderItemID)
             raise
         result.notes.extend(w for w in computed.result.warnings if w not in result.notes)
+        if "rectified" in roles:
+            self.correction.forget(snapshot.nodeID)  # its undo records are of the segments just replaced
         self._cache[snapshot.nodeID] = computed
         progress.done()
         return result
@@ -507,6 +512,7 @@ class URSAMProcessLogic:
 
     def forget(self, inputVolumeID):
         self._cache.pop(inputVolumeID, None)
+        self.correction.forget(inputVolumeID)
 
     def rectify(self, inputVolume, options=None, progress=None, **overrides):
         """Rerun only the rectification with new options, from the cached maps (no SAM).

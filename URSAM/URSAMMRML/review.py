@@ -26,7 +26,8 @@ REVIEW_COLUMNS = [  # (name, kind, unit, description)
     ("R", "double", "mm", "centre of the region, right"),
     ("A", "double", "mm", "centre of the region, anterior"),
     ("S", "double", "mm", "centre of the region, superior"),
-    ("Status", "str", "", "pending, accepted (added to the rectified segment) or rejected (removed from it)"),
+    ("Status", "str", "", "pending, accepted (added to the rectified segment), rejected (removed from it) or "
+                          "corrected (a SAM box corrected the organ on slices it lies on)"),
     ("Label", "int", "", "organ label value"),
     ("Seed IJK", "str", "", "one voxel of the region (i,j,k)"),
     ("Box IJK", "str", "", "voxel box of the region: i0,i1,j0,j1,k0,k1 (inclusive)"),

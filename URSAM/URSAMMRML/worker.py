@@ -1,6 +1,8 @@
 """The URSAM worker: one Localize or Segment run of the engine, in a process of its own.
 
-    python -m URSAMMRML.worker JOBDIR [--parent-pid PID]
+    python -m URSAMMRML.worker JOBDIR [--parent-pid PID] [--serve]
+
+(``--serve``: the persistent mode of SAM-assisted correction, :mod:`URSAMMRML.sessionworker`.)
 
 Slicer's Python holds the GIL while Slicer's event loop idles (PythonQt's
 thread support is off), so engine work on a thread of the Slicer process
@@ -62,6 +64,7 @@ from URSAMLib.sam import BackendOptions
 from URSAMLib.templates import Library
 
 from .options import RunOptions
+from .sessionworker import serve
 
 JOB_FILE = "job.json"
 INPUT_FILE = "input.nrrd"
@@ -70,7 +73,9 @@ OUTCOME_FILE = "outcome.pickle"
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "worker.log"
 JOB_FORMAT = 1
-TASKS = ("segment", "localize")
+TASKS = ("segment", "localize", "session")
+#: the task of a persistent worker (``--serve``: URSAMMRML.sessionworker), which holds no boxes or library
+SESSION = "session"
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ORPHANED = 0, 1, 2, 3
 #: same for every Python from 3.4 on, so a worker Python other than the logic's can still answer
 PICKLE_PROTOCOL = 4
@@ -242,7 +247,7 @@ def read_job(job_dir):
                           list(b.get("notes", [])),
                           None if b.get("slice_boxes") is None else
                           {int(z): v for z, v in b["slice_boxes"].items()}) for b in spec["boxes"]]
-    elif not spec.get("library"):
+    elif not spec.get("library") and spec["task"] != SESSION:
         raise URSAMError("the worker's job gives neither organ boxes nor a template library", spec_path)
     return Job(spec["task"], str(spec.get("name", "")), volume, image, options, boxes, spec.get("library"),
                spec.get("organs"))
@@ -357,6 +362,9 @@ def main(argv=None):
     parser.add_argument("job_dir", help="the job folder: job.json and input.nrrd")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="end when this process (Slicer) ends")
+    parser.add_argument("--serve", action="store_true",
+                        help="keep the model and the scan, and answer correction requests read from stdin "
+                             "(URSAMMRML.sessionworker)")
     args = parser.parse_args(argv)
     if args.parent_pid:
         _watch_parent(args.parent_pid)
@@ -370,6 +378,9 @@ def main(argv=None):
     try:
         progress = EventProgress(emit)
         job = read_job(args.job_dir)
+        if args.serve:
+            serve(args.job_dir, job, lambda options, percentile: makeBackend(options, progress, percentile), emit)
+            return EXIT_DONE
         outcome = compute(job, progress)
         write_outcome(args.job_dir, outcome)
     except URSAMError as err:
