@@ -95,3 +95,11 @@ def test_bench_times_the_whole_case_and_each_support_from_a_template_library(sla
     assert record["whole_case_seconds"] > reg["localize_seconds"] + reg["deformable_seconds"]
     assert record["encoder_calls"] == record["distinct_slices"] > 0
     assert record["paths"][record["encoder_path"]]["exact"]
+    # the whole case in a fresh process: each stage's wall and CPU seconds, and the start-up before the run
+    fresh = record["fresh_case"]
+    stages = fresh["stages"]
+    assert list(stages)[:3] == ["start-up", "read", "localize"] and {"segment", "write"} <= set(stages)
+    assert all(wall >= 0 and cpu >= 0 for wall, cpu in stages.values())
+    assert stages["start-up"][0] > 0.5  # an interpreter and its imports
+    assert sum(wall for wall, _ in stages.values()) <= fresh["wall_seconds"] + 0.5
+    assert stages["localize"][0] >= reg["affine_seconds_per_support"]["tsA"] * 0.5

@@ -51,6 +51,18 @@ def _n_values(text):
     return lo, hi
 
 
+def segment_args(args):
+    """The options of ``ursam segment`` that give the run this bench's settings and model (for its
+    fresh-process run of the whole case)."""
+    out = ["--backend", args.backend, "--device", args.device]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--window", args.window), ("--prompts", args.prompts),
+                        ("--margin", args.margin), ("--deformable", args.deformable), ("--seed", args.seed),
+                        ("--n-aug", args.n_aug), ("--encoder", getattr(args, "encoder", None))):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
 def main(args):
     from ..evaluation.bench import dumps, run_bench  # noqa: PLC0415 (imports torch: loads only where a model runs)
     from ..sam.backends import make_backend  # noqa: PLC0415 (imports torch: loads only where a model runs)
@@ -75,7 +87,8 @@ def main(args):
 
     record = run_bench(args.image, make, settings, boxes_path=args.boxes, templates=args.templates,
                        labels=args.labels, encoders=encoders, n_values=n_values, timing_slices=args.timing_slices,
-                       rounds=args.rounds, repeat=args.repeat, log=lambda m: print(m, flush=True))
+                       rounds=args.rounds, repeat=args.repeat, log=lambda m: print(m, flush=True),
+                       cli_args=segment_args(args))
     if progress.warnings:
         record["warnings"] = list(progress.warnings)
     line = dumps(record)

@@ -3,9 +3,12 @@
 One call measures, in one process and in interleaved rounds so that a busy
 machine hits every path alike:
 
-- with a template library: the whole case first (localization, the
-  deformable stage, SAM, outputs) and the seconds per support of the affine
-  registration and of the deformable stage;
+- with a template library: the whole case first, as a user runs it, in a
+  fresh process (``ursam segment --templates``): wall and CPU seconds of
+  each stage from its report.json, and the start-up before the run began
+  (interpreter, imports); then the whole case in this process (localization,
+  the deformable stage, SAM, outputs) and the seconds per support of the
+  affine registration and of the deformable stage;
 - the encoder per slice on each encoder path (eager and the fast ones), with
   its speed-up over eager in wall and in CPU time;
 - the decoder per box, fast and eager, on the slice with the most boxes;
@@ -25,6 +28,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from .. import pipeline
+from ..errors import URSAMError
 from ..imageio import read_ct, read_labels
 from ..localizers import BoxSource, LibrarySource
 from ..metrics import dice
@@ -205,13 +210,57 @@ def registration_record(outcome, settings):
     return out
 
 
+#: the run's stages in report.json's timings (``<stage>_seconds``, ``<stage>_cpu_seconds``), in run order
+STAGES = (("read", "read the scan"), ("localize", "localize (affine registrations)"),
+          ("warp", "warp the supports (deformable stage, priors)"), ("model", "load the SAM model"),
+          ("segment", "SAM, fusion, rectification"), ("quality", "quality estimate"), ("write", "write the outputs"))
+
+
+def fresh_case(image, templates, cli_args, out):
+    """``ursam segment IMAGE --templates LIB`` in a fresh process: ``{"wall_seconds", "cpu_seconds", "stages"}``
+    with each stage's ``[wall, CPU]`` seconds from its report.json and the start-up (what passed before
+    the run began: the interpreter, the imports, reading the arguments, and the exit after it).
+    ``cli_args``: more options of ``ursam segment``."""
+    cmd = [sys.executable, "-m", "URSAMLib.cli", "segment", str(image), "--templates", str(templates), "--out",
+           str(out), "--quiet", *cli_args]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise URSAMError(f"the fresh-process run failed ({last})", image)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    timings = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))["timings_seconds"]
+    stages = {"start-up": [wall - timings["total_seconds"], cpu - timings.get("total_cpu_seconds", 0.0)]}
+    for key, _ in STAGES:
+        if f"{key}_seconds" in timings:
+            stages[key] = [timings[f"{key}_seconds"], timings.get(f"{key}_cpu_seconds")]
+    return {"command": " ".join(cmd[1:]), "wall_seconds": wall, "cpu_seconds": cpu,
+            "stages": {k: [round(v, 2) if v is not None else None for v in pair] for k, pair in stages.items()},
+            "encoder_calls": timings.get("encoder_calls"), "distinct_slices": timings.get("distinct_slices"),
+            "sam_not_run": timings.get("sam_not_run", [])}
+
+
+def stage_table(fresh):
+    """The fresh-process run's stages as text lines: wall and CPU seconds each."""
+    names = {"start-up": "start-up (interpreter, imports)", **dict(STAGES)}
+    lines = [f"  {names[k]:<46} {w:7.1f} s wall {c if c is not None else float('nan'):7.1f} s CPU"
+             for k, (w, c) in fresh["stages"].items()]
+    lines.append(f"  {'whole case':<46} {fresh['wall_seconds']:7.1f} s wall {fresh['cpu_seconds']:7.1f} s CPU")
+    return lines
+
+
 def run_bench(image, make, settings, boxes_path=None, templates=None, labels=None, encoders=("all",),
-              n_values=(1, 3), timing_slices=4, rounds=2, repeat=1, log=print):
+              n_values=(1, 3), timing_slices=4, rounds=2, repeat=1, log=print, cli_args=()):
     """Measure and return the bench record (a dict); ``make(encoder)`` builds a backend.
 
     ``boxes_path``: the organs' boxes (prompted as ``ursam segment --boxes`` prompts them: the settings'
     mode, or the file's own where it is "auto"); or ``templates``: a template library, from which the
-    whole case (localization, deformable stage, SAM, outputs) is timed first, with the settings' prompt mode.
+    whole case (localization, deformable stage, SAM, outputs) is timed first, in a fresh process
+    (:func:`fresh_case`, with ``cli_args``, the options of ``ursam segment`` that give these settings) and
+    then in this one, with the settings' prompt mode.
     """
     load_start = _loadavg()
     cpu_start = time.process_time()
@@ -248,6 +297,14 @@ def run_bench(image, make, settings, boxes_path=None, templates=None, labels=Non
               "encoder_paths": list(backends), "exact_paths": [n for n in backends if n in ("eager",) + AUTO_ORDER]}
     with tempfile.TemporaryDirectory(prefix="ursam-bench-") as tmp:
         if templates is not None:
+            fresh = fresh_case(image, templates, cli_args, Path(tmp) / "fresh-case")
+            record["fresh_case"] = fresh
+            log(f"whole case in a fresh process ({fresh['command']}), by stage:")
+            for line in stage_table(fresh):
+                log(line)
+            if fresh["sam_not_run"]:
+                log(f"  SAM not run for {', '.join(fresh['sam_not_run'])} (the calibrated fusion gives it no "
+                    f"weight): {fresh['encoder_calls']} encoder calls")
             t0, c0 = time.perf_counter(), time.process_time()
             job = ScanJob(image, LibrarySource(templates), settings, out=str(Path(tmp) / "whole-case"))
             outcome = run_scan(job, lambda percentile: main, progress)
