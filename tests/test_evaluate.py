@@ -36,7 +36,7 @@ def evaluated(one_query_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "eval"
     args = ["evaluate", str(one_query_dataset), "--organs", ",".join(ORGANS), "--out", str(out)]
     printed = subprocess.run([sys.executable, "-m", "URSAMLib.cli", *args, "--quiet"], capture_output=True,
-                             text=True)
+                             text=True, encoding="utf-8")
     assert printed.returncode == 0, printed.stderr
     return out, args, printed.stdout
 
