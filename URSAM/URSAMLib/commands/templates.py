@@ -53,9 +53,11 @@ def add_parser(sub):
         "calibrate", help="fit the atlas-SAM fusion on the library itself (leave one out)",
         description="Segment each support scan with the other supports as its templates, then fit per organ "
                     "the fusion of SAM's ensemble and the warped support labels (sources, weights, prompt mode, "
-                    "temperature, threshold, rectification, flagging threshold). Writes calibration.json into "
-                    "the library (or --out); `ursam segment`, `evaluate` and the Slicer module use it. "
-                    "Resumable: what each support's runs computed is kept beside the library.")
+                    "temperature, threshold, rectification, flagging threshold), the number of best-fitting "
+                    "supports that vote per organ, and the quality estimate (predicted Dice, review thresholds). "
+                    "Writes calibration.json into the library (or --out); `ursam segment`, `evaluate` and the "
+                    "Slicer module use it. Resumable: what each support's runs computed is kept in the user's "
+                    "cache folder (~/.cache/ursam, or $URSAM_CACHE).")
     k.add_argument("library", metavar="LIB", help="library folder (at least 3 support scans)")
     k.add_argument("--out", metavar="FILE", help="where to write the calibration (default: LIB/calibration.json; "
                                                  "give it for a library you cannot write)")
