@@ -142,6 +142,9 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["rectified_method"]["name"] == "fusion"
     assert report["inputs"]["calibration"]["used"] and len(report["inputs"]["calibration"]["sha256"]) == 64
+    # the model loaded beside the registrations: the run waited for it at most as long as it took to load
+    timings = report["timings_seconds"]
+    assert 0 < timings["model_load_seconds"] and timings["model_seconds"] <= timings["model_load_seconds"] + 0.5
     organs = {o["name"]: o for o in report["organs"]}
     assert all(organs[n]["fusion"] is not None for n in ("Brainstem", "Parotid_L"))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "q_labels.nii.gz")))

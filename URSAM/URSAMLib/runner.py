@@ -27,6 +27,7 @@ flowing one way as named objects:
 """
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -144,6 +145,32 @@ STOPS = (None, "localize", "warp")
 BackendProvider = Callable[[bool], object]
 
 
+class ModelLoad:
+    """The SAM model loaded in a background thread while the supports are registered (SimpleITK releases
+    the GIL while it registers; loading the model reads and compiles its weights), so that a library run
+    does not wait for it after the registrations. :meth:`get` returns it, or raises its loading error."""
+
+    def __init__(self, options: BackendOptions, percentile: bool):
+        self.model, self.error, self.seconds = None, None, None
+        self._thread = threading.Thread(target=self._load, args=(options, percentile), daemon=True,
+                                        name="ursam-model-load")
+        self._thread.start()
+
+    def _load(self, options, percentile):
+        t0 = time.perf_counter()
+        try:
+            self.model = options.make(percentile)
+        except BaseException as err:  # re-raised in the run's own thread by get()
+            self.error = err
+        self.seconds = time.perf_counter() - t0
+
+    def get(self):
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.model
+
+
 @contextmanager
 def stage_clock(timings, stage):
     """``timings[stage + "_seconds"]`` and ``timings[stage + "_cpu_seconds"]``: the wall and CPU seconds (this
@@ -180,6 +207,9 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
     export = DicomExport.plan(scan, job.dicom_out)  # checked before any work
     timings["read_seconds"] = time.perf_counter() - started
     timings["read_cpu_seconds"] = time.process_time() - cpu_started
+    # the model loads while a library's supports are registered (boxes from a file have nothing to wait on)
+    loading = ModelLoad(job.backend, scan.percentile) if (
+        backend is None and job.stop_after is None and job.from_library) else None
 
     with stage_clock(timings, "localize"):
         localization = job.source.localize(scan, job.settings, progress,
@@ -206,8 +236,10 @@ def run_scan(job: ScanJob, backend: Optional[BackendProvider] = None,
 
     if backend is None:
         progress.stage(f"{STAGE_MODEL} {job.backend.name}")
-    with stage_clock(timings, "model"):
-        sam = (backend or job.backend.make)(scan.percentile)
+    with stage_clock(timings, "model"):  # with a model loaded beside the registrations: what is left to wait
+        sam = loading.get() if loading is not None else (backend or job.backend.make)(scan.percentile)
+    if loading is not None:
+        timings["model_load_seconds"] = loading.seconds
     inputs = {"image": scan.name, **job.source.describe(localization), "margin_z_xy": list(settings.margin),
               "normalization": "percentile" if scan.percentile else "ct-window"}
     boxes = [canonical.box_to_canonical(b) for b in localization.boxes]

@@ -14,7 +14,6 @@ from typing import Tuple
 
 from ..errors import URSAMError
 from .rtstruct import write_rtstruct
-from .seg import write_seg
 from .series import DicomSeries
 
 #: object -> file in the output folder
@@ -76,6 +75,9 @@ class DicomExport:
             if "map" not in labels:
                 labels["map"] = result.label_map()
             return labels["map"]
+
+        # highdicom loads only where a SEG is written: it is most of a second of every run's start-up
+        from .seg import write_seg  # noqa: PLC0415
 
         write = {"rtstruct": write_rtstruct, "seg": write_seg}
         return {FILES[k]: (lambda path, w=write[k]: w(label_map(), organs, self.series, path)) for k in self.kinds}
