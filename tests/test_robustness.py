@@ -1,6 +1,8 @@
 """Bad input gets one line naming the problem and the file, exit code 2, and no partial output."""
+import argparse
 import gzip
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from shared_data import ABD, case
 
-from URSAMLib.cli import main
+from URSAMLib.cli import build_parser, main
 from URSAMLib.errors import URSAMError
 from URSAMLib.imageio import nifti_has_nonfinite, read_ct
 
@@ -294,3 +296,16 @@ def test_mr_like_scan_and_box_partly_outside_run_with_warnings(capsys, small, tm
     spleen = next(o for o in report["organs"] if o["name"] == "spleen")
     assert spleen["box"]["max_ijk"] == [121, 70, 2] and "clipped" in spleen["notes"][0]
     assert len(report["warnings"]) == 2
+
+
+def test_every_help_text_is_filled_in():
+    """Each command's --help prints its options with every default written out (no unformatted placeholder)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    texts = {name: p.format_help() for name, p in sub.choices.items()}
+    nested = {f"{name} {n}": q.format_help() for name, p in sub.choices.items() for a in p._actions
+              if isinstance(a, argparse._SubParsersAction) for n, q in a.choices.items()}
+    texts.update(nested)
+    assert {"segment", "batch", "evaluate", "correct", "templates calibrate"} <= set(texts)
+    for name, text in texts.items():
+        assert not re.search(r"\{[A-Za-z_]+\}", text), (name, re.findall(r"\{[A-Za-z_]+\}", text))

@@ -15,6 +15,7 @@ from ..localization import DEFAULT_MARGIN, parse_margin
 from ..localizers import DEFAULT_LOCALIZER, LOCALIZERS, BoxSource, LibrarySource
 from ..pipeline import Params
 from ..prompt_modes import AUTO, DEFAULT_MODE, MODES, ZOOMS, PromptOptions
+from ..quality.model import UNCALIBRATED_THRESHOLD
 from ..rectification import LOWER_BOUNDS, SCOPES, RectifyOptions
 from ..registration.deformable import METHODS, DeformableOptions
 from ..runner import ScanJob
@@ -171,7 +172,7 @@ def add_calibration_options(p, library="the template library"):
                    help=f"ignore {library}'s calibration: the uncalibrated result (UR-SAM with the atlas prior)")
     p.add_argument("--review-threshold", metavar="DICE", type=_dice_threshold, default=None,
                    help="an organ whose predicted Dice is below this is marked 'check' (default: the threshold "
-                        "the calibration chose per organ; without one, {UNCALIBRATED_THRESHOLD})")
+                        f"the calibration chose per organ; without one, {UNCALIBRATED_THRESHOLD})")
 
 
 def _dice_threshold(text):
