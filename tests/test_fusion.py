@@ -188,7 +188,8 @@ def test_segment_with_a_calibrated_library_writes_the_fusion(small_library, tmp_
 @pytest.mark.slow
 def test_sam_does_not_run_for_an_organ_whose_fusion_gives_it_no_weight(small_library, litemedsam, tmp_path):
     """An organ fused from the warped supports alone is not prompted, and the slices only it covers are not
-    embedded: its result, and every other organ's, are those of a run where SAM segments every organ."""
+    embedded: its result, and every other organ's, are those of a run where SAM segments every organ; where no
+    organ uses SAM, no slice is embedded."""
     if not (small_library / "calibration.json").is_file():
         assert ursam(["templates", "calibrate", str(small_library), "--modes", "slice", "--n-aug", "2",
                       "--quiet"]) == 0
@@ -197,30 +198,41 @@ def test_sam_does_not_run_for_an_organ_whose_fusion_gives_it_no_weight(small_lib
     data["organs"]["Parotid_L"]["weights"].setdefault("sam", 0.5)  # the other organ keeps SAM
     atlas_only = tmp_path / "atlas_only.json"
     atlas_only.write_text(json.dumps(data), encoding="utf-8")
-    image, _ = organ_slab(HN / "cases" / "pt_31")
+    data["organs"]["Parotid_L"].update(weights={"atlas": 1.0}, bias=0.0)
+    no_sam = tmp_path / "no_sam.json"
+    no_sam.write_text(json.dumps(data), encoding="utf-8")
+    image, _ = organ_slab(HN / "cases" / "pt_34")
     query = tmp_path / "q.nii.gz"
     sitk.WriteImage(image, str(query))
 
-    runs = {}
-    for everywhere in (False, True):
-        job = ScanJob(str(query), LibrarySource(small_library), Settings(params=Params(n_aug=2)), atlas_only,
+    def run(calibration, everywhere):
+        job = ScanJob(str(query), LibrarySource(small_library), Settings(params=Params(n_aug=2)), calibration,
                       sam_everywhere=everywhere)
         calls = litemedsam.encoder_calls
         result = run_scan(job, lambda percentile: litemedsam).result
-        runs[everywhere] = (result, litemedsam.encoder_calls - calls)
-    (skipped, calls_skipped), (full, calls_full) = runs[False], runs[True]
+        return result, litemedsam.encoder_calls - calls
+
+    (skipped, calls_skipped), (full, calls_full) = run(atlas_only, False), run(atlas_only, True)
     assert skipped.rectified_method == full.rectified_method == "fusion"
     assert np.array_equal(skipped.label_map("fusion"), full.label_map("fusion"))
     organs = {o.name: o for o in skipped.main_organs()}
     assert not organs["Brainstem"].sam_run and organs["Parotid_L"].sam_run
     assert all(o.sam_run for o in full.main_organs())
     assert not organs["Brainstem"].masks["ensemble"].any() and organs["Brainstem"].fused.mask.any()
-    # only the parotid's slices were embedded
+    # each slice embedded once: the parotid's alone, or the parotid's and the brainstem's
     parotid = set(organs["Parotid_L"].box.prompt_slices)
-    assert calls_skipped == len(parotid) < calls_full
+    assert calls_skipped == len(parotid)
+    assert calls_full == len(parotid | set(organs["Brainstem"].box.prompt_slices))
     assert skipped.timings["sam_not_run"] == ["Brainstem"]
     for name in organs:
         assert skipped.quality[name].predicted_dice == pytest.approx(full.quality[name].predicted_dice, abs=1e-6)
+
+    # no organ uses SAM: nothing embedded, and the brainstem's fusion is the one above
+    alone, calls_none = run(no_sam, False)
+    assert calls_none == 0 and not any(o.sam_run for o in alone.main_organs())
+    assert sorted(alone.timings["sam_not_run"]) == ["Brainstem", "Parotid_L"]
+    brainstem = {o.name: o for o in alone.main_organs()}["Brainstem"]
+    assert np.array_equal(brainstem.fused.mask, organs["Brainstem"].fused.mask)
 
 
 def test_a_bad_calibration_file_is_one_error_before_any_registration(tmp_path, capsys):
