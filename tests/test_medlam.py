@@ -24,7 +24,15 @@ from URSAMLib.medlam.losses import medlam_loss, pair_offsets
 from URSAMLib.medlam.network import MedLAMNet, NetConfig
 from URSAMLib.medlam.preprocessing import crop, extreme_points, map_hu, prepare_path
 from URSAMLib.medlam.sampling import AugmentConfig, draw_batch
-from URSAMLib.medlam.training import TrainSettings, _to_tensors, activation_bytes, fit_batch_size, train
+from URSAMLib.medlam.training import (
+    TrainSettings,
+    _restore_rng,
+    _rng_state,
+    _to_tensors,
+    activation_bytes,
+    fit_batch_size,
+    train,
+)
 
 TINY = dict(widths=(2, 2, 4, 4, 8), feature_channels=4, patch_size=32, dropout=0.0)
 EXTRA = ["pt_242", "pt_243", "pt_245"]
@@ -266,6 +274,22 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     with pytest.raises(URSAMError, match="exists"):
         _train(tmp_path, "a.pt", 6)
+
+
+def test_sampler_generator_state_restores_on_its_own_device_type_only():
+    drawn = torch.Generator().manual_seed(1)
+    torch.rand(5, generator=drawn)
+    state = _rng_state(np.random.default_rng(0), drawn)
+    assert state["draw_device"] == "cpu"
+    fresh = torch.Generator().manual_seed(2)
+    assert _restore_rng(np.random.default_rng(5), fresh, state)
+    assert torch.equal(fresh.get_state(), drawn.get_state())
+    # A CUDA generator's state does not fit a CPU generator: left as it is, and said so.
+    state["draw_device"] = "cuda"
+    other = torch.Generator().manual_seed(3)
+    before = other.get_state()
+    assert not _restore_rng(np.random.default_rng(5), other, state)
+    assert torch.equal(other.get_state(), before)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, trained):

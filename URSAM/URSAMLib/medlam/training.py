@@ -122,14 +122,19 @@ def _to_tensors(batch, device):
 
 def _rng_state(np_rng, draw_gen):
     return {"numpy": json.dumps(np_rng.bit_generator.state), "torch": torch.get_rng_state(),
-            "draw": draw_gen.get_state()}
+            "draw": draw_gen.get_state(), "draw_device": draw_gen.device.type}
 
 
 def _restore_rng(np_rng, draw_gen, state):
+    """Restores the generators; False where the torch sampler's state is another device type's (unusable)."""
     np_rng.bit_generator.state = json.loads(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "draw" in state:
-        draw_gen.set_state(state["draw"])
+    if "draw" not in state:
+        return True
+    if state.get("draw_device", "cpu") != draw_gen.device.type:
+        return False
+    draw_gen.set_state(state["draw"])
+    return True
 
 
 def activation_bytes(config):
@@ -253,7 +258,10 @@ def train(images, out, settings=None, config=None, device="auto", resume=False, 
             sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
         history = list(state.get("history", []))
-        _restore_rng(np_rng, draw_gen, state["rng"])
+        if not _restore_rng(np_rng, draw_gen, state["rng"]) and settings.sampler == "torch":
+            # Each device type has its own generator: the batches go on, but not as the first run's would.
+            progress.warn(f"the checkpoint's batches were drawn on {state['rng']['draw_device']}, not {device}; "
+                          "the resumed run draws other batches than an uninterrupted one")
         progress.info(f"resuming {out} at step {step}")
     if step >= settings.steps:
         progress.info(f"checkpoint is already at step {step} of {settings.steps}; nothing to do")
