@@ -383,7 +383,7 @@ def test_train_localizer_torch_sampler_reports_speed(tmp_path):
     listing.write_text("\n".join(str(case(HN, c)[0]) for c in EXTRA), encoding="utf-8")
     out = tmp_path / "t.pt"
     r = _cli("train-localizer", "--images", str(listing), "--out", str(out), "--iterations", "2",
-             "--batch-size", "2", "--widths", "2,2,4,4,8", "--feature-channels", "4", "--patch-size", "32",
+             "--batch-size", "2", "--threads", "1", "--widths", "2,2,4,4,8", "--feature-channels", "4", "--patch-size", "32",
              "--log-every", "1", "--cache", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     assert out.exists()
