@@ -3,6 +3,7 @@
 Tiny networks (widths 2..8, 32^3 patches) keep these tests to seconds on 2 cores.
 """
 import json
+import re
 import subprocess
 import sys
 
@@ -15,12 +16,23 @@ from shared_data import HN, case
 
 from URSAMLib.errors import URSAMError
 from URSAMLib.localizers import LOCALIZERS, localize
+from URSAMLib.medlam import budget
+from URSAMLib.medlam.bank import VolumeBank
 from URSAMLib.medlam.checkpoint import load_network, save_checkpoint
+from URSAMLib.medlam.draw import draw_batch as draw_tensor_batch
 from URSAMLib.medlam.losses import medlam_loss, pair_offsets
 from URSAMLib.medlam.network import MedLAMNet, NetConfig
-from URSAMLib.medlam.preprocessing import extreme_points, map_hu, prepare_path
+from URSAMLib.medlam.preprocessing import crop, extreme_points, map_hu, prepare_path
 from URSAMLib.medlam.sampling import AugmentConfig, draw_batch
-from URSAMLib.medlam.training import TrainSettings, _to_tensors, train
+from URSAMLib.medlam.training import (
+    TrainSettings,
+    _restore_rng,
+    _rng_state,
+    _to_tensors,
+    activation_bytes,
+    fit_batch_size,
+    train,
+)
 
 TINY = dict(widths=(2, 2, 4, 4, 8), feature_channels=4, patch_size=32, dropout=0.0)
 EXTRA = ["pt_242", "pt_243", "pt_245"]
@@ -107,6 +119,113 @@ def test_augmented_copy_tracks_anatomy(volumes):
     assert np.allclose(b["ori"][0, 0, 0], padded[c[0] - 16:c[0] + 16, c[1] - 16:c[1] + 16, c[2] - 16:c[2] + 16])
 
 
+@pytest.fixture(scope="module")
+def small_scans():
+    """Two smooth synthetic scans (uint8), smaller than some patches, so crops reach past their edges."""
+    rng = np.random.default_rng(7)
+    scans = []
+    for shape in ((40, 52, 60), (28, 70, 44)):
+        v = ndimage.gaussian_filter(rng.uniform(0, 255, shape), 2.0)
+        v = (v - v.min()) / (v.max() - v.min()) * 255
+        scans.append(v.astype(np.uint8))
+    return scans
+
+
+def _torch_draw(scans, seed, aug=None, batch=3, size=32, workers=1):
+    return draw_tensor_batch(VolumeBank(scans), batch, size, aug or AugmentConfig(),
+                             torch.Generator().manual_seed(seed), n_patches=2, workers=workers)
+
+
+def test_torch_sampler_is_seeded(small_scans):
+    a = _torch_draw(small_scans, 11)
+    b = _torch_draw(small_scans, 11)
+    # Rendering split over threads gives the same batch: randomness is all drawn first.
+    c = _torch_draw(small_scans, 11, workers=2)
+    assert a.keys() == b.keys() == c.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], c[k]), k
+    d = _torch_draw(small_scans, 12)
+    for k in ("ori", "aug", "coords", "centre", "points"):
+        assert not torch.equal(a[k], d[k]), k
+
+
+def test_torch_sampler_fields_match_the_numpy_sampler(small_scans):
+    aug = AugmentConfig()
+    ref = draw_batch(small_scans, 3, 32, aug, np.random.default_rng(0), 2)
+    got = _torch_draw(small_scans, 0, aug)
+    for k in ("ori", "aug", "coords", "points", "point_coords", "centre"):
+        assert tuple(got[k].shape) == ref[k].shape, k
+        assert got[k].dtype == torch.from_numpy(ref[k]).dtype, k
+    assert got["scan"].shape == (3,)
+    # The loss takes the torch batch as it is.
+    loss, parts = medlam_loss(tiny_net(), got, 3.0)
+    assert torch.isfinite(loss) and parts["offset"] > 0 and parts["match"] > 0
+
+
+def test_torch_original_patch_is_an_exact_crop_and_the_offset_its_centre_difference(small_scans):
+    b = _torch_draw(small_scans, 5, batch=4)
+    for e in range(4):
+        scan = small_scans[int(b["scan"][e])]
+        for i in range(2):
+            centre = b["centre"][e, i].numpy()
+            assert np.array_equal(centre, np.round(centre))
+            expect = crop(scan, centre, 32).astype(np.float32) / 255.0
+            assert torch.equal(b["ori"][e, i, 0], torch.from_numpy(expect))
+            # The matching points' scan coordinates: their voxel in the crop plus the crop's corner.
+            assert torch.equal(b["point_coords"][e, i], (b["points"][e, i] - 16 + b["centre"][e, i]).float())
+    pred, target = pair_offsets(tiny_net(), torch.zeros(4, 2, 3), b["centre"], 3.0)
+    assert torch.equal(target, (b["centre"][:, 0] - b["centre"][:, 1]) * 3.0)
+    assert (target != 0).any()
+
+
+@pytest.mark.parametrize("warp", [True, False])
+def test_torch_identity_augmentation_is_the_crop(small_scans, warp):
+    """No rotation, scaling, deformation, remap, noise or shift: the copy is the crop, on whole voxels.
+
+    With ``warp`` the copy goes through the affine and elastic path (grid_sample) with zero
+    settings; without, through the plain-crop path for unaugmented copies.
+    """
+    p = 1.0 if warp else 0.0
+    aug = AugmentConfig(shift=0, rotate_deg=0.0, scale=0.0, elastic_voxels=0.0, p_affine=p, p_elastic=p,
+                        p_intensity=0.0, p_noise=0.0)
+    b = _torch_draw(small_scans, 9, aug, batch=4)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(32.0) - 16] * 3, indexing="ij"))
+    for e in range(4):
+        for i in range(2):
+            assert torch.equal(b["coords"][e, i], grid + b["centre"][e, i].view(3, 1, 1, 1))
+    if warp:
+        assert torch.allclose(b["aug"], b["ori"], rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(b["aug"], b["ori"])
+
+
+def test_torch_augmented_copy_tracks_anatomy(small_scans):
+    """Every voxel of a fully augmented copy (no remap or noise) is the scan's value at its coordinate."""
+    aug = AugmentConfig(p_affine=1.0, p_elastic=1.0, p_intensity=0.0, p_noise=0.0)
+    b = _torch_draw(small_scans, 4, aug, batch=2)
+    moved = 0.0
+    for e in range(2):
+        vol = small_scans[int(b["scan"][e])].astype(np.float32) / 255.0
+        for i in range(2):
+            coords = b["coords"][e, i].numpy()
+            # grid-constant: between an edge voxel and the outside, a mix with air, as the crop's zeros give.
+            expect = ndimage.map_coordinates(vol, coords.reshape(3, -1), order=1, mode="grid-constant")
+            assert np.allclose(b["aug"][e, i, 0].numpy().ravel(), expect, atol=1e-5)
+            moved = max(moved, float(np.abs(coords - np.round(coords)).max()))
+    assert moved > 0.1  # really warped, not whole voxels
+
+
+def test_batch_size_rule():
+    assert budget.fit_batch_size(10, 100) == 7
+    assert budget.fit_batch_size(1, 10**12) == budget.MAX_BATCH
+    assert budget.fit_batch_size(10**12, 1) == 1
+    tiny = NetConfig(**TINY)
+    assert 0 < activation_bytes(tiny) < activation_bytes(NetConfig())
+    size, why = fit_batch_size(tiny, 2, "cpu")
+    assert 1 <= size <= budget.MAX_BATCH and why.startswith(str(size))
+
+
 def test_one_training_step_lowers_the_loss(volumes):
     net = tiny_net(seed=1)
     batch = _to_tensors(draw_batch(volumes, 1, 32, AugmentConfig(), np.random.default_rng(0), 2), "cpu")
@@ -155,6 +274,22 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     with pytest.raises(URSAMError, match="exists"):
         _train(tmp_path, "a.pt", 6)
+
+
+def test_sampler_generator_state_restores_on_its_own_device_type_only():
+    drawn = torch.Generator().manual_seed(1)
+    torch.rand(5, generator=drawn)
+    state = _rng_state(np.random.default_rng(0), drawn)
+    assert state["draw_device"] == "cpu"
+    fresh = torch.Generator().manual_seed(2)
+    assert _restore_rng(np.random.default_rng(5), fresh, state)
+    assert torch.equal(fresh.get_state(), drawn.get_state())
+    # A CUDA generator's state does not fit a CPU generator: left as it is, and said so.
+    state["draw_device"] = "cuda"
+    other = torch.Generator().manual_seed(3)
+    before = other.get_state()
+    assert not _restore_rng(np.random.default_rng(5), other, state)
+    assert torch.equal(other.get_state(), before)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, trained):
@@ -241,3 +376,24 @@ def test_cli_errors(tmp_path, trained):
              "--out", str(tmp_path / "b.json"))
     assert r.returncode == 2 and "--localizer-checkpoint" in r.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_train_localizer_torch_sampler_reports_speed(tmp_path):
+    listing = tmp_path / "scans.txt"
+    listing.write_text("\n".join(str(case(HN, c)[0]) for c in EXTRA), encoding="utf-8")
+    out = tmp_path / "t.pt"
+    r = _cli("train-localizer", "--images", str(listing), "--out", str(out), "--iterations", "2",
+             "--batch-size", "2", "--threads", "1", "--widths", "2,2,4,4,8", "--feature-channels", "4", "--patch-size", "32",
+             "--log-every", "1", "--cache", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    assert out.exists()
+    speed = re.search(r"speed: ([0-9.]+) steps/s .*torch sampler, 2 x 2 patches.*drawing ([0-9.]+) s .*network "
+                      r"([0-9.]+) s", r.stdout)
+    assert speed, r.stdout
+    assert float(speed.group(1)) > 0 and float(speed.group(3)) > 0
+    assert "steps/s (draw" in r.stderr
+    state = torch.load(out, weights_only=True)
+    assert state["step"] == 2 and state["train"]["sampler"] == "torch" and "draw" in state["rng"]
+    logged = [h for h in state["history"] if "steps_per_second" in h]
+    assert [h["step"] for h in logged] == [1, 2]
+    assert all(h["draw_seconds"] > 0 and h["step_seconds"] > 0 for h in logged)

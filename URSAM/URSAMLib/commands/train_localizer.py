@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import URSAMError
 from ..imageio import IMAGE_SUFFIXES
+from ..medlam.budget import RULE as BATCH_RULE
 from ..progress import Progress
 
 
@@ -98,7 +99,16 @@ def add_parser(sub):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=2, help="scans per step (default 2)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"scans per step (default: {BATCH_RULE.replace('%', '%%')}; a resumed run keeps its checkpoint's)")
+    p.add_argument("--sampler", choices=("torch", "numpy"), default="torch",
+                   help="how batches are drawn: torch (default): the scans held on the training device and "
+                        "every patch of a batch augmented at once with tensor operations; numpy: the reference "
+                        "sampler, one patch at a time with scipy (slow; stored in the checkpoint, so a resumed "
+                        "run keeps its own)")
+    p.add_argument("--draw-threads", type=int,
+                   help="CPU training: threads that draw a batch with the torch sampler, each on whole "
+                        "examples (default: torch's thread count; the batches do not depend on it)")
     p.add_argument("--patches-per-scan", type=int, default=2,
                    help="patches drawn from each scan; every pair feeds the offset loss (default 2)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
@@ -119,12 +129,13 @@ def add_parser(sub):
 def main(args):
     import torch  # noqa: PLC0415 (torch loads only where a model runs)
 
+    from ..medlam.checkpoint import pick_device  # noqa: PLC0415 (imports torch: loads only where a model runs)
     from ..medlam.network import NetConfig  # noqa: PLC0415 (imports torch: loads only where a model runs)
-    from ..medlam.training import TrainSettings, train  # noqa: PLC0415 (imports torch: loads only where a model runs)
+    from ..medlam.training import TrainSettings, fit_batch_size, train  # noqa: PLC0415 (imports torch: loads only where a model runs)
 
     progress = Progress(quiet=args.quiet)
-    for name in ("batch_size", "patches_per_scan", "save_every", "log_every"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "patches_per_scan", "save_every", "log_every", "draw_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise URSAMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.patches_per_scan < 2:
         raise URSAMError("--patches-per-scan must be at least 2 (the offset needs a pair)")
@@ -146,14 +157,27 @@ def main(args):
                            range_mm=_numbers(args.range_mm, 3, "--range-mm"))
     except ValueError as err:
         raise URSAMError(f"network settings: {err}") from None
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size, why = fit_batch_size(config, args.patches_per_scan, pick_device(args.device))
+        if not args.resume:
+            progress.info(f"batch size {why}")
     n_train = max(len(images) - min(4, max(len(images) - 2, 0)), 1)
-    steps_per_epoch = max(1, -(-n_train // args.batch_size))
+    steps_per_epoch = max(1, -(-n_train // batch_size))
     steps = args.iterations if args.iterations is not None else \
         max(1, int(round((args.epochs or 1.0) * steps_per_epoch)))
-    settings = TrainSettings(steps=steps, batch_size=args.batch_size, patches_per_scan=args.patches_per_scan,
+    settings = TrainSettings(steps=steps, batch_size=batch_size, patches_per_scan=args.patches_per_scan,
                              lr=args.lr, seed=args.seed, save_every=args.save_every, log_every=args.log_every,
-                             max_minutes=args.max_minutes)
+                             max_minutes=args.max_minutes, sampler=args.sampler)
+    stats = {}
     out = train(images, args.out, settings, config if (user_net or not args.resume) else None,
-                device=args.device, resume=args.resume, progress=progress, cache_dir=args.cache)
+                device=args.device, resume=args.resume, progress=progress, cache_dir=args.cache,
+                draw_workers=args.draw_threads, stats=stats)
     print(f"checkpoint: {out}")
+    if stats.get("steps"):
+        total = stats["draw_seconds"] + stats["step_seconds"]
+        print(f"speed: {stats['steps_per_second']:.3f} steps/s on {stats['device']} ({stats['sampler']} sampler, "
+              f"{stats['batch_size']} x {stats['patches_per_scan']} patches); per step: drawing "
+              f"{stats['draw_seconds']:.3f} s ({100 * stats['draw_seconds'] / max(total, 1e-9):.0f}%), network "
+              f"{stats['step_seconds']:.3f} s")
     return 0

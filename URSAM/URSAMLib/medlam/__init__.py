@@ -3,6 +3,8 @@
 - network.py: the 3D U-Net with the latent-position head and multi-scale features;
 - preprocessing.py: LPS orientation, 3 mm voxels, HU mapping, padding, extreme points;
 - sampling.py, losses.py, training.py: self-supervised training on unlabelled CT;
+- bank.py, warp.py, draw.py: the batched tensor sampler (the default; sampling.py is the reference);
+- budget.py: the default batch size, fitted to the device's memory;
 - checkpoint.py: checkpoint files (settings, weights, resumable training state);
 - inference.py: support latents and kernels, query crops, offset, local refinement, boxes.
 

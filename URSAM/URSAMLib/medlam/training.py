@@ -1,8 +1,12 @@
 """Training MedLAM on unlabelled CT (METHOD.md §1), resumable and seeded.
 
 ``train(images, out, settings)`` prepares every scan once (3 mm, HU mapping),
-then runs Adam steps on self-supervised batches (sampling.py, losses.py),
-writing the checkpoint atomically every ``save_every`` steps and at the end.
+then runs Adam steps on self-supervised batches (losses.py), writing the
+checkpoint atomically every ``save_every`` steps and at the end. Batches come
+from the ``torch`` sampler (draw.py: the scans held on the training device,
+a batch drawn as tensor operations) or the ``numpy`` reference (sampling.py).
+The run reports steps per second and how a step's time splits between
+drawing the batch and the network step.
 With ``resume``, it continues from the checkpoint at ``out``: same weights,
 optimizer, scheduler and random states, so an interrupted run continues as if
 it had not stopped.
@@ -20,17 +24,24 @@ import torch
 
 from ..errors import URSAMError
 from ..progress import Progress
+from . import budget
+from .bank import VolumeBank
 from .checkpoint import network_from_state, pick_device, read_checkpoint, save_checkpoint
+from .draw import draw_batch as draw_tensor_batch
 from .losses import medlam_loss
 from .network import MedLAMNet, NetConfig
 from .preprocessing import prepare_path
 from .sampling import AugmentConfig, draw_batch, draw_pairs
 
+#: batch samplers: draw.py's tensor operations on the training device, sampling.py's numpy reference
+SAMPLERS = ("torch", "numpy")
+
 
 @dataclass
 class TrainSettings:
     steps: int = 1000
-    batch_size: int = 2
+    #: scans per step; None: fit to the device (budget.py)
+    batch_size: int = None
     #: patches drawn from each scan; every pair of them feeds the offset loss
     patches_per_scan: int = 2
     lr: float = 2e-4
@@ -50,6 +61,8 @@ class TrainSettings:
     val_pairs: int = 16
     #: stop (after saving) once this many minutes have passed; None: no limit
     max_minutes: float = None
+    #: "torch" or "numpy" (SAMPLERS); stored, since each has its own random stream
+    sampler: str = "torch"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self):
@@ -60,6 +73,8 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
+        # Checkpoints from before the torch sampler drew with numpy: a resume must continue that stream.
+        d.setdefault("sampler", "numpy")
         aug = AugmentConfig(**d.pop("augment", {}))
         known = set(cls.__dataclass_fields__)
         return cls(augment=aug, **{k: v for k, v in d.items() if k in known})
@@ -105,13 +120,67 @@ def _to_tensors(batch, device):
     return out
 
 
-def _rng_state(np_rng):
-    return {"numpy": json.dumps(np_rng.bit_generator.state), "torch": torch.get_rng_state()}
+def _rng_state(np_rng, draw_gen):
+    return {"numpy": json.dumps(np_rng.bit_generator.state), "torch": torch.get_rng_state(),
+            "draw": draw_gen.get_state(), "draw_device": draw_gen.device.type}
 
 
-def _restore_rng(np_rng, state):
+def _restore_rng(np_rng, draw_gen, state):
+    """Restores the generators; False where the torch sampler's state is another device type's (unusable)."""
     np_rng.bit_generator.state = json.loads(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "draw" not in state:
+        return True
+    if state.get("draw_device", "cpu") != draw_gen.device.type:
+        return False
+    draw_gen.set_state(state["draw"])
+    return True
+
+
+def activation_bytes(config):
+    """Bytes of every module output in a forward pass of one patch (shapes only: run on the meta device)."""
+    with torch.device("meta"):
+        net = MedLAMNet(config)
+    total = []
+
+    def hook(module, inputs, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                total.append(t.numel() * t.element_size())
+
+    # An in-place module (ReLU) writes into its input: no memory of its own.
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if not list(m.children()) and not getattr(m, "inplace", False)]
+    try:
+        net(torch.empty((1, 1) + (config.patch_size,) * 3, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(total)
+
+
+def free_memory_bytes(device):
+    """Free memory of ``device``: GPU memory on CUDA, available RAM on the CPU; None if unknown."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return budget.available_ram_bytes()
+
+
+def fit_batch_size(config, patches_per_scan, device):
+    """(batch size, why): budget.py's rule for this network, patch count and device."""
+    per_example = budget.example_bytes(activation_bytes(config), patches_per_scan, config.patch_size)
+    free = free_memory_bytes(device)
+    if free is None:
+        return budget.MAX_BATCH, f"{budget.MAX_BATCH} (free memory unknown)"
+    size = budget.fit_batch_size(per_example, free)
+    return size, (f"{size}: about {per_example / 2**30:.2f} GiB per scan, {free / 2**30:.1f} GiB free on "
+                  f"{device}")
+
+
+def _sync(device):
+    """Waits for the device's queued work, so that the time split is the work's, not the queue's."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
 
 
 @torch.no_grad()
@@ -128,8 +197,15 @@ def validation_error_mm(net, pairs, device, spacing_mm):
 
 
 def train(images, out, settings=None, config=None, device="auto", resume=False, progress=None,
-          cache_dir=None):
-    """Train (or resume) and return the final checkpoint path. ``images``: list of CT paths."""
+          cache_dir=None, draw_workers=None, stats=None):
+    """Train (or resume) and return the final checkpoint path. ``images``: list of CT paths.
+
+    ``draw_workers``: CPU threads the torch sampler renders a batch with
+    (default: torch's thread count, all cores); it does not change the
+    batches. ``stats``: an optional dict, filled with the run's speed
+    (``steps_per_second``, ``draw_seconds`` and ``step_seconds`` per step,
+    ``batch_size``, ``sampler``).
+    """
     settings = settings or TrainSettings()
     progress = progress or Progress()
     device = pick_device(device)
@@ -158,9 +234,15 @@ def train(images, out, settings=None, config=None, device="auto", resume=False, 
     elif out.exists() and not resume:
         raise URSAMError("checkpoint exists (use --resume to continue it, or choose another --out)", out)
     config = config or NetConfig()
+    if settings.sampler not in SAMPLERS:
+        raise URSAMError(f"sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
+    if settings.batch_size is None:
+        settings.batch_size, why = fit_batch_size(config, settings.patches_per_scan, device)
+        progress.info(f"batch size {why}")
 
     torch.manual_seed(settings.seed)
     np_rng = np.random.default_rng(settings.seed)
+    draw_gen = torch.Generator(device=device).manual_seed(settings.seed)
     net = MedLAMNet(config) if state is None else network_from_state(state, out)
     net.to(device).train()
     if device == "cpu":
@@ -176,7 +258,10 @@ def train(images, out, settings=None, config=None, device="auto", resume=False, 
             sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
         history = list(state.get("history", []))
-        _restore_rng(np_rng, state["rng"])
+        if not _restore_rng(np_rng, draw_gen, state["rng"]) and settings.sampler == "torch":
+            # Each device type has its own generator: the batches go on, but not as the first run's would.
+            progress.warn(f"the checkpoint's batches were drawn on {state['rng']['draw_device']}, not {device}; "
+                          "the resumed run draws other batches than an uninterrupted one")
         progress.info(f"resuming {out} at step {step}")
     if step >= settings.steps:
         progress.info(f"checkpoint is already at step {step} of {settings.steps}; nothing to do")
@@ -190,6 +275,9 @@ def train(images, out, settings=None, config=None, device="auto", resume=False, 
         progress.warn("the scans differ from those the checkpoint was trained on; the run continues on "
                       "the new list")
     volumes = load_volumes(train_paths, config, progress, cache_dir)
+    bank = VolumeBank(volumes, device) if settings.sampler == "torch" else None
+    if draw_workers is None:
+        draw_workers = torch.get_num_threads()
     val_pairs = None
     if val_paths:
         val_vols = load_volumes(val_paths, config, progress, cache_dir)
@@ -207,19 +295,30 @@ def train(images, out, settings=None, config=None, device="auto", resume=False, 
             entry["val_offset_error_mm"] = round(validation_error_mm(net, val_pairs, device, config.spacing_mm), 2)
         history.append(entry)
         save_checkpoint(out, net, step=step, seed=settings.seed, optimizer=opt, scheduler=sched,
-                        rng=_rng_state(np_rng), train=settings.to_dict(), history=history, images=train_paths)
+                        rng=_rng_state(np_rng, draw_gen), train=settings.to_dict(), history=history, images=train_paths)
         return entry
 
     # No bar: one line every log_every steps reads better next to the loss figures.
     progress.info(f"training {len(train_paths)} scans ({len(val_paths)} held out) on {device}: steps {step}->"
                   f"{settings.steps}, {settings.batch_size} x {settings.patches_per_scan} patches per step, "
-                  f"widths {config.widths}, seed {settings.seed}")
+                  f"widths {config.widths}, seed {settings.seed}, {settings.sampler} sampler")
     progress.stage("training")
     started = time.monotonic()
+    first_step = step
     running = []
+    # Seconds spent drawing batches and in network steps: the whole run, and since the last log line.
+    spent = {"draw": 0.0, "step": 0.0}
+    window = {"draw": 0.0, "step": 0.0, "steps": 0}
     while step < settings.steps:
-        batch = _to_tensors(draw_batch(volumes, settings.batch_size, config.patch_size, settings.augment, np_rng,
-                                       settings.patches_per_scan), device)
+        t0 = time.perf_counter()
+        if bank is not None:
+            batch = draw_tensor_batch(bank, settings.batch_size, config.patch_size, settings.augment, draw_gen,
+                                      settings.patches_per_scan, workers=draw_workers)
+        else:
+            batch = _to_tensors(draw_batch(volumes, settings.batch_size, config.patch_size, settings.augment,
+                                           np_rng, settings.patches_per_scan), device)
+        _sync(device)
+        t1 = time.perf_counter()
         loss, parts = medlam_loss(net, batch, config.spacing_mm, settings.offset_unit_mm,
                                   settings.match_radius_mm, settings.temperature)
         opt.zero_grad(set_to_none=True)
@@ -228,15 +327,25 @@ def train(images, out, settings=None, config=None, device="auto", resume=False, 
         sched.step()
         step += 1
         running.append((loss.item(), parts["offset"], parts["match"], parts["offset_mm_error"]))
+        t2 = time.perf_counter()  # loss.item() has waited for the device
+        for d in (spent, window):
+            d["draw"] += t1 - t0
+            d["step"] += t2 - t1
+        window["steps"] += 1
         progress.step(step, settings.steps)
         if step % settings.log_every == 0 or step == settings.steps:
             m = np.mean(running, axis=0)
             running = []
-            rate = (time.monotonic() - started) / max(step - (int(state["step"]) if state else 0), 1)
+            n = max(window["steps"], 1)
+            draw_s, step_s = window["draw"] / n, window["step"] / n
             history.append({"step": step, "loss": round(float(m[0]), 4), "offset": round(float(m[1]), 4),
-                            "match": round(float(m[2]), 4), "train_offset_error_mm": round(float(m[3]), 2)})
+                            "match": round(float(m[2]), 4), "train_offset_error_mm": round(float(m[3]), 2),
+                            "steps_per_second": round(1.0 / max(draw_s + step_s, 1e-9), 4),
+                            "draw_seconds": round(draw_s, 4), "step_seconds": round(step_s, 4)})
+            window = {"draw": 0.0, "step": 0.0, "steps": 0}
             progress.info(f"step {step}/{settings.steps}: loss {m[0]:.3f} (offset {m[1]:.3f}, match {m[2]:.3f}), "
-                          f"offset error {m[3]:.1f} mm, {rate:.2f} s/step")
+                          f"offset error {m[3]:.1f} mm, {1.0 / max(draw_s + step_s, 1e-9):.2f} steps/s "
+                          f"(draw {draw_s:.2f} s + network {step_s:.2f} s per step)")
         timed_out = settings.max_minutes is not None and time.monotonic() - started > 60 * settings.max_minutes
         if step % settings.save_every == 0 or step == settings.steps or timed_out:
             entry = save()
@@ -246,4 +355,11 @@ def train(images, out, settings=None, config=None, device="auto", resume=False, 
             progress.info(f"stopped after {settings.max_minutes} min at step {step}; --resume continues")
             break
     progress.done()
+    done = max(step - first_step, 1)
+    speed = {"steps": step - first_step, "steps_per_second": round(done / max(spent["draw"] + spent["step"], 1e-9), 4),
+             "draw_seconds": round(spent["draw"] / done, 4), "step_seconds": round(spent["step"] / done, 4),
+             "batch_size": settings.batch_size, "patches_per_scan": settings.patches_per_scan,
+             "sampler": settings.sampler, "device": str(device)}
+    if stats is not None:
+        stats.update(speed)
     return out
