@@ -28,7 +28,7 @@ COVERAGE = 0.8
 DEFAULT_HALF_WIDTH = 0.2
 #: the Dice model's default: the result's pooled Dice with the warped supports and its fit to the image's
 #: edges, with shrunk organ offsets; chosen among candidate models by the lowest nested cross-validated MAE
-#: on hn-openkbp's library (benchmarks/quality_eval.py)
+#: on hn-openkbp's library (quality.library.cross_validate)
 DEFAULT_FEATURES = ("mask_vote_dice", "ring_contrast")
 DEFAULT_L2_ORGAN = 3.0
 #: the review threshold of an organ the library has none for (an uncalibrated estimate, an organ the
