@@ -152,13 +152,20 @@ def selection_dice(warped, grid, truth, library):
     return out
 
 
-def support_cases(library, case_id, backend, settings, modes, local, progress):
+def support_cases(library, case_id, backend, settings, modes, local, progress, per_organ=None):
     """Segment one support with the others as templates, in every mode: ``({mode: {organ name: Case}},
-    selection)``, ``selection``: :func:`selection_dice` of the run's warped supports."""
+    selection)``, ``selection``: :func:`selection_dice` of the run's warped supports. ``per_organ``:
+    ``{organ name: k}``, each organ voted by its ``k`` best-fitting supports, as a query of the calibrated
+    library is (None: every support votes)."""
     template = library.case(case_id)
+    others = library.without(case_id)
+    options = {}
+    if per_organ:
+        options["per_organ"] = {others.label_of(name): k for name, k in per_organ.items()
+                                if name in others.names.values()}
     # uncalibrated: the runs are what a calibration is fitted on (a calibration the library has already
     # must not leak into them)
-    job = ScanJob(template.image_path, LibrarySource(library.without(case_id), missing="skip"), settings,
+    job = ScanJob(template.image_path, LibrarySource(others, missing="skip", localizer_options=options), settings,
                   use_calibration=False, joint_modes=tuple(modes), local=local)
     outcome = run_scan(job, lambda percentile: backend, progress)
     if outcome.segmentation is None:
@@ -274,6 +281,22 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
         per_support[case_id] = cases
         selections.append(selection)
     ids = [c for c in queries if c in per_support]
+    per_organ = choose_per_organ(selections)
+    if any(k is not None for k in per_organ.values()):
+        # A query votes with each organ's best-fitting supports: the runs the fusion and the quality
+        # estimate are fitted on vote the same way (every support voting, a registration that lands off
+        # dilutes the vote, and a model fitted on those runs misjudges a query's sharper one).
+        tag = hashlib.sha256(json.dumps(per_organ, sort_keys=True).encode()).hexdigest()[:12]
+        for i, case_id in enumerate(ids):
+            path = folder / f"{case_id}.selected-{tag}.npz"
+            if path.is_file():
+                per_support[case_id] = load_cases(path)
+                continue
+            progress.info(f"[{i + 1}/{len(ids)}] {case_id}: segmented again, each organ voted by its best-fitting "
+                          "supports")
+            cases, _ = support_cases(library, case_id, backend, settings, modes, local, progress, per_organ)
+            save_cases(path, cases)
+            per_support[case_id] = cases
     progress.stage("fitting the fusion", total=len(library.names))
     organs, ablations, loo = {}, {"no_sam": {}, "no_rectify": {}}, {}
     for k, name in enumerate(library.names.values()):
@@ -295,5 +318,5 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
                               local, budget, time.perf_counter() - t0,
                               queries={"segmented": ids, "subset": len(queries) < len(library.case_ids()),
                                        "max_queries": max_queries, "not_run": stopped, "seed": seed},
-                              per_organ=choose_per_organ(selections), quality=quality)
+                              per_organ=per_organ, quality=quality)
     return calibration.save(Path(out) if out else Path(library.path) / CALIBRATION_FILE)
