@@ -282,7 +282,7 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
         selections.append(selection)
     ids = [c for c in queries if c in per_support]
     per_organ = choose_per_organ(selections)
-    if any(k is not None for k in per_organ.values()):
+    if any(k is not None and k < len(library.case_ids()) - 1 for k in per_organ.values()):
         # A query votes with each organ's best-fitting supports: the runs the fusion and the quality
         # estimate are fitted on vote the same way (every support voting, a registration that lands off
         # dilutes the vote, and a model fitted on those runs misjudges a query's sharper one).
