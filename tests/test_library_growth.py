@@ -6,9 +6,11 @@ import pytest
 import SimpleITK as sitk
 from shared_data import HN, SMALL_LIBRARY_CASES, make_small_library, organ_slab
 
-from URSAMLib.calibrate import choose_queries
+from URSAMLib.atlas_prior import LocalWeighting
+from URSAMLib.calibrate import choose_queries, support_cases
 from URSAMLib.cli import main as ursam
 from URSAMLib.localizers import LibrarySource, select_per_organ
+from URSAMLib.progress import Progress
 from URSAMLib.registration.affine import SupportRegistration
 from URSAMLib.registration.deformable import DeformableOptions
 from URSAMLib.runner import ScanJob, run_scan
@@ -137,3 +139,18 @@ def test_templates_add_takes_a_dataset_folder(tmp_path, capsys):
     capsys.readouterr()
     assert ursam(["templates", "add", str(library), "--from", str(HN), "--cases", "nope"]) == 2
     assert "has no case nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_calibrations_second_pass_votes_each_organ_with_its_chosen_supports(tmp_path, litemedsam):
+    """A leave-one-out run given the calibration's per-organ choice (here: one support per organ) votes with
+    that support alone: its majority vote is that support's warped organ, larger than where both agree (here,
+    without the deformable stage, the two supports' brainstems barely meet)."""
+    library = Library(make_small_library(tmp_path / "lib"))
+    args = (library, SMALL_LIBRARY_CASES[0], litemedsam, FAST.resolved(), ("slice",), LocalWeighting(), Progress())
+    everyone, _ = support_cases(*args)
+    chosen, _ = support_cases(*args, per_organ={"Brainstem": 1, "Parotid_L": 1})
+    for name in ("Brainstem", "Parotid_L"):
+        both = int(everyone["slice"][name].reference["atlas vote"].sum())
+        one = int(chosen["slice"][name].reference["atlas vote"].sum())
+        assert one > both and one > 0, (name, one, both)
