@@ -44,6 +44,24 @@ def sigmoid(z):
     return (1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))).astype(np.float32)
 
 
+def fit_logistic(X, y, w, ridge, iterations, tol):
+    """Weighted logistic regression by Newton's method: the coefficients of ``X``'s columns, whose last is the
+    bias (a column of ones). ``ridge``: the penalty on every coefficient but the bias, which keeps them finite
+    on separable data; stops after ``iterations`` or where no step exceeds ``tol``."""
+    beta = np.zeros(X.shape[1])
+    penalty = ridge * np.eye(X.shape[1])
+    penalty[-1, -1] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ beta, -30, 30)))
+        grad = X.T @ (w * (p - y)) + penalty @ beta
+        hess = (X * (w * p * (1 - p))[:, None]).T @ X + penalty + 1e-9 * np.eye(X.shape[1])
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.abs(step).max() < tol:
+            break
+    return beta
+
+
 @dataclass
 class Evidence:
     """One organ's sources over its region (arrays of one shape), and the image there for rectification."""

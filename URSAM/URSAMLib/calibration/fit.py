@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ..fusion import SOURCES, Evidence, OrganFusion
+from ..fusion import SOURCES, Evidence, OrganFusion, fit_logistic
 from ..pipeline import ENSEMBLE, URSAM, URSAM_ATLAS
 from ..uncertainty import LOG2, binary_entropy
 
@@ -88,20 +88,6 @@ def _sample(case, rng, negatives=20000):
     return idx, weights
 
 
-def _logistic(X, y, w, l2=1e-2, iterations=30):
-    """Weighted logistic regression by Newton's method (a light ridge keeps it finite on separable data)."""
-    beta = np.zeros(X.shape[1])
-    ridge = l2 * np.eye(X.shape[1])
-    ridge[-1, -1] = 0.0
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(X @ beta, -30, 30)))
-        grad = X.T @ (w * (p - y)) + ridge @ beta
-        hess = (X * (w * p * (1 - p))[:, None]).T @ X + ridge + 1e-9 * np.eye(X.shape[1])
-        step = np.linalg.solve(hess, grad)
-        beta -= step
-        if np.abs(step).max() < 1e-7:
-            break
-    return beta
 
 
 def _fit_weights(cases, sources, rng):
@@ -112,7 +98,8 @@ def _fit_weights(cases, sources, rng):
         Xs.append(_design(c, sources)[idx])
         ys.append(c.truth.ravel()[idx].astype(np.float64))
         ws.append(weights)
-    beta = _logistic(np.concatenate(Xs), np.concatenate(ys), np.concatenate(ws))
+    beta = fit_logistic(np.concatenate(Xs), np.concatenate(ys), np.concatenate(ws), ridge=1e-2, iterations=30,
+                        tol=1e-7)
     return dict(zip(sources, (float(b) for b in beta[:-1]))), float(beta[-1])
 
 

@@ -111,19 +111,13 @@ def review_scores(pairs, thresholds):
 
 
 @dataclass
-class OrganOutcome:
+class OrganOutcome(PairPrediction):
     """One organ of one scored case: its quality estimate and the truth, for :func:`quality_scores`.
 
     ``expected_per_slice`` and ``errors_per_slice``: float [z] over the slices of its box (the estimate's
     expected wrong voxels, the true wrong voxels); ``total_errors``: the organ's wrong voxels in the whole
     scan; ``auroc``: the voxel AUROC of the shipped per-voxel score (:func:`voxel_auroc`), NaN if none.
     """
-    case: str
-    organ: str
-    predicted: float
-    low: float
-    high: float
-    true_dice: float
     expected_per_slice: np.ndarray
     errors_per_slice: np.ndarray
     total_errors: int
@@ -149,7 +143,6 @@ def quality_scores(outcomes, thresholds=None):
     share of each organ's error voxels on its top 10 % and 20 % of ranked slices (with a random ranking's
     and the best possible ranking's, by the true errors), the mean voxel AUROC, and the review decision's
     hits against ``thresholds`` (organ -> threshold; None: against each outcome's own ``review``)."""
-    pairs = [PairPrediction(o.case, o.organ, o.predicted, o.low, o.high, o.true_dice) for o in outcomes]
     shares = {k: [] for k in ("top10", "random10", "oracle10", "top20", "random20", "oracle20")}
     for o in outcomes:
         for f, tag in ((0.1, "10"), (0.2, "20")):
@@ -162,9 +155,9 @@ def quality_scores(outcomes, thresholds=None):
               for k, v in ((k, np.array(v, float)) for k, v in shares.items())}
     aurocs = np.array([o.auroc for o in outcomes], float)
     if thresholds is not None:
-        review = review_scores(pairs, thresholds)
+        review = review_scores(outcomes, thresholds)
     else:
         flagged = np.array([o.review == "check" for o in outcomes], bool)
         review = {"pairs": len(outcomes), "flagged": int(flagged.sum())}
-    return QualityScores(dice_prediction_scores(pairs), slices,
+    return QualityScores(dice_prediction_scores(outcomes), slices,
                          float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"), review)

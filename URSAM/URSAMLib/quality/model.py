@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..fusion import fit_logistic
 from .features import VOXEL_FEATURES, base_error, expected_dice, organ_features, voxel_features
 from .report import ranked_slices
 
@@ -47,22 +48,6 @@ def spread(predicted):
     return 1.0 - np.asarray(predicted, float) + SPREAD_FLOOR
 
 
-def logistic(X, y, w, l2=1e-3, iterations=50):
-    """Weighted logistic regression by Newton's method: coefficients of X's columns, then the bias. The
-    light ridge (not on the bias) keeps it finite on separable data."""
-    X = np.c_[np.asarray(X, np.float64), np.ones(len(X))]
-    beta = np.zeros(X.shape[1])
-    ridge = l2 * np.eye(X.shape[1]) * float(np.sum(w))
-    ridge[-1, -1] = 0.0
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(X @ beta, -30, 30)))
-        grad = X.T @ (w * (p - y)) + ridge @ beta
-        hess = (X * (w * p * (1 - p))[:, None]).T @ X + ridge + 1e-9 * np.eye(X.shape[1])
-        step = np.linalg.solve(hess, grad)
-        beta -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return beta
 
 
 @dataclass
@@ -97,7 +82,10 @@ class VoxelErrorModel:
             ys.append(np.r_[np.ones(len(ip)), np.zeros(len(ineg))])
             ws.append(np.r_[np.full(len(ip), len(pos) / max(len(ip), 1) * scale),
                             np.full(len(ineg), len(neg) / max(len(ineg), 1) * scale)])
-        beta = logistic(np.concatenate(Xs), np.concatenate(ys), np.concatenate(ws))
+        w = np.concatenate(ws)
+        # a light ridge, in proportion to the weights (which sum to about the number of cases)
+        beta = fit_logistic(np.c_[np.concatenate(Xs), np.ones(len(w))], np.concatenate(ys), w,
+                            ridge=1e-3 * float(np.sum(w)), iterations=50, tol=1e-8)
         return cls(tuple(float(b) for b in beta[:-1]), float(beta[-1]))
 
     def to_json(self):
