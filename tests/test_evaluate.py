@@ -13,6 +13,7 @@ from URSAMLib.cli import main as ursam
 from URSAMLib.errors import URSAMError
 from URSAMLib.evaluation.evaluate import ALL_METHODS, parse_methods
 from URSAMLib.metrics import dice
+from URSAMLib.quality.features import FEATURES
 
 ORGANS = ("Brainstem", "Parotid_L")
 
@@ -95,6 +96,9 @@ def test_evaluate_writes_results_table_and_plot_then_resumes(evaluated, capsys):
         assert len(q["slices"]) == len(set(q["slices"])) == len(q["expected_per_slice"])
         # No calibration: no error map ships (SAM's probabilities are not calibrated), so none is scored.
         assert q["auroc"] is None and not q["calibrated"]
+        # the Dice model's inputs as the run saw them, every one a number
+        assert set(FEATURES) <= set(q["features"]) and all(math.isfinite(v) for v in q["features"].values())
+        assert q["features"]["expected_dice"] == pytest.approx(q["predicted"], abs=1e-4)
     quality = summary["quality"]
     assert quality["dice"]["n"] == len(ORGANS)
     assert quality["dice"]["mae"] == pytest.approx(

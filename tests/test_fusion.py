@@ -104,10 +104,15 @@ def test_calibration_on_a_small_real_library_beats_each_source(small_library, li
         for source in ("atlas (0.5)", "atlas_lw (0.5)", "sam (0.5)"):
             assert loo["fusion"] >= loo[source] - 1e-9, (name, loo)
         assert loo["fusion"] > 0.5, (name, loo)
-    # a rerun resumes from what the leave-one-out runs computed: no SAM call
+    # a rerun resumes from what the leave-one-out runs computed: no SAM call, and the same calibration
+    # as the run that made them (the fit reads the runs as the cache keeps them, both times)
     before = litemedsam.encoder_calls
+    fresh = json.loads((small_library / "calibration.json").read_text(encoding="utf-8"))
     calibrate(lib, litemedsam, settings, modes=("slice",))
     assert litemedsam.encoder_calls == before
+    resumed = json.loads((small_library / "calibration.json").read_text(encoding="utf-8"))
+    for key in ("organs", "ablations", "loo_dice", "per_organ", "quality"):
+        assert resumed[key] == fresh[key], key
     # a library larger than the subset bound is calibrated on a subset, recorded; a time bound already spent
     # starts no new run (here the subset's runs are all kept from before)
     subset = calibrate(lib, litemedsam, settings, modes=("slice",), out=small_library / "subset.json",

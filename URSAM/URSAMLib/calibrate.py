@@ -97,6 +97,13 @@ def load_cases(path):
                    for name, e in organs.items()} for mode, organs in out.items()}
 
 
+def keep_cases(path, cases):
+    """Cache one support's runs and give them back as the cache holds them: a calibration fitted on runs
+    just made is then the one a rerun fits on the cached runs (their sources are kept as float16)."""
+    save_cases(path, cases)
+    return load_cases(path)
+
+
 #: what one support's cached runs hold; a new format is not served from an older cache
 RUNS_FORMAT = 2
 
@@ -277,8 +284,7 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
         progress.info(f"[{i + 1}/{len(queries)}] {case_id}: segmented with the other {len(ids) - 1} supports")
         cases, selection = support_cases(library, case_id, backend, settings, modes, local, progress)
         atomic_write_text(selection_path, json.dumps(selection))
-        save_cases(path, cases)
-        per_support[case_id] = cases
+        per_support[case_id] = keep_cases(path, cases)
         selections.append(selection)
     ids = [c for c in queries if c in per_support]
     per_organ = choose_per_organ(selections)
@@ -295,8 +301,7 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
             progress.info(f"[{i + 1}/{len(ids)}] {case_id}: segmented again, each organ voted by its best-fitting "
                           "supports")
             cases, _ = support_cases(library, case_id, backend, settings, modes, local, progress, per_organ)
-            save_cases(path, cases)
-            per_support[case_id] = cases
+            per_support[case_id] = keep_cases(path, cases)
     progress.stage("fitting the fusion", total=len(library.names))
     organs, ablations, loo = {}, {"no_sam": {}, "no_rectify": {}}, {}
     for k, name in enumerate(library.names.values()):

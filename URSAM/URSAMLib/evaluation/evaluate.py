@@ -319,8 +319,9 @@ def run_case(case, support_lib, lib_to_ds, methods, backend, settings, localizer
 
 def quality_outcomes(case, result):
     """The quality estimate of each scored organ of ``result`` (its report's predicted Dice, interval,
-    review and ranked slices) beside the truth: JSON-ready :class:`URSAMLib.quality.metrics.OrganOutcome`
-    fields, so that a rerun rebuilds the quality section from the saved cases."""
+    review, ranked slices and the Dice model's features) beside the truth: JSON-ready
+    :class:`URSAMLib.quality.metrics.OrganOutcome` fields, so that a rerun rebuilds the quality section from
+    the saved cases."""
     labels = result.label_map(result.rectified_method)
     error_map = result.error_map()
     main = {o.label: o for o in result.main_organs()}
@@ -340,7 +341,10 @@ def quality_outcomes(case, result):
                     "slices": z.tolist(), "expected_per_slice": ranked[:, 1].tolist(),
                     "errors_per_slice": per_slice[z].astype(int).tolist(), "total_errors": int(wrong.sum()),
                     "auroc": voxel_auroc(error_map, pred, truth, case.spacing_zyx) if error_map is not None
-                    else float("nan"), "review": q.review, "calibrated": bool(q.calibrated)})
+                    else float("nan"), "review": q.review, "calibrated": bool(q.calibrated),
+                    # the Dice model's inputs as the run saw them: which evidence follows the true Dice
+                    # (benchmarks/quality_features.py) is read from the saved cases, no run repeated
+                    "features": {k: round(float(v), 6) for k, v in q.features.items()}})
     return out
 
 

@@ -204,9 +204,14 @@ def fit_from(ts, features=DEFAULT_FEATURES, l2=1.0, half_width=None, coverage=CO
         residuals, predicted = inner_residuals(ts, features, l2, l2_organ)
         half_width = conformal_half_width(residuals, coverage, predicted)
     dice = DiceModel.fit(ts.rows, ts.y, features, l2, half_width, [c.organ for c in ts.cases], l2_organ)
+    # what the Dice model was fitted on, kept with it: which evidence followed the Dice in the library's
+    # runs can be set beside what follows it on queries (benchmarks/quality_features.py)
+    training = [{"support": c.support, "organ": c.organ, "dice": round(float(y), 6),
+                 "features": {k: round(float(v), 6) for k, v in row.items()}}
+                for c, row, y in zip(ts.cases, ts.rows, ts.y)]
     return QualityModel(ts.voxel, dice, ts.stats, True, coverage,
                         {"cases": len(ts.cases), "supports": ts.supports, "features": list(features), "l2": l2,
-                         "l2_organ": l2_organ, "half_width": half_width})
+                         "l2_organ": l2_organ, "half_width": half_width, "training": training})
 
 
 def fit_quality(cases, labels, names, features=None, l2=1.0, half_width=None, coverage=COVERAGE,

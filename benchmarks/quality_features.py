@@ -1,0 +1,94 @@
+"""Which evidence follows the true Dice: each quality feature's Spearman with the Dice, in the library's
+leave-one-out runs (what the Dice model is fitted on) beside the queries of an evaluation.
+
+The Dice model can only rank an organ's cases as well as its inputs follow their Dice. This prints, per
+feature of the quality estimate (``URSAMLib.quality.features``), its Spearman with the true Dice over
+case x organ pairs, pooled and within organ (the mean of the per-organ values), on both sides, and the
+same for the shipped prediction. Both sides are read from files, nothing is run again::
+
+    ursam templates calibrate ../shared/data/hn-openkbp --out hn_calibration.json
+    ursam evaluate ../shared/data/hn-openkbp --calibration hn_calibration.json --methods ursam --out eval_q/
+    python3 benchmarks/quality_features.py eval_q/ --calibration hn_calibration.json
+
+The calibration keeps the rows its Dice model was fitted on (``quality.info.training``); the evaluation's
+saved cases keep each pair's features as the run saw them (``case_info.quality[i].features``).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "URSAM"))
+
+from URSAMLib.metrics import spearman  # noqa: E402
+
+
+def correlations(rows, value):
+    """``(pooled, within, per organ)`` Spearman of ``value(row)`` with each row's true Dice."""
+    x = np.array([value(r) for r in rows], float)
+    y = np.array([r["dice"] for r in rows], float)
+    organs = sorted({r["organ"] for r in rows})
+    per = {}
+    for o in organs:
+        idx = [i for i, r in enumerate(rows) if r["organ"] == o]
+        per[o] = spearman(x[idx], y[idx]) if len(idx) >= 3 and np.ptp(x[idx]) > 0 else float("nan")
+    finite = [v for v in per.values() if np.isfinite(v)]
+    return spearman(x, y), (float(np.mean(finite)) if finite else float("nan")), per
+
+
+def query_rows(eval_dir):
+    cases = sorted(Path(eval_dir, "cases").glob("*.json"))
+    if not cases:
+        raise SystemExit(f"error: no saved cases in {Path(eval_dir, 'cases')} (run ursam evaluate first)")
+    rows = []
+    for path in cases:
+        for q in json.loads(path.read_text(encoding="utf-8"))["info"].get("quality", []):
+            if "features" not in q:
+                raise SystemExit(f"error: {path} has no quality features (an evaluation of an older URSAM)")
+            rows.append({"organ": q["organ"], "dice": q["true_dice"], "predicted": q["predicted"],
+                         "features": q["features"]})
+    return rows
+
+
+def library_rows(calibration):
+    data = json.loads(Path(calibration).read_text(encoding="utf-8"))
+    training = ((data.get("quality") or {}).get("info") or {}).get("training")
+    if not training:
+        raise SystemExit(f"error: {calibration} keeps no quality training rows (calibrate it again)")
+    return training
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("eval_dir", help="an `ursam evaluate` output folder (its cases/ are read)")
+    ap.add_argument("--calibration", help="the calibration the evaluation used (its library's rows)")
+    args = ap.parse_args(argv)
+    queries = query_rows(args.eval_dir)
+    library = library_rows(args.calibration) if args.calibration else None
+    features = list(queries[0]["features"])
+    print(f"queries: {len(queries)} case x organ pairs"
+          + (f"; library leave-one-out runs: {len(library)}" if library else ""))
+    head = f"{'':28s} {'queries: pooled':>16s} {'within':>7s}"
+    if library:
+        head += f" {'library: pooled':>16s} {'within':>7s}"
+    print(head)
+    lines = [("prediction (shipped)", lambda r: r["predicted"], False)]
+    lines += [(f, (lambda r, f=f: r["features"][f]), True) for f in features]
+    for name, value, on_library in lines:
+        pooled, within, _ = correlations(queries, value)
+        text = f"{name:28s} {pooled:+16.3f} {within:+7.3f}"
+        if library and on_library and all(name in r["features"] for r in library):
+            lp, lw, _ = correlations(library, value)
+            text += f" {lp:+16.3f} {lw:+7.3f}"
+        print(text)
+    best = max(features, key=lambda f: correlations(queries, lambda r: r["features"][f])[1])
+    _, within, per = correlations(queries, lambda r: r["features"][best])
+    print(f"most within-organ signal on the queries: {best} ({within:+.3f}; "
+          + ", ".join(f"{o} {v:+.2f}" for o, v in per.items()) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
