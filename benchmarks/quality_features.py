@@ -4,7 +4,8 @@ leave-one-out runs (what the Dice model is fitted on) beside the queries of an e
 The Dice model can only rank an organ's cases as well as its inputs follow their Dice. This prints, per
 feature of the quality estimate (``URSAMLib.quality.features``), its Spearman with the true Dice over
 case x organ pairs, pooled and within organ (the mean of the per-organ values), on both sides, and the
-same for the shipped prediction. Both sides are read from files, nothing is run again::
+same for the shipped prediction; and how the errors spread over an organ's slices. Both sides are read
+from files, nothing is run again::
 
     ursam templates calibrate ../shared/data/hn-openkbp --out hn_calibration.json
     ursam evaluate ../shared/data/hn-openkbp --calibration hn_calibration.json --methods ursam --out eval_q/
@@ -48,7 +49,8 @@ def query_rows(eval_dir):
             if "features" not in q:
                 raise SystemExit(f"error: {path} has no quality features (an evaluation of an older URSAM)")
             rows.append({"organ": q["organ"], "dice": q["true_dice"], "predicted": q["predicted"],
-                         "features": q["features"]})
+                         "features": q["features"], "errors_per_slice": q["errors_per_slice"],
+                         "total_errors": q["total_errors"]})
     return rows
 
 
@@ -83,6 +85,12 @@ def main(argv=None):
             lp, lw, _ = correlations(library, value)
             text += f" {lp:+16.3f} {lw:+7.3f}"
         print(text)
+    # why no slice ranking can put most of an organ's errors on a fifth of its box's slices
+    scored = [r for r in queries if r["total_errors"] > 0]
+    with_error = np.mean([np.mean(np.array(r["errors_per_slice"]) > 0) for r in scored])
+    off = 1.0 - sum(sum(r["errors_per_slice"]) for r in scored) / sum(r["total_errors"] for r in scored)
+    print(f"slices: {with_error:.3f} of a box's slices hold an error voxel (mean over pairs); "
+          f"{off:.3f} of the error voxels lie off the box's slices")
     best = max(features, key=lambda f: correlations(queries, lambda r: r["features"][f])[1])
     _, within, per = correlations(queries, lambda r: r["features"][best])
     print(f"most within-organ signal on the queries: {best} ({within:+.3f}; "
