@@ -72,10 +72,14 @@ def main(argv=None):
     features = list(queries[0]["features"])
     print(f"queries: {len(queries)} case x organ pairs"
           + (f"; library leave-one-out runs: {len(library)}" if library else ""))
+    print(f"mean predicted Dice {np.mean([r['predicted'] for r in queries]):.3f} against a true "
+          f"{np.mean([r['dice'] for r in queries]):.3f}")
     head = f"{'':28s} {'queries: pooled':>16s} {'within':>7s}"
     if library:
         head += f" {'library: pooled':>16s} {'within':>7s}"
     print(head)
+    # organ_mean_dice is one value per organ on a query (NaN within organ) and, in the library's runs, the
+    # mean of the other supports' Dice (its within-organ Spearman there is -1 by construction)
     lines = [("prediction (shipped)", lambda r: r["predicted"], False)]
     lines += [(f, (lambda r, f=f: r["features"][f]), True) for f in features]
     for name, value, on_library in lines:
@@ -85,6 +89,11 @@ def main(argv=None):
             lp, lw, _ = correlations(library, value)
             text += f" {lp:+16.3f} {lw:+7.3f}"
         print(text)
+    organs = sorted({r["organ"] for r in queries})
+    means = [f"{o} {np.mean([r['dice'] for r in queries if r['organ'] == o]):.3f}"
+             + (f" / {np.mean([r['dice'] for r in library if r['organ'] == o]):.3f}" if library else "")
+             for o in organs]
+    print("mean Dice per organ, queries" + (" / library's runs" if library else "") + ": " + ", ".join(means))
     # why no slice ranking can put most of an organ's errors on a fifth of its box's slices
     scored = [r for r in queries if r["total_errors"] > 0]
     with_error = np.mean([np.mean(np.array(r["errors_per_slice"]) > 0) for r in scored])
