@@ -51,6 +51,8 @@ def query_rows(eval_dir):
             rows.append({"organ": q["organ"], "dice": q["true_dice"], "predicted": q["predicted"],
                          "features": q["features"], "errors_per_slice": q["errors_per_slice"],
                          "total_errors": q["total_errors"]})
+    if not rows:
+        raise SystemExit(f"error: the cases in {Path(eval_dir, 'cases')} hold no quality estimate")
     return rows
 
 

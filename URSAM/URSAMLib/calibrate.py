@@ -97,13 +97,6 @@ def load_cases(path):
                    for name, e in organs.items()} for mode, organs in out.items()}
 
 
-def keep_cases(path, cases):
-    """Cache one support's runs and give them back as the cache holds them: a calibration fitted on runs
-    just made is then the one a rerun fits on the cached runs (their sources are kept as float16)."""
-    save_cases(path, cases)
-    return load_cases(path)
-
-
 #: what one support's cached runs hold; a new format is not served from an older cache
 RUNS_FORMAT = 2
 
@@ -273,19 +266,19 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
     for i, case_id in enumerate(queries):
         path = folder / f"{case_id}.npz"
         selection_path = folder / f"{case_id}.selection.json"
-        if path.is_file():
-            per_support[case_id] = load_cases(path)
-            if selection_path.is_file():
-                selections.append(json.loads(selection_path.read_text(encoding="utf-8")))
-            continue
-        if max_minutes is not None and time.perf_counter() - t0 > 60.0 * max_minutes:
-            stopped.append(case_id)
-            continue
-        progress.info(f"[{i + 1}/{len(queries)}] {case_id}: segmented with the other {len(ids) - 1} supports")
-        cases, selection = support_cases(library, case_id, backend, settings, modes, local, progress)
-        atomic_write_text(selection_path, json.dumps(selection))
-        per_support[case_id] = keep_cases(path, cases)
-        selections.append(selection)
+        if not path.is_file():
+            if max_minutes is not None and time.perf_counter() - t0 > 60.0 * max_minutes:
+                stopped.append(case_id)
+                continue
+            progress.info(f"[{i + 1}/{len(queries)}] {case_id}: segmented with the other {len(ids) - 1} supports")
+            cases, selection = support_cases(library, case_id, backend, settings, modes, local, progress)
+            atomic_write_text(selection_path, json.dumps(selection))
+            save_cases(path, cases)
+        # the fit always reads the runs back as the cache keeps them (sources as float16): a calibration
+        # made with its runs equals one resumed from them
+        per_support[case_id] = load_cases(path)
+        if selection_path.is_file():
+            selections.append(json.loads(selection_path.read_text(encoding="utf-8")))
     ids = [c for c in queries if c in per_support]
     per_organ = choose_per_organ(selections)
     if any(k is not None and k < len(library.case_ids()) - 1 for k in per_organ.values()):
@@ -295,13 +288,12 @@ def calibrate(library, backend, settings=None, progress=None, out=None, modes=CA
         tag = hashlib.sha256(json.dumps(per_organ, sort_keys=True).encode()).hexdigest()[:12]
         for i, case_id in enumerate(ids):
             path = folder / f"{case_id}.selected-{tag}.npz"
-            if path.is_file():
-                per_support[case_id] = load_cases(path)
-                continue
-            progress.info(f"[{i + 1}/{len(ids)}] {case_id}: segmented again, each organ voted by its best-fitting "
-                          "supports")
-            cases, _ = support_cases(library, case_id, backend, settings, modes, local, progress, per_organ)
-            per_support[case_id] = keep_cases(path, cases)
+            if not path.is_file():
+                progress.info(f"[{i + 1}/{len(ids)}] {case_id}: segmented again, each organ voted by its "
+                              "best-fitting supports")
+                cases, _ = support_cases(library, case_id, backend, settings, modes, local, progress, per_organ)
+                save_cases(path, cases)
+            per_support[case_id] = load_cases(path)
     progress.stage("fitting the fusion", total=len(library.names))
     organs, ablations, loo = {}, {"no_sam": {}, "no_rectify": {}}, {}
     for k, name in enumerate(library.names.values()):

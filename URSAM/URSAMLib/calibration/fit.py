@@ -88,8 +88,6 @@ def _sample(case, rng, negatives=20000):
     return idx, weights
 
 
-
-
 def _fit_weights(cases, sources, rng):
     """Logit-pooling weights and bias of ``sources`` by maximum likelihood over the cases' regions."""
     Xs, ys, ws = [], [], []
@@ -230,4 +228,3 @@ def _raw_sources(cases):
         if s in cases[0].evidence.sources:
             out[s] = float(np.mean([c.dice(c.evidence.sources[s] > 0.5) for c in cases]))
     return out
-

@@ -48,8 +48,6 @@ def spread(predicted):
     return 1.0 - np.asarray(predicted, float) + SPREAD_FLOOR
 
 
-
-
 @dataclass
 class VoxelErrorModel:
     """``P(voxel wrong) = sigmoid(coef · features + bias)``; ``coef`` in :data:`VOXEL_FEATURES` order."""
@@ -255,6 +253,3 @@ class QualityModel:
                    {n: OrganStats(**s) for n, s in data.get("organs", {}).items()},
                    bool(data.get("calibrated", False)), float(data.get("coverage", COVERAGE)),
                    dict(data.get("info", {})))
-
-
-
