@@ -39,28 +39,41 @@ def correlations(rows, value):
     return spearman(x, y), (float(np.mean(finite)) if finite else float("nan")), per
 
 
+def fail(message):
+    """Bad input: one line naming the file, exit code 2 (as the ursam commands)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def query_rows(eval_dir):
     cases = sorted(Path(eval_dir, "cases").glob("*.json"))
     if not cases:
-        raise SystemExit(f"error: no saved cases in {Path(eval_dir, 'cases')} (run ursam evaluate first)")
+        fail(f"no saved cases in {Path(eval_dir, 'cases')} (run ursam evaluate first)")
     rows = []
     for path in cases:
-        for q in json.loads(path.read_text(encoding="utf-8"))["info"].get("quality", []):
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))["info"]
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"cannot read the saved case {path}: {e!r}")
+        for q in info.get("quality", []):
             if "features" not in q:
-                raise SystemExit(f"error: {path} has no quality features (an evaluation of an older URSAM)")
+                fail(f"{path} has no quality features (an evaluation of an older URSAM)")
             rows.append({"organ": q["organ"], "dice": q["true_dice"], "predicted": q["predicted"],
                          "features": q["features"], "errors_per_slice": q["errors_per_slice"],
                          "total_errors": q["total_errors"]})
     if not rows:
-        raise SystemExit(f"error: the cases in {Path(eval_dir, 'cases')} hold no quality estimate")
+        fail(f"the cases in {Path(eval_dir, 'cases')} hold no quality estimate")
     return rows
 
 
 def library_rows(calibration):
-    data = json.loads(Path(calibration).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(calibration).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the calibration {calibration}: {e}")
     training = ((data.get("quality") or {}).get("info") or {}).get("training")
     if not training:
-        raise SystemExit(f"error: {calibration} keeps no quality training rows (calibrate it again)")
+        fail(f"{calibration} keeps no quality training rows (calibrate it again)")
     return training
 
 
