@@ -158,15 +158,11 @@ def support_cases(library, case_id, backend, settings, modes, local, progress, p
     ``{organ name: k}``, each organ voted by its ``k`` best-fitting supports, as a query of the calibrated
     library is (None: every support votes)."""
     template = library.case(case_id)
-    others = library.without(case_id)
-    options = {}
-    if per_organ:
-        options["per_organ"] = {others.label_of(name): k for name, k in per_organ.items()
-                                if name in others.names.values()}
     # uncalibrated: the runs are what a calibration is fitted on (a calibration the library has already
     # must not leak into them)
-    job = ScanJob(template.image_path, LibrarySource(others, missing="skip", localizer_options=options), settings,
-                  use_calibration=False, joint_modes=tuple(modes), local=local)
+    source = LibrarySource(library.without(case_id), missing="skip", per_organ=per_organ)
+    job = ScanJob(template.image_path, source, settings, use_calibration=False, joint_modes=tuple(modes),
+                  local=local)
     outcome = run_scan(job, lambda percentile: backend, progress)
     if outcome.segmentation is None:
         return {}, {}

@@ -295,6 +295,9 @@ class LibrarySource:
     where none is localized gives no segmentation); ``relabel``: library
     value -> the value the boxes get (an evaluation dataset numbers its
     organs its own way), ``keep``: only the organs of these new values.
+    ``per_organ``: ``{organ name: k}``, each organ voted by its ``k``
+    best-fitting supports where the run has no calibration to say so (a
+    calibration's leave-one-out runs, voted as its queries are).
     """
     library: Union[str, Path, Library]
     organs: Optional[Union[str, Sequence]] = None
@@ -302,6 +305,7 @@ class LibrarySource:
     missing: str = "error"
     relabel: Optional[Dict[int, int]] = None
     keep: Optional[set] = None
+    per_organ: Optional[Dict[str, int]] = None
 
     def __post_init__(self):
         if not isinstance(self.library, Library):
@@ -310,7 +314,8 @@ class LibrarySource:
     def localize(self, scan, settings, progress, per_organ=None):
         """The organs of ``scan`` (a :class:`URSAMLib.imageio.Scan`) from the library: a
         :class:`URSAMLib.localization.Localization` (:func:`URSAMLib.localizers.localize_library`)."""
-        return localize_library(self, scan, settings, progress, per_organ)
+        return localize_library(self, scan, settings, progress,
+                                per_organ if per_organ is not None else self.per_organ)
 
     def describe(self, localization):
         """What report.json says of the source."""
